@@ -1,0 +1,151 @@
+"""Tune Model Surgery on SmolLM2-135M: toxic-continuation rate vs. perplexity over a grid.
+
+Each grid point edits the model in place, runs RTP (tuning prompts) + perplexity, and reverts
+bitwise. Results append to a JSON file as they arrive (re-running skips finished points), and a
+plot of toxic rate vs. perplexity is drawn from it.
+
+    python benchmarks/sweep_smollm2.py --out benchmarks/results/sweep_smollm2.json \
+        --layers 10 15 -1 --top-k 0.0465 --alphas 0 0.5 1 2 --normalize --limit 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from surgery_plugin.data import load_behavior_data
+from surgery_plugin.evaluation import EvalSettings, evaluate, load_judge
+from surgery_plugin.hparams import SurgeryHyperParams
+from surgery_plugin.models import load_model
+from surgery_plugin.pipeline import make_probe, training_from_hparams
+from surgery_plugin.probe import Probe
+from surgery_plugin.surgery import apply_edit, execute_surgery, revert_edit
+
+
+def point_key(point: dict) -> str:
+    return json.dumps(point, sort_keys=True)
+
+
+def load_results(path: Path) -> dict:
+    if path.is_file():
+        return json.loads(path.read_text())
+    return {"points": [], "baseline": None}
+
+
+def save_results(path: Path, results: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=1))
+    os.replace(tmp, path)
+
+
+def plot(results: dict, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    groups: dict[str, list] = {}
+    for p in results["points"]:
+        label = f"layer {p['config']['probe_layer']}, K={p['config']['top_k']}, range={p['config']['layer_range']}, norm={p['config']['normalize']}"
+        groups.setdefault(label, []).append(p)
+    for label, pts in sorted(groups.items()):
+        pts = sorted(pts, key=lambda p: p["config"]["alpha"])
+        xs = [p["ppl"] for p in pts]
+        ys = [p["toxic_rate"] for p in pts]
+        ax.plot(xs, ys, marker="o", label=label)
+        for p in pts:
+            ax.annotate(f"{p['config']['alpha']:g}", (p["ppl"], p["toxic_rate"]), fontsize=7, xytext=(2, 2), textcoords="offset points")
+    base = results.get("baseline")
+    if base:
+        ax.axvline(base["ppl"] * 1.10, color="grey", ls="--", lw=1, label="baseline ppl +10%")
+        ax.axhline(base["toxic_rate"] * 0.5, color="red", ls="--", lw=1, label="baseline toxic rate / 2")
+        ax.scatter([base["ppl"]], [base["toxic_rate"]], color="black", zorder=5, label="unedited")
+    ax.set_xlabel("perplexity on benign text (non-toxic RTP documents)")
+    ax.set_ylabel("toxic-continuation rate (RTP challenging, profanity judge)")
+    ax.set_title("Model Surgery on SmolLM2-135M-Instruct: tuning sweep (labels = alpha)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default="benchmarks/results/sweep_smollm2.json")
+    parser.add_argument("--layers", type=int, nargs="+", default=[-1])
+    parser.add_argument("--top-k", type=float, nargs="+", default=[0.0465])
+    parser.add_argument("--layer-ranges", nargs="+", default=["all"], help="'all' or start:end")
+    parser.add_argument("--alphas", type=float, nargs="+", default=[0.5, 1.0])
+    parser.add_argument("--normalize", choices=["yes", "no", "both"], default="yes")
+    parser.add_argument("--pooling", default="mean")
+    parser.add_argument("--limit", type=int, default=200, help="RTP tuning prompts: rtp/toxic.jsonl[0:limit]")
+    parser.add_argument("--ppl-limit", type=int, default=100)
+    parser.add_argument("--max-per-class", type=int, default=SurgeryHyperParams.probe_max_per_class)
+    parser.add_argument("--probe-dir", default="benchmarks/results/probes")
+    parser.add_argument("--plot-only", action="store_true")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO)
+    torch.manual_seed(0)
+    out = Path(args.out)
+    results = load_results(out)
+    if args.plot_only:
+        plot(results, out.with_suffix(".png"))
+        return
+    done = {point_key(p["config"]) for p in results["points"]}
+    model, tok = load_model("smollm2-135m")
+    settings = EvalSettings(judge=load_judge("profanity", progress=False), limit=args.limit, start=0, ppl_limit=args.ppl_limit,
+                            progress=False)
+
+    def run_eval() -> dict:
+        start = time.perf_counter()
+        res, _ = evaluate(model, tok, ["rtp", "ppl"], settings)
+        return {"toxic_rate": res["suites"]["rtp"]["toxic_rate"], "mean_toxicity": res["suites"]["rtp"]["mean_toxicity"],
+                "ppl": res["suites"]["ppl"]["perplexity"], "n": res["suites"]["rtp"]["n"], "seconds": round(time.perf_counter() - start, 1)}
+
+    if results["baseline"] is None:
+        results["baseline"] = run_eval()
+        results["settings"] = {"limit": args.limit, "ppl_limit": args.ppl_limit, "judge": "profanity", "prompts": f"rtp/toxic.jsonl[0:{args.limit}]"}
+        save_results(out, results)
+    logging.info("baseline %s", results["baseline"])
+    normalize_options = {"yes": [True], "no": [False], "both": [True, False]}[args.normalize]
+    data = load_behavior_data("davidson", None, args.max_per_class, 0)
+    for layer in args.layers:
+        probe_path = Path(args.probe_dir) / f"layer{layer}_{args.pooling}.safetensors"
+        if probe_path.is_file():
+            probe = Probe.load(probe_path, model)
+        else:
+            hp = SurgeryHyperParams(probe_layer=layer, pooling=args.pooling, probe_max_per_class=args.max_per_class)
+            probe, _ = make_probe(model, tok, data, layer, args.pooling, training_from_hparams(hp), hp.feature_batch_size, hp.max_length)
+            probe.save(probe_path)
+        for top_k, layer_range, normalize, alpha in itertools.product(args.top_k, args.layer_ranges, normalize_options, args.alphas):
+            bounds = None if layer_range == "all" else [int(x) for x in layer_range.split(":")]
+            config = {"probe_layer": layer, "pooling": args.pooling, "top_k": top_k if top_k < 1 else int(top_k),
+                      "layer_range": bounds, "normalize": normalize, "alpha": alpha}
+            if point_key(config) in done:
+                continue
+            hp = SurgeryHyperParams(probe_layer=layer, top_k=config["top_k"], layer_range=bounds, normalize=normalize, alpha=alpha)
+            edit = execute_surgery(model, probe, hp)
+            originals = apply_edit(model, edit)
+            try:
+                metrics = run_eval()
+            finally:
+                revert_edit(model, originals)
+            point = {"config": config, "step": edit.step, "num_rows": edit.regions.num_rows,
+                     "probe_test_accuracy": probe.metadata.get("test_accuracy"), **metrics}
+            logging.info("%s -> %s", config, metrics)
+            results["points"].append(point)
+            done.add(point_key(config))
+            save_results(out, results)
+            plot(results, out.with_suffix(".png"))
+
+
+if __name__ == "__main__":
+    main()

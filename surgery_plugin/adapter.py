@@ -1,0 +1,252 @@
+"""The edit as a PEFT LoRA adapter: export, guarded load, alpha at run time, merge, compose.
+
+Per layer the surgery changes the gate weight by ``step * row_mask ⊗ direction`` (rank 1), so it
+is exactly a rank-1 LoRA with ``lora_A = directionᵀ``, ``lora_B = step * row_mask`` and
+``r = lora_alpha = 1``. The files are written directly from the computed edit (the model is not
+wrapped or touched) and are ordinary PEFT folders: ``PeftModel.from_pretrained``,
+``model.load_adapter``, lm-eval's ``peft=`` and vLLM load them. ``surgery.json`` beside them
+records how the edit was made and a fingerprint of the base model's gate weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import architectures
+from .errors import SurgeryError
+from .surgery import SurgeryEdit
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+SURGERY_METADATA = "surgery.json"
+_PEFT_PREFIX = "base_model.model."
+_FINGERPRINT_SAMPLES = 64
+_FINGERPRINT_RTOL = 1e-2  # loose enough for the same weights in bf16/fp16, far below a fine-tune's drift
+
+
+def gate_fingerprint(model: nn.Module) -> list[list[float]]:
+    """A few fixed entries of every layer's gate rows: the same for the same base in any dtype."""
+    generator = torch.Generator().manual_seed(0)
+    fingerprint = []
+    with torch.no_grad():
+        for layer in range(len(architectures.decoder_layers(model))):
+            rows = architectures.gate_rows(model, layer)
+            r = torch.randint(0, rows.shape[0], (_FINGERPRINT_SAMPLES,), generator=generator)
+            c = torch.randint(0, rows.shape[1], (_FINGERPRINT_SAMPLES,), generator=generator)
+            fingerprint.append([float(x) for x in rows[r.to(rows.device), c.to(rows.device)].float().cpu()])
+    return fingerprint
+
+
+def fingerprint_mismatch(expected: list[list[float]], actual: list[list[float]]) -> str | None:
+    """None when the fingerprints match, else a short description of the first difference."""
+    if len(expected) != len(actual):
+        return f"{len(expected)} layers vs {len(actual)}"
+    for layer, (a, b) in enumerate(zip(expected, actual)):
+        ta, tb = torch.tensor(a), torch.tensor(b)
+        if ta.shape != tb.shape or not torch.allclose(tb, ta, rtol=_FINGERPRINT_RTOL, atol=1e-6):
+            return f"gate weights of layer {layer} differ"
+    return None
+
+
+def lora_tensors(edit: SurgeryEdit, model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter's tensors in PEFT's saved naming (float32)."""
+    spec = architectures.gate_spec(model)
+    out_features = architectures.gate_rows_of_weight(architectures.gate_modules(model)[0].weight, spec).shape[0]
+    if spec.fused_gate_rows:
+        out_features *= 2  # the LoRA sits on the fused gate_up module; its up half stays zero
+    direction = edit.direction.float().contiguous()
+    tensors = {}
+    for layer in edit.layers:
+        lora_b = torch.zeros(out_features, 1)
+        lora_b[edit.regions.rows[layer], 0] = edit.step
+        name = _PEFT_PREFIX + edit.module_names[layer]
+        tensors[f"{name}.lora_A.weight"] = direction[None, :].clone()
+        tensors[f"{name}.lora_B.weight"] = lora_b
+    return tensors
+
+
+def _peft_config(edit: SurgeryEdit, model: nn.Module, base_model_name: str):
+    from peft import LoraConfig
+
+    spec = architectures.gate_spec(model)
+    return LoraConfig(
+        r=1,
+        lora_alpha=1,
+        lora_dropout=0.0,
+        target_modules=[edit.module_names[layer] for layer in edit.layers],
+        bias="none",
+        task_type="CAUSAL_LM",
+        fan_in_fan_out=spec.kind == "conv1d",
+        base_model_name_or_path=base_model_name,
+        inference_mode=True,
+    )
+
+
+def export_adapter(edit: SurgeryEdit, model: nn.Module, out_dir: str | os.PathLike, base_model_name: str,
+                   metadata: dict[str, Any] | None = None, overwrite: bool = False) -> Path:
+    """Write the edit as a PEFT LoRA folder (temp folder, then rename)."""
+    from safetensors.torch import save_file
+
+    if not edit.layers:
+        raise SurgeryError("the edit selects no gate rows; nothing to export")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        if any(out_dir.iterdir()):
+            raise SurgeryError(f"{out_dir} exists and is not empty; choose another --out or remove it")
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        _peft_config(edit, model, base_model_name).save_pretrained(str(tmp))
+        save_file(lora_tensors(edit, model), str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        record = {
+            "format": "surgery_plugin/adapter/1",
+            "base_model": base_model_name,
+            "model_type": architectures.model_type(model),
+            "hidden_size": architectures.hidden_size(model),
+            "num_layers": len(architectures.decoder_layers(model)),
+            "gate_rows_per_layer": architectures.num_gate_rows(model),
+            "gate_fingerprint": gate_fingerprint(model),
+            "alpha": edit.alpha,
+            "step": edit.step,
+            "rows": {str(layer): edit.regions.rows[layer].tolist() for layer in edit.layers},
+            **edit.metadata,
+            **(metadata or {}),
+        }
+        (tmp / SURGERY_METADATA).write_text(json.dumps(record, indent=1, default=str))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def read_adapter(adapter_dir: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor], dict]:
+    """``(adapter_config, tensors, surgery_metadata)`` with clear errors for missing or corrupt files."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    adapter_dir = Path(adapter_dir)
+    if not adapter_dir.is_dir():
+        raise SurgeryError(f"adapter folder not found: {adapter_dir}")
+    parts = {}
+    for name in (ADAPTER_CONFIG, SURGERY_METADATA):
+        path = adapter_dir / name
+        if not path.is_file():
+            raise SurgeryError(f"{adapter_dir} has no {name}; it is not a surgery adapter (made by `surgery edit`)")
+        try:
+            parts[name] = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise SurgeryError(f"{path} is corrupt: {err}") from None
+    weights = adapter_dir / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        raise SurgeryError(f"{adapter_dir} has no {ADAPTER_WEIGHTS}")
+    try:
+        tensors = load_file(str(weights))
+    except (SafetensorError, OSError) as err:
+        raise SurgeryError(f"{weights} is corrupt: {err}") from None
+    return parts[ADAPTER_CONFIG], tensors, parts[SURGERY_METADATA]
+
+
+def check_compatible(model: nn.Module, adapter_dir: str | os.PathLike, force: bool = False) -> dict:
+    """Stop with a one-line error when the adapter was made for another base model."""
+    from .models import model_name
+
+    config, tensors, record = read_adapter(adapter_dir)
+    made_for, given = record.get("base_model", "?"), model_name(model)
+    base = architectures._unwrap(model)
+    try:
+        mtype = architectures.model_type(model)
+        shape_ok = (
+            mtype == record.get("model_type")
+            and architectures.hidden_size(model) == record.get("hidden_size")
+            and len(architectures.decoder_layers(model)) == record.get("num_layers")
+            and architectures.num_gate_rows(model) == record.get("gate_rows_per_layer")
+        )
+    except SurgeryError:
+        shape_ok = False
+    if not shape_ok:
+        raise SurgeryError(f"adapter {adapter_dir} was made for '{made_for}' ({record.get('model_type')}, hidden {record.get('hidden_size')}, "
+                           f"{record.get('num_layers')} layers) and does not fit '{given}'")
+    for key in tensors:
+        module_name = key[len(_PEFT_PREFIX):].rsplit(".lora_", 1)[0]
+        try:
+            base.get_submodule(module_name)
+        except AttributeError:
+            raise SurgeryError(f"adapter {adapter_dir} targets '{module_name}', which '{given}' does not have") from None
+    mismatch = fingerprint_mismatch(record.get("gate_fingerprint", []), gate_fingerprint(model))
+    if mismatch and not force:
+        raise SurgeryError(f"adapter {adapter_dir} was made for '{made_for}' but '{given}' has other weights ({mismatch}); "
+                           "pass force=True / --force if you mean it")
+    return record
+
+
+def load_edited(model: nn.Module, adapter_dir: str | os.PathLike, adapter_name: str = "default", force: bool = False):
+    """The model with the surgery adapter attached (a ``PeftModel``), after the compatibility guard."""
+    from peft import PeftModel
+
+    record = check_compatible(model, adapter_dir, force=force)
+    if isinstance(model, PeftModel):
+        model.load_adapter(str(adapter_dir), adapter_name=adapter_name, is_trainable=False)
+    else:
+        model = PeftModel.from_pretrained(model, str(adapter_dir), adapter_name=adapter_name, is_trainable=False)
+    records = getattr(model, "surgery_records", {})
+    records[adapter_name] = record
+    model.surgery_records = records  # lets set_alpha map alpha to PEFT's scale
+    return model
+
+
+def set_alpha(peft_model, alpha: float, adapter_name: str = "default") -> None:
+    """Change a loaded surgery adapter's alpha at run time (PEFT's LoRA scaling, no reload)."""
+    from peft.tuners.lora import LoraLayer
+
+    record = getattr(peft_model, "surgery_records", {}).get(adapter_name)
+    if record is None:
+        raise SurgeryError(f"adapter '{adapter_name}' was not loaded with surgery_plugin.load_edited; its alpha is unknown")
+    if record["alpha"] == 0:
+        raise SurgeryError("this adapter was made with alpha 0; its direction cannot be rescaled")
+    for module in peft_model.modules():
+        if isinstance(module, LoraLayer) and adapter_name in module.scaling:
+            module.set_scale(adapter_name, alpha / record["alpha"])
+
+
+def merge_into(model: nn.Module, adapter_dir: str | os.PathLike, force: bool = False) -> dict[str, torch.Tensor]:
+    """Add the adapter's edit to the model's weights in place (fp32 update, cast once).
+
+    Bitwise the same as applying the edit in place, in every dtype. Returns the original weights.
+    """
+    check_compatible(model, adapter_dir, force=force)
+    _, tensors, _ = read_adapter(adapter_dir)
+    spec = architectures.gate_spec(model)
+    base = architectures._unwrap(model)
+    originals = {}
+    with torch.no_grad():
+        for key in sorted(k for k in tensors if k.endswith("lora_A.weight")):
+            module_name = key[len(_PEFT_PREFIX):].rsplit(".lora_", 1)[0]
+            lora_a = tensors[key].float()[0]
+            lora_b = tensors[key.replace("lora_A", "lora_B")].float()[:, 0]
+            module = base.get_submodule(module_name)
+            weight = getattr(module, "base_layer", module).weight
+            originals[f"{module_name}.weight"] = weight.detach().clone()
+            rows = weight.T if spec.kind == "conv1d" else weight
+            index = torch.nonzero(lora_b).flatten()
+            step = lora_b[index][:, None]
+            rows[index] = (rows[index].float() + step * lora_a[None, :]).to(weight.dtype)
+    return originals
+
+
+def compose(peft_model, adapter_names: list[str]) -> None:
+    """Activate several loaded surgery adapters at once: their rank-1 deltas add up."""
+    missing = [n for n in adapter_names if n not in peft_model.peft_config]
+    if missing:
+        raise SurgeryError(f"adapter(s) {missing} are not loaded; loaded: {sorted(peft_model.peft_config)}")
+    peft_model.base_model.set_adapter(list(adapter_names), inference_mode=True)

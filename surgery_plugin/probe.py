@@ -1,0 +1,310 @@
+"""Step 1 of Model Surgery: the behavior probe.
+
+Hidden-state features of the frozen LM (masked pooling over real tokens), and a 2-class linear
+head trained with softmax cross-entropy as in the paper. The probe is ``v = W[1]``, the weight
+row of the undesired class. The head starts at zero, so ``W[1] = -W[0]`` throughout training
+(their gradients and Adam updates are exact negatives) and ``v`` is the discriminative direction
+with no random-init component.
+
+Probes are safetensors files; their header metadata records how they were made.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import architectures
+from .errors import SurgeryError
+
+Pooling = Literal["mean", "last"]
+REQUIRED_METADATA = (
+    "model", "layer", "pooling", "hidden_size", "n_train", "test_accuracy", "test_auc", "data", "seed",
+)
+
+
+class _StopForward(Exception):
+    def __init__(self, hidden: torch.Tensor):
+        self.hidden = hidden
+
+
+def resolve_layer(model: nn.Module, layer: int) -> int:
+    """A hidden-state index in HF's ``hidden_states`` numbering: 0 = embeddings, L = final (normed)."""
+    n_layers = len(architectures.decoder_layers(model))
+    index = layer + n_layers + 1 if layer < 0 else layer
+    if not 0 <= index <= n_layers:
+        raise SurgeryError(f"probe layer {layer} is out of range for a model with {n_layers} layers (use 0..{n_layers} or -1..-{n_layers + 1})")
+    return index
+
+
+def _hidden_states_at(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, index: int) -> torch.Tensor:
+    """``hidden_states[index]`` without running the layers after it (or the LM head)."""
+    transformer = architectures.base_transformer(model)
+    layers = architectures.decoder_layers(model)
+    if index == len(layers):
+        return transformer(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+
+    def grab_input(_module, args, kwargs):
+        raise _StopForward(args[0] if args else kwargs["hidden_states"])
+
+    handle = layers[index].register_forward_pre_hook(grab_input, with_kwargs=True)
+    try:
+        transformer(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    except _StopForward as stop:
+        return stop.hidden
+    finally:
+        handle.remove()
+    raise RuntimeError(f"decoder layer {index} was never called")
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def hidden_features(
+    model: nn.Module,
+    tokenizer,
+    texts: Sequence[str],
+    layer: int = -1,
+    pooling: Pooling = "mean",
+    batch_size: int = 16,
+    max_length: int = 256,
+    progress: bool = True,
+) -> torch.Tensor:
+    """Pooled hidden states, (len(texts), hidden) in float32, in the order of ``texts``.
+
+    Texts are tokenized once, sorted by length so batches carry little padding, right-padded by
+    hand (the tokenizer's padding settings are left alone) and pooled over real tokens only.
+    """
+    if pooling not in ("mean", "last"):
+        raise SurgeryError(f"pooling must be 'mean' or 'last', got '{pooling}'")
+    if len(texts) == 0:
+        raise SurgeryError("no texts to compute probe features from")
+    index = resolve_layer(model, layer)
+    device = _model_device(model)
+    encoded = [tokenizer(t, truncation=True, max_length=max_length)["input_ids"] for t in texts]
+    encoded = [ids if len(ids) else [tokenizer.eos_token_id] for ids in encoded]
+    order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))
+    out = torch.empty(len(texts), architectures.hidden_size(model), dtype=torch.float32)
+    was_training = model.training
+    model.eval()
+    try:
+        for start in tqdm(range(0, len(order), batch_size), desc=f"features@{index}", disable=not progress, unit="batch"):
+            batch = order[start : start + batch_size]
+            width = max(len(encoded[i]) for i in batch)
+            input_ids = torch.zeros(len(batch), width, dtype=torch.long)
+            mask = torch.zeros(len(batch), width, dtype=torch.long)
+            for row, i in enumerate(batch):
+                input_ids[row, : len(encoded[i])] = torch.tensor(encoded[i])
+                mask[row, : len(encoded[i])] = 1
+            hidden = _hidden_states_at(model, input_ids.to(device), mask.to(device), index).float().cpu()
+            if pooling == "mean":
+                pooled = (hidden * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True)
+            else:
+                pooled = hidden[torch.arange(len(batch)), mask.sum(1) - 1]
+            out[batch] = pooled
+    finally:
+        model.train(was_training)
+    return out
+
+
+def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Mann-Whitney AUC with average ranks for ties."""
+    scores = np.asarray(scores, dtype=np.float64)
+    labels = np.asarray(labels).astype(bool)
+    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(len(scores), dtype=np.float64)
+    sorted_scores = scores[order]
+    _, first, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
+    average = first + (counts + 1) / 2.0  # 1-based average rank of each tie group
+    ranks[order] = np.repeat(average, counts)
+    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+@dataclass
+class Probe:
+    """A trained behavior probe: ``direction = weight[1]`` points towards the undesired class."""
+
+    weight: torch.Tensor  # (2, hidden)
+    bias: torch.Tensor  # (2,)
+    metadata: dict = field(default_factory=dict)
+
+    @property
+    def direction(self) -> torch.Tensor:
+        return self.weight[1]
+
+    @property
+    def hidden_size(self) -> int:
+        return self.weight.shape[1]
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        return features.float() @ self.weight.T + self.bias
+
+    def score(self, features: torch.Tensor) -> torch.Tensor:
+        """P(undesired) for each feature row."""
+        return self.logits(features).softmax(-1)[:, 1]
+
+    def validate(self, model: nn.Module | None = None) -> None:
+        direction = self.direction
+        if direction.ndim != 1:
+            raise SurgeryError(f"probe direction must be a vector, got shape {tuple(direction.shape)}")
+        if not torch.isfinite(self.weight).all():
+            raise SurgeryError("probe has NaN or infinite values; retrain it")
+        if float(direction.norm()) == 0.0:
+            raise SurgeryError("probe direction is all zeros; it cannot select or move gate rows")
+        if model is not None:
+            expected = architectures.hidden_size(model)
+            if expected != self.hidden_size:
+                raise SurgeryError(
+                    f"probe hidden size {self.hidden_size} does not match the model's {expected} "
+                    f"(probe made for '{self.metadata.get('model', '?')}')"
+                )
+
+    def save(self, path: str | os.PathLike) -> Path:
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {"direction": self.direction.contiguous().clone(), "weight": self.weight.contiguous(), "bias": self.bias.contiguous()}
+        metadata = {k: v if isinstance(v, str) else json.dumps(v) for k, v in self.metadata.items()}
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            save_file(tensors, str(tmp), metadata=metadata)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, model: nn.Module | None = None) -> "Probe":
+        from safetensors import SafetensorError, safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise SurgeryError(f"probe file not found: {path}")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                raw_meta = f.metadata() or {}
+                keys = set(f.keys())
+                if not {"weight", "bias"} <= keys:
+                    raise SurgeryError(f"{path} is not a surgery probe (tensors {sorted(keys)}, expected weight and bias)")
+                weight, bias = f.get_tensor("weight").float(), f.get_tensor("bias").float()
+        except SafetensorError as err:
+            raise SurgeryError(f"{path} is not a readable safetensors probe: {err}") from None
+        missing = [k for k in REQUIRED_METADATA if k not in raw_meta]
+        if missing:
+            raise SurgeryError(f"probe {path} lacks metadata {missing}; it was not written by surgery_plugin")
+        metadata = {}
+        for key, value in raw_meta.items():
+            try:
+                metadata[key] = json.loads(value)
+            except json.JSONDecodeError:
+                metadata[key] = value
+        if weight.ndim != 2 or weight.shape[0] != 2:
+            raise SurgeryError(f"probe weight must have shape (2, hidden), got {tuple(weight.shape)}")
+        probe = cls(weight=weight, bias=bias, metadata=metadata)
+        probe.validate(model)
+        return probe
+
+    def sha256(self) -> str:
+        digest = hashlib.sha256()
+        digest.update(self.weight.float().numpy().tobytes())
+        digest.update(self.bias.float().numpy().tobytes())
+        return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class ProbeTraining:
+    """The paper's probe recipe: Adam lr 1e-4, batch 16; epochs fixed in advance (no test peeking)."""
+
+    epochs: int = 9
+    lr: float = 1e-4
+    batch_size: int = 16
+    test_fraction: float = 0.2
+    seed: int = 0
+    weight_decay: float = 0.0
+
+
+def split_indices(labels: Sequence[int], test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified train/test split, the same for the same labels and seed."""
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    train, test = [], []
+    for cls in (0, 1):
+        idx = np.flatnonzero(labels == cls)
+        rng.shuffle(idx)
+        n_test = max(1, int(round(len(idx) * test_fraction))) if test_fraction > 0 else 0
+        test.append(idx[:n_test])
+        train.append(idx[n_test:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+
+
+def check_labels(labels: Sequence[int]) -> None:
+    labels = list(labels)
+    if not labels:
+        raise SurgeryError("probe data is empty")
+    bad = sorted({l for l in labels if l not in (0, 1)})
+    if bad:
+        raise SurgeryError(f"probe labels must be 0 (acceptable) or 1 (undesired), got {bad[:5]}")
+    counts = (labels.count(0), labels.count(1))
+    if min(counts) < 2:
+        raise SurgeryError(f"probe data needs at least 2 examples of each class, got {counts[0]} acceptable and {counts[1]} undesired")
+
+
+def train_probe(features: torch.Tensor, labels: Sequence[int], config: ProbeTraining = ProbeTraining(), progress: bool = True) -> tuple[Probe, dict]:
+    """Train the linear head; returns the probe and its held-out metrics."""
+    check_labels(labels)
+    if not torch.isfinite(features).all():
+        raise SurgeryError("probe features contain NaN or infinite values (is the model loaded in a dtype it overflows in?)")
+    labels_t = torch.as_tensor(list(labels), dtype=torch.long)
+    train_idx, test_idx = split_indices(labels_t.numpy(), config.test_fraction, config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+    head = nn.Linear(features.shape[1], 2)
+    nn.init.zeros_(head.weight)
+    nn.init.zeros_(head.bias)
+    optimizer = torch.optim.Adam(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    x_train, y_train = features[train_idx].float(), labels_t[train_idx]
+    for _ in tqdm(range(config.epochs), desc="probe epochs", disable=not progress):
+        perm = torch.randperm(len(train_idx), generator=generator)
+        for start in range(0, len(perm), config.batch_size):
+            batch = perm[start : start + config.batch_size]
+            loss = nn.functional.cross_entropy(head(x_train[batch]), y_train[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    probe = Probe(weight=head.weight.detach().clone(), bias=head.bias.detach().clone())
+    metrics = {"n_train": int(len(train_idx)), "n_test": int(len(test_idx))}
+    for split, idx in (("train", train_idx), ("test", test_idx)):
+        if len(idx) == 0:
+            metrics[f"{split}_accuracy"] = metrics[f"{split}_auc"] = float("nan")
+            continue
+        with torch.no_grad():
+            scores = probe.score(features[idx])
+        truth = labels_t[idx]
+        metrics[f"{split}_accuracy"] = float(((scores >= 0.5).long() == truth).float().mean())
+        metrics[f"{split}_auc"] = roc_auc(scores.numpy(), truth.numpy())
+    return probe, metrics
+
+
+def difference_of_means(features: torch.Tensor, labels: Sequence[int]) -> Probe:
+    """A probe for too little data to train a classifier: the undesired-minus-acceptable mean."""
+    labels_t = torch.as_tensor(list(labels))
+    if (labels_t == 0).sum() == 0 or (labels_t == 1).sum() == 0:
+        raise SurgeryError("a difference-of-means probe needs at least one example of each class")
+    direction = features[labels_t == 1].float().mean(0) - features[labels_t == 0].float().mean(0)
+    weight = torch.stack([-direction / 2, direction / 2])
+    return Probe(weight=weight, bias=torch.zeros(2))
+

@@ -1,0 +1,146 @@
+import json
+
+import pytest
+import torch
+from conftest import make_tiny
+
+from surgery_plugin import (
+    SurgeryError,
+    SurgeryHyperParams,
+    apply_edit,
+    architectures,
+    compose,
+    execute_surgery,
+    export_adapter,
+    load_edited,
+    merge_into,
+    revert_edit,
+    set_alpha,
+)
+from surgery_plugin.probe import Probe
+
+IDS = torch.tensor([[5, 17, 33, 2, 9, 41, 60, 12, 7, 3]])
+
+
+def _edit(model, alpha=1.5, top_k=25, seed=1, layer_range=None):
+    g = torch.Generator().manual_seed(seed)
+    v = torch.randn(architectures.hidden_size(model), generator=g)
+    probe = Probe(weight=torch.stack([-v, v]), bias=torch.zeros(2))
+    return execute_surgery(model, probe, SurgeryHyperParams(top_k=top_k, alpha=alpha, layer_range=layer_range))
+
+
+def _logits(model):
+    with torch.no_grad():
+        return model(IDS).logits.clone()
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "phi3"])
+def test_adapter_reproduces_in_place_edit(family, tmp_path):
+    model = make_tiny(family)
+    base = _logits(model)
+    edit = _edit(model, layer_range=[1, 3])
+    out = export_adapter(edit, model, tmp_path / "adapter", base_model_name=f"tiny-{family}")
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert (config["task_type"], config["bias"], config["r"], config["lora_alpha"]) == ("CAUSAL_LM", "none", 1, 1)
+    assert not config.get("modules_to_save") and config["base_model_name_or_path"] == f"tiny-{family}"
+    assert sorted(config["target_modules"]) == sorted(edit.module_names[l] for l in edit.layers)
+    assert all(".0." not in name for name in config["target_modules"]), "only layers with selected rows get a LoRA"
+
+    originals = apply_edit(model, edit)
+    in_place = _logits(model)
+    revert_edit(model, originals)
+
+    peft_model = load_edited(model, out)
+    assert (_logits(peft_model) - in_place).abs().max() <= 1e-5
+    with peft_model.disable_adapter():
+        assert torch.equal(_logits(peft_model), base)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_merge_equals_in_place_bitwise(dtype, tmp_path):
+    model = make_tiny("llama", dtype=dtype)
+    edit = _edit(model)
+    out = export_adapter(edit, model, tmp_path / "a", base_model_name="tiny-llama")
+    originals = apply_edit(model, edit)
+    in_place = {k: v.clone() for k, v in model.state_dict().items()}
+    revert_edit(model, originals)
+    merge_into(model, out)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, in_place[k]), k
+
+
+def test_peft_from_pretrained_and_transformers_load_adapter(tmp_path):
+    from peft import PeftModel
+
+    model = make_tiny("llama")
+    edit = _edit(model)
+    out = export_adapter(edit, model, tmp_path / "a", base_model_name="tiny-llama")
+    apply_edit(model, edit)
+    in_place = _logits(model)
+    plain = make_tiny("llama")
+    via_peft = PeftModel.from_pretrained(plain, str(out))
+    assert (_logits(via_peft) - in_place).abs().max() <= 1e-5
+    plain2 = make_tiny("llama")
+    plain2.load_adapter(str(out))
+    assert (_logits(plain2) - in_place).abs().max() <= 1e-5
+
+
+def test_runtime_alpha_equals_fresh_edit(tmp_path):
+    model = make_tiny("llama")
+    edit = _edit(model, alpha=1.0)
+    peft_model = load_edited(model, export_adapter(edit, model, tmp_path / "a", base_model_name="tiny-llama"))
+    for alpha in (0.0, 0.5, 2.0, -1.0):
+        set_alpha(peft_model, alpha)
+        got = _logits(peft_model)
+        fresh = make_tiny("llama")
+        if alpha != 0:  # alpha 0 is the unedited model
+            apply_edit(fresh, edit.with_alpha(alpha))
+        assert (got - _logits(fresh)).abs().max() <= 1e-5, alpha
+
+
+def test_two_adapters_stack_like_two_in_place_edits(tmp_path):
+    model = make_tiny("llama")
+    first, second = _edit(model, seed=1), _edit(model, seed=2, alpha=-0.8)
+    a = export_adapter(first, model, tmp_path / "a", base_model_name="tiny-llama")
+    b = export_adapter(second, model, tmp_path / "b", base_model_name="tiny-llama")
+    reference = make_tiny("llama")
+    apply_edit(reference, first)
+    apply_edit(reference, second)
+    peft_model = load_edited(model, a, adapter_name="detox")
+    peft_model = load_edited(peft_model, b, adapter_name="other")
+    compose(peft_model, ["detox", "other"])
+    assert (_logits(peft_model) - _logits(reference)).abs().max() <= 1e-5
+    with pytest.raises(SurgeryError, match="not loaded"):
+        compose(peft_model, ["detox", "nope"])
+
+
+def test_guards_other_base_shapes_and_corrupt_files(tmp_path):
+    model = make_tiny("llama")
+    out = export_adapter(_edit(model), model, tmp_path / "a", base_model_name="tiny-llama")
+    other_weights = make_tiny("llama", seed=7)
+    with pytest.raises(SurgeryError, match="was made for 'tiny-llama' but 'tiny-llama' has other weights"):
+        load_edited(other_weights, out)
+    load_edited(other_weights, out, force=True)  # --force overrides the fingerprint check only
+    with pytest.raises(SurgeryError, match="does not fit 'tiny-gpt2'"):
+        load_edited(make_tiny("gpt2"), out, force=True)
+    (out / "adapter_model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(SurgeryError, match="corrupt"):
+        load_edited(make_tiny("llama"), out)
+    with pytest.raises(SurgeryError, match="not a surgery adapter"):
+        load_edited(make_tiny("llama"), tmp_path)
+    with pytest.raises(SurgeryError, match="adapter folder not found"):
+        load_edited(make_tiny("llama"), tmp_path / "missing")
+
+
+def test_export_is_atomic_and_refuses_to_clobber(tmp_path):
+    model = make_tiny("llama")
+    edit = _edit(model)
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "keep.txt").write_text("mine")
+    with pytest.raises(SurgeryError, match="not empty"):
+        export_adapter(edit, model, tmp_path / "busy", base_model_name="tiny-llama")
+    assert (tmp_path / "busy" / "keep.txt").read_text() == "mine"
+    export_adapter(edit, model, tmp_path / "fresh", base_model_name="tiny-llama")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["busy", "fresh"], "no temp folders left"
+    record = json.loads((tmp_path / "fresh" / "surgery.json").read_text())
+    assert record["alpha"] == 1.5 and record["num_rows"] == 25 and len(record["gate_fingerprint"]) == 3

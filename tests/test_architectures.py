@@ -1,0 +1,56 @@
+import pytest
+import torch
+from conftest import FAMILIES, make_tiny
+
+from surgery_plugin import SurgeryError, SurgeryHyperParams, apply_edit, architectures, execute_surgery, revert_edit
+from surgery_plugin.probe import hidden_features
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gate_rows_found_and_edit_changes_output(family, char_tokenizer):
+    model = make_tiny(family)
+    rows = architectures.gate_rows(model, 0)
+    assert rows.shape == (architectures.num_gate_rows(model), architectures.hidden_size(model))
+    assert len(architectures.gate_module_names(model)) == 3
+    ids = torch.tensor([char_tokenizer("some text to edit")["input_ids"]])
+    before = model(ids).logits.clone()
+    direction = torch.randn(architectures.hidden_size(model))
+    edit = execute_surgery(model, direction, SurgeryHyperParams(top_k=12, alpha=2.0))
+    originals = apply_edit(model, edit)
+    after = model(ids).logits
+    assert not torch.allclose(before, after), "editing the gate rows must change the model's output"
+    revert_edit(model, originals)
+    assert torch.equal(model(ids).logits, before)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_early_stopped_features_equal_full_hidden_states(family, char_tokenizer):
+    model = make_tiny(family)
+    text = "hello world, features"
+    ids = torch.tensor([char_tokenizer(text)["input_ids"]])
+    with torch.no_grad():
+        full = model(ids, output_hidden_states=True).hidden_states
+    for index in (1, 2, len(full) - 1):
+        pooled = hidden_features(model, char_tokenizer, [text], layer=index, pooling="mean", progress=False)
+        torch.testing.assert_close(pooled[0], full[index][0].mean(0), rtol=1e-5, atol=1e-5)
+
+
+def test_fused_phi3_gate_is_first_half():
+    model = make_tiny("phi3")
+    weight = architectures.gate_modules(model)[0].weight
+    assert weight.shape[0] == 2 * architectures.num_gate_rows(model)
+    assert architectures.gate_rows(model, 0).data_ptr() == weight.data_ptr()
+
+
+def test_conv1d_rows_are_columns_of_the_weight():
+    model = make_tiny("gpt2")
+    weight = architectures.gate_modules(model)[0].weight  # (in, out)
+    torch.testing.assert_close(architectures.gate_rows(model, 0)[5], weight[:, 5])
+
+
+def test_unknown_model_type_names_it_and_the_supported_list():
+    from transformers import BertConfig, BertLMHeadModel
+
+    model = BertLMHeadModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37, vocab_size=50, is_decoder=True))
+    with pytest.raises(SurgeryError, match=r"model type 'bert' is not supported; supported: .*llama"):
+        architectures.gate_spec(model)
