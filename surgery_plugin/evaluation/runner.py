@@ -53,3 +53,31 @@ def write_run(run_dir: str | os.PathLike, results: dict, samples: list[dict]) ->
     _atomic_write(run_dir / "samples.jsonl", "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
     _atomic_write(run_dir / "results.json", json.dumps(results, indent=2, ensure_ascii=False) + "\n")
     return run_dir
+
+
+def write_alpha_sweep(run_dir: str | os.PathLike, runs: list[dict]) -> Path:
+    """``sweep.json`` (one entry per alpha) and, when rtp and ppl ran, ``sweep.png``."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _atomic_write(run_dir / "sweep.json", json.dumps({"runs": runs}, indent=2) + "\n")
+    if all({"rtp", "ppl"} <= set(r["suites"]) for r in runs):
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        xs = [r["suites"]["ppl"]["perplexity"] for r in runs]
+        ys = [r["suites"]["rtp"]["toxic_rate"] for r in runs]
+        ax.plot(xs, ys, marker="o")
+        for r, x, y in zip(runs, xs, ys):
+            ax.annotate(f"alpha {r['alpha']:g}", (x, y), fontsize=8, xytext=(3, 3), textcoords="offset points")
+        ax.set_xlabel("perplexity (benign text)")
+        ax.set_ylabel(f"toxic rate (RTP, {runs[0]['suites']['rtp']['judge']})")
+        ax.set_title("alpha sweep of one surgery adapter")
+        fig.tight_layout()
+        tmp = run_dir / f".sweep.png.tmp-{os.getpid()}.png"
+        fig.savefig(tmp, dpi=110)
+        os.replace(tmp, run_dir / "sweep.png")
+        plt.close(fig)
+    return run_dir

@@ -1,0 +1,99 @@
+"""The method on real weights: SmolLM2-135M-Instruct (embedded), the Davidson data, the CLI end to end."""
+
+import json
+
+import pytest
+import torch
+from test_cli import REPO, surgery
+
+from surgery_plugin import SurgeryHyperParams, apply_edit, execute_surgery, export_adapter, load_edited, revert_edit
+from surgery_plugin.data import load_davidson
+from surgery_plugin.pipeline import make_probe, training_from_hparams
+
+pytestmark = pytest.mark.real_model
+HPARAMS = REPO / "hparams" / "Surgery" / "smollm2-135m.yaml"
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    return SurgeryHyperParams.from_hparams(HPARAMS)
+
+
+@pytest.fixture(scope="module")
+def davidson_probe(smollm2, shipped, data_dir):
+    model, tok = smollm2
+    data = load_davidson(data_dir, max_per_class=1000, seed=0)
+    return make_probe(model, tok, data, shipped.probe_layer, shipped.pooling, training_from_hparams(shipped), 32, 128, progress=False)
+
+
+def test_probe_on_davidson_is_accurate(davidson_probe):
+    probe, metrics = davidson_probe
+    assert metrics["n_test"] == 400
+    assert metrics["test_accuracy"] >= 0.85, metrics
+    assert metrics["test_auc"] >= 0.9, metrics
+    assert probe.metadata["model"] == "smollm2-135m"
+
+
+def test_adapter_is_exact_on_smollm2(smollm2, davidson_probe, shipped, tmp_path):
+    model, tok = smollm2
+    probe, _ = davidson_probe
+    ids = tok("You are such a", return_tensors="pt")["input_ids"]
+    edit = execute_surgery(model, probe, shipped)
+    with torch.no_grad():
+        base = model(ids).logits.clone()
+        originals = apply_edit(model, edit)
+        in_place = model(ids).logits.clone()
+        revert_edit(model, originals)
+        assert torch.equal(model(ids).logits, base)
+        adapter = export_adapter(edit, model, tmp_path / "adapter", base_model_name="smollm2-135m")
+        peft_model = load_edited(model, adapter)
+        try:
+            assert (peft_model(ids).logits - in_place).abs().max() <= 1e-5
+            assert (in_place - base).abs().max() > 1e-3, "the shipped edit must change the model"
+        finally:
+            peft_model.unload()  # give the shared fixture model back without LoRA layers
+
+
+def test_cli_probe_edit_eval_merge(tmp_path, data_dir):
+    probe = tmp_path / "probe.safetensors"
+    r = surgery("probe", "--model", "smollm2-135m", "--data", "davidson", "--max-per-class", 60, "--out", probe, "--data-dir", data_dir)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "held-out accuracy" in r.stdout
+    adapter = tmp_path / "adapter"
+    r = surgery("edit", "--model", "smollm2-135m", "--probe", probe, "--hparams", HPARAMS, "--out", adapter)
+    assert r.returncode == 0, r.stderr[-3000:]
+    record = json.loads((adapter / "surgery.json").read_text())
+    assert record["probe_sha256"] and record["hparams"]["alpha"] == SurgeryHyperParams.from_hparams(HPARAMS).alpha
+    assert record["versions"]["torch"]
+    run = tmp_path / "run"
+    r = surgery("eval", "--model", "smollm2-135m", "--adapter", adapter, "--suite", "rtp,ppl", "--judge", "profanity",
+                "--limit", 6, "--ppl-limit", 6, "--data-dir", data_dir, "--out", run)
+    assert r.returncode == 0, r.stderr[-3000:]
+    results = json.loads((run / "results.json").read_text())
+    rtp, ppl = results["suites"]["rtp"], results["suites"]["ppl"]
+    assert rtp["n"] == 6 and 0 <= rtp["toxic_rate"] <= 1 and 0 <= rtp["mean_toxicity"] <= 1 and rtp["judge"] == "profanity"
+    assert ppl["perplexity"] > 1 and ppl["n_tokens"] > 0
+    samples = [json.loads(l) for l in (run / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 6 and {"suite", "prompt", "completion", "scores"} <= set(samples[0])
+    # alpha sweep with one model load: alpha 0 is the base model, alpha 1 the adapter as made
+    r = surgery("eval", "--model", "smollm2-135m", "--adapter", adapter, "--alpha-sweep", "0,1", "--suite", "rtp,ppl",
+                "--limit", 3, "--ppl-limit", 3, "--data-dir", data_dir, "--out", tmp_path / "sweep")
+    assert r.returncode == 0, r.stderr[-3000:]
+    sweep = json.loads((tmp_path / "sweep" / "sweep.json").read_text())["runs"]
+    assert [run["alpha"] for run in sweep] == [0.0, 1.0] and (tmp_path / "sweep" / "sweep.png").is_file()
+    r = surgery("eval", "--model", "smollm2-135m", "--suite", "rtp,ppl", "--limit", 3, "--ppl-limit", 3, "--data-dir", data_dir,
+                "--out", tmp_path / "base")
+    assert r.returncode == 0, r.stderr[-3000:]
+    base = json.loads((tmp_path / "base" / "results.json").read_text())["suites"]
+    assert sweep[0]["suites"]["ppl"]["perplexity"] == pytest.approx(base["ppl"]["perplexity"], rel=1e-6)
+    base_samples = (tmp_path / "base" / "samples.jsonl").read_text()
+    assert (tmp_path / "sweep" / "alpha_0" / "samples.jsonl").read_text() == base_samples
+    alpha1 = json.loads((tmp_path / "sweep" / "alpha_1" / "results.json").read_text())["suites"]
+    assert alpha1["ppl"]["perplexity"] == pytest.approx(results["suites"]["ppl"]["perplexity"], rel=1e-5)
+
+    merged = tmp_path / "merged"
+    r = surgery("merge", "--model", "smollm2-135m", "--adapter", adapter, "--out", merged)
+    assert r.returncode == 0, r.stderr[-3000:]
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(merged).config.model_type == "llama"
