@@ -115,7 +115,7 @@ def summarize_base(metrics: list[dict]) -> list[dict]:
 def run_base(hparams, records: list[dict], batch: bool) -> dict:
     from easyeditor import BaseEditor
 
-    from surgery_plugin.easyedit import model_fingerprint
+    from surgery_plugin.pipeline import model_fingerprint
 
     editor = BaseEditor.from_hparams(hparams)
     before = model_fingerprint(editor.model)
@@ -136,7 +136,7 @@ def run_base(hparams, records: list[dict], batch: bool) -> dict:
 def run_safety(hparams, records: list[dict]) -> dict:
     from easyeditor import SafetyEditor
 
-    from surgery_plugin.easyedit import model_fingerprint
+    from surgery_plugin.pipeline import model_fingerprint
 
     editor = SafetyEditor.from_hparams(hparams)
     before = model_fingerprint(editor.model)
@@ -177,7 +177,7 @@ def report(name: str, result: dict) -> None:
             pre = sum(row["refusal_pre"].values())
             post = sum(row["refusal_post"].values())
             print(f"  case {row['case_id']}: refusing replies (keyword heuristic) {pre}/5 -> {post}/5"
-                  f"  edit+eval {row['time_s']:.1f}s")
+                  f"  edit {row['time_s']:.1f}s")
             print(f"    DS pre : {row['DS_pre'][:120]!r}")
             print(f"    DS post: {row['DS_post'][:120]!r}")
 
@@ -193,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.data_dir:  # the probe's data (hparams.probe_data) is read from the same folder
         os.environ["SURGERY_DATA_DIR"] = str(Path(args.data_dir).resolve())
 
-    from surgery_plugin.easyedit import probe_cache_info, register
+    from surgery_plugin.easyedit import register
+    from surgery_plugin.pipeline import probe_cache_info
 
     register()  # before any EasyEdit import: it also makes EasyEdit importable on a CPU-only torch
     logging.getLogger("easyeditor").setLevel(logging.WARNING)  # its per-edit INFO lines repeat per handler

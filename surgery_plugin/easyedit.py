@@ -6,7 +6,7 @@ EasyEdit (zjunlp/EasyEdit, installed from its git checkout) is imported lazily, 
 What :func:`register` changes in EasyEdit, and why. Each change is the smallest that works, and
 each is idempotent (calling ``register()`` twice changes nothing the second time):
 
-1. ``easyeditor.util.alg_dict.ALG_DICT["Surgery"] = apply_surgery_easyedit``, mutating the dict
+1. ``easyeditor.util.alg_dict.ALG_DICT["Surgery"] = surgery.apply_surgery_to_model``, mutating the dict
    in place. The editor modules star-import that dict, so they all hold the same object;
    rebinding the name would not reach them. Editors look the algorithm up when they are
    constructed, so ``register()`` must run before ``BaseEditor``/``SafetyEditor(...)``.
@@ -29,39 +29,33 @@ each is idempotent (calling ``register()`` twice changes nothing the second time
    pure-python parts import. Text editing never calls those ops.
 
 Not patched: restoring weights. Both editors restore a non-sequential edit by writing the
-``weights_copy`` dict back; ``apply_surgery_easyedit`` always returns that dict when
+``weights_copy`` dict back; :func:`surgery.apply_surgery_to_model` always returns that dict when
 ``return_orig_weights`` is set (EasyEdit always sets it), whatever ``keep_original_weight`` is.
 
 Probes: with ``probe_path`` the saved probe is used. Otherwise the probe is built from the
 requests' texts (``prompt + target_new`` acceptable, ``prompt + ground_truth`` undesired) plus
-``hparams.probe_data``. The features of ``probe_data`` are the slow part (minutes for 2x2000
-texts on a CPU) and do not depend on the request, so they are cached in this process, keyed on
-the texts, the feature settings, the tokenizer and a fingerprint of the model's weights: a
-restored model hits the cache, an edited one (sequential editing) misses it.
+``hparams.probe_data``, in :func:`pipeline.probe_for_request`, which caches the ``probe_data``
+features per model weights (a restored model hits the cache, an edited one misses it).
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy as copy_module
 import functools
-import hashlib
 import importlib
 import importlib.util
 import logging
 import sys
-from collections import OrderedDict
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 from .errors import SurgeryError
-from .hparams import SurgeryHyperParams
-from .models import EMBEDDED_MODELS, load_model, model_name, parse_dtype
-from .probe import Probe, check_labels, difference_of_means, hidden_features, resolve_layer, train_probe
+from .models import EMBEDDED_MODELS, load_model, parse_dtype
+from .surgery import apply_surgery_to_model
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +70,6 @@ _SAFETY_FULL_CONTEXT = 1624  # from this max_length on, test_safety_gen does not
 _RIGHT_PADDING_ALGS = frozenset({"ROME", "MEMIT", "EMMET", "EAMET", "R-ROME", "AlphaEdit", "CORE", "SPHERE"})
 _PATCH_MARK = "__surgery_plugin_patch__"
 _SETUP_HINT = "see scripts/setup_easyedit.sh"
-_FEATURE_CACHE_SIZE = 4
 
 # keeps the torchvision op declarations alive (a torch.library.Library drops them when collected)
 _torchvision_stub_library: Any = None
@@ -172,7 +165,7 @@ def easyedit_location() -> str:
 def register() -> None:
     """Make "Surgery" an EasyEdit algorithm (see the module doc for every change). Idempotent."""
     ee = easyeditor_modules()
-    ee.ALG_DICT[ALG_NAME] = apply_surgery_easyedit  # in place: the editors hold this very dict
+    ee.ALG_DICT[ALG_NAME] = apply_surgery_to_model  # in place: the editors hold this very dict
     _allow_batch_editing(ee.BatchEditor)
     _wrap_editor_init(ee.BaseEditor, safety=False)
     _wrap_editor_init(ee.SafetyEditor, safety=True)
@@ -214,8 +207,8 @@ def _wrap_editor_init(editor_class: type, safety: bool) -> None:
 
 
 def _check_output_length(hparams: Any) -> None:
-    """SafetyEditor reads ``max_output_length``; with it >= ``max_length`` every prompt is cut to nothing."""
-    if not hasattr(hparams, "max_output_length"):
+    """SafetyEditor reads ``max_output_length``; at or above ``max_length`` its prompt window is empty or garbled."""
+    if getattr(hparams, "max_output_length", None) is None:
         hparams.max_output_length = min(DEFAULT_MAX_OUTPUT_LENGTH, max(1, hparams.max_length // 2))
     out, total = hparams.max_output_length, hparams.max_length
     if out < 1 or (total < _SAFETY_FULL_CONTEXT and out >= total):
@@ -233,181 +226,3 @@ def load_for_editor(alias: str, hparams: Any, safety: bool = False) -> tuple[nn.
     if safety:
         model.config.output_hidden_states = True  # SafetyEditor loads with it; DINM's layer search needs it
     return model, tok
-
-
-# ---------------------------------------------------------------------------- the algorithm
-
-
-def apply_surgery_easyedit(
-    model: nn.Module,
-    tok,
-    requests: Sequence[dict] | None,
-    hparams: SurgeryHyperParams,
-    copy: bool = False,
-    return_orig_weights: bool = False,
-    keep_original_weight: bool = False,
-    **kwargs: Any,
-) -> tuple[nn.Module, dict[str, torch.Tensor]]:
-    """What EasyEdit calls for "Surgery": :func:`surgery.apply_surgery_to_model` with a cached probe.
-
-    ``weights_copy`` is filled whenever ``return_orig_weights`` is set, so EasyEdit's default
-    restore (``copy_to_param`` for every entry) undoes the edit between non-sequential edits.
-    ``keep_original_weight`` and EasyEdit's extra arguments (``train_ds``) are accepted and unused.
-    """
-    from .surgery import apply_edit, execute_surgery
-
-    if copy:
-        model = copy_module.deepcopy(model)
-    probe = easyedit_probe(model, tok, requests or [], hparams)
-    edit = execute_surgery(model, probe, hparams)
-    weights_copy = apply_edit(model, edit, return_orig_weights=return_orig_weights)
-    logger.info("surgery edited %d gate rows in %d layers (alpha %s)", edit.regions.num_rows, len(edit.layers), hparams.alpha)
-    return model, weights_copy
-
-
-# ---------------------------------------------------------------------------- probe + cache
-
-
-def model_fingerprint(model: nn.Module) -> str | None:
-    """A digest of every parameter's name, shape, dtype, device and values; None when values are not visible.
-
-    CPU tensors are hashed byte for byte. Elsewhere (GPU) the values enter as float64 sum and
-    sum of squares computed on the device, which any surgery changes, instead of copying
-    every weight to the host.
-    """
-    digest = hashlib.blake2b(digest_size=16)
-    for name, param in model.named_parameters():
-        if param.device.type == "meta":  # offloaded: the weights are not here to fingerprint
-            return None
-        digest.update(f"{name}|{tuple(param.shape)}|{param.dtype}|{param.device}".encode())
-        data = param.detach()
-        if data.device.type == "cpu":
-            digest.update(memoryview(data.contiguous().view(torch.uint8).numpy()))
-        else:
-            moments = torch.stack([data.sum(dtype=torch.float64), data.double().square().sum()])
-            digest.update(moments.cpu().numpy().tobytes())
-    return digest.hexdigest()
-
-
-def _texts_digest(texts: Sequence[str], labels: Sequence[int]) -> str:
-    digest = hashlib.blake2b(digest_size=16)
-    for text, label in zip(texts, labels):
-        digest.update(f"{label}\x00{text}\x01".encode())
-    return digest.hexdigest()
-
-
-def _tokenizer_id(tok) -> tuple:
-    size = len(tok) if hasattr(tok, "__len__") else getattr(tok, "vocab_size", None)
-    return type(tok).__name__, str(getattr(tok, "name_or_path", "")), size
-
-
-_feature_cache: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
-_cache_stats = {"hits": 0, "misses": 0}
-
-
-def clear_probe_cache() -> None:
-    """Forget every cached ``probe_data`` feature matrix."""
-    _feature_cache.clear()
-    _cache_stats.update(hits=0, misses=0)
-
-
-def probe_cache_info() -> dict[str, int]:
-    return {"entries": len(_feature_cache), **_cache_stats}
-
-
-def _probe_data_features(model: nn.Module, tok, data, hparams: SurgeryHyperParams) -> torch.Tensor:
-    """Features of ``hparams.probe_data``: computed once per (model weights, texts, settings)."""
-    fingerprint = model_fingerprint(model)
-    key = (fingerprint, _texts_digest(data.texts, data.labels), _tokenizer_id(tok), hparams.probe_layer,
-           hparams.pooling, hparams.max_length, hparams.feature_batch_size)
-    if fingerprint is not None and key in _feature_cache:
-        _cache_stats["hits"] += 1
-        _feature_cache.move_to_end(key)
-        logger.info("probe data features: cache hit (%d texts)", len(data.texts))
-        return _feature_cache[key]
-    _cache_stats["misses"] += 1
-    logger.info("probe data features: computing %d texts (cached for later edits of the same weights)", len(data.texts))
-    features = hidden_features(model, tok, data.texts, hparams.probe_layer, hparams.pooling,
-                               hparams.feature_batch_size, hparams.max_length, progress=False)
-    if fingerprint is not None:
-        _feature_cache[key] = features
-        while len(_feature_cache) > _FEATURE_CACHE_SIZE:
-            _feature_cache.popitem(last=False)
-    return features
-
-
-@contextlib.contextmanager
-def _keep_text_end(tok) -> Iterator[None]:
-    """Truncate from the left: a request text is prompt + answer and the answer is what differs.
-
-    SafeEdit's adversarial prompts run to 400+ tokens; cut from the right at ``max_length`` the
-    safe and unsafe texts of a request become the same prompt prefix.
-    """
-    side = getattr(tok, "truncation_side", None)
-    if side is None:
-        yield
-        return
-    tok.truncation_side = "left"
-    try:
-        yield
-    finally:
-        tok.truncation_side = side
-
-
-def easyedit_probe(model: nn.Module, tok, requests: Sequence[dict], hparams: SurgeryHyperParams, data_dir=None) -> Probe:
-    """The probe of one EasyEdit call: ``probe_path``, else requests' texts + ``probe_data`` (features cached)."""
-    from .data import BehaviorData, load_behavior_data
-    from .pipeline import requests_to_data
-
-    if hparams.probe_path:
-        return Probe.load(hparams.probe_path, model)
-    parts: list[tuple[BehaviorData, torch.Tensor]] = []
-    request_data = requests_to_data(requests) if requests else None
-    if request_data is not None and request_data.texts:
-        with _keep_text_end(tok):
-            features = hidden_features(model, tok, request_data.texts, hparams.probe_layer, hparams.pooling,
-                                       hparams.feature_batch_size, hparams.max_length, progress=False)
-        parts.append((request_data, features))
-    if hparams.probe_data:
-        data = load_behavior_data(hparams.probe_data, data_dir, hparams.probe_max_per_class, hparams.seed)
-        parts.append((data, _probe_data_features(model, tok, data, hparams)))
-    if not parts:
-        raise SurgeryError("no probe: set probe_path or probe_data in the hparams, or pass requests with target_new/ground_truth")
-    data = BehaviorData([t for d, _ in parts for t in d.texts], [l for d, _ in parts for l in d.labels],
-                        " + ".join(d.description for d, _ in parts))
-    return probe_from_features(model, data, torch.cat([f for _, f in parts]), hparams)
-
-
-def probe_from_features(model: nn.Module, data, features: torch.Tensor, hparams: SurgeryHyperParams) -> Probe:
-    """:func:`pipeline.make_probe` from precomputed features (same rules, same metadata)."""
-    from .pipeline import MIN_PER_CLASS_FOR_CLASSIFIER, package_versions, training_from_hparams
-
-    labels = list(data.labels)
-    counts = (labels.count(0), labels.count(1))
-    if min(counts) == 0:
-        raise SurgeryError(f"probe data has a single class ({counts[0]} acceptable, {counts[1]} undesired); it needs both")
-    training = training_from_hparams(hparams)
-    if min(counts) < MIN_PER_CLASS_FOR_CLASSIFIER:
-        probe = difference_of_means(features, labels)
-        nan = float("nan")
-        metrics = {"method": "difference_of_means", "n_train": len(labels), "n_test": 0, "test_accuracy": nan, "test_auc": nan}
-    else:
-        check_labels(labels)
-        probe, metrics = train_probe(features, labels, training, progress=False)
-        metrics["method"] = "linear_softmax"
-    probe.metadata = {
-        "model": model_name(model),
-        "layer": resolve_layer(model, hparams.probe_layer),
-        "layer_requested": hparams.probe_layer,
-        "pooling": hparams.pooling,
-        "hidden_size": probe.hidden_size,
-        "data": data.description,
-        "seed": training.seed,
-        "training": {"epochs": training.epochs, "lr": training.lr, "batch_size": training.batch_size,
-                     "test_fraction": training.test_fraction, "weight_decay": training.weight_decay},
-        "max_length": hparams.max_length,
-        "versions": package_versions(),
-        "source": "easyedit",
-        **metrics,
-    }
-    return probe

@@ -34,6 +34,9 @@ class SurgeryHyperParams:
     model_parallel: bool = False
     max_length: int = 256
     batch_size: int = 1
+    # EasyEdit's SafetyEditor generates this many tokens and keeps max_length - max_output_length
+    # prompt tokens; None: min(128, max_length // 2), filled in when a SafetyEditor is built
+    max_output_length: Optional[int] = None
 
     # step 1: the behavior probe
     probe_path: Optional[str] = None  # a probe made by `surgery probe`; else trained from probe_data / requests
@@ -76,6 +79,7 @@ class SurgeryHyperParams:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise SurgeryError(f"{name} must be a whole number >= 1, got {value!r}")
+
 
     @classmethod
     def from_hparams(cls, hparams_name_or_path: str | Path) -> "SurgeryHyperParams":

@@ -144,15 +144,17 @@ def apply_surgery_to_model(
     """EasyEdit's ``apply_*_to_model`` contract: edit ``model`` (or a deep copy) and return it.
 
     The probe comes from ``hparams.probe_path`` when set; otherwise it is built from the
-    requests' safe (``target_new``) vs. unsafe (``ground_truth``) texts plus ``hparams.probe_data``.
-    ``keep_original_weight`` is accepted for EasyEdit compatibility; surgery always edits the
-    given (or copied) model and reports originals through ``weights_copy``.
+    requests' safe (``target_new``) vs. unsafe (``ground_truth``) texts plus ``hparams.probe_data``
+    (:func:`pipeline.probe_for_request`). ``keep_original_weight`` and EasyEdit's extra arguments
+    (``train_ds``) are accepted and unused: surgery always edits the given (or copied) model and,
+    with ``return_orig_weights``, reports the originals through ``weights_copy``, which is how
+    EasyEdit restores the model between non-sequential edits.
     """
     from .pipeline import probe_for_request
 
     if copy:
         model = copy_module.deepcopy(model)
-    probe = probe_for_request(model, tok, requests or [], hparams, progress=kwargs.get("progress", False))
+    probe = probe_for_request(model, tok, requests or [], hparams, data_dir=kwargs.get("data_dir"), progress=kwargs.get("progress", False))
     edit = execute_surgery(model, probe, hparams)
     weights_copy = apply_edit(model, edit, return_orig_weights=return_orig_weights)
     logger.info("surgery edited %d gate rows in %d layers (alpha %s)", edit.regions.num_rows, len(edit.layers), hparams.alpha)
