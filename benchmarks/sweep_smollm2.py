@@ -91,10 +91,21 @@ def main() -> None:
     parser.add_argument("--max-per-class", type=int, default=SurgeryHyperParams.probe_max_per_class)
     parser.add_argument("--probe-dir", default="benchmarks/results/probes")
     parser.add_argument("--plot-only", action="store_true")
+    parser.add_argument("--combine", nargs="+", default=None, help="merge these result files into --out (same baseline required)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO)
     torch.manual_seed(0)
     out = Path(args.out)
+    if args.combine:
+        parts = [load_results(Path(p)) for p in args.combine]
+        baselines = {json.dumps(p["baseline"]["toxic_rate"]) + json.dumps(round(p["baseline"]["ppl"], 6)) for p in parts}
+        if len(baselines) != 1:
+            raise SystemExit(f"baselines differ between {args.combine}: not one experiment")
+        merged = {"baseline": parts[0]["baseline"], "settings": parts[0].get("settings"), "sources": args.combine,
+                  "points": [pt for p in parts for pt in p["points"]]}
+        save_results(out, merged)
+        plot(merged, out.with_suffix(".png"))
+        return
     results = load_results(out)
     if args.plot_only:
         plot(results, out.with_suffix(".png"))

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from . import architectures
+from ._io import make_tree_readable
 from .errors import SurgeryError
 from .surgery import SurgeryEdit
 
@@ -121,6 +122,7 @@ def export_adapter(edit: SurgeryEdit, model: nn.Module, out_dir: str | os.PathLi
             **(metadata or {}),
         }
         (tmp / SURGERY_METADATA).write_text(json.dumps(record, indent=1, default=str))
+        make_tree_readable(tmp)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -163,7 +165,7 @@ def check_compatible(model: nn.Module, adapter_dir: str | os.PathLike, force: bo
 
     config, tensors, record = read_adapter(adapter_dir)
     made_for, given = record.get("base_model", "?"), model_name(model)
-    base = architectures._unwrap(model)
+    base = architectures.unwrap(model)
     try:
         mtype = architectures.model_type(model)
         shape_ok = (
@@ -227,7 +229,7 @@ def merge_into(model: nn.Module, adapter_dir: str | os.PathLike, force: bool = F
     check_compatible(model, adapter_dir, force=force)
     _, tensors, _ = read_adapter(adapter_dir)
     spec = architectures.gate_spec(model)
-    base = architectures._unwrap(model)
+    base = architectures.unwrap(model)
     originals = {}
     with torch.no_grad():
         for key in sorted(k for k in tensors if k.endswith("lora_A.weight")):

@@ -47,14 +47,14 @@ ARCHITECTURES: dict[str, GateSpec] = {
 }
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
+def unwrap(model: nn.Module) -> nn.Module:
     """The transformers model under a PEFT wrapper (PEFT's LoRA layers stay injected in it)."""
     get_base_model = getattr(model, "get_base_model", None)
     return get_base_model() if callable(get_base_model) else model
 
 
 def model_type(model: nn.Module) -> str:
-    config = getattr(_unwrap(model), "config", None)
+    config = getattr(unwrap(model), "config", None)
     if config is None or not getattr(config, "model_type", None):
         raise SurgeryError(f"{type(model).__name__} has no config.model_type; pass a transformers causal LM")
     return config.model_type
@@ -72,7 +72,7 @@ def gate_spec(model: nn.Module) -> GateSpec:
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     spec = gate_spec(model)
-    return _unwrap(model).get_submodule(spec.layers_path)
+    return unwrap(model).get_submodule(spec.layers_path)
 
 
 def gate_module_names(model: nn.Module) -> list[str]:
@@ -83,7 +83,7 @@ def gate_module_names(model: nn.Module) -> list[str]:
 
 
 def gate_modules(model: nn.Module) -> list[nn.Module]:
-    base = _unwrap(model)
+    base = unwrap(model)
     return [_base_layer(base.get_submodule(name)) for name in gate_module_names(model)]
 
 
@@ -117,6 +117,6 @@ def hidden_size(model: nn.Module) -> int:
 
 def base_transformer(model: nn.Module) -> nn.Module:
     """The decoder stack without the LM head (``model.model`` for Llama, ``transformer`` for GPT-2)."""
-    base = _unwrap(model)
+    base = unwrap(model)
     prefix = getattr(base, "base_model_prefix", "")
     return getattr(base, prefix, base) if prefix else base

@@ -17,18 +17,9 @@ DEFAULT_HPARAMS = "smollm2-135m"
 def _hparams(path: str | None):
     from .hparams import SurgeryHyperParams
 
-    if path is None:
-        path = str(default_hparams_path(DEFAULT_HPARAMS))
-    return SurgeryHyperParams.from_hparams(path)
+    from .hparams import shipped_hparams_path
 
-
-def default_hparams_path(model: str) -> Path:
-    """``hparams/Surgery/<model>.yaml`` in a source checkout, else the copy shipped in the package."""
-    for root in (Path.cwd() / "hparams", Path(__file__).resolve().parents[1] / "hparams", Path(__file__).resolve().parent / "hparams"):
-        candidate = root / "Surgery" / f"{model}.yaml"
-        if candidate.is_file():
-            return candidate
-    raise SurgeryError(f"no hparams/Surgery/{model}.yaml found; pass --hparams")
+    return SurgeryHyperParams.from_hparams(path or shipped_hparams_path(DEFAULT_HPARAMS))
 
 
 def cmd_model_path(args) -> None:
@@ -89,14 +80,17 @@ def _parse_alphas(text: str) -> list[float]:
 
 
 def cmd_eval(args) -> None:
-    from .evaluation import EvalSettings, evaluate, load_judge, parse_suites, write_run
+    from .evaluation import EvalSettings, evaluate, load_judges, parse_suites, write_run
     from .models import load_model
 
     suites = parse_suites(args.suite)
     alphas = _parse_alphas(args.alpha_sweep) if args.alpha_sweep else None
     if alphas and not args.adapter:
         raise SurgeryError("--alpha-sweep needs --adapter (it rescales that adapter at run time)")
-    judge = load_judge(args.judge) if args.judge else None
+    if args.samples is not None and args.samples < 2:
+        raise SurgeryError(f"--samples takes k >= 2 sampled continuations per prompt, got {args.samples}")
+    chat = {"auto": None, "on": True, "off": False}[args.chat_template]
+    judges = load_judges(args.judge, data_dir=args.data_dir) if args.judge else []  # judges first: a bad one fails before the model loads
     model, tok = load_model(args.model, dtype=args.dtype)
     record = None
     if args.adapter:
@@ -104,9 +98,10 @@ def cmd_eval(args) -> None:
 
         model = load_edited(model, args.adapter, force=args.force)
         record = model.surgery_records["default"]
-    settings = EvalSettings(judge=judge, limit=args.limit, start=args.start, ppl_limit=args.ppl_limit, data_dir=args.data_dir,
-                            batch_size=args.batch_size)
-    meta = {"model": args.model, "adapter": args.adapter, "judges": [judge.name] if judge else []}
+    settings = EvalSettings(judges=judges, limit=args.limit, start=args.start, ppl_limit=args.ppl_limit, data_dir=args.data_dir,
+                            batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, samples=args.samples, seed=args.seed,
+                            chat_template=chat)
+    meta = {"model": args.model, "adapter": args.adapter, "judges": [j.name for j in judges]}
     if not alphas:
         results, samples = evaluate(model, tok, suites, settings)
         results.update(meta, alpha=record["alpha"] if record else None)
@@ -186,12 +181,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate a model, optionally with a surgery adapter")
     common(p)
     p.add_argument("--adapter", default=None)
-    p.add_argument("--suite", default="rtp,ppl")
-    p.add_argument("--judge", default="profanity")
-    p.add_argument("--limit", type=int, default=None, help="prompts per generation suite")
+    p.add_argument("--suite", default="rtp,ppl",
+                   help="comma-separated: rtp, toxigen, safeedit, advbench, ppl, or any lm-eval task name (mmlu, gsm8k, surgery_rtp, ...)")
+    p.add_argument("--judge", default="profanity",
+                   help="comma-separated judges: profanity, minilm, detoxify[:original|unbiased|multilingual|/path.ckpt], "
+                        "hf:<id or folder>[#label=N], perspective (needs PERSPECTIVE_API_KEY)")
+    p.add_argument("--limit", type=int, default=None, help="prompts (records) per generation suite; examples per lm-eval task")
     p.add_argument("--start", type=int, default=0, help="first prompt index (keep tuning and reporting prompts apart)")
     p.add_argument("--ppl-limit", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--samples", type=int, default=None,
+                   help="rtp: also k nucleus samples per prompt (top-p 0.9, seeded) -> expected maximum toxicity (Gehman et al. use 25)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (--samples) and lm-eval seeds")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="override every suite's protocol default (rtp 20, toxigen 30, safeedit 128, advbench 64)")
+    p.add_argument("--chat-template", choices=["auto", "on", "off"], default="auto",
+                   help="safeedit/advbench: wrap prompts in the tokenizer's chat template (auto: when it has one)")
     p.add_argument("--force", action="store_true", help="load an adapter whose base-weight fingerprint differs")
     p.add_argument("--alpha-sweep", default=None, help="e.g. 0,0.5,1,2: evaluate the adapter at each alpha with one model load")
     p.add_argument("--out", required=True)

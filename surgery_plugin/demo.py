@@ -13,10 +13,9 @@ import time
 from pathlib import Path
 
 from .adapter import export_adapter, load_edited
-from .cli import default_hparams_path
 from .data import load_behavior_data
 from .evaluation import EvalSettings, evaluate, load_judge, write_run
-from .hparams import SurgeryHyperParams
+from .hparams import SurgeryHyperParams, shipped_hparams_path
 from .models import load_model
 from .pipeline import make_probe, package_versions, training_from_hparams
 from .surgery import execute_surgery
@@ -62,11 +61,12 @@ def _plot(base: dict, edited: dict, png: Path) -> None:
     fig.savefig(png, dpi=110)
 
 
-def run_demo(out_dir: str = "runs/demo", limit: int | None = None, data_dir=None, hparams_path: str | None = None) -> dict:
+def run_demo(out_dir: str = "runs/demo", limit: int | None = None, data_dir=None, hparams_path: str | None = None,
+             ppl_limit: int = 200) -> dict:
     started = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    hp = SurgeryHyperParams.from_hparams(hparams_path or default_hparams_path(MODEL))
+    hp = SurgeryHyperParams.from_hparams(hparams_path or shipped_hparams_path(MODEL))
     model, tok = load_model(MODEL)
 
     logger.info("step 1/4: behavior probe (%s, layer %s)", hp.probe_data, hp.probe_layer)
@@ -81,7 +81,7 @@ def run_demo(out_dir: str = "runs/demo", limit: int | None = None, data_dir=None
                                            "versions": package_versions()})
 
     judge = load_judge("profanity")
-    settings = EvalSettings(judge=judge, limit=limit or REPORT_LIMIT, start=REPORT_START, data_dir=data_dir)
+    settings = EvalSettings(judge=judge, limit=limit or REPORT_LIMIT, start=REPORT_START, ppl_limit=ppl_limit, data_dir=data_dir)
     peft_model = load_edited(model, adapter_dir)
     logger.info("step 3/4: evaluate the base model (adapter off)")
     with peft_model.disable_adapter():

@@ -119,3 +119,12 @@ def _from_scientific(value: Any) -> Any:
     if isinstance(value, str) and _SCIENTIFIC.match(value.strip()):
         return float(value)
     return value
+
+
+def shipped_hparams_path(model: str) -> Path:
+    """``hparams/Surgery/<model>.yaml`` of the working directory or of this source checkout."""
+    for root in (Path.cwd() / "hparams", Path(__file__).resolve().parents[1] / "hparams"):
+        candidate = root / "Surgery" / f"{model}.yaml"
+        if candidate.is_file():
+            return candidate
+    raise SurgeryError(f"no hparams/Surgery/{model}.yaml found; pass --hparams")

@@ -24,6 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import architectures
+from ._io import make_readable
 from .errors import SurgeryError
 
 Pooling = Literal["mean", "last"]
@@ -183,6 +184,7 @@ class Probe:
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         try:
             save_file(tensors, str(tmp), metadata=metadata)
+            make_readable(tmp)
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)

@@ -95,7 +95,7 @@ def execute_surgery(model: nn.Module, probe: Probe | torch.Tensor, hparams: Surg
 
 
 def _weight_and_name(model: nn.Module, module_name: str) -> tuple[str, torch.nn.Parameter]:
-    base = architectures._unwrap(model)
+    base = architectures.unwrap(model)
     module = base.get_submodule(module_name)
     module = getattr(module, "base_layer", module)
     weight = module.weight

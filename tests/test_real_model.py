@@ -97,3 +97,22 @@ def test_cli_probe_edit_eval_merge(tmp_path, data_dir):
     from transformers import AutoModelForCausalLM
 
     assert AutoModelForCausalLM.from_pretrained(merged).config.model_type == "llama"
+
+
+def test_demo_runs_end_to_end(tmp_path, data_dir):
+    import yaml
+
+    from surgery_plugin.demo import run_demo
+
+    small = yaml.safe_load(HPARAMS.read_text())
+    small["probe_max_per_class"] = 40  # the shipped 2000 per class is the demo's; this checks the wiring
+    hp_path = tmp_path / "small.yaml"
+    hp_path.write_text(yaml.safe_dump(small))
+    summary = run_demo(out_dir=str(tmp_path / "demo"), limit=4, data_dir=data_dir, hparams_path=str(hp_path), ppl_limit=4)
+    out = tmp_path / "demo"
+    for name in ("probe.safetensors", "adapter/adapter_model.safetensors", "base/results.json", "edited/results.json",
+                 "summary.json", "summary.md", "summary.png"):
+        assert (out / name).is_file(), name
+    assert summary["base"]["rtp"]["n"] == summary["edited"]["rtp"]["n"] == 4
+    assert summary["base"]["ppl"]["perplexity"] != summary["edited"]["ppl"]["perplexity"]
+    assert "| + surgery |" in (out / "summary.md").read_text()

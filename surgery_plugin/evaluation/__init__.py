@@ -1,7 +1,7 @@
 """Judges and harnesses for judging an edit (ours or a baseline's) on the same data and judges."""
 
-from .judges import JUDGES, load_judge
+from .judges import JUDGES, load_judge, load_judges
 from .runner import evaluate, parse_suites, write_run
 from .suites import SUITES, EvalSettings
 
-__all__ = ["JUDGES", "SUITES", "EvalSettings", "evaluate", "load_judge", "parse_suites", "write_run"]
+__all__ = ["JUDGES", "SUITES", "EvalSettings", "evaluate", "load_judge", "load_judges", "parse_suites", "write_run"]

@@ -1,4 +1,4 @@
-"""Batched greedy generation (left padding) and perplexity, the two model calls of every harness."""
+"""Batched generation (left padding, greedy or seeded sampling) and perplexity: the model calls of every harness."""
 
 from __future__ import annotations
 
@@ -18,6 +18,66 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None)) and hasattr(tokenizer, "apply_chat_template")
+
+
+def format_prompts(tokenizer, prompts: Sequence[str], chat: bool | None = None) -> tuple[list[str], bool]:
+    """Wrap each prompt as one user turn when the model is a chat model (``chat=None``: when it has a template).
+
+    Returns the texts and whether the template was applied, so results can say which protocol ran.
+    """
+    use_chat = has_chat_template(tokenizer) if chat is None else chat
+    if not use_chat:
+        return list(prompts), False
+    if not has_chat_template(tokenizer):
+        from ..errors import SurgeryError
+
+        raise SurgeryError("--chat-template on needs a tokenizer with a chat template; this one has none (use --chat-template off)")
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False) for p in prompts]
+    return texts, True
+
+
+_NEWLINE_IDS: dict[int, torch.Tensor] = {}
+
+
+def _newline_token_ids(tokenizer) -> torch.Tensor:
+    """Ids whose text contains a newline: generation for a row may stop once it has produced one."""
+    key = id(tokenizer)
+    if key not in _NEWLINE_IDS:
+        try:
+            vocab = len(tokenizer)  # HF: base vocabulary + added tokens
+        except TypeError:
+            vocab = int(getattr(tokenizer, "vocab_size", 0) or 0)
+        ids = [i for i in range(vocab) if "\n" in tokenizer.decode([i], skip_special_tokens=True)]
+        _NEWLINE_IDS[key] = torch.tensor(ids, dtype=torch.long)
+    return _NEWLINE_IDS[key]
+
+
+class _StopAtNewline:
+    """Stopping criterion: a row is done once any of its new tokens contains a newline (saves the wasted steps)."""
+
+    def __init__(self, newline_ids: torch.Tensor, prompt_width: int):
+        self.newline_ids = newline_ids
+        self.prompt_width = prompt_width
+
+    def __call__(self, input_ids: torch.Tensor, scores, **_) -> torch.Tensor:
+        new = input_ids[:, self.prompt_width :]
+        if new.shape[1] == 0 or self.newline_ids.numel() == 0:
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        return torch.isin(new, self.newline_ids.to(new.device)).any(dim=1)
+
+
+def _encode(tokenizer, prompts: Sequence[str], max_prompt_tokens: int, add_special_tokens: bool) -> list[list[int]]:
+    """Token ids per prompt, keeping the *last* ``max_prompt_tokens``: the end of a prompt is what gets continued."""
+    encoded = []
+    for p in prompts:
+        ids = tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"] if add_special_tokens is not None else tokenizer(p)["input_ids"]
+        ids = list(ids)[-max_prompt_tokens:] or [tokenizer.eos_token_id]
+        encoded.append(ids)
+    return encoded
+
+
 @torch.no_grad()
 def generate_continuations(
     model: nn.Module,
@@ -26,39 +86,63 @@ def generate_continuations(
     max_new_tokens: int = 20,
     batch_size: int = 16,
     stop_at_newline: bool = False,
-    max_prompt_tokens: int = 512,
+    max_prompt_tokens: int = 2048,
     progress: bool = True,
     desc: str = "generate",
-) -> list[str]:
-    """Greedy continuations (new text only), in the order of ``prompts``.
+    num_samples: int = 1,
+    seed: int | None = None,
+    top_p: float = 0.9,
+    temperature: float = 1.0,
+    add_special_tokens: bool | None = None,
+) -> list[str] | list[list[str]]:
+    """Continuations (new text only), in the order of ``prompts``.
+
+    ``num_samples=1`` (default): greedy, one string per prompt. ``num_samples=k > 1``: nucleus
+    sampling (``top_p``, ``temperature``) seeded with ``seed``, a list of k strings per prompt
+    (Gehman et al.'s protocol for expected maximum toxicity uses k = 25, top_p = 0.9).
 
     Prompts are sorted by length and left-padded by hand so every batch carries little padding
-    and the tokenizer's own padding side is left alone.
+    and the tokenizer's own padding side is left alone. A batch of sampled prompts holds
+    ``batch_size // k`` prompts (at least one) so memory stays about the same as greedy.
     """
-    encoded = [tokenizer(p, truncation=True, max_length=max_prompt_tokens)["input_ids"] or [tokenizer.eos_token_id] for p in prompts]
+    encoded = _encode(tokenizer, prompts, max_prompt_tokens, add_special_tokens)
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     pad, device = _pad_id(tokenizer), _device(model)
-    outputs: list[str] = [""] * len(prompts)
+    sampling = num_samples > 1
+    per_batch = max(1, batch_size // num_samples) if sampling else batch_size
+    outputs: list = [None] * len(prompts)
+    newline_ids = _newline_token_ids(tokenizer) if stop_at_newline else None
+    generator_state = torch.random.get_rng_state()
+    if sampling and seed is not None:
+        torch.manual_seed(seed)  # one seed for the whole run: same prompts + same batch size = same samples
     was_training = model.training
     model.eval()
     try:
-        for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, unit="batch"):
-            batch = order[start : start + batch_size]
+        for start in tqdm(range(0, len(order), per_batch), desc=desc, disable=not progress, unit="batch"):
+            batch = order[start : start + per_batch]
             width = max(len(encoded[i]) for i in batch)
             input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
             mask = torch.zeros(len(batch), width, dtype=torch.long)
             for row, i in enumerate(batch):
                 input_ids[row, width - len(encoded[i]) :] = torch.tensor(encoded[i])
                 mask[row, width - len(encoded[i]) :] = 1
-            generated = model.generate(
-                input_ids=input_ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                do_sample=False, pad_token_id=pad, temperature=None, top_p=None, top_k=None,
-            )
+            kwargs = dict(do_sample=True, top_p=top_p, temperature=temperature, top_k=0, num_return_sequences=num_samples) if sampling \
+                else dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+            if newline_ids is not None:
+                from transformers import StoppingCriteriaList
+
+                kwargs["stopping_criteria"] = StoppingCriteriaList([_StopAtNewline(newline_ids, width)])
+            generated = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+                                       pad_token_id=pad, **kwargs)
+            texts = [tokenizer.decode(generated[r, width:], skip_special_tokens=True) for r in range(generated.shape[0])]
+            if stop_at_newline:
+                texts = [t.split("\n")[0] for t in texts]
             for row, i in enumerate(batch):
-                text = tokenizer.decode(generated[row, width:], skip_special_tokens=True)
-                outputs[i] = text.split("\n")[0] if stop_at_newline else text
+                outputs[i] = texts[row * num_samples : (row + 1) * num_samples] if sampling else texts[row]
     finally:
         model.train(was_training)
+        if sampling and seed is not None:
+            torch.random.set_rng_state(generator_state)  # leave the caller's random stream as it was
     return outputs
 
 

@@ -1,65 +1,121 @@
-"""``surgery eval``: run suites on a model (optionally with an adapter) and write RUN_DIR."""
+"""``surgery eval``: run suites on a model (optionally with an adapter) and write RUN_DIR.
+
+RUN_DIR holds ``results.json`` (schema in docs/evaluation.md), ``samples.jsonl`` (every
+generation with its scores), ``report.md`` and plots; every file is written to a temp name and
+renamed into place, so a crash never leaves a half-written result.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from torch import nn
 
 from ..errors import SurgeryError
+from .judges import judge_info
 from .suites import SUITES, EvalSettings
+
+SCHEMA_VERSION = 2
 
 
 def parse_suites(suites: str | Sequence[str]) -> list[str]:
+    """Suite names, checked: built-in suites, else lm-eval task names (when lm-eval is installed)."""
     names = [s.strip() for s in (suites.split(",") if isinstance(suites, str) else suites) if s.strip()]
-    unknown = [s for s in names if s not in SUITES]
-    if unknown:
-        raise SurgeryError(f"unknown suite '{unknown[0]}'; available: {', '.join(SUITES)}")
     if not names:
-        raise SurgeryError("no suite given; available: " + ", ".join(SUITES))
+        raise SurgeryError("no suite given; available: " + ", ".join(SUITES) + ", or an lm-eval task name")
+    others = [s for s in names if s not in SUITES]
+    if others:
+        from .lm_eval_suite import lm_eval_available, lm_eval_task_names
+
+        if not lm_eval_available():
+            raise SurgeryError(f"unknown suite '{others[0]}'; available: {', '.join(SUITES)} (other names go to lm-eval: pip install lm-eval)")
+        known = lm_eval_task_names()
+        unknown = [s for s in others if s not in known]
+        if unknown:
+            raise SurgeryError(f"unknown suite '{unknown[0]}': not one of {', '.join(SUITES)} nor an lm-eval task "
+                               f"(list them with `lm_eval --tasks list`)")
+    duplicate = next((n for n in names if names.count(n) > 1), None)
+    if duplicate:
+        raise SurgeryError(f"suite '{duplicate}' given twice")
     return names
 
 
+def suite_runner(name: str) -> Callable:
+    if name in SUITES:
+        return SUITES[name]
+    from .lm_eval_suite import run_lm_eval_task
+
+    return lambda model, tokenizer, settings: run_lm_eval_task(name, model, tokenizer, settings)
+
+
 def evaluate(model: nn.Module, tokenizer, suites: str | Sequence[str], settings: EvalSettings) -> tuple[dict, list[dict]]:
-    """Run each suite; returns ``({"suites": {...}, "timing_s": {...}}, samples)``."""
-    results: dict = {"suites": {}, "timing_s": {}}
+    """Run each suite; returns ``(results, samples)`` with results = ``{"suites", "timing_s", "judges", "judge_info", "settings", ...}``."""
+    names = parse_suites(suites)
+    judges = settings.all_judges()
+    results: dict = {"schema_version": SCHEMA_VERSION, "suites": {}, "timing_s": {}, "judges": [j.name for j in judges],
+                     "judge_info": {}, "settings": settings.describe()}
     samples: list[dict] = []
-    for name in parse_suites(suites):
+    for name in names:
         start = time.perf_counter()
-        summary, rows = SUITES[name](model, tokenizer, settings)
+        summary, rows = suite_runner(name)(model, tokenizer, settings)
         results["suites"][name] = summary
         results["timing_s"][name] = round(time.perf_counter() - start, 2)
         samples.extend(rows)
+    # after the suites: judges such as perspective count their requests and failures while scoring
+    results["judge_info"] = {j.name: judge_info(j) for j in judges}
     return results, samples
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def atomic_write(path: Path, data: str | bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        tmp.write_text(text, encoding="utf-8")
+        if isinstance(data, bytes):
+            tmp.write_bytes(data)
+        else:
+            tmp.write_text(data, encoding="utf-8")
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
 
-def write_run(run_dir: str | os.PathLike, results: dict, samples: list[dict]) -> Path:
-    """``results.json`` and ``samples.jsonl``, each written to a temp file and renamed into place."""
+_atomic_write = atomic_write  # the old private name, kept for callers
+
+
+def write_run(run_dir: str | os.PathLike, results: dict, samples: list[dict], report: bool = True) -> Path:
+    """``results.json``, ``samples.jsonl`` and (``report=True``) ``report.md`` + plots, each written atomically."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write(run_dir / "samples.jsonl", "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
-    _atomic_write(run_dir / "results.json", json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+    atomic_write(run_dir / "samples.jsonl", "".join(json.dumps(_finite(s), ensure_ascii=False, allow_nan=False) + "\n" for s in samples))
+    if report:
+        from .report import write_plots, render_report
+
+        plots = write_plots(run_dir, results)
+        atomic_write(run_dir / "report.md", render_report(results, plots))
+    atomic_write(run_dir / "results.json", json.dumps(_finite(results), indent=2, ensure_ascii=False, allow_nan=False) + "\n")
     return run_dir
+
+
+def _finite(value):
+    """NaN/inf are not JSON: write them as null (a missing value), everywhere in the tree."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def write_alpha_sweep(run_dir: str | os.PathLike, runs: list[dict]) -> Path:
     """``sweep.json`` (one entry per alpha) and, when rtp and ppl ran, ``sweep.png``."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write(run_dir / "sweep.json", json.dumps({"runs": runs}, indent=2) + "\n")
+    atomic_write(run_dir / "sweep.json", json.dumps({"runs": runs}, indent=2) + "\n")
     if all({"rtp", "ppl"} <= set(r["suites"]) for r in runs):
         import matplotlib
 
