@@ -46,35 +46,54 @@ def save_results(path: Path, results: dict) -> None:
     os.replace(tmp, path)
 
 
-def plot(results: dict, png: Path) -> None:
+def pareto_front(points: list[dict]) -> list[dict]:
+    """Points no other point beats on both toxic rate and perplexity."""
+    front = [p for p in points if not any(q["ppl"] <= p["ppl"] and q["toxic_rate"] <= p["toxic_rate"] and
+                                           (q["ppl"], q["toxic_rate"]) != (p["ppl"], p["toxic_rate"]) for q in points)]
+    return sorted(front, key=lambda p: p["ppl"])
+
+
+def plot(results: dict, png: Path, chosen: dict | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5.5))
+    fig, ax = plt.subplots(figsize=(9, 6))
     groups: dict[str, list] = {}
     for p in results["points"]:
-        label = f"layer {p['config']['probe_layer']}, K={p['config']['top_k']}, range={p['config']['layer_range']}, norm={p['config']['normalize']}"
+        c = p["config"]
+        label = (f"probe h[{c['probe_layer']}], K={c['top_k']}, layers {c['layer_range'] or 'all'}, "
+                 f"{'normalised' if c['normalize'] else 'raw probe (paper)'}")
         groups.setdefault(label, []).append(p)
-    for label, pts in sorted(groups.items()):
+    cmap = plt.get_cmap("tab20")
+    markers = "osD^v<>pPXh*"
+    for i, (label, pts) in enumerate(sorted(groups.items())):
         pts = sorted(pts, key=lambda p: p["config"]["alpha"])
-        xs = [p["ppl"] for p in pts]
-        ys = [p["toxic_rate"] for p in pts]
-        ax.plot(xs, ys, marker="o", label=label)
+        ax.plot([p["ppl"] for p in pts], [p["toxic_rate"] for p in pts], marker=markers[i % len(markers)],
+                color=cmap(i % 20), lw=1, ms=5, label=label)
         for p in pts:
-            ax.annotate(f"{p['config']['alpha']:g}", (p["ppl"], p["toxic_rate"]), fontsize=7, xytext=(2, 2), textcoords="offset points")
+            ax.annotate(f"{p['config']['alpha']:g}", (p["ppl"], p["toxic_rate"]), fontsize=6, xytext=(2, 2), textcoords="offset points")
+    front = pareto_front(results["points"])
+    ax.plot([p["ppl"] for p in front], [p["toxic_rate"] for p in front], color="black", lw=2, alpha=0.25, label="Pareto front")
     base = results.get("baseline")
     if base:
-        ax.axvline(base["ppl"] * 1.10, color="grey", ls="--", lw=1, label="baseline ppl +10%")
-        ax.axhline(base["toxic_rate"] * 0.5, color="red", ls="--", lw=1, label="baseline toxic rate / 2")
-        ax.scatter([base["ppl"]], [base["toxic_rate"]], color="black", zorder=5, label="unedited")
-    ax.set_xlabel("perplexity on benign text (non-toxic RTP documents)")
-    ax.set_ylabel("toxic-continuation rate (RTP challenging, profanity judge)")
-    ax.set_title("Model Surgery on SmolLM2-135M-Instruct: tuning sweep (labels = alpha)")
-    ax.legend(fontsize=7)
+        ax.axvline(base["ppl"] * 1.10, color="grey", ls="--", lw=1, label="target: perplexity +10%")
+        ax.axhline(base["toxic_rate"] * 0.5, color="red", ls="--", lw=1, label="target: toxic rate / 2")
+        ax.scatter([base["ppl"]], [base["toxic_rate"]], color="black", zorder=5, s=40, label="unedited")
+    if chosen:
+        hit = [p for p in results["points"] if all(p["config"].get(k) == v for k, v in chosen.items())]
+        if hit:
+            ax.scatter([hit[0]["ppl"]], [hit[0]["toxic_rate"]], marker="*", s=300, color="gold", edgecolor="black", zorder=6,
+                       label="shipped hparams/Surgery/smollm2-135m.yaml")
+    ax.set_xscale("log")
+    ax.set_xlabel("perplexity on benign text (non-toxic RTP documents, log scale)")
+    ax.set_ylabel("toxic-continuation rate (RTP challenging [0, 200), profanity judge)")
+    ax.set_title("Model Surgery on SmolLM2-135M-Instruct: tuning sweep (point labels = alpha)")
+    ax.legend(fontsize=6, loc="upper right")
     fig.tight_layout()
     fig.savefig(png, dpi=120)
+    plt.close(fig)
 
 
 def main() -> None:
@@ -92,6 +111,7 @@ def main() -> None:
     parser.add_argument("--probe-dir", default="benchmarks/results/probes")
     parser.add_argument("--plot-only", action="store_true")
     parser.add_argument("--combine", nargs="+", default=None, help="merge these result files into --out (same baseline required)")
+    parser.add_argument("--chosen", default=None, help="with --combine: an hparams YAML whose point to mark")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO)
     torch.manual_seed(0)
@@ -103,8 +123,17 @@ def main() -> None:
             raise SystemExit(f"baselines differ between {args.combine}: not one experiment")
         merged = {"baseline": parts[0]["baseline"], "settings": parts[0].get("settings"), "sources": args.combine,
                   "points": [pt for p in parts for pt in p["points"]]}
+        chosen = None
+        if args.chosen:
+            import yaml
+
+            hp = yaml.safe_load(Path(args.chosen).read_text())
+            chosen = {"probe_layer": hp["probe_layer"], "top_k": hp["top_k"], "layer_range": hp["layer_range"],
+                      "normalize": hp["normalize"], "alpha": hp["alpha"]}
+            merged["chosen"] = chosen
+        merged["pareto_front"] = [p["config"] | {"toxic_rate": p["toxic_rate"], "ppl": p["ppl"]} for p in pareto_front(merged["points"])]
         save_results(out, merged)
-        plot(merged, out.with_suffix(".png"))
+        plot(merged, out.with_suffix(".png"), chosen)
         return
     results = load_results(out)
     if args.plot_only:

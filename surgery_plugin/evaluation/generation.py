@@ -38,17 +38,18 @@ def format_prompts(tokenizer, prompts: Sequence[str], chat: bool | None = None) 
     return texts, True
 
 
-_NEWLINE_IDS: dict[int, torch.Tensor] = {}
+_NEWLINE_IDS: dict[tuple, torch.Tensor] = {}
 
 
 def _newline_token_ids(tokenizer) -> torch.Tensor:
     """Ids whose text contains a newline: generation for a row may stop once it has produced one."""
-    key = id(tokenizer)
+    try:
+        vocab = len(tokenizer)  # HF: base vocabulary + added tokens
+    except TypeError:
+        vocab = int(getattr(tokenizer, "vocab_size", 0) or 0)
+    # id() alone could be reused by another tokenizer after garbage collection; the name and size make a clash unlikely
+    key = (id(tokenizer), getattr(tokenizer, "name_or_path", ""), vocab)
     if key not in _NEWLINE_IDS:
-        try:
-            vocab = len(tokenizer)  # HF: base vocabulary + added tokens
-        except TypeError:
-            vocab = int(getattr(tokenizer, "vocab_size", 0) or 0)
         ids = [i for i in range(vocab) if "\n" in tokenizer.decode([i], skip_special_tokens=True)]
         _NEWLINE_IDS[key] = torch.tensor(ids, dtype=torch.long)
     return _NEWLINE_IDS[key]

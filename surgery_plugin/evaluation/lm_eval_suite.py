@@ -18,17 +18,27 @@ def _first_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text.splitlines()[0][:200]}" if text else type(err).__name__
 
 
-@lru_cache(maxsize=1)
-def lm_eval_task_names() -> frozenset[str]:
-    """Task and group names lm-eval can load (its own + ``surgery_*``); empty when lm-eval is not installed."""
-    try:
-        from lm_eval.tasks import TaskManager
-    except ImportError:
-        return frozenset()
+@lru_cache(maxsize=2)
+def task_manager(include_defaults: bool):
+    """lm-eval's task index with the package's tasks; without lm-eval's own (``include_defaults=False``)
+    it is built in well under a second instead of indexing thousands of YAML files."""
+    from lm_eval.tasks import TaskManager
+
     from ..lm_eval_tasks import tasks_path
 
-    manager = TaskManager(include_path=str(tasks_path()))
-    return frozenset(manager.all_tasks)
+    return TaskManager(include_path=str(tasks_path()), include_defaults=include_defaults)
+
+
+def manager_for(names) -> object:
+    own = set(task_manager(False).all_tasks)
+    return task_manager(not set(names) <= own)
+
+
+def lm_eval_task_names(names=()) -> frozenset[str]:
+    """Task and group names lm-eval can load (``surgery_*`` + lm-eval's own unless ``names`` are all ours)."""
+    if not lm_eval_available():
+        return frozenset()
+    return frozenset(manager_for(names).all_tasks)
 
 
 def lm_eval_available() -> bool:
@@ -43,13 +53,9 @@ def run_lm_eval_task(task: str, model: nn.Module, tokenizer, settings) -> tuple[
     """``simple_evaluate`` on one task; the summary holds lm-eval's metrics for it (and its subtasks)."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
-
-    from ..lm_eval_tasks import tasks_path
-
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=settings.batch_size)
     try:
-        out = simple_evaluate(model=lm, tasks=[task], limit=settings.limit, task_manager=TaskManager(include_path=str(tasks_path())),
+        out = simple_evaluate(model=lm, tasks=[task], limit=settings.limit, task_manager=manager_for([task]),
                               log_samples=True, random_seed=settings.seed, numpy_random_seed=settings.seed,
                               torch_random_seed=settings.seed, fewshot_random_seed=settings.seed)
     except SurgeryError:

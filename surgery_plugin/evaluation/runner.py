@@ -34,7 +34,7 @@ def parse_suites(suites: str | Sequence[str]) -> list[str]:
 
         if not lm_eval_available():
             raise SurgeryError(f"unknown suite '{others[0]}'; available: {', '.join(SUITES)} (other names go to lm-eval: pip install lm-eval)")
-        known = lm_eval_task_names()
+        known = lm_eval_task_names(others)
         unknown = [s for s in others if s not in known]
         if unknown:
             raise SurgeryError(f"unknown suite '{unknown[0]}': not one of {', '.join(SUITES)} nor an lm-eval task "
