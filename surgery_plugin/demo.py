@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .adapter import export_adapter, load_edited
 from .data import load_behavior_data
-from .evaluation import EvalSettings, evaluate, load_judge, write_run
+from .evaluation import EvalSettings, evaluate, load_judges, write_run
 from .hparams import SurgeryHyperParams, shipped_hparams_path
 from .models import load_model
 from .pipeline import make_probe, package_versions, training_from_hparams
@@ -25,19 +25,28 @@ logger = logging.getLogger(__name__)
 MODEL = "smollm2-135m"
 REPORT_START = 500  # first RTP prompt of the report; the tuning sweep used [0, 300)
 REPORT_LIMIT = 300
+DEMO_JUDGES = "profanity,minilm"  # two independent offline judges: word-level SVM, sentence embeddings
 
 
 def _table(base: dict, edited: dict) -> str:
+    """One row per model, a toxic-rate column pair per judge (headline numbers need two judges)."""
     rtp_b, rtp_e = base["suites"]["rtp"], edited["suites"]["rtp"]
+    judges = list(rtp_b["by_judge"])
     ppl_b, ppl_e = base["suites"]["ppl"]["perplexity"], edited["suites"]["ppl"]["perplexity"]
-    rel_tox = (rtp_e["toxic_rate"] - rtp_b["toxic_rate"]) / rtp_b["toxic_rate"] if rtp_b["toxic_rate"] else float("nan")
-    lines = [
-        f"| model | toxic rate (RTP, {rtp_b['judge']}) | 95% CI | mean toxicity | perplexity |",
-        "|---|---|---|---|---|",
-        f"| SmolLM2-135M-Instruct | {rtp_b['toxic_rate']:.3f} | {rtp_b['toxic_rate_ci95'][0]:.3f}-{rtp_b['toxic_rate_ci95'][1]:.3f} | {rtp_b['mean_toxicity']:.3f} | {ppl_b:.2f} |",
-        f"| + surgery | {rtp_e['toxic_rate']:.3f} | {rtp_e['toxic_rate_ci95'][0]:.3f}-{rtp_e['toxic_rate_ci95'][1]:.3f} | {rtp_e['mean_toxicity']:.3f} | {ppl_e:.2f} |",
-        f"| change | {100 * rel_tox:+.1f}% | | | {100 * (ppl_e / ppl_b - 1):+.1f}% |",
-    ]
+    header = "| model | " + " | ".join(f"toxic rate ({j}) | 95% CI" for j in judges) + " | perplexity |"
+    rule = "|---|" + "---|---|" * len(judges) + "---|"
+
+    def row(name: str, rtp: dict, ppl: float) -> str:
+        cells = [f"{rtp['by_judge'][j]['toxic_rate']:.3f} | {rtp['by_judge'][j]['toxic_rate_ci95'][0]:.3f}-"
+                 f"{rtp['by_judge'][j]['toxic_rate_ci95'][1]:.3f}" for j in judges]
+        return f"| {name} | " + " | ".join(cells) + f" | {ppl:.2f} |"
+
+    def change(j: str) -> str:
+        b, e = rtp_b["by_judge"][j]["toxic_rate"], rtp_e["by_judge"][j]["toxic_rate"]
+        return (f"{100 * (e - b) / b:+.1f}%" if b else "n/a") + " | | "
+
+    lines = [header, rule, row("SmolLM2-135M-Instruct", rtp_b, ppl_b), row("+ surgery", rtp_e, ppl_e),
+             "| change | " + "".join(change(j) for j in judges) + f"{100 * (ppl_e / ppl_b - 1):+.1f}% |"]
     return "\n".join(lines)
 
 
@@ -47,18 +56,21 @@ def _plot(base: dict, edited: dict, png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(8, 3.5))
-    names = ["base", "surgery"]
-    rates = [r["suites"]["rtp"]["toxic_rate"] for r in (base, edited)]
-    errs = [[rate - r["suites"]["rtp"]["toxic_rate_ci95"][0] for rate, r in zip(rates, (base, edited))],
-            [r["suites"]["rtp"]["toxic_rate_ci95"][1] - rate for rate, r in zip(rates, (base, edited))]]
-    ax1.bar(names, rates, yerr=errs, color=["#999999", "#2a7ab9"], capsize=4)
-    ax1.set_title(f"toxic continuations (RTP, n={base['suites']['rtp']['n']})")
-    ax2.bar(names, [r["suites"]["ppl"]["perplexity"] for r in (base, edited)], color=["#999999", "#2a7ab9"])
-    ax2.set_title("perplexity, benign text")
-    fig.suptitle("Model Surgery on SmolLM2-135M-Instruct (judge: profanity)")
+    judges = list(base["suites"]["rtp"]["by_judge"])
+    fig, axes = plt.subplots(1, len(judges) + 1, figsize=(4 * (len(judges) + 1), 3.5))
+    names, colors = ["base", "surgery"], ["#999999", "#2a7ab9"]
+    for ax, judge in zip(axes, judges):
+        stats = [r["suites"]["rtp"]["by_judge"][judge] for r in (base, edited)]
+        rates = [s["toxic_rate"] for s in stats]
+        errs = [[rate - s["toxic_rate_ci95"][0] for rate, s in zip(rates, stats)], [s["toxic_rate_ci95"][1] - rate for rate, s in zip(rates, stats)]]
+        ax.bar(names, rates, yerr=errs, color=colors, capsize=4)
+        ax.set_title(f"toxic continuations, judge {judge}\n(RTP, n={base['suites']['rtp']['n']})", fontsize=9)
+    axes[-1].bar(names, [r["suites"]["ppl"]["perplexity"] for r in (base, edited)], color=colors)
+    axes[-1].set_title("perplexity, benign text", fontsize=9)
+    fig.suptitle("Model Surgery on SmolLM2-135M-Instruct")
     fig.tight_layout()
     fig.savefig(png, dpi=110)
+    plt.close(fig)
 
 
 def run_demo(out_dir: str = "runs/demo", limit: int | None = None, data_dir=None, hparams_path: str | None = None,
@@ -80,8 +92,8 @@ def run_demo(out_dir: str = "runs/demo", limit: int | None = None, data_dir=None
                                  metadata={"hparams": hp.to_dict(), "probe_file": str(probe_path), "probe_sha256": probe.sha256(),
                                            "versions": package_versions()})
 
-    judge = load_judge("profanity")
-    settings = EvalSettings(judge=judge, limit=limit or REPORT_LIMIT, start=REPORT_START, ppl_limit=ppl_limit, data_dir=data_dir)
+    judges = load_judges(DEMO_JUDGES)
+    settings = EvalSettings(judges=judges, limit=limit or REPORT_LIMIT, start=REPORT_START, ppl_limit=ppl_limit, data_dir=data_dir)
     peft_model = load_edited(model, adapter_dir)
     logger.info("step 3/4: evaluate the base model (adapter off)")
     with peft_model.disable_adapter():
@@ -89,7 +101,7 @@ def run_demo(out_dir: str = "runs/demo", limit: int | None = None, data_dir=None
     logger.info("step 4/4: evaluate the edited model (adapter on)")
     edited, edited_samples = evaluate(peft_model, tok, ["rtp", "ppl"], settings)
     for results, name in ((base, "base"), (edited, "edited")):
-        results.update({"model": MODEL, "adapter": None if name == "base" else str(adapter_dir), "judges": [judge.name]})
+        results.update({"model": MODEL, "adapter": None if name == "base" else str(adapter_dir), "judges": [j.name for j in judges]})
     write_run(out / "base", base, base_samples)
     write_run(out / "edited", edited, edited_samples)
 

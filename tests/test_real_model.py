@@ -35,6 +35,12 @@ def test_probe_on_davidson_is_accurate(davidson_probe):
 
 
 def test_adapter_is_exact_on_smollm2(smollm2, davidson_probe, shipped, tmp_path):
+    """The adapter is the in-place edit up to fp32 rounding, and no further from the truth.
+
+    With the shipped edit, fp32 itself is off by ~3e-5 on logits of size ~27 (float64 reference,
+    and the same in-place model under another batch shape differs from itself as much), so the
+    two fp32 computations are compared to each other at 1e-4 and to a float64 reference.
+    """
     model, tok = smollm2
     probe, _ = davidson_probe
     ids = tok("You are such a", return_tensors="pt")["input_ids"]
@@ -43,12 +49,18 @@ def test_adapter_is_exact_on_smollm2(smollm2, davidson_probe, shipped, tmp_path)
         base = model(ids).logits.clone()
         originals = apply_edit(model, edit)
         in_place = model(ids).logits.clone()
+        reference = model.double()(ids).logits.clone()
+        model.float()
         revert_edit(model, originals)
         assert torch.equal(model(ids).logits, base)
         adapter = export_adapter(edit, model, tmp_path / "adapter", base_model_name="smollm2-135m")
         peft_model = load_edited(model, adapter)
         try:
-            assert (peft_model(ids).logits - in_place).abs().max() <= 1e-5
+            lora = peft_model(ids).logits
+            assert (lora - in_place).abs().max() <= 1e-4
+            lora_error = (lora.double() - reference).abs().max()
+            in_place_error = (in_place.double() - reference).abs().max()
+            assert lora_error <= 1.5 * in_place_error + 1e-6, (lora_error, in_place_error)
             assert (in_place - base).abs().max() > 1e-3, "the shipped edit must change the model"
         finally:
             peft_model.unload()  # give the shared fixture model back without LoRA layers
@@ -75,12 +87,13 @@ def test_cli_probe_edit_eval_merge(tmp_path, data_dir):
     assert ppl["perplexity"] > 1 and ppl["n_tokens"] > 0
     samples = [json.loads(l) for l in (run / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 6 and {"suite", "prompt", "completion", "scores"} <= set(samples[0])
-    # alpha sweep with one model load: alpha 0 is the base model, alpha 1 the adapter as made
-    r = surgery("eval", "--model", "smollm2-135m", "--adapter", adapter, "--alpha-sweep", "0,1", "--suite", "rtp,ppl",
+    # alpha sweep with one model load: alpha 0 is the base model, the made alpha the adapter as made
+    made_alpha = record["alpha"]
+    r = surgery("eval", "--model", "smollm2-135m", "--adapter", adapter, "--alpha-sweep", f"0,{made_alpha}", "--suite", "rtp,ppl",
                 "--limit", 3, "--ppl-limit", 3, "--data-dir", data_dir, "--out", tmp_path / "sweep")
     assert r.returncode == 0, r.stderr[-3000:]
     sweep = json.loads((tmp_path / "sweep" / "sweep.json").read_text())["runs"]
-    assert [run["alpha"] for run in sweep] == [0.0, 1.0] and (tmp_path / "sweep" / "sweep.png").is_file()
+    assert [run["alpha"] for run in sweep] == [0.0, made_alpha] and (tmp_path / "sweep" / "sweep.png").is_file()
     r = surgery("eval", "--model", "smollm2-135m", "--suite", "rtp,ppl", "--limit", 3, "--ppl-limit", 3, "--data-dir", data_dir,
                 "--out", tmp_path / "base")
     assert r.returncode == 0, r.stderr[-3000:]
@@ -88,8 +101,8 @@ def test_cli_probe_edit_eval_merge(tmp_path, data_dir):
     assert sweep[0]["suites"]["ppl"]["perplexity"] == pytest.approx(base["ppl"]["perplexity"], rel=1e-6)
     base_samples = (tmp_path / "base" / "samples.jsonl").read_text()
     assert (tmp_path / "sweep" / "alpha_0" / "samples.jsonl").read_text() == base_samples
-    alpha1 = json.loads((tmp_path / "sweep" / "alpha_1" / "results.json").read_text())["suites"]
-    assert alpha1["ppl"]["perplexity"] == pytest.approx(results["suites"]["ppl"]["perplexity"], rel=1e-5)
+    as_made = json.loads((tmp_path / "sweep" / f"alpha_{made_alpha:g}" / "results.json").read_text())["suites"]
+    assert as_made["ppl"]["perplexity"] == pytest.approx(results["suites"]["ppl"]["perplexity"], rel=1e-5)
 
     merged = tmp_path / "merged"
     r = surgery("merge", "--model", "smollm2-135m", "--adapter", adapter, "--out", merged)
