@@ -90,11 +90,11 @@ def test_cli_probe_edit_eval_merge(tmp_path, data_dir):
     # alpha sweep with one model load: alpha 0 is the base model, the made alpha the adapter as made
     made_alpha = record["alpha"]
     r = surgery("eval", "--model", "smollm2-135m", "--adapter", adapter, "--alpha-sweep", f"0,{made_alpha}", "--suite", "rtp,ppl",
-                "--limit", 3, "--ppl-limit", 3, "--data-dir", data_dir, "--out", tmp_path / "sweep")
+                "--limit", 6, "--ppl-limit", 6, "--data-dir", data_dir, "--out", tmp_path / "sweep")
     assert r.returncode == 0, r.stderr[-3000:]
     sweep = json.loads((tmp_path / "sweep" / "sweep.json").read_text())["runs"]
     assert [run["alpha"] for run in sweep] == [0.0, made_alpha] and (tmp_path / "sweep" / "sweep.png").is_file()
-    r = surgery("eval", "--model", "smollm2-135m", "--suite", "rtp,ppl", "--limit", 3, "--ppl-limit", 3, "--data-dir", data_dir,
+    r = surgery("eval", "--model", "smollm2-135m", "--suite", "rtp,ppl", "--limit", 6, "--ppl-limit", 6, "--data-dir", data_dir,
                 "--out", tmp_path / "base")
     assert r.returncode == 0, r.stderr[-3000:]
     base = json.loads((tmp_path / "base" / "results.json").read_text())["suites"]
@@ -103,6 +103,7 @@ def test_cli_probe_edit_eval_merge(tmp_path, data_dir):
     assert (tmp_path / "sweep" / "alpha_0" / "samples.jsonl").read_text() == base_samples
     as_made = json.loads((tmp_path / "sweep" / f"alpha_{made_alpha:g}" / "results.json").read_text())["suites"]
     assert as_made["ppl"]["perplexity"] == pytest.approx(results["suites"]["ppl"]["perplexity"], rel=1e-5)
+    assert (tmp_path / "sweep" / f"alpha_{made_alpha:g}" / "samples.jsonl").read_text() == (run / "samples.jsonl").read_text()
 
     merged = tmp_path / "merged"
     r = surgery("merge", "--model", "smollm2-135m", "--adapter", adapter, "--out", merged)
