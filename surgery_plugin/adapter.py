@@ -159,11 +159,15 @@ def read_adapter(adapter_dir: str | os.PathLike) -> tuple[dict, dict[str, torch.
     return parts[ADAPTER_CONFIG], tensors, parts[SURGERY_METADATA]
 
 
-def check_compatible(model: nn.Module, adapter_dir: str | os.PathLike, force: bool = False) -> dict:
-    """Stop with a one-line error when the adapter was made for another base model."""
+def check_compatible(model: nn.Module, adapter_dir: str | os.PathLike, force: bool = False,
+                     adapter: tuple[dict, dict[str, torch.Tensor], dict] | None = None) -> dict:
+    """Stop with a one-line error when the adapter was made for another base model.
+
+    ``adapter`` is what :func:`read_adapter` returned, when the caller has read it already.
+    """
     from .models import model_name
 
-    config, tensors, record = read_adapter(adapter_dir)
+    config, tensors, record = adapter if adapter is not None else read_adapter(adapter_dir)
     made_for, given = record.get("base_model", "?"), model_name(model)
     base = architectures.unwrap(model)
     try:
@@ -226,8 +230,9 @@ def merge_into(model: nn.Module, adapter_dir: str | os.PathLike, force: bool = F
 
     Bitwise the same as applying the edit in place, in every dtype. Returns the original weights.
     """
-    check_compatible(model, adapter_dir, force=force)
-    _, tensors, _ = read_adapter(adapter_dir)
+    adapter = read_adapter(adapter_dir)
+    check_compatible(model, adapter_dir, force=force, adapter=adapter)
+    _, tensors, _ = adapter
     spec = architectures.gate_spec(model)
     base = architectures.unwrap(model)
     originals = {}
