@@ -163,7 +163,8 @@ def test_detoxify_bad_checkpoints_are_one_line_errors(tmp_path, monkeypatch):
     with pytest.raises(SurgeryError, match="not a Detoxify checkpoint"):
         load_judge(f"detoxify:{tmp_path / 'other.ckpt'}")
     torch.save({"config": Opaque(), "state_dict": {}}, tmp_path / "pickled.ckpt")
-    with pytest.raises(SurgeryError, match="SURGERY_TRUST_CHECKPOINTS=1"):
+    monkeypatch.setenv("SURGERY_TRUST_CHECKPOINTS", "1")  # no switch unpickles a user's file
+    with pytest.raises(SurgeryError, match="safe loader refuses"):
         load_judge(f"detoxify:{tmp_path / 'pickled.ckpt'}")
     ckpt = _detoxify_checkpoint(tmp_path / "nocfg.ckpt", _tiny_bert(6), str(tmp_path / "no-such-folder"))
     with pytest.raises(SurgeryError, match="no config/tokenizer"):

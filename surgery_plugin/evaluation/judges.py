@@ -217,27 +217,24 @@ DETOXIFY_URLS = {  # the released checkpoints (unitaryai/detoxify, detoxify/deto
     "unbiased-small": "v0.1.2/unbiased-albert-c8519128.ckpt",
 }
 DETOXIFY_BASE_URL = "https://github.com/unitaryai/detoxify/releases/download/"
-TRUST_ENV = "SURGERY_TRUST_CHECKPOINTS"
 _DETOXIFY_RENAMES = {"toxic": "toxicity", "identity_hate": "identity_attack", "severe_toxic": "severe_toxicity"}
 
 
 def _load_detoxify_checkpoint(path: Path) -> dict:
     """Detoxify's ``.ckpt``: a torch-saved dict with ``config`` (its training config) and ``state_dict``.
 
-    Read with torch's restricted unpickler (``weights_only=True``: tensors and plain containers
-    only), so a file handed to us cannot run code; ``SURGERY_TRUST_CHECKPOINTS=1`` lifts that for
-    files the user trusts and that hold other objects.
+    Read with torch's restricted unpickler only (``weights_only=True``: tensors and plain
+    containers), so a file handed to us cannot run code. There is no switch to unpickle fully.
     """
     import pickle
 
     import torch
 
-    trusted = os.environ.get(TRUST_ENV) == "1"
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=not trusted)
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         raise SurgeryError(f"detoxify checkpoint {path} holds objects torch's safe loader refuses ({_first_line(err)[:120]}); "
-                           f"if you trust the file, set {TRUST_ENV}=1") from None
+                           "re-save it as a dict of plain 'config' values and a tensor 'state_dict'") from None
     except Exception as err:
         raise SurgeryError(f"could not read detoxify checkpoint {path} ({_first_line(err)})") from None
     if not isinstance(loaded, dict) or "config" not in loaded or "state_dict" not in loaded:
