@@ -15,6 +15,7 @@ from pathlib import Path
 from .adapter import export_adapter, load_edited
 from .data import load_behavior_data
 from .evaluation import EvalSettings, evaluate, load_judges, write_run
+from .evaluation.runner import atomic_write
 from .hparams import SurgeryHyperParams, shipped_hparams_path
 from .models import load_model
 from .pipeline import make_probe, package_versions, training_from_hparams
@@ -116,8 +117,8 @@ def run_demo(out_dir: str = "runs/demo", limit: int | None = None, data_dir=None
         "seconds": round(time.perf_counter() - started, 1),
         "versions": package_versions(),
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    (out / "summary.md").write_text(table + "\n")
+    atomic_write(out / "summary.json", json.dumps(summary, indent=1) + "\n")
+    atomic_write(out / "summary.md", table + "\n")
     _plot(base, edited, out / "summary.png")
     print(f"\nprobe: layer {probe.metadata['layer']}, held-out accuracy {probe_metrics['test_accuracy']:.3f}, AUC {probe_metrics['test_auc']:.3f}")
     print(f"edit: {edit.regions.num_rows} gate rows in {len(edit.layers)} layers, alpha {edit.alpha}\n")

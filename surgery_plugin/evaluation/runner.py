@@ -83,9 +83,6 @@ def atomic_write(path: Path, data: str | bytes) -> None:
         tmp.unlink(missing_ok=True)
 
 
-_atomic_write = atomic_write  # the old private name, kept for callers
-
-
 def write_run(run_dir: str | os.PathLike, results: dict, samples: list[dict], report: bool = True) -> Path:
     """``results.json``, ``samples.jsonl`` and (``report=True``) ``report.md`` + plots, each written atomically."""
     run_dir = Path(run_dir)
@@ -115,7 +112,7 @@ def write_alpha_sweep(run_dir: str | os.PathLike, runs: list[dict]) -> Path:
     """``sweep.json`` (one entry per alpha) and, when rtp and ppl ran, ``sweep.png``."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write(run_dir / "sweep.json", json.dumps({"runs": runs}, indent=2) + "\n")
+    atomic_write(run_dir / "sweep.json", json.dumps(_finite({"runs": runs}), indent=2, allow_nan=False) + "\n")
     if all({"rtp", "ppl"} <= set(r["suites"]) for r in runs):
         import matplotlib
 
@@ -132,8 +129,8 @@ def write_alpha_sweep(run_dir: str | os.PathLike, runs: list[dict]) -> Path:
         ax.set_ylabel(f"toxic rate (RTP, {runs[0]['suites']['rtp']['judge']})")
         ax.set_title("alpha sweep of one surgery adapter")
         fig.tight_layout()
-        tmp = run_dir / f".sweep.png.tmp-{os.getpid()}.png"
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, run_dir / "sweep.png")
+        from .report import _save
+
+        _save(fig, run_dir, "sweep.png")
         plt.close(fig)
     return run_dir
