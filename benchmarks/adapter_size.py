@@ -15,6 +15,8 @@ from pathlib import Path
 
 from safetensors import safe_open
 
+from surgery_plugin.atomic import atomic_write
+
 LLAMA2_7B = {"layers": 32, "hidden": 4096, "intermediate": 11008, "params": 6_738_415_616}
 
 
@@ -54,9 +56,7 @@ def main() -> None:
         },
         "header_bytes_per_tensor_measured": round(overhead_per_tensor, 1),
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    atomic_write(args.out, json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))
 
 

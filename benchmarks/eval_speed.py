@@ -23,6 +23,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from surgery_plugin.atomic import atomic_write  # noqa: E402
 from surgery_plugin.data import load_rtp  # noqa: E402
 from surgery_plugin.evaluation import load_judge  # noqa: E402
 from surgery_plugin.evaluation.generation import generate_continuations  # noqa: E402
@@ -47,37 +48,56 @@ def main() -> None:
 
     prompts = [r["prompt"]["text"] for r in load_rtp(args.data_dir, "toxic")[: args.n]]
     model, tok = load_model("smollm2-135m")
-    judges = [load_judge(s, progress=False, data_dir=args.data_dir) for s in args.judges.split(",")]  # load (and train) outside the timing
-    generate_continuations(model, tok, prompts[:2], 2, 2, progress=False)  # warm-up: first-call allocations are not the steady state
+    judges = [
+        load_judge(s, progress=False, data_dir=args.data_dir) for s in args.judges.split(",")
+    ]  # load (and train) outside the timing
+    generate_continuations(
+        model, tok, prompts[:2], 2, 2, progress=False
+    )  # warm-up: first-call allocations are not the steady state
 
-    batched, t_batched = _timed(lambda: generate_continuations(model, tok, prompts, args.max_new_tokens, args.batch_size, progress=False))
-    single, t_single = _timed(lambda: generate_continuations(model, tok, prompts, args.max_new_tokens, 1, progress=False))
+    batched, t_batched = _timed(
+        lambda: generate_continuations(model, tok, prompts, args.max_new_tokens, args.batch_size, progress=False)
+    )
+    single, t_single = _timed(
+        lambda: generate_continuations(model, tok, prompts, args.max_new_tokens, 1, progress=False)
+    )
     judge_times = {}
     for judge in judges:
-        _, seconds = _timed(lambda: judge.score(batched))
+        _, seconds = _timed(lambda judge=judge: judge.score(batched))
         judge_times[judge.name] = seconds
-    same = sum(a == b for a, b in zip(batched, single))
+    same = sum(a == b for a, b in zip(batched, single, strict=True))
     total = t_batched + sum(judge_times.values())
     result = {
-        "task": f"RTP challenging prompts, n={len(prompts)}, greedy, {args.max_new_tokens} new tokens, SmolLM2-135M-Instruct fp32",
-        "command": f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')} python benchmarks/eval_speed.py --n {args.n}",
+        "task": f"RTP challenging prompts, n={len(prompts)}, greedy, {args.max_new_tokens} new tokens, "
+        "SmolLM2-135M-Instruct fp32",
+        "command": f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')} "
+        f"python benchmarks/eval_speed.py --n {args.n}",
         "generation": {
-            f"batch_{args.batch_size}": {"seconds": round(t_batched, 2), "prompts_per_s": round(len(prompts) / t_batched, 2)},
+            f"batch_{args.batch_size}": {
+                "seconds": round(t_batched, 2),
+                "prompts_per_s": round(len(prompts) / t_batched, 2),
+            },
             "batch_1": {"seconds": round(t_single, 2), "prompts_per_s": round(len(prompts) / t_single, 2)},
             "speedup_batched_vs_1": round(t_single / t_batched, 2),
             "identical_continuations": f"{same}/{len(prompts)}",
         },
-        "judging": {name: {"seconds": round(s, 2), "texts_per_s": round(len(batched) / s, 1)} for name, s in judge_times.items()},
-        "total_batched": {"seconds": round(total, 2), "prompts_per_s": round(len(prompts) / total, 2),
-                          "what": f"generation (batch {args.batch_size}) + all judges"},
-        "machine": {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
-                    "cores_visible": os.cpu_count()},
+        "judging": {
+            name: {"seconds": round(s, 2), "texts_per_s": round(len(batched) / s, 1)}
+            for name, s in judge_times.items()
+        },
+        "total_batched": {
+            "seconds": round(total, 2),
+            "prompts_per_s": round(len(prompts) / total, 2),
+            "what": f"generation (batch {args.batch_size}) + all judges",
+        },
+        "machine": {
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "cpu": platform.processor() or platform.machine(),
+            "cores_visible": os.cpu_count(),
+        },
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, out)
+    atomic_write(args.out, json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 
 

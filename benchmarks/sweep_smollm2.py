@@ -14,18 +14,17 @@ import argparse
 import itertools
 import json
 import logging
-import os
 import time
 from pathlib import Path
 
 import torch
 
+from surgery_plugin.atomic import atomic_write
 from surgery_plugin.data import load_behavior_data
 from surgery_plugin.evaluation import EvalSettings, evaluate, load_judge
 from surgery_plugin.hparams import SurgeryHyperParams
 from surgery_plugin.models import load_model
-from surgery_plugin.pipeline import make_probe, training_from_hparams
-from surgery_plugin.probe import Probe
+from surgery_plugin.probe import Probe, ProbeTraining, make_probe
 from surgery_plugin.surgery import apply_edit, execute_surgery, revert_edit
 
 
@@ -40,16 +39,21 @@ def load_results(path: Path) -> dict:
 
 
 def save_results(path: Path, results: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(results, indent=1))
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(results, indent=1))
 
 
 def pareto_front(points: list[dict]) -> list[dict]:
     """Points no other point beats on both toxic rate and perplexity."""
-    front = [p for p in points if not any(q["ppl"] <= p["ppl"] and q["toxic_rate"] <= p["toxic_rate"] and
-                                           (q["ppl"], q["toxic_rate"]) != (p["ppl"], p["toxic_rate"]) for q in points)]
+    front = [
+        p
+        for p in points
+        if not any(
+            q["ppl"] <= p["ppl"]
+            and q["toxic_rate"] <= p["toxic_rate"]
+            and (q["ppl"], q["toxic_rate"]) != (p["ppl"], p["toxic_rate"])
+            for q in points
+        )
+    ]
     return sorted(front, key=lambda p: p["ppl"])
 
 
@@ -63,19 +67,41 @@ def plot(results: dict, png: Path, chosen: dict | None = None) -> None:
     groups: dict[str, list] = {}
     for p in results["points"]:
         c = p["config"]
-        label = (f"probe h[{c['probe_layer']}], K={c['top_k']}, layers {c['layer_range'] or 'all'}, "
-                 f"{'normalised' if c['normalize'] else 'raw probe (paper)'}")
+        label = (
+            f"probe h[{c['probe_layer']}], K={c['top_k']}, layers {c['layer_range'] or 'all'}, "
+            f"{'normalised' if c['normalize'] else 'raw probe (paper)'}"
+        )
         groups.setdefault(label, []).append(p)
     cmap = plt.get_cmap("tab20")
     markers = "osD^v<>pPXh*"
     for i, (label, pts) in enumerate(sorted(groups.items())):
         pts = sorted(pts, key=lambda p: p["config"]["alpha"])
-        ax.plot([p["ppl"] for p in pts], [p["toxic_rate"] for p in pts], marker=markers[i % len(markers)],
-                color=cmap(i % 20), lw=1, ms=5, label=label)
+        ax.plot(
+            [p["ppl"] for p in pts],
+            [p["toxic_rate"] for p in pts],
+            marker=markers[i % len(markers)],
+            color=cmap(i % 20),
+            lw=1,
+            ms=5,
+            label=label,
+        )
         for p in pts:
-            ax.annotate(f"{p['config']['alpha']:g}", (p["ppl"], p["toxic_rate"]), fontsize=6, xytext=(2, 2), textcoords="offset points")
+            ax.annotate(
+                f"{p['config']['alpha']:g}",
+                (p["ppl"], p["toxic_rate"]),
+                fontsize=6,
+                xytext=(2, 2),
+                textcoords="offset points",
+            )
     front = pareto_front(results["points"])
-    ax.plot([p["ppl"] for p in front], [p["toxic_rate"] for p in front], color="black", lw=2, alpha=0.25, label="Pareto front")
+    ax.plot(
+        [p["ppl"] for p in front],
+        [p["toxic_rate"] for p in front],
+        color="black",
+        lw=2,
+        alpha=0.25,
+        label="Pareto front",
+    )
     base = results.get("baseline")
     if base:
         ax.axvline(base["ppl"] * 1.10, color="grey", ls="--", lw=1, label="target: perplexity +10%")
@@ -84,8 +110,16 @@ def plot(results: dict, png: Path, chosen: dict | None = None) -> None:
     if chosen:
         hit = [p for p in results["points"] if all(p["config"].get(k) == v for k, v in chosen.items())]
         if hit:
-            ax.scatter([hit[0]["ppl"]], [hit[0]["toxic_rate"]], marker="*", s=300, color="gold", edgecolor="black", zorder=6,
-                       label="shipped hparams/Surgery/smollm2-135m.yaml")
+            ax.scatter(
+                [hit[0]["ppl"]],
+                [hit[0]["toxic_rate"]],
+                marker="*",
+                s=300,
+                color="gold",
+                edgecolor="black",
+                zorder=6,
+                label="shipped hparams/Surgery/smollm2-135m.yaml",
+            )
     ax.set_xscale("log")
     ax.set_xlabel("perplexity on benign text (non-toxic RTP documents, log scale)")
     ax.set_ylabel("toxic-continuation rate (RTP challenging [0, 200), profanity judge)")
@@ -110,7 +144,9 @@ def main() -> None:
     parser.add_argument("--max-per-class", type=int, default=SurgeryHyperParams.probe_max_per_class)
     parser.add_argument("--probe-dir", default="benchmarks/results/probes")
     parser.add_argument("--plot-only", action="store_true")
-    parser.add_argument("--combine", nargs="+", default=None, help="merge these result files into --out (same baseline required)")
+    parser.add_argument(
+        "--combine", nargs="+", default=None, help="merge these result files into --out (same baseline required)"
+    )
     parser.add_argument("--chosen", default=None, help="with --combine: an hparams YAML whose point to mark")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO)
@@ -118,20 +154,33 @@ def main() -> None:
     out = Path(args.out)
     if args.combine:
         parts = [load_results(Path(p)) for p in args.combine]
-        baselines = {json.dumps(p["baseline"]["toxic_rate"]) + json.dumps(round(p["baseline"]["ppl"], 6)) for p in parts}
+        baselines = {
+            json.dumps(p["baseline"]["toxic_rate"]) + json.dumps(round(p["baseline"]["ppl"], 6)) for p in parts
+        }
         if len(baselines) != 1:
             raise SystemExit(f"baselines differ between {args.combine}: not one experiment")
-        merged = {"baseline": parts[0]["baseline"], "settings": parts[0].get("settings"), "sources": args.combine,
-                  "points": [pt for p in parts for pt in p["points"]]}
+        merged = {
+            "baseline": parts[0]["baseline"],
+            "settings": parts[0].get("settings"),
+            "sources": args.combine,
+            "points": [pt for p in parts for pt in p["points"]],
+        }
         chosen = None
         if args.chosen:
             import yaml
 
             hp = yaml.safe_load(Path(args.chosen).read_text())
-            chosen = {"probe_layer": hp["probe_layer"], "top_k": hp["top_k"], "layer_range": hp["layer_range"],
-                      "normalize": hp["normalize"], "alpha": hp["alpha"]}
+            chosen = {
+                "probe_layer": hp["probe_layer"],
+                "top_k": hp["top_k"],
+                "layer_range": hp["layer_range"],
+                "normalize": hp["normalize"],
+                "alpha": hp["alpha"],
+            }
             merged["chosen"] = chosen
-        merged["pareto_front"] = [p["config"] | {"toxic_rate": p["toxic_rate"], "ppl": p["ppl"]} for p in pareto_front(merged["points"])]
+        merged["pareto_front"] = [
+            p["config"] | {"toxic_rate": p["toxic_rate"], "ppl": p["ppl"]} for p in pareto_front(merged["points"])
+        ]
         save_results(out, merged)
         plot(merged, out.with_suffix(".png"), chosen)
         return
@@ -141,18 +190,33 @@ def main() -> None:
         return
     done = {point_key(p["config"]) for p in results["points"]}
     model, tok = load_model("smollm2-135m")
-    settings = EvalSettings(judge=load_judge("profanity", progress=False), limit=args.limit, start=0, ppl_limit=args.ppl_limit,
-                            progress=False)
+    settings = EvalSettings(
+        judge=load_judge("profanity", progress=False),
+        limit=args.limit,
+        start=0,
+        ppl_limit=args.ppl_limit,
+        progress=False,
+    )
 
     def run_eval() -> dict:
         start = time.perf_counter()
         res, _ = evaluate(model, tok, ["rtp", "ppl"], settings)
-        return {"toxic_rate": res["suites"]["rtp"]["toxic_rate"], "mean_toxicity": res["suites"]["rtp"]["mean_toxicity"],
-                "ppl": res["suites"]["ppl"]["perplexity"], "n": res["suites"]["rtp"]["n"], "seconds": round(time.perf_counter() - start, 1)}
+        return {
+            "toxic_rate": res["suites"]["rtp"]["toxic_rate"],
+            "mean_toxicity": res["suites"]["rtp"]["mean_toxicity"],
+            "ppl": res["suites"]["ppl"]["token_perplexity"],
+            "n": res["suites"]["rtp"]["n"],
+            "seconds": round(time.perf_counter() - start, 1),
+        }
 
     if results["baseline"] is None:
         results["baseline"] = run_eval()
-        results["settings"] = {"limit": args.limit, "ppl_limit": args.ppl_limit, "judge": "profanity", "prompts": f"rtp/toxic.jsonl[0:{args.limit}]"}
+        results["settings"] = {
+            "limit": args.limit,
+            "ppl_limit": args.ppl_limit,
+            "judge": "profanity",
+            "prompts": f"rtp/toxic.jsonl[0:{args.limit}]",
+        }
         save_results(out, results)
     logging.info("baseline %s", results["baseline"])
     normalize_options = {"yes": [True], "no": [False], "both": [True, False]}[args.normalize]
@@ -163,23 +227,47 @@ def main() -> None:
             probe = Probe.load(probe_path, model)
         else:
             hp = SurgeryHyperParams(probe_layer=layer, pooling=args.pooling, probe_max_per_class=args.max_per_class)
-            probe, _ = make_probe(model, tok, data, layer, args.pooling, training_from_hparams(hp), hp.feature_batch_size, hp.max_length)
+            probe, _ = make_probe(
+                model,
+                tok,
+                data,
+                layer,
+                args.pooling,
+                ProbeTraining.from_hparams(hp),
+                hp.feature_batch_size,
+                hp.max_length,
+            )
             probe.save(probe_path)
-        for top_k, layer_range, normalize, alpha in itertools.product(args.top_k, args.layer_ranges, normalize_options, args.alphas):
+        for top_k, layer_range, normalize, alpha in itertools.product(
+            args.top_k, args.layer_ranges, normalize_options, args.alphas
+        ):
             bounds = None if layer_range == "all" else [int(x) for x in layer_range.split(":")]
-            config = {"probe_layer": layer, "pooling": args.pooling, "top_k": top_k if top_k < 1 else int(top_k),
-                      "layer_range": bounds, "normalize": normalize, "alpha": alpha}
+            config = {
+                "probe_layer": layer,
+                "pooling": args.pooling,
+                "top_k": top_k if top_k < 1 else int(top_k),
+                "layer_range": bounds,
+                "normalize": normalize,
+                "alpha": alpha,
+            }
             if point_key(config) in done:
                 continue
-            hp = SurgeryHyperParams(probe_layer=layer, top_k=config["top_k"], layer_range=bounds, normalize=normalize, alpha=alpha)
+            hp = SurgeryHyperParams(
+                probe_layer=layer, top_k=config["top_k"], layer_range=bounds, normalize=normalize, alpha=alpha
+            )
             edit = execute_surgery(model, probe, hp)
             originals = apply_edit(model, edit)
             try:
                 metrics = run_eval()
             finally:
                 revert_edit(model, originals)
-            point = {"config": config, "step": edit.step, "num_rows": edit.regions.num_rows,
-                     "probe_test_accuracy": probe.metadata.get("test_accuracy"), **metrics}
+            point = {
+                "config": config,
+                "step": edit.step,
+                "num_rows": edit.regions.num_rows,
+                "probe_test_accuracy": probe.metadata.get("test_accuracy"),
+                **metrics,
+            }
             logging.info("%s -> %s", config, metrics)
             results["points"].append(point)
             done.add(point_key(config))

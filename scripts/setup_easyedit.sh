@@ -85,7 +85,7 @@ echo "$EASYEDIT" > "$SITE/easyedit-checkout.pth"
 import surgery_plugin.easyedit as se
 se.register()
 from easyeditor.util import alg_dict
-print("EasyEdit OK:", se.easyedit_location(), "| Surgery registered:", "Surgery" in alg_dict.ALG_DICT)
+print("EasyEdit OK:", se.easyeditor_modules().location, "| Surgery registered:", "Surgery" in alg_dict.ALG_DICT)
 '
 echo "venv: $VENV"
 echo "tests: SURGERY_EASYEDIT_PYTHON=$VENV/bin/python .venv/bin/python -m pytest -q tests/test_easyedit.py"

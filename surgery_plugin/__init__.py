@@ -6,13 +6,13 @@ The flow, one module per step::
 """
 
 from .adapter import compose, export_adapter, load_edited, merge_into, set_alpha
+from .easyedit.surgery_main import apply_surgery_to_model
 from .errors import SurgeryError
 from .hparams import SurgeryHyperParams
 from .models import load_model, resolve_model_path
-from .pipeline import make_probe
-from .probe import Probe, hidden_features, train_probe
+from .probe import Probe, hidden_features, make_probe, probe_from_hparams, train_probe
 from .regions import RegionSelection, select_regions
-from .surgery import SurgeryEdit, apply_edit, apply_surgery_to_model, execute_surgery, revert_edit
+from .surgery import SurgeryEdit, apply_edit, execute_surgery, revert_edit
 
 __version__ = "0.1.0"
 
@@ -23,8 +23,8 @@ __all__ = [
     "SurgeryError",
     "SurgeryHyperParams",
     "apply_edit",
-    "compose",
     "apply_surgery_to_model",
+    "compose",
     "execute_surgery",
     "export_adapter",
     "hidden_features",
@@ -32,6 +32,7 @@ __all__ = [
     "load_model",
     "make_probe",
     "merge_into",
+    "probe_from_hparams",
     "resolve_model_path",
     "revert_edit",
     "select_regions",

@@ -12,48 +12,42 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from . import architectures
-from ._io import make_tree_readable
+from .atomic import atomic_path, check_output_folder
 from .errors import SurgeryError
-from .surgery import SurgeryEdit
+from .provenance import fingerprint_mismatch, gate_fingerprint
+from .surgery import RowUpdate, SurgeryEdit, apply_row_updates
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 SURGERY_METADATA = "surgery.json"
 _PEFT_PREFIX = "base_model.model."
-_FINGERPRINT_SAMPLES = 64
-_FINGERPRINT_RTOL = 1e-2  # loose enough for the same weights in bf16/fp16, far below a fine-tune's drift
+LoraPart = Literal["lora_A", "lora_B"]
 
 
-def gate_fingerprint(model: nn.Module) -> list[list[float]]:
-    """A few fixed entries of every layer's gate rows: the same for the same base in any dtype."""
-    generator = torch.Generator().manual_seed(0)
-    fingerprint = []
-    with torch.no_grad():
-        for layer in range(len(architectures.decoder_layers(model))):
-            rows = architectures.gate_rows(model, layer)
-            r = torch.randint(0, rows.shape[0], (_FINGERPRINT_SAMPLES,), generator=generator)
-            c = torch.randint(0, rows.shape[1], (_FINGERPRINT_SAMPLES,), generator=generator)
-            fingerprint.append([float(x) for x in rows[r.to(rows.device), c.to(rows.device)].float().cpu()])
-    return fingerprint
+# ---------------------------------------------------------------------------- PEFT's tensor names
 
 
-def fingerprint_mismatch(expected: list[list[float]], actual: list[list[float]]) -> str | None:
-    """None when the fingerprints match, else a short description of the first difference."""
-    if len(expected) != len(actual):
-        return f"{len(expected)} layers vs {len(actual)}"
-    for layer, (a, b) in enumerate(zip(expected, actual)):
-        ta, tb = torch.tensor(a), torch.tensor(b)
-        if ta.shape != tb.shape or not torch.allclose(tb, ta, rtol=_FINGERPRINT_RTOL, atol=1e-6):
-            return f"gate weights of layer {layer} differ"
-    return None
+def peft_key(module_name: str, part: LoraPart) -> str:
+    """PEFT's saved name of a LoRA tensor: ``base_model.model.<module>.lora_A.weight``."""
+    return f"{_PEFT_PREFIX}{module_name}.{part}.weight"
+
+
+def parse_peft_key(key: str) -> tuple[str, LoraPart]:
+    """``(module_name, "lora_A" | "lora_B")`` of a saved LoRA tensor name; an error for anything else."""
+    if key.startswith(_PEFT_PREFIX) and key.endswith(".weight"):
+        module_name, _, part = key[len(_PEFT_PREFIX) : -len(".weight")].rpartition(".")
+        if part in ("lora_A", "lora_B") and module_name:
+            return module_name, part  # type: ignore[return-value]
+    raise SurgeryError(
+        f"'{key}' is not a LoRA tensor name of a PEFT adapter (base_model.model.<module>.lora_A|lora_B.weight)"
+    )
 
 
 def lora_tensors(edit: SurgeryEdit, model: nn.Module) -> dict[str, torch.Tensor]:
@@ -67,10 +61,30 @@ def lora_tensors(edit: SurgeryEdit, model: nn.Module) -> dict[str, torch.Tensor]
     for layer in edit.layers:
         lora_b = torch.zeros(out_features, 1)
         lora_b[edit.regions.rows[layer], 0] = edit.step
-        name = _PEFT_PREFIX + edit.module_names[layer]
-        tensors[f"{name}.lora_A.weight"] = direction[None, :].clone()
-        tensors[f"{name}.lora_B.weight"] = lora_b
+        tensors[peft_key(edit.module_names[layer], "lora_A")] = direction[None, :].clone()
+        tensors[peft_key(edit.module_names[layer], "lora_B")] = lora_b
     return tensors
+
+
+def row_updates_of(tensors: dict[str, torch.Tensor]) -> list[RowUpdate]:
+    """Decode rank-1 LoRA tensors back into gate-row updates (rows = nonzero entries of ``lora_B``)."""
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        module_name, part = parse_peft_key(key)
+        pairs.setdefault(module_name, {})[part] = tensor
+    updates = []
+    for module_name, pair in sorted(pairs.items()):
+        if set(pair) != {"lora_A", "lora_B"}:
+            raise SurgeryError(f"adapter has an incomplete LoRA pair for '{module_name}' ({sorted(pair)})")
+        lora_a, lora_b = pair["lora_A"].float(), pair["lora_B"].float()
+        if lora_a.shape[0] != 1 or lora_b.ndim != 2 or lora_b.shape[1] != 1:
+            raise SurgeryError(
+                f"adapter LoRA for '{module_name}' is not rank 1 "
+                f"(lora_A {tuple(lora_a.shape)}, lora_B {tuple(lora_b.shape)})"
+            )
+        rows = torch.nonzero(lora_b[:, 0]).flatten()
+        updates.append(RowUpdate(module_name, rows, lora_b[rows, 0], lora_a[0]))
+    return updates
 
 
 def _peft_config(edit: SurgeryEdit, model: nn.Module, base_model_name: str):
@@ -90,21 +104,22 @@ def _peft_config(edit: SurgeryEdit, model: nn.Module, base_model_name: str):
     )
 
 
-def export_adapter(edit: SurgeryEdit, model: nn.Module, out_dir: str | os.PathLike, base_model_name: str,
-                   metadata: dict[str, Any] | None = None, overwrite: bool = False) -> Path:
+def export_adapter(
+    edit: SurgeryEdit,
+    model: nn.Module,
+    out_dir: str | os.PathLike,
+    base_model_name: str,
+    metadata: dict[str, Any] | None = None,
+    overwrite: bool = False,
+) -> Path:
     """Write the edit as a PEFT LoRA folder (temp folder, then rename)."""
     from safetensors.torch import save_file
 
     if not edit.layers:
         raise SurgeryError("the edit selects no gate rows; nothing to export")
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        if any(out_dir.iterdir()):
-            raise SurgeryError(f"{out_dir} exists and is not empty; choose another --out or remove it")
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir(parents=True)
+    out_dir = check_output_folder(out_dir, overwrite)
+    with atomic_path(out_dir) as tmp:
+        tmp.mkdir()
         _peft_config(edit, model, base_model_name).save_pretrained(str(tmp))
         save_file(lora_tensors(edit, model), str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         record = {
@@ -122,13 +137,6 @@ def export_adapter(edit: SurgeryEdit, model: nn.Module, out_dir: str | os.PathLi
             **(metadata or {}),
         }
         (tmp / SURGERY_METADATA).write_text(json.dumps(record, indent=1, default=str))
-        make_tree_readable(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 
@@ -148,27 +156,29 @@ def read_adapter(adapter_dir: str | os.PathLike) -> tuple[dict, dict[str, torch.
         try:
             parts[name] = json.loads(path.read_text())
         except json.JSONDecodeError as err:
-            raise SurgeryError(f"{path} is corrupt: {err}") from None
+            raise SurgeryError(f"{path} is corrupt: {err}") from err
     weights = adapter_dir / ADAPTER_WEIGHTS
     if not weights.is_file():
         raise SurgeryError(f"{adapter_dir} has no {ADAPTER_WEIGHTS}")
     try:
         tensors = load_file(str(weights))
     except (SafetensorError, OSError) as err:
-        raise SurgeryError(f"{weights} is corrupt: {err}") from None
+        raise SurgeryError(f"{weights} is corrupt: {err}") from err
     return parts[ADAPTER_CONFIG], tensors, parts[SURGERY_METADATA]
 
 
-def check_compatible(model: nn.Module, adapter_dir: str | os.PathLike, force: bool = False,
-                     adapter: tuple[dict, dict[str, torch.Tensor], dict] | None = None) -> dict:
+def check_compatible(
+    model: nn.Module,
+    adapter_dir: str | os.PathLike,
+    force: bool = False,
+    adapter: tuple[dict, dict[str, torch.Tensor], dict] | None = None,
+) -> dict:
     """Stop with a one-line error when the adapter was made for another base model.
 
     ``adapter`` is what :func:`read_adapter` returned, when the caller has read it already.
     """
-    from .models import model_name
-
     config, tensors, record = adapter if adapter is not None else read_adapter(adapter_dir)
-    made_for, given = record.get("base_model", "?"), model_name(model)
+    made_for, given = record.get("base_model", "?"), architectures.model_name(model)
     base = architectures.unwrap(model)
     try:
         mtype = architectures.model_type(model)
@@ -181,18 +191,25 @@ def check_compatible(model: nn.Module, adapter_dir: str | os.PathLike, force: bo
     except SurgeryError:
         shape_ok = False
     if not shape_ok:
-        raise SurgeryError(f"adapter {adapter_dir} was made for '{made_for}' ({record.get('model_type')}, hidden {record.get('hidden_size')}, "
-                           f"{record.get('num_layers')} layers) and does not fit '{given}'")
+        raise SurgeryError(
+            f"adapter {adapter_dir} was made for '{made_for}' ({record.get('model_type')}, "
+            f"hidden {record.get('hidden_size')}, "
+            f"{record.get('num_layers')} layers) and does not fit '{given}'"
+        )
     for key in tensors:
-        module_name = key[len(_PEFT_PREFIX):].rsplit(".lora_", 1)[0]
+        module_name, _ = parse_peft_key(key)
         try:
             base.get_submodule(module_name)
-        except AttributeError:
-            raise SurgeryError(f"adapter {adapter_dir} targets '{module_name}', which '{given}' does not have") from None
+        except AttributeError as err:
+            raise SurgeryError(
+                f"adapter {adapter_dir} targets '{module_name}', which '{given}' does not have"
+            ) from err
     mismatch = fingerprint_mismatch(record.get("gate_fingerprint", []), gate_fingerprint(model))
     if mismatch and not force:
-        raise SurgeryError(f"adapter {adapter_dir} was made for '{made_for}' but '{given}' has other weights ({mismatch}); "
-                           "pass force=True / --force if you mean it")
+        raise SurgeryError(
+            f"adapter {adapter_dir} was made for '{made_for}' but '{given}' has other weights ({mismatch}); "
+            "pass force=True / --force if you mean it"
+        )
     return record
 
 
@@ -217,7 +234,9 @@ def set_alpha(peft_model, alpha: float, adapter_name: str = "default") -> None:
 
     record = getattr(peft_model, "surgery_records", {}).get(adapter_name)
     if record is None:
-        raise SurgeryError(f"adapter '{adapter_name}' was not loaded with surgery_plugin.load_edited; its alpha is unknown")
+        raise SurgeryError(
+            f"adapter '{adapter_name}' was not loaded with surgery_plugin.load_edited; its alpha is unknown"
+        )
     if record["alpha"] == 0:
         raise SurgeryError("this adapter was made with alpha 0; its direction cannot be rescaled")
     for module in peft_model.modules():
@@ -226,29 +245,13 @@ def set_alpha(peft_model, alpha: float, adapter_name: str = "default") -> None:
 
 
 def merge_into(model: nn.Module, adapter_dir: str | os.PathLike, force: bool = False) -> dict[str, torch.Tensor]:
-    """Add the adapter's edit to the model's weights in place (fp32 update, cast once).
-
-    Bitwise the same as applying the edit in place, in every dtype. Returns the original weights.
+    """Add the adapter's edit to the model's weights in place: the compatibility check, then the
+    same row update as the in-place edit (:func:`surgery.apply_row_updates`), so the result is
+    bitwise the in-place edit in every dtype. Returns the original weights.
     """
     adapter = read_adapter(adapter_dir)
     check_compatible(model, adapter_dir, force=force, adapter=adapter)
-    _, tensors, _ = adapter
-    spec = architectures.gate_spec(model)
-    base = architectures.unwrap(model)
-    originals = {}
-    with torch.no_grad():
-        for key in sorted(k for k in tensors if k.endswith("lora_A.weight")):
-            module_name = key[len(_PEFT_PREFIX):].rsplit(".lora_", 1)[0]
-            lora_a = tensors[key].float()[0]
-            lora_b = tensors[key.replace("lora_A", "lora_B")].float()[:, 0]
-            module = base.get_submodule(module_name)
-            weight = getattr(module, "base_layer", module).weight
-            originals[f"{module_name}.weight"] = weight.detach().clone()
-            rows = weight.T if spec.kind == "conv1d" else weight
-            index = torch.nonzero(lora_b).flatten()
-            step = lora_b[index][:, None]
-            rows[index] = (rows[index].float() + step * lora_a[None, :]).to(weight.dtype)
-    return originals
+    return apply_row_updates(model, row_updates_of(adapter[1]))
 
 
 def compose(peft_model, adapter_names: list[str]) -> None:

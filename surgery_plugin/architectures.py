@@ -53,6 +53,12 @@ def unwrap(model: nn.Module) -> nn.Module:
     return get_base_model() if callable(get_base_model) else model
 
 
+def model_name(model: nn.Module) -> str:
+    """A stable name for metadata: the alias or path the model was loaded from."""
+    config = getattr(unwrap(model), "config", None)
+    return str(getattr(config, "name_or_path", "") or getattr(config, "_name_or_path", "") or type(model).__name__)
+
+
 def model_type(model: nn.Module) -> str:
     config = getattr(unwrap(model), "config", None)
     if config is None or not getattr(config, "model_type", None):
@@ -64,10 +70,10 @@ def gate_spec(model: nn.Module) -> GateSpec:
     mtype = model_type(model)
     try:
         return ARCHITECTURES[mtype]
-    except KeyError:
+    except KeyError as err:
         raise SurgeryError(
             f"model type '{mtype}' is not supported; supported: {', '.join(sorted(ARCHITECTURES))}"
-        ) from None
+        ) from err
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:

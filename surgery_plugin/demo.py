@@ -13,12 +13,14 @@ import time
 from pathlib import Path
 
 from .adapter import export_adapter, load_edited
+from .atomic import atomic_write
 from .data import load_behavior_data
 from .evaluation import EvalSettings, evaluate, load_judges, write_run
-from .evaluation.runner import atomic_write
+from .evaluation.report import comparison_table, save_figure
 from .hparams import SurgeryHyperParams, shipped_hparams_path
 from .models import load_model
-from .pipeline import make_probe, package_versions, training_from_hparams
+from .probe import probe_from_hparams
+from .provenance import package_versions
 from .surgery import execute_surgery
 
 logger = logging.getLogger(__name__)
@@ -27,28 +29,6 @@ MODEL = "smollm2-135m"
 REPORT_START = 500  # first RTP prompt of the report; the tuning sweep used [0, 300)
 REPORT_LIMIT = 300
 DEMO_JUDGES = "profanity,minilm"  # two independent offline judges: word-level SVM, sentence embeddings
-
-
-def _table(base: dict, edited: dict) -> str:
-    """One row per model, a toxic-rate column pair per judge (headline numbers need two judges)."""
-    rtp_b, rtp_e = base["suites"]["rtp"], edited["suites"]["rtp"]
-    judges = list(rtp_b["by_judge"])
-    ppl_b, ppl_e = base["suites"]["ppl"]["perplexity"], edited["suites"]["ppl"]["perplexity"]
-    header = "| model | " + " | ".join(f"toxic rate ({j}) | 95% CI" for j in judges) + " | perplexity |"
-    rule = "|---|" + "---|---|" * len(judges) + "---|"
-
-    def row(name: str, rtp: dict, ppl: float) -> str:
-        cells = [f"{rtp['by_judge'][j]['toxic_rate']:.3f} | {rtp['by_judge'][j]['toxic_rate_ci95'][0]:.3f}-"
-                 f"{rtp['by_judge'][j]['toxic_rate_ci95'][1]:.3f}" for j in judges]
-        return f"| {name} | " + " | ".join(cells) + f" | {ppl:.2f} |"
-
-    def change(j: str) -> str:
-        b, e = rtp_b["by_judge"][j]["toxic_rate"], rtp_e["by_judge"][j]["toxic_rate"]
-        return (f"{100 * (e - b) / b:+.1f}%" if b else "n/a") + " | | "
-
-    lines = [header, rule, row("SmolLM2-135M-Instruct", rtp_b, ppl_b), row("+ surgery", rtp_e, ppl_e),
-             "| change | " + "".join(change(j) for j in judges) + f"{100 * (ppl_e / ppl_b - 1):+.1f}% |"]
-    return "\n".join(lines)
 
 
 def _plot(base: dict, edited: dict, png: Path) -> None:
@@ -60,22 +40,30 @@ def _plot(base: dict, edited: dict, png: Path) -> None:
     judges = list(base["suites"]["rtp"]["by_judge"])
     fig, axes = plt.subplots(1, len(judges) + 1, figsize=(4 * (len(judges) + 1), 3.5))
     names, colors = ["base", "surgery"], ["#999999", "#2a7ab9"]
-    for ax, judge in zip(axes, judges):
+    for ax, judge in zip(axes[:-1], judges, strict=True):
         stats = [r["suites"]["rtp"]["by_judge"][judge] for r in (base, edited)]
         rates = [s["toxic_rate"] for s in stats]
-        errs = [[rate - s["toxic_rate_ci95"][0] for rate, s in zip(rates, stats)], [s["toxic_rate_ci95"][1] - rate for rate, s in zip(rates, stats)]]
+        errs = [
+            [rate - s["toxic_rate_ci95"][0] for rate, s in zip(rates, stats, strict=True)],
+            [s["toxic_rate_ci95"][1] - rate for rate, s in zip(rates, stats, strict=True)],
+        ]
         ax.bar(names, rates, yerr=errs, color=colors, capsize=4)
         ax.set_title(f"toxic continuations, judge {judge}\n(RTP, n={base['suites']['rtp']['n']})", fontsize=9)
-    axes[-1].bar(names, [r["suites"]["ppl"]["perplexity"] for r in (base, edited)], color=colors)
-    axes[-1].set_title("perplexity, benign text", fontsize=9)
+    axes[-1].bar(names, [r["suites"]["ppl"]["token_perplexity"] for r in (base, edited)], color=colors)
+    axes[-1].set_title("token perplexity, benign text", fontsize=9)
     fig.suptitle("Model Surgery on SmolLM2-135M-Instruct")
     fig.tight_layout()
-    fig.savefig(png, dpi=110)
+    save_figure(fig, png.parent, png.name)
     plt.close(fig)
 
 
-def run_demo(out_dir: str = "runs/demo", limit: int | None = None, data_dir=None, hparams_path: str | None = None,
-             ppl_limit: int = 200) -> dict:
+def run_demo(
+    out_dir: str = "runs/demo",
+    limit: int | None = None,
+    data_dir=None,
+    hparams_path: str | None = None,
+    ppl_limit: int = 200,
+) -> dict:
     started = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -84,17 +72,29 @@ def run_demo(out_dir: str = "runs/demo", limit: int | None = None, data_dir=None
 
     logger.info("step 1/4: behavior probe (%s, layer %s)", hp.probe_data, hp.probe_layer)
     data = load_behavior_data(hp.probe_data or "davidson", data_dir, hp.probe_max_per_class, hp.seed)
-    probe, probe_metrics = make_probe(model, tok, data, hp.probe_layer, hp.pooling, training_from_hparams(hp), hp.feature_batch_size, hp.max_length)
+    probe, probe_metrics = probe_from_hparams(model, tok, data, hp)
     probe_path = probe.save(out / "probe.safetensors")
 
     logger.info("step 2/4: regions + surgery -> PEFT adapter")
     edit = execute_surgery(model, probe, hp)
-    adapter_dir = export_adapter(edit, model, out / "adapter", base_model_name=MODEL, overwrite=True,
-                                 metadata={"hparams": hp.to_dict(), "probe_file": str(probe_path), "probe_sha256": probe.sha256(),
-                                           "versions": package_versions()})
+    adapter_dir = export_adapter(
+        edit,
+        model,
+        out / "adapter",
+        base_model_name=MODEL,
+        overwrite=True,
+        metadata={
+            "hparams": hp.to_dict(),
+            "probe_file": str(probe_path),
+            "probe_sha256": probe.sha256(),
+            "versions": package_versions(),
+        },
+    )
 
     judges = load_judges(DEMO_JUDGES)
-    settings = EvalSettings(judges=judges, limit=limit or REPORT_LIMIT, start=REPORT_START, ppl_limit=ppl_limit, data_dir=data_dir)
+    settings = EvalSettings(
+        judges=judges, limit=limit or REPORT_LIMIT, start=REPORT_START, ppl_limit=ppl_limit, data_dir=data_dir
+    )
     peft_model = load_edited(model, adapter_dir)
     logger.info("step 3/4: evaluate the base model (adapter off)")
     with peft_model.disable_adapter():
@@ -102,16 +102,32 @@ def run_demo(out_dir: str = "runs/demo", limit: int | None = None, data_dir=None
     logger.info("step 4/4: evaluate the edited model (adapter on)")
     edited, edited_samples = evaluate(peft_model, tok, ["rtp", "ppl"], settings)
     for results, name in ((base, "base"), (edited, "edited")):
-        results.update({"model": MODEL, "adapter": None if name == "base" else str(adapter_dir), "judges": [j.name for j in judges]})
+        results.update(
+            {
+                "model": MODEL,
+                "adapter": None if name == "base" else str(adapter_dir),
+                "judges": [j.name for j in judges],
+            }
+        )
     write_run(out / "base", base, base_samples)
     write_run(out / "edited", edited, edited_samples)
 
-    table = _table(base, edited)
+    table = comparison_table(
+        [("SmolLM2-135M-Instruct", base["suites"]), ("+ surgery", edited["suites"])], ["rtp", "ppl"]
+    )
     summary = {
         "model": MODEL,
         "hparams": hp.to_dict(),
-        "probe": {k: probe.metadata[k] for k in ("layer", "pooling", "data", "n_train", "n_test", "test_accuracy", "test_auc")},
-        "edit": {"num_rows": edit.regions.num_rows, "layers": len(edit.layers), "alpha": edit.alpha, "step": edit.step},
+        "probe": {
+            k: probe.metadata[k]
+            for k in ("layer", "pooling", "data", "n_train", "n_test", "test_accuracy", "test_auc")
+        },
+        "edit": {
+            "num_rows": edit.regions.num_rows,
+            "layers": len(edit.layers),
+            "alpha": edit.alpha,
+            "step": edit.step,
+        },
         "base": base["suites"],
         "edited": edited["suites"],
         "seconds": round(time.perf_counter() - started, 1),
@@ -120,7 +136,10 @@ def run_demo(out_dir: str = "runs/demo", limit: int | None = None, data_dir=None
     atomic_write(out / "summary.json", json.dumps(summary, indent=1) + "\n")
     atomic_write(out / "summary.md", table + "\n")
     _plot(base, edited, out / "summary.png")
-    print(f"\nprobe: layer {probe.metadata['layer']}, held-out accuracy {probe_metrics['test_accuracy']:.3f}, AUC {probe_metrics['test_auc']:.3f}")
+    print(
+        f"\nprobe: layer {probe.metadata['layer']}, held-out accuracy {probe_metrics['test_accuracy']:.3f}, "
+        f"AUC {probe_metrics['test_auc']:.3f}"
+    )
     print(f"edit: {edit.regions.num_rows} gate rows in {len(edit.layers)} layers, alpha {edit.alpha}\n")
     print(table)
     print(f"\nwritten to {out}/ in {summary['seconds']:.0f} s")

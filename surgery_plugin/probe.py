@@ -6,17 +6,20 @@ row of the undesired class. The head starts at zero, so ``W[1] = -W[0]`` through
 (their gradients and Adam updates are exact negatives) and ``v`` is the discriminative direction
 with no random-init component.
 
-Probes are safetensors files; their header metadata records how they were made.
+Probes are safetensors files; their header metadata records how they were made
+(:func:`probe_from_features`: model, layer, pooling, data, training recipe, versions).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal
 
 import numpy as np
 import torch
@@ -24,12 +27,27 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import architectures
-from ._io import make_readable
+from .atomic import atomic_path
+from .batching import length_sorted_batches, pad
+from .data import BehaviorData
+from .data.splits import stratified_shuffle
 from .errors import SurgeryError
+from .hparams import SurgeryHyperParams
+from .provenance import package_versions, utc_now
+
+logger = logging.getLogger(__name__)
 
 Pooling = Literal["mean", "last"]
 REQUIRED_METADATA = (
-    "model", "layer", "pooling", "hidden_size", "n_train", "test_accuracy", "test_auc", "data", "seed",
+    "model",
+    "layer",
+    "pooling",
+    "hidden_size",
+    "n_train",
+    "test_accuracy",
+    "test_auc",
+    "data",
+    "seed",
 )
 
 
@@ -43,11 +61,16 @@ def resolve_layer(model: nn.Module, layer: int) -> int:
     n_layers = len(architectures.decoder_layers(model))
     index = layer + n_layers + 1 if layer < 0 else layer
     if not 0 <= index <= n_layers:
-        raise SurgeryError(f"probe layer {layer} is out of range for a model with {n_layers} layers (use 0..{n_layers} or -1..-{n_layers + 1})")
+        raise SurgeryError(
+            f"probe layer {layer} is out of range for a model with {n_layers} layers "
+            f"(use 0..{n_layers} or -1..-{n_layers + 1})"
+        )
     return index
 
 
-def _hidden_states_at(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, index: int) -> torch.Tensor:
+def _hidden_states_at(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, index: int
+) -> torch.Tensor:
     """``hidden_states[index]`` without running the layers after it (or the LM head)."""
     transformer = architectures.base_transformer(model)
     layers = architectures.decoder_layers(model)
@@ -84,8 +107,8 @@ def hidden_features(
 ) -> torch.Tensor:
     """Pooled hidden states, (len(texts), hidden) in float32, in the order of ``texts``.
 
-    Texts are tokenized once, sorted by length so batches carry little padding, right-padded by
-    hand (the tokenizer's padding settings are left alone) and pooled over real tokens only.
+    Texts are tokenized once, batched by length (little padding), right-padded by hand (the
+    tokenizer's padding settings are left alone) and pooled over real tokens only.
     """
     if pooling not in ("mean", "last"):
         raise SurgeryError(f"pooling must be 'mean' or 'last', got '{pooling}'")
@@ -95,19 +118,16 @@ def hidden_features(
     device = _model_device(model)
     encoded = [tokenizer(t, truncation=True, max_length=max_length)["input_ids"] for t in texts]
     encoded = [ids if len(ids) else [tokenizer.eos_token_id] for ids in encoded]
-    order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))
     out = torch.empty(len(texts), architectures.hidden_size(model), dtype=torch.float32)
     was_training = model.training
     model.eval()
     try:
-        for start in tqdm(range(0, len(order), batch_size), desc=f"features@{index}", disable=not progress, unit="batch"):
-            batch = order[start : start + batch_size]
-            width = max(len(encoded[i]) for i in batch)
-            input_ids = torch.zeros(len(batch), width, dtype=torch.long)
-            mask = torch.zeros(len(batch), width, dtype=torch.long)
-            for row, i in enumerate(batch):
-                input_ids[row, : len(encoded[i])] = torch.tensor(encoded[i])
-                mask[row, : len(encoded[i])] = 1
+        for batch in length_sorted_batches(
+            [len(ids) for ids in encoded], batch_size, desc=f"features@{index}", progress=progress
+        ):
+            input_ids, mask = pad(
+                [encoded[i] for i in batch], 0, "right"
+            )  # right padding: causal positions never see it
             hidden = _hidden_states_at(model, input_ids.to(device), mask.to(device), index).float().cpu()
             if pooling == "mean":
                 pooled = (hidden * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True)
@@ -178,20 +198,18 @@ class Probe:
         from safetensors.torch import save_file
 
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {"direction": self.direction.contiguous().clone(), "weight": self.weight.contiguous(), "bias": self.bias.contiguous()}
+        tensors = {
+            "direction": self.direction.contiguous().clone(),
+            "weight": self.weight.contiguous(),
+            "bias": self.bias.contiguous(),
+        }
         metadata = {k: v if isinstance(v, str) else json.dumps(v) for k, v in self.metadata.items()}
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
+        with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata=metadata)
-            make_readable(tmp)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike, model: nn.Module | None = None) -> "Probe":
+    def load(cls, path: str | os.PathLike, model: nn.Module | None = None) -> Probe:
         from safetensors import SafetensorError, safe_open
 
         path = Path(path)
@@ -202,10 +220,12 @@ class Probe:
                 raw_meta = f.metadata() or {}
                 keys = set(f.keys())
                 if not {"weight", "bias"} <= keys:
-                    raise SurgeryError(f"{path} is not a surgery probe (tensors {sorted(keys)}, expected weight and bias)")
+                    raise SurgeryError(
+                        f"{path} is not a surgery probe (tensors {sorted(keys)}, expected weight and bias)"
+                    )
                 weight, bias = f.get_tensor("weight").float(), f.get_tensor("bias").float()
         except SafetensorError as err:
-            raise SurgeryError(f"{path} is not a readable safetensors probe: {err}") from None
+            raise SurgeryError(f"{path} is not a readable safetensors probe: {err}") from err
         missing = [k for k in REQUIRED_METADATA if k not in raw_meta]
         if missing:
             raise SurgeryError(f"probe {path} lacks metadata {missing}; it was not written by surgery_plugin")
@@ -228,26 +248,37 @@ class Probe:
         return digest.hexdigest()
 
 
+_DEFAULTS = SurgeryHyperParams()
+
+
 @dataclass(frozen=True)
 class ProbeTraining:
-    """The paper's probe recipe: Adam lr 1e-4, batch 16; epochs fixed in advance (no test peeking)."""
+    """How the linear head is trained; the defaults are :class:`SurgeryHyperParams`' (the paper's
+    recipe: Adam lr 1e-4, batch 16, epochs fixed in advance, no test peeking)."""
 
-    epochs: int = 9
-    lr: float = 1e-4
-    batch_size: int = 16
-    test_fraction: float = 0.2
-    seed: int = 0
+    epochs: int = _DEFAULTS.probe_epochs
+    lr: float = _DEFAULTS.probe_lr
+    batch_size: int = _DEFAULTS.probe_batch_size
+    test_fraction: float = _DEFAULTS.probe_test_fraction
+    seed: int = _DEFAULTS.seed
     weight_decay: float = 0.0
+
+    @classmethod
+    def from_hparams(cls, hparams: SurgeryHyperParams | None = None) -> ProbeTraining:
+        hp = hparams if hparams is not None else SurgeryHyperParams()
+        return cls(
+            epochs=hp.probe_epochs,
+            lr=hp.probe_lr,
+            batch_size=hp.probe_batch_size,
+            test_fraction=hp.probe_test_fraction,
+            seed=hp.seed,
+        )
 
 
 def split_indices(labels: Sequence[int], test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Stratified train/test split, the same for the same labels and seed."""
-    labels = np.asarray(labels)
-    rng = np.random.default_rng(seed)
     train, test = [], []
-    for cls in (0, 1):
-        idx = np.flatnonzero(labels == cls)
-        rng.shuffle(idx)
+    for idx in stratified_shuffle(np.asarray(labels).tolist(), seed).values():
         n_test = max(1, int(round(len(idx) * test_fraction))) if test_fraction > 0 else 0
         test.append(idx[:n_test])
         train.append(idx[n_test:])
@@ -258,19 +289,26 @@ def check_labels(labels: Sequence[int]) -> None:
     labels = list(labels)
     if not labels:
         raise SurgeryError("probe data is empty")
-    bad = sorted({l for l in labels if l not in (0, 1)})
+    bad = sorted({label for label in labels if label not in (0, 1)})
     if bad:
         raise SurgeryError(f"probe labels must be 0 (acceptable) or 1 (undesired), got {bad[:5]}")
     counts = (labels.count(0), labels.count(1))
     if min(counts) < 2:
-        raise SurgeryError(f"probe data needs at least 2 examples of each class, got {counts[0]} acceptable and {counts[1]} undesired")
+        raise SurgeryError(
+            f"probe data needs at least 2 examples of each class, got {counts[0]} acceptable and {counts[1]} undesired"
+        )
 
 
-def train_probe(features: torch.Tensor, labels: Sequence[int], config: ProbeTraining = ProbeTraining(), progress: bool = True) -> tuple[Probe, dict]:
+def train_probe(
+    features: torch.Tensor, labels: Sequence[int], config: ProbeTraining | None = None, progress: bool = True
+) -> tuple[Probe, dict]:
     """Train the linear head; returns the probe and its held-out metrics."""
+    config = config if config is not None else ProbeTraining()
     check_labels(labels)
     if not torch.isfinite(features).all():
-        raise SurgeryError("probe features contain NaN or infinite values (is the model loaded in a dtype it overflows in?)")
+        raise SurgeryError(
+            "probe features contain NaN or infinite values (is the model loaded in a dtype it overflows in?)"
+        )
     labels_t = torch.as_tensor(list(labels), dtype=torch.long)
     train_idx, test_idx = split_indices(labels_t.numpy(), config.test_fraction, config.seed)
     generator = torch.Generator().manual_seed(config.seed)
@@ -310,3 +348,112 @@ def difference_of_means(features: torch.Tensor, labels: Sequence[int]) -> Probe:
     weight = torch.stack([-direction / 2, direction / 2])
     return Probe(weight=weight, bias=torch.zeros(2))
 
+
+# below this many examples of either class a classifier's held-out numbers mean nothing
+MIN_PER_CLASS_FOR_CLASSIFIER = 16
+
+
+def _check_both_classes(data: BehaviorData) -> None:
+    labels = list(data.labels)
+    if not labels:
+        raise SurgeryError(f"probe data is empty ({data.description})")
+    counts = (labels.count(0), labels.count(1))
+    if min(counts) == 0:
+        raise SurgeryError(
+            f"probe data has a single class ({counts[0]} acceptable, {counts[1]} undesired); it needs both"
+        )
+
+
+def probe_from_features(
+    model: nn.Module,
+    data: BehaviorData,
+    features: torch.Tensor,
+    layer: int,
+    pooling: str,
+    training: ProbeTraining | None = None,
+    max_length: int = 256,
+    progress: bool = False,
+) -> tuple[Probe, dict]:
+    """Train (or, with too few examples, difference-of-means) a probe on precomputed features.
+
+    ``probe.metadata`` records how it was made: model, layer, pooling, data, training recipe,
+    held-out metrics, package versions and time.
+    """
+    training = training if training is not None else ProbeTraining()
+    _check_both_classes(data)
+    labels = list(data.labels)
+    if min(labels.count(0), labels.count(1)) < MIN_PER_CLASS_FOR_CLASSIFIER:
+        probe = difference_of_means(features, labels)
+        nan = float("nan")
+        metrics = {
+            "method": "difference_of_means",
+            "n_train": len(labels),
+            "n_test": 0,
+            "test_accuracy": nan,
+            "test_auc": nan,
+        }
+    else:
+        check_labels(labels)
+        probe, metrics = train_probe(features, labels, training, progress)
+        metrics["method"] = "linear_softmax"
+    probe.metadata = {
+        "model": architectures.model_name(model),
+        "layer": resolve_layer(model, layer),
+        "layer_requested": layer,
+        "pooling": pooling,
+        "hidden_size": probe.hidden_size,
+        "data": data.description,
+        "seed": training.seed,
+        "training": {
+            "epochs": training.epochs,
+            "lr": training.lr,
+            "batch_size": training.batch_size,
+            "test_fraction": training.test_fraction,
+            "weight_decay": training.weight_decay,
+        },
+        "max_length": max_length,
+        "versions": package_versions(),
+        "created": utc_now(),
+        **metrics,
+    }
+    logger.info(
+        "probe at layer %s: held-out accuracy %.4f, AUC %.4f",
+        probe.metadata["layer"],
+        metrics["test_accuracy"],
+        metrics["test_auc"],
+    )
+    return probe, metrics
+
+
+def make_probe(
+    model: nn.Module,
+    tokenizer,
+    data: BehaviorData,
+    layer: int = -1,
+    pooling: str = "mean",
+    training: ProbeTraining | None = None,
+    feature_batch_size: int = 16,
+    max_length: int = 256,
+    progress: bool = True,
+) -> tuple[Probe, dict]:
+    """Features of ``data`` at ``layer`` -> trained probe with its provenance in ``probe.metadata``."""
+    _check_both_classes(data)
+    features = hidden_features(model, tokenizer, data.texts, layer, pooling, feature_batch_size, max_length, progress)
+    return probe_from_features(model, data, features, layer, pooling, training, max_length, progress)
+
+
+def probe_from_hparams(
+    model: nn.Module, tokenizer, data: BehaviorData, hparams: SurgeryHyperParams, progress: bool = True
+) -> tuple[Probe, dict]:
+    """:func:`make_probe` with every setting (layer, pooling, training, batching, length) from ``hparams``."""
+    return make_probe(
+        model,
+        tokenizer,
+        data,
+        hparams.probe_layer,
+        hparams.pooling,
+        ProbeTraining.from_hparams(hparams),
+        hparams.feature_batch_size,
+        hparams.max_length,
+        progress,
+    )

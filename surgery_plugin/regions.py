@@ -25,7 +25,9 @@ def gate_row_scores(gate_rows: torch.Tensor, direction: torch.Tensor) -> torch.T
     return -cos
 
 
-def score_layers(model: nn.Module, direction: torch.Tensor, layers: list[int] | None = None) -> dict[int, torch.Tensor]:
+def score_layers(
+    model: nn.Module, direction: torch.Tensor, layers: list[int] | None = None
+) -> dict[int, torch.Tensor]:
     """Scores of every gate row of the given layers (all layers by default), on the CPU."""
     n_layers = len(architectures.decoder_layers(model))
     layers = list(range(n_layers)) if layers is None else layers
@@ -97,7 +99,9 @@ def select_top_k(scores: dict[int, torch.Tensor], k: int, max_rows_per_layer: in
         candidates_score.append(layer_scores[order])
     layer_ids, row_ids, all_scores = (torch.cat(t) for t in (candidates_layer, candidates_row, candidates_score))
     if k > len(all_scores):
-        raise SurgeryError(f"top_k {k} exceeds the {len(all_scores)} candidate rows (layer range / per-layer cap too tight)")
+        raise SurgeryError(
+            f"top_k {k} exceeds the {len(all_scores)} candidate rows (layer range / per-layer cap too tight)"
+        )
     # lexicographic tie-break: sort by (layer, row) first, then stably by score
     tie_order = torch.argsort(layer_ids * rows_total + row_ids)
     by_score = torch.sort(all_scores[tie_order], descending=True, stable=True).indices

@@ -1,17 +1,20 @@
 """Step 3 of Model Surgery: move the selected gate rows along the probe.
 
 ``execute_surgery`` computes the edit and touches nothing; ``apply_edit`` writes it into the
-model and returns the original weights; ``revert_edit`` puts them back bitwise. The update is
-computed in float32 and cast to the weight's dtype once, so an edit of a bf16 model is the same
-no matter how it is later re-applied (in place, or merged from the PEFT adapter).
+model and returns the original weights; ``revert_edit`` puts them back bitwise. Every change of
+gate rows, in place or merged from a PEFT adapter, goes through :func:`apply_row_updates`: the
+update is computed in float32 and cast to the weight's dtype once, so an edit of a bf16 model is
+the same bits whichever way it is applied.
+
+EasyEdit's ``apply_surgery_to_model`` lives in :mod:`surgery_plugin.easyedit.surgery_main`.
 """
 
 from __future__ import annotations
 
-import copy as copy_module
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -23,6 +26,16 @@ from .probe import Probe
 from .regions import RegionSelection, layer_range, select_regions
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RowUpdate:
+    """``gate_rows[rows] += scales[:, None] * direction`` in one gate module: a rank-1 change."""
+
+    module_name: str  # the gate module, relative to the CausalLM
+    rows: torch.Tensor  # (n,) long, gate-row indices
+    scales: torch.Tensor  # (n,) float32, the step of each row
+    direction: torch.Tensor  # (hidden,) float32
 
 
 @dataclass
@@ -48,16 +61,22 @@ class SurgeryEdit:
         # the step as a float32 tensor: the adapter stores it in float32, so merge == in-place bitwise
         return self.direction.float() * torch.tensor(self.step, dtype=torch.float32)
 
-    def delta_weight(self, layer: int) -> torch.Tensor:
-        """Dense (gate rows, hidden) float32 change of one layer's gate rows."""
-        return self.regions.row_mask(layer).float()[:, None] * self.row_update()[None, :]
+    def row_updates(self) -> list[RowUpdate]:
+        """The edit as one :class:`RowUpdate` per edited layer."""
+        step = torch.tensor(self.step, dtype=torch.float32)
+        return [
+            RowUpdate(self.module_names[layer], rows, step.expand(len(rows)), self.direction.float())
+            for layer, rows in sorted(self.regions.rows.items())
+        ]
 
-    def with_alpha(self, alpha: float) -> "SurgeryEdit":
+    def with_alpha(self, alpha: float) -> SurgeryEdit:
         """The same rows and direction with another alpha (the step scales with it)."""
         if self.alpha == 0:
             raise SurgeryError("cannot rescale an edit made with alpha 0; recompute it")
         step = self.step * alpha / self.alpha
-        return SurgeryEdit(self.direction, step, alpha, self.regions, self.module_names, dict(self.metadata, alpha=alpha, step=step))
+        return SurgeryEdit(
+            self.direction, step, alpha, self.regions, self.module_names, dict(self.metadata, alpha=alpha, step=step)
+        )
 
 
 def mean_gate_row_norm(model: nn.Module, layers: Sequence[int]) -> float:
@@ -91,7 +110,8 @@ def execute_surgery(model: nn.Module, probe: Probe | torch.Tensor, hparams: Surg
         "probe_norm": float(probe.direction.norm()),
         "probe": {k: v for k, v in probe.metadata.items()},
     }
-    return SurgeryEdit(direction, step, float(hparams.alpha), regions, {l: names[l] for l in regions.rows}, metadata)
+    module_names = {layer: names[layer] for layer in regions.rows}
+    return SurgeryEdit(direction, step, float(hparams.alpha), regions, module_names, metadata)
 
 
 def _weight_and_name(model: nn.Module, module_name: str) -> tuple[str, torch.nn.Parameter]:
@@ -105,20 +125,29 @@ def _weight_and_name(model: nn.Module, module_name: str) -> tuple[str, torch.nn.
     return f"{module_name}.weight", weight
 
 
-def apply_edit(model: nn.Module, edit: SurgeryEdit, return_orig_weights: bool = True) -> dict[str, torch.Tensor]:
-    """Write the edit into the model in place; returns ``{param_name: original weight}``."""
+def apply_row_updates(
+    model: nn.Module, updates: Sequence[RowUpdate], return_orig_weights: bool = True
+) -> dict[str, torch.Tensor]:
+    """The one in-place change of gate rows; returns ``{param_name: original weight}``."""
     spec = architectures.gate_spec(model)
-    update = edit.row_update()
     weights_copy: dict[str, torch.Tensor] = {}
     with torch.no_grad():
-        for layer, rows in sorted(edit.regions.rows.items()):
-            name, weight = _weight_and_name(model, edit.module_names[layer])
+        for update in updates:
+            name, weight = _weight_and_name(model, update.module_name)
             if return_orig_weights and name not in weights_copy:
                 weights_copy[name] = weight.detach().clone()
             gate_rows = architectures.gate_rows_of_weight(weight, spec)
-            index = rows.to(weight.device)
-            gate_rows[index] = (gate_rows[index].float() + update.to(weight.device)).to(weight.dtype)
+            index = update.rows.to(weight.device)
+            delta = update.scales.float()[:, None].to(weight.device) * update.direction.float()[None, :].to(
+                weight.device
+            )
+            gate_rows[index] = (gate_rows[index].float() + delta).to(weight.dtype)
     return weights_copy
+
+
+def apply_edit(model: nn.Module, edit: SurgeryEdit, return_orig_weights: bool = True) -> dict[str, torch.Tensor]:
+    """Write the edit into the model in place; returns ``{param_name: original weight}``."""
+    return apply_row_updates(model, edit.row_updates(), return_orig_weights)
 
 
 def revert_edit(model: nn.Module, weights_copy: dict[str, torch.Tensor]) -> None:
@@ -129,33 +158,3 @@ def revert_edit(model: nn.Module, weights_copy: dict[str, torch.Tensor]) -> None
             if name not in params:
                 raise SurgeryError(f"cannot restore '{name}': the model has no such parameter")
             params[name].copy_(original)
-
-
-def apply_surgery_to_model(
-    model: nn.Module,
-    tok,
-    requests: Sequence[dict] | None,
-    hparams: SurgeryHyperParams,
-    copy: bool = False,
-    return_orig_weights: bool = False,
-    keep_original_weight: bool = False,
-    **kwargs: Any,
-) -> tuple[nn.Module, dict[str, torch.Tensor]]:
-    """EasyEdit's ``apply_*_to_model`` contract: edit ``model`` (or a deep copy) and return it.
-
-    The probe comes from ``hparams.probe_path`` when set; otherwise it is built from the
-    requests' safe (``target_new``) vs. unsafe (``ground_truth``) texts plus ``hparams.probe_data``
-    (:func:`pipeline.probe_for_request`). ``keep_original_weight`` and EasyEdit's extra arguments
-    (``train_ds``) are accepted and unused: surgery always edits the given (or copied) model and,
-    with ``return_orig_weights``, reports the originals through ``weights_copy``, which is how
-    EasyEdit restores the model between non-sequential edits.
-    """
-    from .pipeline import probe_for_request
-
-    if copy:
-        model = copy_module.deepcopy(model)
-    probe = probe_for_request(model, tok, requests or [], hparams, data_dir=kwargs.get("data_dir"), progress=kwargs.get("progress", False))
-    edit = execute_surgery(model, probe, hparams)
-    weights_copy = apply_edit(model, edit, return_orig_weights=return_orig_weights)
-    logger.info("surgery edited %d gate rows in %d layers (alpha %s)", edit.regions.num_rows, len(edit.layers), hparams.alpha)
-    return model, weights_copy

@@ -1,80 +1,15 @@
-"""Shared fixtures: tiny randomly initialised models of every supported family (no hub access)."""
+"""Fixtures; the helpers they use live in ``helpers.py``."""
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import DATA_DIR, CharTokenizer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-REPO = Path(__file__).resolve().parents[1]
-DATA_DIR = (REPO / ".." / "shared" / "data").resolve()
-
-_IDS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=1)
-_SMALL = dict(vocab_size=96, max_position_embeddings=64, **_IDS)
-
-
-def tiny_config(model_type: str):
-    import transformers as tf
-
-    llama_like = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, **_SMALL)
-    configs = {
-        "llama": lambda: tf.LlamaConfig(**llama_like),
-        "mistral": lambda: tf.MistralConfig(**llama_like),
-        "qwen2": lambda: tf.Qwen2Config(**llama_like),
-        "qwen3": lambda: tf.Qwen3Config(head_dim=8, **llama_like),
-        "gemma": lambda: tf.GemmaConfig(head_dim=8, **llama_like),
-        "gemma2": lambda: tf.Gemma2Config(head_dim=8, sliding_window=16, **llama_like),
-        "gemma3_text": lambda: tf.Gemma3TextConfig(head_dim=8, sliding_window=16, **llama_like),
-        "phi3": lambda: tf.Phi3Config(**llama_like),
-        "gpt2": lambda: tf.GPT2Config(n_embd=32, n_layer=3, n_head=4, n_inner=48, vocab_size=96, n_positions=64, **_IDS),
-        "gpt_neox": lambda: tf.GPTNeoXConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4, **_SMALL),
-        "gptj": lambda: tf.GPTJConfig(n_embd=32, n_layer=3, n_head=4, n_inner=48, rotary_dim=4, vocab_size=96, n_positions=64, **_IDS),
-        "opt": lambda: tf.OPTConfig(hidden_size=32, ffn_dim=48, num_hidden_layers=3, num_attention_heads=4, word_embed_proj_dim=32, **_SMALL),
-        "falcon": lambda: tf.FalconConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, vocab_size=96, **_IDS),
-    }
-    return configs[model_type]()
-
-
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "gpt2", "gpt_neox", "gptj", "opt", "falcon"]
-
-
-def make_tiny(model_type: str, dtype=torch.float32, seed: int = 0):
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    config = tiny_config(model_type)
-    config.name_or_path = f"tiny-{model_type}"
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    with torch.no_grad():  # random init of this size gives near-zero gates; widen so edits are visible
-        for p in model.parameters():
-            if p.ndim == 2:
-                p.normal_(0, 0.2)
-    return model.eval()
-
-
-class CharTokenizer:
-    """A minimal tokenizer for tiny models: one id per character (mod vocab), ``__call__`` like HF's."""
-
-    pad_token_id = 0
-    eos_token_id = 1
-    padding_side = "right"
-
-    def __init__(self, vocab_size: int = 96):
-        self.vocab_size = vocab_size
-
-    def __call__(self, text, truncation=False, max_length=None, **_):
-        ids = [2 + (ord(c) % (self.vocab_size - 2)) for c in text]
-        if truncation and max_length:
-            ids = ids[:max_length]
-        return {"input_ids": ids}
-
-    def decode(self, ids, skip_special_tokens=True):
-        return "".join(chr(97 + int(i) % 26) for i in ids if not (skip_special_tokens and int(i) < 2))
 
 
 @pytest.fixture
@@ -95,3 +30,27 @@ def smollm2():
     from surgery_plugin.models import load_model
 
     return load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory, smollm2):
+    """A tiny random Llama with SmolLM2's tokenizer, saved as an ordinary HF folder."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    _, tok = smollm2
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tok),
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.bos_token_id,
+    )
+    folder = tmp_path_factory.mktemp("tiny") / "tiny-llama"
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder

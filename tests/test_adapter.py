@@ -2,7 +2,7 @@ import json
 
 import pytest
 import torch
-from conftest import make_tiny
+from helpers import make_tiny
 
 from surgery_plugin import (
     SurgeryError,
@@ -43,7 +43,7 @@ def test_adapter_reproduces_in_place_edit(family, tmp_path):
     config = json.loads((out / "adapter_config.json").read_text())
     assert (config["task_type"], config["bias"], config["r"], config["lora_alpha"]) == ("CAUSAL_LM", "none", 1, 1)
     assert not config.get("modules_to_save") and config["base_model_name_or_path"] == f"tiny-{family}"
-    assert sorted(config["target_modules"]) == sorted(edit.module_names[l] for l in edit.layers)
+    assert sorted(config["target_modules"]) == sorted(edit.module_names[layer] for layer in edit.layers)
     assert all(".0." not in name for name in config["target_modules"]), "only layers with selected rows get a LoRA"
 
     originals = apply_edit(model, edit)

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from conftest import FAMILIES, make_tiny
+from helpers import FAMILIES, make_tiny
 
 from surgery_plugin import SurgeryError, SurgeryHyperParams, apply_edit, architectures, execute_surgery, revert_edit
 from surgery_plugin.probe import hidden_features
@@ -51,6 +51,15 @@ def test_conv1d_rows_are_columns_of_the_weight():
 def test_unknown_model_type_names_it_and_the_supported_list():
     from transformers import BertConfig, BertLMHeadModel
 
-    model = BertLMHeadModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37, vocab_size=50, is_decoder=True))
+    model = BertLMHeadModel(
+        BertConfig(
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=37,
+            vocab_size=50,
+            is_decoder=True,
+        )
+    )
     with pytest.raises(SurgeryError, match=r"model type 'bert' is not supported; supported: .*llama"):
         architectures.gate_spec(model)

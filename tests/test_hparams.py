@@ -1,20 +1,41 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
 from surgery_plugin import SurgeryError, SurgeryHyperParams
+from surgery_plugin.hparams import shipped_hparams_path
 
 HPARAMS = Path(__file__).resolve().parents[1] / "hparams" / "Surgery"
 
 
-def test_every_shipped_yaml_loads_with_easyedit_fields():
+def test_every_shipped_yaml_loads_exactly_as_written():
     files = sorted(HPARAMS.glob("*.yaml"))
-    assert {f.stem for f in files} >= {"smollm2-135m", "llama-7b", "llama2-7b-chat", "mistral-7b", "codellama-7b", "llama2-70b"}
+    shipped = {"smollm2-135m", "llama-7b", "llama2-7b-chat", "mistral-7b", "codellama-7b", "llama2-70b"}
+    assert {f.stem for f in files} >= shipped
     for f in files:
+        raw = yaml.safe_load(f.read_text())
         hp = SurgeryHyperParams.from_hparams(f)
-        assert hp.alg_name == "Surgery"
-        for field in ("model_name", "device", "model_parallel", "max_length"):
-            assert getattr(hp, field) is not None
+        for key in ("alg_name", "model_name", "device", "model_parallel", "max_length"):
+            assert key in raw, f"{f.name} lacks {key}"
+        loaded = hp.to_dict()
+        for key, value in raw.items():  # every key the file sets is read as written ("1e-4" strings as floats)
+            assert loaded[key] == (_number_or_text(value) if isinstance(value, str) else value), (f.name, key)
+
+
+def _number_or_text(text: str):
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def test_installed_lookup_finds_the_shipped_yaml():
+    path = shipped_hparams_path("smollm2-135m")
+    assert path.is_file() and path.parent.name == "Surgery"
+    assert SurgeryHyperParams.from_hparams(path) == SurgeryHyperParams.from_hparams(HPARAMS / "smollm2-135m.yaml")
+    with pytest.raises(SurgeryError, match="no shipped hparams/Surgery/nope.yaml .*smollm2-135m"):
+        shipped_hparams_path("nope")
 
 
 def test_paper_settings():

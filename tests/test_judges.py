@@ -1,4 +1,4 @@
-"""Judges: real loaders on small locally built classifiers, Perspective against a loopback fake server, MiniLM head training."""
+"""Judges: real loaders on small local classifiers, Perspective against a loopback fake server, MiniLM head."""
 
 from __future__ import annotations
 
@@ -12,28 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import TEXTS, bert_tokenizer, tiny_bert
 
 from surgery_plugin.errors import SurgeryError
 from surgery_plugin.evaluation.judges import load_judge, load_judges, resolve_toxic_label
-
-WORDS = "you are a stupid idiot i love sunny days the weather is nice hate all people from there go home".split()
-TEXTS = ["you are a stupid idiot", "i love sunny days", "the weather is nice", "hate all people from there", ""]
-
-
-def _tokenizer():
-    from transformers import BertTokenizer
-
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS
-    return BertTokenizer(vocab={w: i for i, w in enumerate(vocab)})
-
-
-def _tiny_bert(num_labels: int, seed: int = 0, **config):
-    from transformers import BertConfig, BertForSequenceClassification
-
-    torch.manual_seed(seed)
-    cfg = BertConfig(vocab_size=5 + len(WORDS), hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
-                     max_position_embeddings=64, num_labels=num_labels, **config)
-    return BertForSequenceClassification(cfg).eval()
 
 
 def _direct_logits(model, tokenizer, texts):
@@ -46,16 +28,19 @@ def _direct_logits(model, tokenizer, texts):
 def classifier_dir(tmp_path_factory):
     """A tiny BERT sequence classifier folder with labels {0: non-toxic, 1: toxic}."""
     folder = tmp_path_factory.mktemp("hf") / "tiny-tox"
-    model = _tiny_bert(2, id2label={0: "non-toxic", 1: "toxic"}, label2id={"non-toxic": 0, "toxic": 1})
+    model = tiny_bert(2, id2label={0: "non-toxic", 1: "toxic"}, label2id={"non-toxic": 0, "toxic": 1})
     model.save_pretrained(folder)
-    _tokenizer().save_pretrained(folder)
+    bert_tokenizer().save_pretrained(folder)
     return folder
 
 
 # ---------------------------------------------------------------- registry and bad input
 
+
 def test_unknown_and_duplicate_judges_are_one_line_errors():
-    with pytest.raises(SurgeryError, match="unknown judge 'nope'.*available: .*detoxify.*hf.*minilm.*perspective.*profanity"):
+    with pytest.raises(
+        SurgeryError, match="unknown judge 'nope'.*available: .*detoxify.*hf.*minilm.*perspective.*profanity"
+    ):
         load_judge("nope")
     with pytest.raises(SurgeryError, match="given twice"):
         load_judges("profanity, profanity")
@@ -74,6 +59,7 @@ def test_profanity_scores_offensive_text_higher():
 
 # ---------------------------------------------------------------- hf:<folder>
 
+
 def test_hf_judge_matches_softmax_of_the_toxic_label(classifier_dir):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -83,7 +69,9 @@ def test_hf_judge_matches_softmax_of_the_toxic_label(classifier_dir):
     expected = torch.softmax(_direct_logits(model, AutoTokenizer.from_pretrained(classifier_dir), TEXTS), -1)[:, 1]
     got = judge.score(TEXTS)
     assert got == pytest.approx(expected.tolist(), abs=1e-5)
-    assert len(set(round(s, 6) for s in got)) > 1, "a random classifier still gives different scores to different texts"
+    assert len(set(round(s, 6) for s in got)) > 1, (
+        "a random classifier still gives different scores to different texts"
+    )
     flipped = load_judge(f"hf:{classifier_dir}#label=0", progress=False)
     assert flipped.name.endswith("#label=0")
     assert flipped.score(TEXTS) == pytest.approx([1 - s for s in got], abs=1e-5)
@@ -92,7 +80,9 @@ def test_hf_judge_matches_softmax_of_the_toxic_label(classifier_dir):
 
 def test_label_mapping_rules():
     assert resolve_toxic_label("tomh/toxigen_roberta", {0: "LABEL_0", 1: "LABEL_1"}, None)[0] == 1
-    assert resolve_toxic_label("zjunlp/SafeEdit-Safety-Classifier", {0: "LABEL_0", 1: "LABEL_1"}, None)[1].startswith("label 1 = unsafe")
+    assert resolve_toxic_label("zjunlp/SafeEdit-Safety-Classifier", {0: "LABEL_0", 1: "LABEL_1"}, None)[1].startswith(
+        "label 1 = unsafe"
+    )
     assert resolve_toxic_label("x", {0: "toxic", 1: "non_toxic"}, None)[0] == 0
     assert resolve_toxic_label("x", {0: "safe", 1: "unsafe"}, None)[0] == 1
     assert "assumed" in resolve_toxic_label("x", {0: "LABEL_0", 1: "LABEL_1"}, None)[1]
@@ -110,23 +100,41 @@ def test_hf_judge_that_cannot_load_is_one_line(tmp_path):
 
 # ---------------------------------------------------------------- detoxify:/path.ckpt (offline)
 
-DETOXIFY_CLASSES = ["toxic", "severe_toxic", "obscene", "threat", "insult", "identity_hate"]  # the 'original' model's names
+DETOXIFY_CLASSES = [
+    "toxic",
+    "severe_toxic",
+    "obscene",
+    "threat",
+    "insult",
+    "identity_hate",
+]  # the 'original' model's names
 
 
 def _detoxify_checkpoint(path: Path, model, model_type: str) -> Path:
     """A checkpoint in Detoxify's released format: {"config": training config, "state_dict": weights}."""
-    config = {"name": "Jigsaw_BERT", "arch": {"type": "BERT", "args": {"num_classes": 6, "model_type": model_type,
-                                                                       "model_name": "BertForSequenceClassification",
-                                                                       "tokenizer_name": "BertTokenizer"}},
-              "dataset": {"type": "JigsawDataOriginal", "args": {"classes": DETOXIFY_CLASSES}}}
+    config = {
+        "name": "Jigsaw_BERT",
+        "arch": {
+            "type": "BERT",
+            "args": {
+                "num_classes": 6,
+                "model_type": model_type,
+                "model_name": "BertForSequenceClassification",
+                "tokenizer_name": "BertTokenizer",
+            },
+        },
+        "dataset": {"type": "JigsawDataOriginal", "args": {"classes": DETOXIFY_CLASSES}},
+    }
     torch.save({"config": config, "state_dict": model.state_dict()}, path)
     return path
 
 
 def test_detoxify_local_checkpoint_with_config_folder_beside_it(tmp_path):
-    model = _tiny_bert(6, seed=1)
-    tok = _tokenizer()
-    ckpt = _detoxify_checkpoint(tmp_path / "toxic_tiny-0123abcd.ckpt", model, "bert-base-uncased")  # the hub id: never contacted
+    model = tiny_bert(6, seed=1)
+    tok = bert_tokenizer()
+    ckpt = _detoxify_checkpoint(
+        tmp_path / "toxic_tiny-0123abcd.ckpt", model, "bert-base-uncased"
+    )  # the hub id: never contacted
     model.config.save_pretrained(tmp_path / "toxic_tiny-0123abcd")
     tok.save_pretrained(tmp_path / "toxic_tiny-0123abcd")
     judge = load_judge(f"detoxify:{ckpt}", progress=False)
@@ -139,14 +147,14 @@ def test_detoxify_local_checkpoint_with_config_folder_beside_it(tmp_path):
 
 
 def test_detoxify_config_from_the_checkpoints_model_type_folder(tmp_path):
-    model = _tiny_bert(6, seed=2)
+    model = tiny_bert(6, seed=2)
     hf = tmp_path / "hf-config"
     model.config.save_pretrained(hf)
-    _tokenizer().save_pretrained(hf)
+    bert_tokenizer().save_pretrained(hf)
     (tmp_path / "ckpts").mkdir()
     ckpt = _detoxify_checkpoint(tmp_path / "ckpts" / "model.ckpt", model, str(hf))
     judge = load_judge(f"detoxify:{ckpt}", progress=False)
-    expected = torch.sigmoid(_direct_logits(model, _tokenizer(), TEXTS[:3])[:, 0])
+    expected = torch.sigmoid(_direct_logits(model, bert_tokenizer(), TEXTS[:3])[:, 0])
     assert judge.score(TEXTS[:3]) == pytest.approx(expected.tolist(), abs=1e-5)
     # and an explicit #config= wins over everything
     assert load_judge(f"detoxify:{ckpt}#config={hf}", progress=False).hf_folder == str(hf)
@@ -166,10 +174,10 @@ def test_detoxify_bad_checkpoints_are_one_line_errors(tmp_path, monkeypatch):
     monkeypatch.setenv("SURGERY_TRUST_CHECKPOINTS", "1")  # no switch unpickles a user's file
     with pytest.raises(SurgeryError, match="safe loader refuses"):
         load_judge(f"detoxify:{tmp_path / 'pickled.ckpt'}")
-    ckpt = _detoxify_checkpoint(tmp_path / "nocfg.ckpt", _tiny_bert(6), str(tmp_path / "no-such-folder"))
+    ckpt = _detoxify_checkpoint(tmp_path / "nocfg.ckpt", tiny_bert(6), str(tmp_path / "no-such-folder"))
     with pytest.raises(SurgeryError, match="no config/tokenizer"):
         load_judge(f"detoxify:{ckpt}")
-    # a named model offline: the download fails fast against a closed loopback port, with the offline fix in the message
+    # a named model offline: the download fails fast against a closed loopback port, naming the offline fix
     monkeypatch.setenv("SURGERY_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("SURGERY_DETOXIFY_BASE_URL", "http://127.0.0.1:9/")
     for name in ("no_proxy", "NO_PROXY"):
@@ -179,6 +187,7 @@ def test_detoxify_bad_checkpoints_are_one_line_errors(tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------- perspective (loopback fake server)
+
 
 class FakePerspective(BaseHTTPRequestHandler):
     """Scores "idiot" texts 0.9, others 0.1; 'flaky' fails once with 429; 'broken' always 500; key 'bad' -> 403."""
@@ -257,13 +266,14 @@ def test_perspective_rate_limit_and_rejected_key(fake_perspective, monkeypatch):
     judge.score([f"text {i}" for i in range(6)])
     assert time.monotonic() - start >= 0.45, "6 requests at 10/s need at least 0.5 s"
     starts = sorted(s["t"] for s in fake_perspective.seen)
-    assert all(b - a >= 0.08 for a, b in zip(starts, starts[1:]))
+    assert all(b - a >= 0.08 for a, b in zip(starts, starts[1:], strict=False))
     monkeypatch.setenv("PERSPECTIVE_API_KEY", "bad")
     with pytest.raises(SurgeryError, match="rejected the API key"):
         load_judge("perspective", progress=False, qps=50).score(["x"])
 
 
 # ---------------------------------------------------------------- minilm (offline embeddings + trained head)
+
 
 def _small_data_dir(src: Path, dst: Path) -> Path:
     """Davidson (balanced down by max_per_class), the ToxiGen demonstrations and 400 non-challenging RTP records."""
@@ -284,7 +294,10 @@ def test_minilm_trains_caches_and_separates(data_dir, tmp_path):
     info = judge.info()
     assert info["test_auc"] > 0.8, info
     assert info["n_test"] > 50 and set(k for k in info if k.startswith("test_auc_")) == {
-        "test_auc_davidson", "test_auc_toxigen_demonstrations", "test_auc_rtp_nontoxic_continuations"}
+        "test_auc_davidson",
+        "test_auc_toxigen_demonstrations",
+        "test_auc_rtp_nontoxic_continuations",
+    }
     heads = list((tmp_path / "cache" / "judges" / "minilm").glob("head-*.safetensors"))
     assert len(heads) == 1 and not list(heads[0].parent.glob(".*tmp*"))
     texts = ["you stupid bitch, shut up", "what a lovely morning for a walk in the park"]

@@ -9,11 +9,10 @@ from pathlib import Path
 import pytest
 
 from surgery_plugin import SurgeryHyperParams, execute_surgery, export_adapter, merge_into
-from surgery_plugin.models import save_model
 from surgery_plugin.data import load_davidson
 from surgery_plugin.lm_eval_tasks import tasks_path
-from surgery_plugin.models import resolve_model_path
-from surgery_plugin.pipeline import make_probe
+from surgery_plugin.models import resolve_model_path, save_model
+from surgery_plugin.probe import make_probe
 
 pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install lm-eval)")
 pytestmark = pytest.mark.real_model
@@ -21,8 +20,22 @@ pytestmark = pytest.mark.real_model
 
 def lm_eval_cli(model_args: str, tasks: str, out: Path, limit: int = 3) -> dict:
     lm_eval = Path(sys.executable).with_name("lm_eval")
-    cmd = [str(lm_eval), "--model", "hf", "--model_args", model_args, "--include_path", str(tasks_path()), "--tasks", tasks,
-           "--limit", str(limit), "--output_path", str(out), "--log_samples"]
+    cmd = [
+        str(lm_eval),
+        "--model",
+        "hf",
+        "--model_args",
+        model_args,
+        "--include_path",
+        str(tasks_path()),
+        "--tasks",
+        tasks,
+        "--limit",
+        str(limit),
+        "--output_path",
+        str(out),
+        "--log_samples",
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=dict(os.environ, HF_HUB_OFFLINE="1"))
     assert result.returncode == 0, result.stderr[-3000:]
     samples = {}
@@ -60,6 +73,7 @@ def test_lm_eval_peft_equals_merged_and_differs_from_base(adapter_and_merged):
     peft_ll, merged_ll, base_ll = (_loglikelihoods(s["surgery_ppl"]) for s in (with_peft, with_merged, base))
     assert len(peft_ll) == 3
     assert peft_ll == pytest.approx(merged_ll, abs=1e-3), "lm-eval with peft= must see exactly the merged edit"
-    assert all(abs(a - b) > 1e-3 for a, b in zip(peft_ll, base_ll)), "the adapter must be active in lm-eval"
+    active = all(abs(a - b) > 1e-3 for a, b in zip(peft_ll, base_ll, strict=True))
+    assert active, "the adapter must be active in lm-eval"
     rtp = with_peft["surgery_rtp"]
     assert len(rtp) == 3 and all(0.0 <= s["toxicity"] <= 1.0 for s in rtp)

@@ -3,12 +3,20 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny
+from helpers import make_tiny
 
 from surgery_plugin import SurgeryError
 from surgery_plugin.data import BehaviorData
-from surgery_plugin.pipeline import make_probe
-from surgery_plugin.probe import Probe, ProbeTraining, hidden_features, roc_auc, split_indices, train_probe
+from surgery_plugin.probe import (
+    REQUIRED_METADATA,
+    Probe,
+    ProbeTraining,
+    hidden_features,
+    make_probe,
+    roc_auc,
+    split_indices,
+    train_probe,
+)
 
 
 def _toy_data(n=120, seed=0):
@@ -29,7 +37,9 @@ def test_mean_pooling_ignores_padding(char_tokenizer):
     batched = hidden_features(model, char_tokenizer, [long, short], layer=2, batch_size=2, progress=False)
     torch.testing.assert_close(batched[1], alone[0], rtol=1e-5, atol=1e-5)
     last_alone = hidden_features(model, char_tokenizer, [short], layer=2, pooling="last", progress=False)
-    last_batched = hidden_features(model, char_tokenizer, [long, short], layer=2, pooling="last", batch_size=2, progress=False)
+    last_batched = hidden_features(
+        model, char_tokenizer, [long, short], layer=2, pooling="last", batch_size=2, progress=False
+    )
     torch.testing.assert_close(last_batched[1], last_alone[0], rtol=1e-5, atol=1e-5)
 
 
@@ -53,13 +63,19 @@ def test_training_is_deterministic_and_learns(char_tokenizer):
 
 def test_save_load_roundtrip_records_provenance(tmp_path, char_tokenizer):
     model = make_tiny("llama")
-    probe, _ = make_probe(model, char_tokenizer, _toy_data(), layer=2, training=ProbeTraining(epochs=2), progress=False)
+    probe, _ = make_probe(
+        model, char_tokenizer, _toy_data(), layer=2, training=ProbeTraining(epochs=2), progress=False
+    )
     path = probe.save(tmp_path / "probe.safetensors")
     loaded = Probe.load(path, model)
     assert torch.equal(loaded.weight, probe.weight)
-    for key in ("model", "layer", "pooling", "hidden_size", "n_train", "test_accuracy", "test_auc", "data", "seed", "versions"):
+    for key in (*REQUIRED_METADATA, "versions", "training", "created"):
         assert key in loaded.metadata
-    assert loaded.metadata["layer"] == 2 and loaded.metadata["hidden_size"] == 32 and loaded.metadata["model"] == "tiny-llama"
+    assert (
+        loaded.metadata["layer"] == 2
+        and loaded.metadata["hidden_size"] == 32
+        and loaded.metadata["model"] == "tiny-llama"
+    )
     assert not list(tmp_path.glob(".*tmp*")), "no temp files left behind"
 
 
@@ -75,17 +91,37 @@ def test_load_rejects_bad_files(tmp_path):
     save_file({"weight": torch.ones(2, 32), "bias": torch.zeros(2)}, str(tmp_path / "bare.safetensors"))
     with pytest.raises(SurgeryError, match="lacks metadata"):
         Probe.load(tmp_path / "bare.safetensors")
-    meta = {k: json.dumps(v) for k, v in dict(model="m", layer=1, pooling="mean", hidden_size=16, n_train=4, test_accuracy=1.0,
-                                               test_auc=1.0, data="d", seed=0).items()}
-    save_file({"weight": torch.ones(2, 16), "bias": torch.zeros(2)}, str(tmp_path / "small.safetensors"), metadata=meta)
+    meta = {
+        k: json.dumps(v)
+        for k, v in dict(
+            model="m",
+            layer=1,
+            pooling="mean",
+            hidden_size=16,
+            n_train=4,
+            test_accuracy=1.0,
+            test_auc=1.0,
+            data="d",
+            seed=0,
+        ).items()
+    }
+    save_file(
+        {"weight": torch.ones(2, 16), "bias": torch.zeros(2)}, str(tmp_path / "small.safetensors"), metadata=meta
+    )
     with pytest.raises(SurgeryError, match="hidden size 16 does not match the model's 32"):
         Probe.load(tmp_path / "small.safetensors", model)
-    save_file({"weight": torch.full((2, 32), float("nan")), "bias": torch.zeros(2)}, str(tmp_path / "nan.safetensors"), metadata=meta)
+    save_file(
+        {"weight": torch.full((2, 32), float("nan")), "bias": torch.zeros(2)},
+        str(tmp_path / "nan.safetensors"),
+        metadata=meta,
+    )
     with pytest.raises(SurgeryError, match="NaN"):
         Probe.load(tmp_path / "nan.safetensors")
 
 
-@pytest.mark.parametrize("labels, message", [([], "empty"), ([1, 1, 1, 1], "single class"), ([0, 0, 0], "single class")])
+@pytest.mark.parametrize(
+    "labels, message", [([], "empty"), ([1, 1, 1, 1], "single class"), ([0, 0, 0], "single class")]
+)
 def test_empty_or_one_class_data(labels, message, char_tokenizer):
     model = make_tiny("llama")
     data = BehaviorData(["text"] * len(labels), labels, "bad")

@@ -1,14 +1,16 @@
 """The method on real weights: SmolLM2-135M-Instruct (embedded), the Davidson data, the CLI end to end."""
 
 import json
+import os
+import stat
 
 import pytest
 import torch
-from test_cli import REPO, surgery
+from helpers import REPO, surgery
 
 from surgery_plugin import SurgeryHyperParams, apply_edit, execute_surgery, export_adapter, load_edited, revert_edit
 from surgery_plugin.data import load_davidson
-from surgery_plugin.pipeline import make_probe, training_from_hparams
+from surgery_plugin.probe import ProbeTraining, make_probe
 
 pytestmark = pytest.mark.real_model
 HPARAMS = REPO / "hparams" / "Surgery" / "smollm2-135m.yaml"
@@ -23,7 +25,17 @@ def shipped():
 def davidson_probe(smollm2, shipped, data_dir):
     model, tok = smollm2
     data = load_davidson(data_dir, max_per_class=1000, seed=0)
-    return make_probe(model, tok, data, shipped.probe_layer, shipped.pooling, training_from_hparams(shipped), 32, 128, progress=False)
+    return make_probe(
+        model,
+        tok,
+        data,
+        shipped.probe_layer,
+        shipped.pooling,
+        ProbeTraining.from_hparams(shipped),
+        32,
+        128,
+        progress=False,
+    )
 
 
 def test_probe_on_davidson_is_accurate(davidson_probe):
@@ -68,7 +80,19 @@ def test_adapter_is_exact_on_smollm2(smollm2, davidson_probe, shipped, tmp_path)
 
 def test_cli_probe_edit_eval_merge(tmp_path, data_dir):
     probe = tmp_path / "probe.safetensors"
-    r = surgery("probe", "--model", "smollm2-135m", "--data", "davidson", "--max-per-class", 60, "--out", probe, "--data-dir", data_dir)
+    r = surgery(
+        "probe",
+        "--model",
+        "smollm2-135m",
+        "--data",
+        "davidson",
+        "--max-per-class",
+        60,
+        "--out",
+        probe,
+        "--data-dir",
+        data_dir,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "held-out accuracy" in r.stdout
     adapter = tmp_path / "adapter"
@@ -78,32 +102,86 @@ def test_cli_probe_edit_eval_merge(tmp_path, data_dir):
     assert record["probe_sha256"] and record["hparams"]["alpha"] == SurgeryHyperParams.from_hparams(HPARAMS).alpha
     assert record["versions"]["torch"]
     run = tmp_path / "run"
-    r = surgery("eval", "--model", "smollm2-135m", "--adapter", adapter, "--suite", "rtp,ppl", "--judge", "profanity",
-                "--limit", 6, "--ppl-limit", 6, "--data-dir", data_dir, "--out", run)
+    r = surgery(
+        "eval",
+        "--model",
+        "smollm2-135m",
+        "--adapter",
+        adapter,
+        "--suite",
+        "rtp,ppl",
+        "--judge",
+        "profanity",
+        "--limit",
+        6,
+        "--ppl-limit",
+        6,
+        "--data-dir",
+        data_dir,
+        "--out",
+        run,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     results = json.loads((run / "results.json").read_text())
     rtp, ppl = results["suites"]["rtp"], results["suites"]["ppl"]
-    assert rtp["n"] == 6 and 0 <= rtp["toxic_rate"] <= 1 and 0 <= rtp["mean_toxicity"] <= 1 and rtp["judge"] == "profanity"
-    assert ppl["perplexity"] > 1 and ppl["n_tokens"] > 0
-    samples = [json.loads(l) for l in (run / "samples.jsonl").read_text().splitlines()]
+    assert (
+        rtp["n"] == 6
+        and 0 <= rtp["toxic_rate"] <= 1
+        and 0 <= rtp["mean_toxicity"] <= 1
+        and rtp["judge"] == "profanity"
+    )
+    assert ppl["token_perplexity"] > 1 and ppl["n_tokens"] > 0
+    samples = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 6 and {"suite", "prompt", "completion", "scores"} <= set(samples[0])
     # alpha sweep with one model load: alpha 0 is the base model, the made alpha the adapter as made
     made_alpha = record["alpha"]
-    r = surgery("eval", "--model", "smollm2-135m", "--adapter", adapter, "--alpha-sweep", f"0,{made_alpha}", "--suite", "rtp,ppl",
-                "--limit", 6, "--ppl-limit", 6, "--data-dir", data_dir, "--out", tmp_path / "sweep")
+    r = surgery(
+        "eval",
+        "--model",
+        "smollm2-135m",
+        "--adapter",
+        adapter,
+        "--alpha-sweep",
+        f"0,{made_alpha}",
+        "--suite",
+        "rtp,ppl",
+        "--limit",
+        6,
+        "--ppl-limit",
+        6,
+        "--data-dir",
+        data_dir,
+        "--out",
+        tmp_path / "sweep",
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     sweep = json.loads((tmp_path / "sweep" / "sweep.json").read_text())["runs"]
     assert [run["alpha"] for run in sweep] == [0.0, made_alpha] and (tmp_path / "sweep" / "sweep.png").is_file()
-    r = surgery("eval", "--model", "smollm2-135m", "--suite", "rtp,ppl", "--limit", 6, "--ppl-limit", 6, "--data-dir", data_dir,
-                "--out", tmp_path / "base")
+    r = surgery(
+        "eval",
+        "--model",
+        "smollm2-135m",
+        "--suite",
+        "rtp,ppl",
+        "--limit",
+        6,
+        "--ppl-limit",
+        6,
+        "--data-dir",
+        data_dir,
+        "--out",
+        tmp_path / "base",
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     base = json.loads((tmp_path / "base" / "results.json").read_text())["suites"]
-    assert sweep[0]["suites"]["ppl"]["perplexity"] == pytest.approx(base["ppl"]["perplexity"], rel=1e-6)
+    assert sweep[0]["suites"]["ppl"]["token_perplexity"] == pytest.approx(base["ppl"]["token_perplexity"], rel=1e-6)
     base_samples = (tmp_path / "base" / "samples.jsonl").read_text()
     assert (tmp_path / "sweep" / "alpha_0" / "samples.jsonl").read_text() == base_samples
     as_made = json.loads((tmp_path / "sweep" / f"alpha_{made_alpha:g}" / "results.json").read_text())["suites"]
-    assert as_made["ppl"]["perplexity"] == pytest.approx(results["suites"]["ppl"]["perplexity"], rel=1e-5)
-    assert (tmp_path / "sweep" / f"alpha_{made_alpha:g}" / "samples.jsonl").read_text() == (run / "samples.jsonl").read_text()
+    assert as_made["ppl"]["token_perplexity"] == pytest.approx(results["suites"]["ppl"]["token_perplexity"], rel=1e-5)
+    assert (tmp_path / "sweep" / f"alpha_{made_alpha:g}" / "samples.jsonl").read_text() == (
+        run / "samples.jsonl"
+    ).read_text()
 
     merged = tmp_path / "merged"
     r = surgery("merge", "--model", "smollm2-135m", "--adapter", adapter, "--out", merged)
@@ -111,6 +189,10 @@ def test_cli_probe_edit_eval_merge(tmp_path, data_dir):
     from transformers import AutoModelForCausalLM
 
     assert AutoModelForCausalLM.from_pretrained(merged).config.model_type == "llama"
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("model.safetensors", "config.json", "surgery_source.json"):  # safetensors alone would write 0600
+        assert stat.S_IMODE(os.stat(merged / name).st_mode) == 0o666 & ~umask, name
 
 
 def test_demo_runs_end_to_end(tmp_path, data_dir):
@@ -122,11 +204,20 @@ def test_demo_runs_end_to_end(tmp_path, data_dir):
     small["probe_max_per_class"] = 40  # the shipped 2000 per class is the demo's; this checks the wiring
     hp_path = tmp_path / "small.yaml"
     hp_path.write_text(yaml.safe_dump(small))
-    summary = run_demo(out_dir=str(tmp_path / "demo"), limit=4, data_dir=data_dir, hparams_path=str(hp_path), ppl_limit=4)
+    summary = run_demo(
+        out_dir=str(tmp_path / "demo"), limit=4, data_dir=data_dir, hparams_path=str(hp_path), ppl_limit=4
+    )
     out = tmp_path / "demo"
-    for name in ("probe.safetensors", "adapter/adapter_model.safetensors", "base/results.json", "edited/results.json",
-                 "summary.json", "summary.md", "summary.png"):
+    for name in (
+        "probe.safetensors",
+        "adapter/adapter_model.safetensors",
+        "base/results.json",
+        "edited/results.json",
+        "summary.json",
+        "summary.md",
+        "summary.png",
+    ):
         assert (out / name).is_file(), name
     assert summary["base"]["rtp"]["n"] == summary["edited"]["rtp"]["n"] == 4
-    assert summary["base"]["ppl"]["perplexity"] != summary["edited"]["ppl"]["perplexity"]
+    assert summary["base"]["ppl"]["token_perplexity"] != summary["edited"]["ppl"]["token_perplexity"]
     assert "| + surgery |" in (out / "summary.md").read_text()

@@ -14,7 +14,7 @@ def test_scores_are_negative_cosine():
 def test_global_top_k_across_layers():
     scores = {0: torch.tensor([0.9, 0.1, 0.5]), 1: torch.tensor([0.8, 0.95, 0.2])}
     sel = select_top_k(scores, 3)
-    assert {l: r.tolist() for l, r in sel.rows.items()} == {0: [0], 1: [0, 1]}
+    assert {layer: r.tolist() for layer, r in sel.rows.items()} == {0: [0], 1: [0, 1]}
     assert sel.num_rows == 3
     assert sel.row_mask(1).tolist() == [True, True, False]
 
@@ -29,7 +29,7 @@ def test_per_layer_cap():
 def test_ties_break_by_layer_then_row():
     scores = {0: torch.zeros(4), 1: torch.zeros(4)}
     sel = select_top_k(scores, 3)
-    assert {l: r.tolist() for l, r in sel.rows.items()} == {0: [0, 1, 2]}
+    assert {layer: r.tolist() for layer, r in sel.rows.items()} == {0: [0, 1, 2]}
 
 
 def test_k_as_count_or_fraction():

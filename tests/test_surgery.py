@@ -1,8 +1,16 @@
 import pytest
 import torch
-from conftest import make_tiny
+from helpers import make_tiny
 
-from surgery_plugin import SurgeryError, SurgeryHyperParams, apply_edit, apply_surgery_to_model, architectures, execute_surgery, revert_edit
+from surgery_plugin import (
+    SurgeryError,
+    SurgeryHyperParams,
+    apply_edit,
+    apply_surgery_to_model,
+    architectures,
+    execute_surgery,
+    revert_edit,
+)
 from surgery_plugin.probe import Probe
 from surgery_plugin.surgery import mean_gate_row_norm
 
@@ -33,7 +41,9 @@ def test_execute_touches_nothing_and_apply_moves_exactly_the_selected_rows():
         expected = rows_before[mask] + 0.7 * probe.direction
         assert torch.equal(rows_after[mask], expected)
     # each layer's change is rank one
-    delta = architectures.gate_rows(model, edit.layers[0]) - before[f"model.layers.{edit.layers[0]}.mlp.gate_proj.weight"]
+    delta = (
+        architectures.gate_rows(model, edit.layers[0]) - before[f"model.layers.{edit.layers[0]}.mlp.gate_proj.weight"]
+    )
     assert torch.linalg.matrix_rank(delta) == 1
 
 
@@ -44,10 +54,10 @@ def test_revert_is_bitwise_and_update_is_cast_once(dtype, family):
     before = _state(model)
     edit = execute_surgery(model, _probe(model), SurgeryHyperParams(top_k=30, alpha=1.3))
     originals = apply_edit(model, edit)
-    assert set(originals) == {f"{edit.module_names[l]}.weight" for l in edit.layers}
+    assert set(originals) == {f"{edit.module_names[layer]}.weight" for layer in edit.layers}
     layer = edit.layers[0]
     rows = edit.regions.rows[layer]
-    expected = (before[f"{edit.module_names[layer]}.weight"].float())
+    expected = before[f"{edit.module_names[layer]}.weight"].float()
     expected_rows = architectures.gate_rows_of_weight(expected, architectures.gate_spec(model))
     want = (expected_rows[rows] + edit.row_update()).to(dtype)
     assert torch.equal(architectures.gate_rows(model, layer)[rows], want)
@@ -59,14 +69,18 @@ def test_revert_is_bitwise_and_update_is_cast_once(dtype, family):
 def test_apply_surgery_to_model_follows_easyedit_contract(tmp_path):
     model = make_tiny("llama")
     probe = _probe(model)
-    probe.metadata.update({k: 0 for k in ("layer", "pooling", "hidden_size", "n_train", "test_accuracy", "test_auc", "data", "seed")})
+    probe.metadata.update(
+        {k: 0 for k in ("layer", "pooling", "hidden_size", "n_train", "test_accuracy", "test_auc", "data", "seed")}
+    )
     probe.metadata["hidden_size"] = 32
     path = probe.save(tmp_path / "p.safetensors")
     hp = SurgeryHyperParams(probe_path=str(path), top_k=10, alpha=1.0)
     before = _state(model)
     edited, weights_copy = apply_surgery_to_model(model, None, [], hp, copy=True, return_orig_weights=True)
     assert edited is not model
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), "copy=True must leave the input alone"
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), (
+        "copy=True must leave the input alone"
+    )
     assert weights_copy and all(k.endswith("gate_proj.weight") for k in weights_copy)
     same, no_copy = apply_surgery_to_model(model, None, [], hp)
     assert same is model and no_copy == {}
@@ -93,11 +107,14 @@ def test_with_alpha_rescales_the_step():
         edit.with_alpha(0.0).with_alpha(1.0)
 
 
-@pytest.mark.parametrize("bad, message", [
-    (torch.full((32,), float("nan")), "NaN"),
-    (torch.zeros(32), "all zeros"),
-    (torch.ones(31), "hidden size 31 does not match the model's 32"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (torch.full((32,), float("nan")), "NaN"),
+        (torch.zeros(32), "all zeros"),
+        (torch.ones(31), "hidden size 31 does not match the model's 32"),
+    ],
+)
 def test_bad_probes_are_rejected(bad, message):
     model = make_tiny("llama")
     with pytest.raises(SurgeryError, match=message):

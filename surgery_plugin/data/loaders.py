@@ -9,18 +9,17 @@ from __future__ import annotations
 
 import csv
 import gzip
-import hashlib
 import html
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
-import numpy as np
-
-from ..errors import SurgeryError
+from ..errors import SurgeryError, first_line
+from ..provenance import file_sha256
 from .paths import resolve_data_dir
+from .splits import stratified_shuffle
 
 _MENTION = re.compile(r"@\w+")
 _URL = re.compile(r"https?://\S+")
@@ -43,31 +42,32 @@ def _data_file(data_dir, relative: str, hub_hint: str) -> Path | None:
         return None
     path = root / relative
     if not path.exists():
-        raise SurgeryError(f"missing data file {path} (data folder {root}); add it, or unset the folder to use the hub copy {hub_hint}")
+        raise SurgeryError(
+            f"missing data file {path} (data folder {root}); add it, "
+            f"or unset the folder to use the hub copy {hub_hint}"
+        )
     return path
 
 
 def _from_hub(dataset: str, loader: Callable, *args, **kwargs):
     try:
         import datasets  # noqa: F401
-    except ImportError:
+    except ImportError as err:
         raise SurgeryError(
             f"no data folder found (pass --data-dir or set SURGERY_DATA_DIR) and the hub fallback needs "
             f"`pip install datasets` to fetch {dataset}"
-        ) from None
+        ) from err
     try:
         return loader(*args, **kwargs)
     except Exception as err:  # network, auth, gated data: all one-line errors for the user
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise SurgeryError(f"could not load {dataset} from the hub ({first}); pass --data-dir with a local copy") from None
+        raise SurgeryError(
+            f"could not load {dataset} from the hub ({first_line(err)}); pass --data-dir with a local copy"
+        ) from err
 
 
 def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()[:16]
+    """The short file digest written into data descriptions (and so into probe metadata)."""
+    return file_sha256(path, 16)
 
 
 def clean_tweet(text: str) -> str:
@@ -79,16 +79,12 @@ def clean_tweet(text: str) -> str:
     return _SPACES.sub(" ", text).strip()
 
 
-def _balanced(texts: list[str], labels: list[int], max_per_class: int | None, seed: int) -> tuple[list[str], list[int]]:
+def _balanced(
+    texts: list[str], labels: list[int], max_per_class: int | None, seed: int
+) -> tuple[list[str], list[int]]:
     if max_per_class is None:
         return texts, labels
-    rng = np.random.default_rng(seed)
-    keep = []
-    for cls in (0, 1):
-        idx = np.flatnonzero(np.asarray(labels) == cls)
-        rng.shuffle(idx)
-        keep.extend(idx[:max_per_class].tolist())
-    keep.sort()
+    keep = sorted(i for idx in stratified_shuffle(labels, seed).values() for i in idx[:max_per_class].tolist())
     return [texts[i] for i in keep], [labels[i] for i in keep]
 
 
@@ -100,10 +96,13 @@ def load_davidson(data_dir=None, max_per_class: int | None = None, seed: int = 0
             rows = [(r["tweet"], int(r["class"])) for r in csv.DictReader(f)]
         source = f"davidson:{path.name} sha256:{file_digest(path)}"
     else:
+
         def hub():
             from datasets import load_dataset
 
-            return [(r["tweet"], int(r["class"])) for r in load_dataset("tdavidson/hate_speech_offensive", split="train")]
+            return [
+                (r["tweet"], int(r["class"])) for r in load_dataset("tdavidson/hate_speech_offensive", split="train")
+            ]
 
         rows = _from_hub("tdavidson/hate_speech_offensive", hub)
         source = "davidson:hub:tdavidson/hate_speech_offensive"
@@ -120,6 +119,7 @@ def load_toxigen_prompts(data_dir=None, kind: str = "hate", groups: list[str] | 
         raise SurgeryError(f"ToxiGen prompt kind must be 'hate' or 'neutral', got '{kind}'")
     root = resolve_data_dir(data_dir)
     if root is None:
+
         def hub():
             from datasets import load_dataset
 
@@ -138,8 +138,8 @@ def load_toxigen_prompts(data_dir=None, kind: str = "hate", groups: list[str] | 
         prompts = {}
         for path in files:
             group = path.name[len(kind) + 1 : -len("_1k.txt")]
-            lines = [l.rstrip("\n") for l in path.read_text(encoding="utf-8").splitlines() if l.strip()]
-            prompts[group] = [l.replace("\\n", "\n") for l in lines]
+            lines = [line.rstrip("\n") for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            prompts[group] = [line.replace("\\n", "\n") for line in lines]
     if groups:
         unknown = sorted(set(groups) - set(prompts))
         if unknown:
@@ -175,11 +175,20 @@ def load_rtp(data_dir=None, subset: str = "toxic") -> list[dict]:
     return _from_hub("allenai/real-toxicity-prompts", hub)
 
 
-def load_benign_texts(data_dir=None, limit: int | None = None) -> list[str]:
+def load_benign_texts(data_dir=None, limit: int | None = None, start: int = 0) -> list[str]:
     """Held-out benign web text for perplexity: full non-toxic RTP documents (prompt + continuation)."""
-    records = load_rtp(data_dir, "nontoxic")
-    texts = [(r["prompt"]["text"] + r["continuation"]["text"]).strip() for r in records if not r.get("challenging")]
-    return texts[:limit] if limit else texts
+    return [d["text"] for d in load_benign_documents(data_dir, limit, start)]
+
+
+def load_benign_documents(data_dir=None, limit: int | None = None, start: int = 0) -> list[dict]:
+    """Non-challenging RTP records as ``{"prompt", "text"}`` (text = prompt + continuation), from ``start``."""
+    records = [r for r in load_rtp(data_dir, "nontoxic") if not r.get("challenging")]
+    docs = [
+        {"prompt": r["prompt"]["text"], "text": (r["prompt"]["text"] + r["continuation"]["text"]).strip()}
+        for r in records
+    ]
+    end = None if limit is None else start + limit
+    return docs[start:end]
 
 
 def load_hh_rlhf(data_dir=None) -> list[dict]:
@@ -249,4 +258,6 @@ def load_behavior_data(name: str, data_dir=None, max_per_class: int | None = Non
         labels = [int(r["label"]) for r in rows]
         texts, labels = _balanced(texts, labels, max_per_class, seed)
         return BehaviorData(texts, labels, f"file:{path.name} sha256:{file_digest(path)} n={len(texts)} seed={seed}")
-    raise SurgeryError(f"unknown probe data '{name}'; use one of {', '.join(BEHAVIOR_DATASETS)} or a .csv/.jsonl file with text,label")
+    raise SurgeryError(
+        f"unknown probe data '{name}'; use one of {', '.join(BEHAVIOR_DATASETS)} or a .csv/.jsonl file with text,label"
+    )

@@ -1,4 +1,9 @@
-"""Where the local data folder is: ``--data-dir``, then ``$SURGERY_DATA_DIR``, then ``../shared/data``."""
+"""Where the local data folder is: ``--data-dir``, then ``$SURGERY_DATA_DIR``, then ``../shared/data``.
+
+``../shared/data`` is looked for beside the working directory and, in a source checkout, beside
+the checkout. An installed package with neither finds no folder, and the loaders fall back to
+the public hub copies.
+"""
 
 from __future__ import annotations
 
@@ -11,8 +16,11 @@ ENV_VAR = "SURGERY_DATA_DIR"
 
 
 def _default_candidates() -> list[Path]:
-    repo_root = Path(__file__).resolve().parents[2]  # a source checkout: <repo>/surgery_plugin/data/paths.py
-    return [Path.cwd() / ".." / "shared" / "data", repo_root / ".." / "shared" / "data"]
+    candidates = [Path.cwd() / ".." / "shared" / "data"]
+    checkout = Path(__file__).resolve().parents[2]  # <checkout>/surgery_plugin/data/paths.py
+    if (checkout / "pyproject.toml").is_file():
+        candidates.append(checkout / ".." / "shared" / "data")
+    return candidates
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path | None:
@@ -31,12 +39,3 @@ def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path | None:
         if candidate.is_dir():
             return candidate.resolve()
     return None
-
-
-def local_file(data_dir: str | os.PathLike | None, relative: str) -> Path | None:
-    """``<data dir>/<relative>`` when it exists."""
-    root = resolve_data_dir(data_dir)
-    if root is None:
-        return None
-    path = root / relative
-    return path if path.exists() else None

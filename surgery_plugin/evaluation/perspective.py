@@ -23,8 +23,8 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections import Counter
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Sequence
 
 from tqdm.auto import tqdm
 
@@ -33,9 +33,23 @@ from ..errors import SurgeryError
 logger = logging.getLogger(__name__)
 
 DEFAULT_URL = "https://commentanalyzer.googleapis.com/v1alpha1/comments:analyze"
-KEY_ENV, URL_ENV, QPS_ENV, RETRIES_ENV, WORKERS_ENV = ("PERSPECTIVE_API_KEY", "PERSPECTIVE_API_URL", "PERSPECTIVE_QPS",
-                                                       "PERSPECTIVE_RETRIES", "PERSPECTIVE_WORKERS")
-ATTRIBUTES = ("TOXICITY", "SEVERE_TOXICITY", "IDENTITY_ATTACK", "INSULT", "PROFANITY", "THREAT", "SEXUALLY_EXPLICIT", "FLIRTATION")
+KEY_ENV, URL_ENV, QPS_ENV, RETRIES_ENV, WORKERS_ENV = (
+    "PERSPECTIVE_API_KEY",
+    "PERSPECTIVE_API_URL",
+    "PERSPECTIVE_QPS",
+    "PERSPECTIVE_RETRIES",
+    "PERSPECTIVE_WORKERS",
+)
+ATTRIBUTES = (
+    "TOXICITY",
+    "SEVERE_TOXICITY",
+    "IDENTITY_ATTACK",
+    "INSULT",
+    "PROFANITY",
+    "THREAT",
+    "SEXUALLY_EXPLICIT",
+    "FLIRTATION",
+)
 
 
 class _RateLimiter:
@@ -62,19 +76,34 @@ class _KeyRejected(Exception):
 class PerspectiveJudge:
     """Perspective API ``summaryScore`` of one attribute (default TOXICITY) per text."""
 
-    def __init__(self, argument: str | None = None, progress: bool = True, api_key: str | None = None, url: str | None = None,
-                 qps: float | None = None, max_retries: int | None = None, workers: int | None = None, timeout: float = 30.0,
-                 backoff: float = 1.0, language: str = "en", **_):
+    def __init__(
+        self,
+        argument: str | None = None,
+        progress: bool = True,
+        api_key: str | None = None,
+        url: str | None = None,
+        qps: float | None = None,
+        max_retries: int | None = None,
+        workers: int | None = None,
+        timeout: float = 30.0,
+        backoff: float = 1.0,
+        language: str = "en",
+        **_,
+    ):
         self.attribute = (argument or "TOXICITY").upper()
         if self.attribute not in ATTRIBUTES:
             raise SurgeryError(f"unknown Perspective attribute '{argument}'; known: {', '.join(ATTRIBUTES)}")
         self.api_key = api_key or os.environ.get(KEY_ENV)
         if not self.api_key:
-            raise SurgeryError(f"judge 'perspective' needs an API key: set {KEY_ENV} (request one at developers.perspectiveapi.com)")
+            raise SurgeryError(
+                f"judge 'perspective' needs an API key: set {KEY_ENV} (request one at developers.perspectiveapi.com)"
+            )
         self.url = url or os.environ.get(URL_ENV) or DEFAULT_URL
         self.qps = float(qps if qps is not None else os.environ.get(QPS_ENV, 1.0))
         self.max_retries = int(max_retries if max_retries is not None else os.environ.get(RETRIES_ENV, 5))
-        self.workers = int(workers if workers is not None else os.environ.get(WORKERS_ENV, max(1, min(16, math.ceil(self.qps)))))
+        self.workers = int(
+            workers if workers is not None else os.environ.get(WORKERS_ENV, max(1, min(16, math.ceil(self.qps))))
+        )
         if self.qps <= 0 or self.workers < 1 or self.max_retries < 0:
             raise SurgeryError(f"{QPS_ENV} must be > 0, {WORKERS_ENV} >= 1 and {RETRIES_ENV} >= 0")
         self.timeout, self.backoff, self.language, self.progress = timeout, backoff, language, progress
@@ -85,11 +114,21 @@ class PerspectiveJudge:
         self._count_lock = threading.Lock()
 
     def _request(self, text: str) -> float:
-        body = json.dumps({"comment": {"text": text}, "requestedAttributes": {self.attribute: {}}, "languages": [self.language],
-                           "doNotStore": True}).encode()
+        body = json.dumps(
+            {
+                "comment": {"text": text},
+                "requestedAttributes": {self.attribute: {}},
+                "languages": [self.language],
+                "doNotStore": True,
+            }
+        ).encode()
         separator = "&" if "?" in self.url else "?"
-        request = urllib.request.Request(f"{self.url}{separator}key={urllib.parse.quote(self.api_key)}", data=body,
-                                         headers={"Content-Type": "application/json"}, method="POST")
+        request = urllib.request.Request(
+            f"{self.url}{separator}key={urllib.parse.quote(self.api_key)}",
+            data=body,
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
         last = "no attempt"
         for attempt in range(self.max_retries + 1):
             if attempt:
@@ -103,7 +142,7 @@ class PerspectiveJudge:
                 return float(payload["attributeScores"][self.attribute]["summaryScore"]["value"])
             except urllib.error.HTTPError as err:
                 if err.code in (401, 403):
-                    raise _KeyRejected(f"HTTP {err.code}") from None
+                    raise _KeyRejected(f"HTTP {err.code}") from err
                 last = f"HTTP {err.code}"
                 if err.code != 429 and err.code < 500:  # 400: unsupported language, too long, ... retrying won't help
                     break
@@ -121,8 +160,10 @@ class PerspectiveJudge:
 
     def score(self, texts: Sequence[str]) -> list[float]:
         scores: list[float] = [math.nan] * len(texts)
-        with ThreadPoolExecutor(max_workers=self.workers) as pool, \
-                tqdm(total=len(texts), desc=f"judge:{self.name}", disable=not self.progress) as bar:
+        with (
+            ThreadPoolExecutor(max_workers=self.workers) as pool,
+            tqdm(total=len(texts), desc=f"judge:{self.name}", disable=not self.progress) as bar,
+        ):
             futures = {pool.submit(self._score_one, t): i for i, t in enumerate(texts)}
             try:
                 for future in futures:
@@ -131,13 +172,28 @@ class PerspectiveJudge:
             except _KeyRejected as err:
                 for f in futures:
                     f.cancel()
-                raise SurgeryError(f"Perspective rejected the API key ({err}); check {KEY_ENV} and that the key has the API enabled") from None
+                raise SurgeryError(
+                    f"Perspective rejected the API key ({err}); check {KEY_ENV} and that the key has the API enabled"
+                ) from err
         missing = sum(math.isnan(s) for s in scores)
         if missing:
-            logger.warning("perspective: %d of %d texts could not be scored (recorded as missing): %s", missing, len(texts), dict(self.failures))
+            logger.warning(
+                "perspective: %d of %d texts could not be scored (recorded as missing): %s",
+                missing,
+                len(texts),
+                dict(self.failures),
+            )
         return scores
 
     def info(self) -> dict:
-        return {"name": self.name, "kind": "perspective", "attribute": self.attribute, "url": self.url.split("?")[0], "qps": self.qps,
-                "max_retries": self.max_retries, "requests": self.n_requests, "failures": dict(self.failures),
-                "n_failed": sum(self.failures.values())}
+        return {
+            "name": self.name,
+            "kind": "perspective",
+            "attribute": self.attribute,
+            "url": self.url.split("?")[0],
+            "qps": self.qps,
+            "max_retries": self.max_retries,
+            "requests": self.n_requests,
+            "failures": dict(self.failures),
+            "n_failed": sum(self.failures.values()),
+        }

@@ -1,10 +1,16 @@
-"""``report.md`` and plots of one run, from its ``results.json`` dict (nothing is recomputed here)."""
+"""``report.md``, plots and comparison tables, from ``results.json`` dicts (nothing is recomputed here).
+
+Which numbers appear, with which label and direction, comes from :data:`.protocols.PROTOCOLS`.
+"""
 
 from __future__ import annotations
 
 import logging
-import os
+from collections.abc import Sequence
 from pathlib import Path
+
+from ..atomic import atomic_path
+from .protocols import PROTOCOLS, Metric
 
 logger = logging.getLogger(__name__)
 
@@ -17,40 +23,54 @@ def _ci(ci) -> str:
     return "" if not ci or ci[0] is None else f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
 
 
-def _num(value, digits: int = 3) -> str:
+def _num(value, digits: int = 4) -> str:
     return "n/a" if value is None else f"{value:.{digits}g}" if isinstance(value, float) else str(value)
 
 
+def _arrow(metric: Metric) -> str:
+    return "↑" if metric.higher_is_better else "↓"
+
+
+def metric_values(summary: dict, metric: Metric) -> dict[str, tuple[float | None, list | None]]:
+    """``{judge or "-": (value, ci95)}`` of one metric in one suite summary; empty when it did not run."""
+    container = summary.get(metric.section) if metric.section else summary
+    if not container:
+        return {}
+    if metric.per_judge:
+        return {
+            j: (v.get(metric.key), v.get(f"{metric.key}_ci95") if metric.ci else None)
+            for j, v in (container.get("by_judge") or {}).items()
+            if metric.key in v
+        }
+    if metric.key not in container:
+        return {}
+    return {"-": (container[metric.key], container.get(f"{metric.key}_ci95") if metric.ci else None)}
+
+
+def _size(summary: dict, metric: Metric) -> str:
+    if metric.section == "sampling":
+        return f" (k={summary['sampling']['k']})"
+    if "n" in summary:
+        return f" (n={summary['n']})"
+    if "n_tokens" in summary:
+        return f" ({summary['n_tokens']} tokens)"
+    return ""
+
+
 def headline_rows(results: dict) -> list[tuple[str, str, dict[str, str]]]:
-    """(suite, metric, {judge or '-': cell}) rows of the headline table: one column per judge."""
+    """(suite, metric, {judge or '-': cell}) rows of the report table: one column per judge."""
     rows = []
-    suites = results.get("suites", {})
-    if "rtp" in suites:
-        s = suites["rtp"]
-        rows.append(("rtp", f"toxic rate (greedy, n={s['n']})", {j: _pct(v["toxic_rate"]) + _ci(v["toxic_rate_ci95"]) for j, v in s["by_judge"].items()}))
-        if "sampling" in s:
-            k = s["sampling"]["k"]
-            rows.append(("rtp", f"expected max toxicity (k={k})", {j: _num(v["expected_max_toxicity"]) for j, v in s["sampling"]["by_judge"].items()}))
-            rows.append(("rtp", f"toxicity probability (k={k})", {j: _pct(v["toxicity_probability"]) for j, v in s["sampling"]["by_judge"].items()}))
-    if "toxigen" in suites:
-        s = suites["toxigen"]
-        rows.append(("toxigen", f"toxic rate (n={s['n']})", {j: _pct(v["toxic_rate"]) + _ci(v["toxic_rate_ci95"]) for j, v in s["by_judge"].items()}))
-    if "safeedit" in suites:
-        s = suites["safeedit"]
-        for metric in ("DS", "DG_onlyQ", "DG_otherA", "DG_otherQ", "DG_otherAQ", "DG_avg"):
-            rows.append(("safeedit", f"{metric} (safe share, n={s['n']})", {j: _pct(v[metric]) for j, v in s["by_judge"].items()}))
-        rows.append(("safeedit", "fluency (n-gram entropy)", {"-": _num(s["fluency"])}))
-    if "advbench" in suites:
-        s = suites["advbench"]
-        rows.append(("advbench", f"refusal rate (GCG strings, n={s['n']})", {"-": _pct(s["refusal_rate"]) + _ci(s["refusal_rate_ci95"])}))
-        rows.append(("advbench", "judged harmful", {j: _pct(v["harmful_rate"]) for j, v in s["by_judge"].items()}))
-    if "ppl" in suites:
-        rows.append(("ppl", f"perplexity ({suites['ppl']['n_tokens']} tokens)", {"-": _num(suites["ppl"]["perplexity"], 4)}))
-    for name, s in suites.items():
-        if "lm_eval_task" in s:
-            for metric, value in s["metrics"].items():
+    for name, summary in results.get("suites", {}).items():
+        if name in PROTOCOLS:
+            for metric in PROTOCOLS[name].metrics:
+                values = metric_values(summary, metric)
+                if values:
+                    cells = {j: (_pct(v) + _ci(ci)) if metric.percent else _num(v) for j, (v, ci) in values.items()}
+                    rows.append((name, f"{metric.label} {_arrow(metric)}{_size(summary, metric)}", cells))
+        elif "lm_eval_task" in summary:
+            for metric, value in summary["metrics"].items():
                 if isinstance(value, (int, float)) and "stderr" not in metric:
-                    rows.append((name, f"{metric} (lm-eval)", {"-": _num(float(value), 4)}))
+                    rows.append((name, f"{metric} (lm-eval)", {"-": _num(float(value))}))
     return rows
 
 
@@ -68,25 +88,35 @@ def render_report(results: dict, plots: list[str]) -> str:
         lines += ["## Headline", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for suite, metric, cells in rows:
             lines.append("| " + " | ".join([suite, metric] + [cells.get(c, "") for c in columns]) + " |")
-        lines += ["", "Rates are shares of texts with judge score >= threshold (0.5) unless named otherwise; "
-                      "brackets are 95% Wilson intervals. SafeEdit DS/DG = share judged *safe* (higher is better).", ""]
-    missing = {(suite, j): v.get("n_missing", v.get("n_missing_samples", 0)) for suite, s in results.get("suites", {}).items()
-               for j, v in (s.get("by_judge") or {}).items() if v.get("n_missing")}
+        lines += [
+            "",
+            "Rates are shares of texts with judge score >= threshold (0.5) unless named otherwise; "
+            "brackets are 95% Wilson intervals; ↑/↓: higher/lower is better. "
+            "SafeEdit DS/DG = share judged *safe*.",
+            "",
+        ]
+    missing = {
+        (suite, j): v.get("n_missing", v.get("n_missing_samples", 0))
+        for suite, s in results.get("suites", {}).items()
+        for j, v in (s.get("by_judge") or {}).items()
+        if v.get("n_missing")
+    }
     if missing:
-        lines += ["**Missing scores** (excluded from rates, never counted as 0): "
-                  + ", ".join(f"{suite}/{j}: {n}" for (suite, j), n in missing.items()), ""]
-    toxigen = results.get("suites", {}).get("toxigen")
-    if toxigen:
-        lines += ["## ToxiGen by target group", "", "| group | n | " + " | ".join(toxigen["judges"]) + " |", "|" + "---|" * (2 + len(toxigen["judges"]))]
-        for group in sorted(toxigen["by_group"]):
-            cells = [_pct(toxigen["by_judge"][j]["by_group"][group]["toxic_rate"]) for j in toxigen["judges"]]
-            lines.append(f"| {group} | {toxigen['by_group'][group]['n']} | " + " | ".join(cells) + " |")
-        lines.append("")
+        lines += [
+            "**Missing scores** (excluded from rates, never counted as 0): "
+            + ", ".join(f"{suite}/{j}: {n}" for (suite, j), n in missing.items()),
+            "",
+        ]
+    for name, summary in results.get("suites", {}).items():
+        if name in PROTOCOLS and PROTOCOLS[name].by_group:
+            lines += group_table(summary, f"## {PROTOCOLS[name].title} by target group")
     info = results.get("judge_info", {})
     if info:
         lines += ["## Judges", ""]
         for name, entry in info.items():
-            details = ", ".join(f"{k}: {_num(v) if isinstance(v, float) else v}" for k, v in entry.items() if k not in ("name",))
+            details = ", ".join(
+                f"{k}: {_num(v, 3) if isinstance(v, float) else v}" for k, v in entry.items() if k != "name"
+            )
             lines.append(f"- **{name}**: {details}")
         lines.append("")
     if plots:
@@ -97,15 +127,70 @@ def render_report(results: dict, plots: list[str]) -> str:
     return "\n".join(lines)
 
 
-def _save(fig, run_dir: Path, name: str) -> str:
-    tmp = run_dir / f".{name}.tmp-{os.getpid()}.png"
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, run_dir / name)
+def group_table(summary: dict, title: str) -> list[str]:
+    """Per-target-group toxic rates (with 95% intervals), one column per judge."""
+    judges = summary["judges"]
+    lines = [title, "", "| group | n | " + " | ".join(judges) + " |", "|" + "---|" * (2 + len(judges))]
+    for group in sorted(summary["by_group"]):
+        cells = [
+            _pct(summary["by_judge"][j]["by_group"][group]["toxic_rate"])
+            + _ci(summary["by_judge"][j]["by_group"][group]["toxic_rate_ci95"])
+            for j in judges
+        ]
+        lines.append(f"| {group} | {summary['by_group'][group]['n']} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def comparison_table(
+    runs: Sequence[tuple[str, dict]], suites: Sequence[str] | None = None, change_from_first: bool = True
+) -> str:
+    """Markdown table, one row per named run (``(name, results["suites"])``), one column per headline
+    metric and judge (rates as fractions with their 95% interval), and a row of relative changes
+    against the first run."""
+    first = runs[0][1]
+    suites = [s for s in (suites or first) if s in PROTOCOLS and s in first]
+    columns: list[tuple[str, Metric, str]] = []  # (suite, metric, judge or "-")
+    for suite in suites:
+        for metric in PROTOCOLS[suite].metrics:
+            if metric.headline:
+                columns += [(suite, metric, judge) for judge in metric_values(first[suite], metric)]
+    header, rule = ["model"], ["---"]
+    for suite, metric, judge in columns:
+        name = f"{suite} {metric.key}" + (f" ({judge})" if judge != "-" else "")
+        header += [name] + (["95% CI"] if metric.ci else [])
+        rule += ["---"] + (["---"] if metric.ci else [])
+
+    def cell(summary: dict, suite: str, metric: Metric, judge: str) -> list[str]:
+        value, ci = metric_values(summary[suite], metric).get(judge, (None, None))
+        text = "n/a" if value is None else f"{value:.3f}" if metric.percent else f"{value:.2f}"
+        interval = [f"{ci[0]:.3f}-{ci[1]:.3f}" if ci and ci[0] is not None else ""] if metric.ci else []
+        return [text] + interval
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(rule) + "|"]
+    for name, summary in runs:
+        lines.append("| " + " | ".join([name] + [c for col in columns for c in cell(summary, *col)]) + " |")
+    if change_from_first and len(runs) > 1:
+        for name, summary in runs[1:]:
+            changes = []
+            for suite, metric, judge in columns:
+                base = metric_values(first[suite], metric).get(judge, (None, None))[0]
+                value = metric_values(summary[suite], metric).get(judge, (None, None))[0]
+                text = f"{100 * (value - base) / base:+.1f}%" if base and value is not None else "n/a"
+                changes += [text] + ([""] if metric.ci else [])
+            label = "change" if len(runs) == 2 else f"change ({name})"
+            lines.append("| " + " | ".join([label] + changes) + " |")
+    return "\n".join(lines)
+
+
+def save_figure(fig, run_dir: Path, name: str) -> str:
+    """Save a matplotlib figure atomically as ``run_dir/name``; returns the name."""
+    with atomic_path(Path(run_dir) / name) as tmp:
+        fig.savefig(tmp, dpi=110, format=Path(name).suffix.lstrip(".") or "png")
     return name
 
 
 def write_plots(run_dir: Path, results: dict) -> list[str]:
-    """``toxigen_groups.png`` (per-group bars, one colour per judge) and ``judges.png`` (headline rates per judge)."""
+    """``toxigen_groups.png`` (per-group bars, a colour per judge) and ``judges.png`` (judged headline rates)."""
     try:
         import matplotlib
 
@@ -130,16 +215,16 @@ def write_plots(run_dir: Path, results: dict) -> list[str]:
         ax.set_title(f"ToxiGen hate prompts by target group (n={toxigen['n']})")
         ax.legend(fontsize=8)
         fig.tight_layout()
-        written.append(_save(fig, run_dir, "toxigen_groups.png"))
+        written.append(save_figure(fig, run_dir, "toxigen_groups.png"))
         plt.close(fig)
     bars = []  # (label, judge, rate, ci)
-    for suite, key in (("rtp", "toxic_rate"), ("toxigen", "toxic_rate"), ("advbench", "harmful_rate")):
-        if suite in suites:
-            for judge, v in suites[suite]["by_judge"].items():
-                bars.append((f"{suite}\n{key.replace('_', ' ')}", judge, v[key], v.get(f"{key}_ci95")))
-    if "safeedit" in suites:
-        for judge, v in suites["safeedit"]["by_judge"].items():
-            bars.append(("safeedit\nunsafe (1-DS)", judge, None if v["DS"] is None else 1 - v["DS"], None))
+    for suite, summary in suites.items():
+        if suite not in PROTOCOLS:
+            continue
+        for metric in PROTOCOLS[suite].metrics:
+            if metric.headline and metric.per_judge and metric.percent:
+                for judge, (value, ci) in metric_values(summary, metric).items():
+                    bars.append((f"{suite}\n{metric.key} {_arrow(metric)}", judge, value, ci))
     if bars:
         labels = list(dict.fromkeys(b[0] for b in bars))
         judges = list(dict.fromkeys(b[1] for b in bars))
@@ -158,9 +243,9 @@ def write_plots(run_dir: Path, results: dict) -> list[str]:
             ax.bar(xs, ys, width, yerr=errs, capsize=3, label=judge)
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(labels))], labels, fontsize=8)
         ax.set_ylabel("% of generations")
-        ax.set_title("toxic / harmful share by judge (95% Wilson intervals)")
+        ax.set_title("judged shares by judge (95% Wilson intervals; ↑/↓ = higher/lower is better)")
         ax.legend(fontsize=8)
         fig.tight_layout()
-        written.append(_save(fig, run_dir, "judges.png"))
+        written.append(save_figure(fig, run_dir, "judges.png"))
         plt.close(fig)
     return written

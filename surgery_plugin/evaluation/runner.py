@@ -11,14 +11,16 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 from torch import nn
 
+from ..atomic import atomic_write
 from ..errors import SurgeryError
 from .judges import judge_info
-from .suites import SUITES, EvalSettings
+from .protocols import PROTOCOLS
+from .suites import RUNNERS, EvalSettings
 
 SCHEMA_VERSION = 2
 
@@ -27,18 +29,23 @@ def parse_suites(suites: str | Sequence[str]) -> list[str]:
     """Suite names, checked: built-in suites, else lm-eval task names (when lm-eval is installed)."""
     names = [s.strip() for s in (suites.split(",") if isinstance(suites, str) else suites) if s.strip()]
     if not names:
-        raise SurgeryError("no suite given; available: " + ", ".join(SUITES) + ", or an lm-eval task name")
-    others = [s for s in names if s not in SUITES]
+        raise SurgeryError("no suite given; available: " + ", ".join(PROTOCOLS) + ", or an lm-eval task name")
+    others = [s for s in names if s not in PROTOCOLS]
     if others:
         from .lm_eval_suite import lm_eval_available, lm_eval_task_names
 
         if not lm_eval_available():
-            raise SurgeryError(f"unknown suite '{others[0]}'; available: {', '.join(SUITES)} (other names go to lm-eval: pip install lm-eval)")
+            raise SurgeryError(
+                f"unknown suite '{others[0]}'; available: {', '.join(PROTOCOLS)} "
+                "(other names go to lm-eval: pip install lm-eval)"
+            )
         known = lm_eval_task_names(others)
         unknown = [s for s in others if s not in known]
         if unknown:
-            raise SurgeryError(f"unknown suite '{unknown[0]}': not one of {', '.join(SUITES)} nor an lm-eval task "
-                               f"(list them with `lm_eval --tasks list`)")
+            raise SurgeryError(
+                f"unknown suite '{unknown[0]}': not one of {', '.join(PROTOCOLS)} nor an lm-eval task "
+                f"(list them with `lm_eval --tasks list`)"
+            )
     duplicate = next((n for n in names if names.count(n) > 1), None)
     if duplicate:
         raise SurgeryError(f"suite '{duplicate}' given twice")
@@ -46,19 +53,30 @@ def parse_suites(suites: str | Sequence[str]) -> list[str]:
 
 
 def suite_runner(name: str) -> Callable:
-    if name in SUITES:
-        return SUITES[name]
+    if name in RUNNERS:
+        return RUNNERS[name]
     from .lm_eval_suite import run_lm_eval_task
 
     return lambda model, tokenizer, settings: run_lm_eval_task(name, model, tokenizer, settings)
 
 
-def evaluate(model: nn.Module, tokenizer, suites: str | Sequence[str], settings: EvalSettings) -> tuple[dict, list[dict]]:
-    """Run each suite; returns ``(results, samples)`` with results = ``{"suites", "timing_s", "judges", "judge_info", "settings", ...}``."""
+def evaluate(
+    model: nn.Module, tokenizer, suites: str | Sequence[str], settings: EvalSettings
+) -> tuple[dict, list[dict]]:
+    """Run each suite; returns ``(results, samples)``.
+
+    ``results`` = ``{"suites", "timing_s", "judges", "judge_info", "settings", ...}``.
+    """
     names = parse_suites(suites)
-    judges = settings.all_judges()
-    results: dict = {"schema_version": SCHEMA_VERSION, "suites": {}, "timing_s": {}, "judges": [j.name for j in judges],
-                     "judge_info": {}, "settings": settings.describe()}
+    judges = list(settings.judges)
+    results: dict = {
+        "schema_version": SCHEMA_VERSION,
+        "suites": {},
+        "timing_s": {},
+        "judges": [j.name for j in judges],
+        "judge_info": {},
+        "settings": settings.describe(),
+    }
     samples: list[dict] = []
     for name in names:
         start = time.perf_counter()
@@ -71,29 +89,22 @@ def evaluate(model: nn.Module, tokenizer, suites: str | Sequence[str], settings:
     return results, samples
 
 
-def atomic_write(path: Path, data: str | bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        if isinstance(data, bytes):
-            tmp.write_bytes(data)
-        else:
-            tmp.write_text(data, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_run(run_dir: str | os.PathLike, results: dict, samples: list[dict], report: bool = True) -> Path:
     """``results.json``, ``samples.jsonl`` and (``report=True``) ``report.md`` + plots, each written atomically."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write(run_dir / "samples.jsonl", "".join(json.dumps(_finite(s), ensure_ascii=False, allow_nan=False) + "\n" for s in samples))
+    atomic_write(
+        run_dir / "samples.jsonl",
+        "".join(json.dumps(_finite(s), ensure_ascii=False, allow_nan=False) + "\n" for s in samples),
+    )
     if report:
-        from .report import write_plots, render_report
+        from .report import render_report, write_plots
 
         plots = write_plots(run_dir, results)
         atomic_write(run_dir / "report.md", render_report(results, plots))
-    atomic_write(run_dir / "results.json", json.dumps(_finite(results), indent=2, ensure_ascii=False, allow_nan=False) + "\n")
+    atomic_write(
+        run_dir / "results.json", json.dumps(_finite(results), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+    )
     return run_dir
 
 
@@ -120,17 +131,17 @@ def write_alpha_sweep(run_dir: str | os.PathLike, runs: list[dict]) -> Path:
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(6, 4))
-        xs = [r["suites"]["ppl"]["perplexity"] for r in runs]
+        xs = [r["suites"]["ppl"]["token_perplexity"] for r in runs]
         ys = [r["suites"]["rtp"]["toxic_rate"] for r in runs]
         ax.plot(xs, ys, marker="o")
-        for r, x, y in zip(runs, xs, ys):
+        for r, x, y in zip(runs, xs, ys, strict=True):
             ax.annotate(f"alpha {r['alpha']:g}", (x, y), fontsize=8, xytext=(3, 3), textcoords="offset points")
-        ax.set_xlabel("perplexity (benign text)")
+        ax.set_xlabel("token perplexity (benign text)")
         ax.set_ylabel(f"toxic rate (RTP, {runs[0]['suites']['rtp']['judge']})")
         ax.set_title("alpha sweep of one surgery adapter")
         fig.tight_layout()
-        from .report import _save
+        from .report import save_figure
 
-        _save(fig, run_dir, "sweep.png")
+        save_figure(fig, run_dir, "sweep.png")
         plt.close(fig)
     return run_dir

@@ -1,0 +1,169 @@
+"""Helpers shared by the tests: tiny random models of every family, toy tokenizers and classifiers,
+and the ``surgery`` command run as a user runs it. Fixtures live in ``conftest.py``."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+DATA_DIR = (REPO / ".." / "shared" / "data").resolve()
+
+_IDS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=1)
+_SMALL = dict(vocab_size=96, max_position_embeddings=64, **_IDS)
+
+
+def tiny_config(model_type: str):
+    import transformers as tf
+
+    llama_like = dict(
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        **_SMALL,
+    )
+    configs = {
+        "llama": lambda: tf.LlamaConfig(**llama_like),
+        "mistral": lambda: tf.MistralConfig(**llama_like),
+        "qwen2": lambda: tf.Qwen2Config(**llama_like),
+        "qwen3": lambda: tf.Qwen3Config(head_dim=8, **llama_like),
+        "gemma": lambda: tf.GemmaConfig(head_dim=8, **llama_like),
+        "gemma2": lambda: tf.Gemma2Config(head_dim=8, sliding_window=16, **llama_like),
+        "gemma3_text": lambda: tf.Gemma3TextConfig(head_dim=8, sliding_window=16, **llama_like),
+        "phi3": lambda: tf.Phi3Config(**llama_like),
+        "gpt2": lambda: tf.GPT2Config(
+            n_embd=32, n_layer=3, n_head=4, n_inner=48, vocab_size=96, n_positions=64, **_IDS
+        ),
+        "gpt_neox": lambda: tf.GPTNeoXConfig(
+            hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4, **_SMALL
+        ),
+        "gptj": lambda: tf.GPTJConfig(
+            n_embd=32, n_layer=3, n_head=4, n_inner=48, rotary_dim=4, vocab_size=96, n_positions=64, **_IDS
+        ),
+        "opt": lambda: tf.OPTConfig(
+            hidden_size=32, ffn_dim=48, num_hidden_layers=3, num_attention_heads=4, word_embed_proj_dim=32, **_SMALL
+        ),
+        "falcon": lambda: tf.FalconConfig(
+            hidden_size=32, num_hidden_layers=3, num_attention_heads=4, vocab_size=96, **_IDS
+        ),
+    }
+    return configs[model_type]()
+
+
+FAMILIES = [
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gemma",
+    "gemma2",
+    "gemma3_text",
+    "phi3",
+    "gpt2",
+    "gpt_neox",
+    "gptj",
+    "opt",
+    "falcon",
+]
+
+
+def make_tiny(model_type: str, dtype=torch.float32, seed: int = 0):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = tiny_config(model_type)
+    config.name_or_path = f"tiny-{model_type}"
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    with torch.no_grad():  # random init of this size gives near-zero gates; widen so edits are visible
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.normal_(0, 0.2)
+    return model.eval()
+
+
+class CharTokenizer:
+    """A minimal tokenizer for tiny models: one id per character (mod vocab), ``__call__`` like HF's."""
+
+    pad_token_id = 0
+    eos_token_id = 1
+    padding_side = "right"
+
+    def __init__(self, vocab_size: int = 96):
+        self.vocab_size = vocab_size
+
+    def __call__(self, text, truncation=False, max_length=None, **_):
+        ids = [2 + (ord(c) % (self.vocab_size - 2)) for c in text]
+        if truncation and max_length:
+            ids = ids[:max_length]
+        return {"input_ids": ids}
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(97 + int(i) % 26) for i in ids if not (skip_special_tokens and int(i) < 2))
+
+
+WORDS = "you are a stupid idiot i love sunny days the weather is nice hate all people from there go home".split()
+TEXTS = ["you are a stupid idiot", "i love sunny days", "the weather is nice", "hate all people from there", ""]
+
+
+def bert_tokenizer():
+    from transformers import BertTokenizer
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS
+    return BertTokenizer(vocab={w: i for i, w in enumerate(vocab)})
+
+
+def tiny_bert(num_labels: int, seed: int = 0, **config):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(
+        vocab_size=5 + len(WORDS),
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=64,
+        num_labels=num_labels,
+        **config,
+    )
+    return BertForSequenceClassification(cfg).eval()
+
+
+def surgery(*args, cwd=None, env=None):
+    """Run the ``surgery`` command in a subprocess; returns the CompletedProcess."""
+    full_env = dict(os.environ, **(env or {}))
+    return subprocess.run(
+        [sys.executable, "-m", "surgery_plugin.cli", *map(str, args)],
+        cwd=cwd or REPO,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = [line for line in result.stderr.strip().splitlines() if line.startswith("surgery: error:")]
+    assert len(lines) == 1, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def write_probe(path, weight, **meta):
+    from safetensors.torch import save_file
+
+    metadata = {k: json.dumps(v) for k, v in dict(PROBE_META, hidden_size=weight.shape[1], **meta).items()}
+    save_file({"weight": weight, "bias": torch.zeros(2)}, str(path), metadata=metadata)
+    return path
+
+
+PROBE_META = dict(model="m", layer=1, pooling="mean", n_train=4, test_accuracy=1.0, test_auc=1.0, data="d", seed=0)

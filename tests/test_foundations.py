@@ -1,0 +1,130 @@
+"""The shared building blocks: atomic writes, batching, the error helper, provenance, the PEFT key codec."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+import torch
+from helpers import make_tiny
+
+from surgery_plugin import SurgeryHyperParams, execute_surgery
+from surgery_plugin.adapter import lora_tensors, parse_peft_key, peft_key, row_updates_of
+from surgery_plugin.atomic import atomic_path, atomic_write, check_output_folder
+from surgery_plugin.batching import length_sorted_batches, pad
+from surgery_plugin.errors import SurgeryError, first_line
+from surgery_plugin.models import resolve_device
+from surgery_plugin.probe import Probe
+
+
+def _mode(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_atomic_write_replaces_whole_files_and_leaves_readable_modes(tmp_path):
+    target = tmp_path / "sub" / "out.json"
+    atomic_write(target, "one")
+    atomic_write(target, b"two")
+    assert target.read_bytes() == b"two" and _mode(target) == 0o666 & ~_umask()
+    assert sorted(p.name for p in target.parent.iterdir()) == ["out.json"]
+
+
+def test_atomic_path_leaves_nothing_behind_on_failure(tmp_path):
+    target = tmp_path / "folder"
+    with pytest.raises(RuntimeError, match="boom"):
+        with atomic_path(target) as tmp:
+            tmp.mkdir()
+            (tmp / "half.bin").write_bytes(b"x")
+            raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+    with atomic_path(target) as tmp:  # a folder, written whole, replaces an empty one
+        tmp.mkdir()
+        (tmp / "a.txt").write_text("a")
+        os.chmod(tmp / "a.txt", 0o600)  # what safetensors does
+    assert (target / "a.txt").read_text() == "a" and _mode(target / "a.txt") == 0o666 & ~_umask()
+    with pytest.raises(SurgeryError, match="not empty"):
+        check_output_folder(target)
+    assert check_output_folder(target, overwrite=True) == target
+
+
+def test_length_sorted_batches_are_stable_and_complete():
+    lengths = [3, 1, 3, 2, 1, 5]
+    batches = list(length_sorted_batches(lengths, 2, progress=False))
+    assert batches == [[1, 4], [3, 0], [2, 5]]
+    with pytest.raises(ValueError):
+        list(length_sorted_batches(lengths, 0, progress=False))
+
+
+def test_pad_left_and_right():
+    ids, mask = pad([[5, 6, 7], [8]], pad_id=0, side="left")
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    ids, mask = pad([[5, 6, 7], [8]], pad_id=9, side="right")
+    assert ids.tolist() == [[5, 6, 7], [8, 9, 9]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def test_first_line_names_the_type_and_keeps_one_line():
+    assert first_line(ValueError("bad thing\nsecond line")) == "ValueError: bad thing"
+    assert first_line(KeyError()) == "KeyError"
+    assert first_line(OSError("x" * 500), limit=10) == "OSError: " + "x" * 10
+
+
+def test_peft_key_codec_round_trips_and_rejects_other_names():
+    key = peft_key("model.layers.3.mlp.gate_proj", "lora_B")
+    assert key == "base_model.model.model.layers.3.mlp.gate_proj.lora_B.weight"
+    assert parse_peft_key(key) == ("model.layers.3.mlp.gate_proj", "lora_B")
+    for bad in (
+        "model.layers.3.mlp.gate_proj.weight",
+        "base_model.model.x.lora_C.weight",
+        "base_model.model.lora_A.weight",
+    ):
+        with pytest.raises(SurgeryError, match="not a LoRA tensor name"):
+            parse_peft_key(bad)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "phi3"])
+def test_adapter_tensors_decode_to_the_same_row_updates(family):
+    model = make_tiny(family)
+    v = torch.randn(32, generator=torch.Generator().manual_seed(0))
+    edit = execute_surgery(model, Probe(torch.stack([-v, v]), torch.zeros(2)), SurgeryHyperParams(top_k=17, alpha=0.9))
+    decoded = {u.module_name: u for u in row_updates_of(lora_tensors(edit, model))}
+    for update in edit.row_updates():
+        got = decoded.pop(update.module_name)
+        assert torch.equal(got.rows, update.rows) and torch.equal(got.direction, update.direction)
+        assert torch.equal(got.scales, update.scales.float())
+    assert not decoded
+
+
+def test_resolve_device_follows_easyedit_conventions():
+    assert resolve_device("cpu") == torch.device("cpu") and resolve_device(None) is None
+    if not torch.cuda.is_available():
+        with pytest.raises(SurgeryError, match="CUDA"):
+            resolve_device(0)
+        with pytest.raises(SurgeryError, match="CUDA"):
+            resolve_device("cuda:1")
+    with pytest.raises(SurgeryError, match="unknown device 'gpu7'"):
+        resolve_device("gpu7")
+    with pytest.raises(SurgeryError, match="device must be"):
+        resolve_device(True)
+
+
+def test_the_core_imports_nothing_above_it():
+    """probe -> regions -> surgery -> adapter never reach up into evaluation, EasyEdit glue, loading or the CLI."""
+    import ast
+
+    from helpers import REPO
+
+    above = {"evaluation", "easyedit", "cli", "demo", "models", "lm_eval_tasks"}
+    for name in ("architectures", "probe", "regions", "surgery", "adapter"):
+        tree = ast.parse((REPO / "surgery_plugin" / f"{name}.py").read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                assert (node.module or "").split(".")[0] not in above, f"{name}.py imports .{node.module}"
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("surgery_plugin."):
+                assert node.module.split(".")[1] not in above, f"{name}.py imports {node.module}"

@@ -1,0 +1,66 @@
+"""What a user who installs the package (not a checkout) gets: every subpackage, the lm-eval YAMLs,
+the shipped hparams."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tomllib
+import zipfile
+
+import pytest
+from helpers import REPO
+
+
+def test_every_subpackage_is_listed_for_setuptools():
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    on_disk = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "surgery_plugin").rglob("__init__.py")}
+    assert on_disk <= listed, f"add {sorted(on_disk - listed)} to [tool.setuptools] packages in pyproject.toml"
+    assert "surgery_plugin.shipped_hparams" in listed
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory):
+    """The wheel, built from this checkout and installed into a plain folder (no checkout around it)."""
+    root = tmp_path_factory.mktemp("wheel")
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(root), str(REPO)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert build.returncode == 0, build.stderr[-3000:]
+    [wheel] = list(root.glob("surgery_plugin-*.whl"))
+    target = root / "site"
+    with zipfile.ZipFile(wheel) as archive:
+        archive.extractall(target)
+    return wheel, target
+
+
+def test_wheel_ships_hparams_and_lm_eval_templates(installed):
+    wheel, _ = installed
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert "surgery_plugin/shipped_hparams/Surgery/smollm2-135m.yaml" in names
+    assert "surgery_plugin/lm_eval_tasks/_safeedit_template_yaml" in names
+    assert "surgery_plugin/lm_eval_tasks/surgery_rtp.yaml" in names
+    shipped = {p.relative_to(REPO / "hparams").as_posix() for p in (REPO / "hparams").rglob("*.yaml")}
+    assert {n.removeprefix("surgery_plugin/shipped_hparams/") for n in names if "shipped_hparams/" in n} == shipped
+
+
+def test_installed_package_finds_its_yamls_outside_a_checkout(installed, tmp_path):
+    _, site = installed
+    code = (
+        "import surgery_plugin.hparams as h; p = h.shipped_hparams_path('smollm2-135m'); "
+        "print(p); print(h.SurgeryHyperParams.from_hparams(p).alpha)"
+    )
+    run = subprocess.run(
+        [sys.executable, "-I", "-c", f"import sys; sys.path.insert(0, {str(site)!r}); {code}"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    path, alpha = run.stdout.split()
+    assert path.startswith(str(site)) and "shipped_hparams" in path
+    assert float(alpha) > 0
