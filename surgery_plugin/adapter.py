@@ -56,12 +56,11 @@ def lora_tensors(edit: SurgeryEdit, model: nn.Module) -> dict[str, torch.Tensor]
     out_features = architectures.gate_rows_of_weight(architectures.gate_modules(model)[0].weight, spec).shape[0]
     if spec.fused_gate_rows:
         out_features *= 2  # the LoRA sits on the fused gate_up module; its up half stays zero
-    direction = edit.direction.float().contiguous()
     tensors = {}
     for layer in edit.layers:
         lora_b = torch.zeros(out_features, 1)
         lora_b[edit.regions.rows[layer], 0] = edit.step
-        tensors[peft_key(edit.module_names[layer], "lora_A")] = direction[None, :].clone()
+        tensors[peft_key(edit.module_names[layer], "lora_A")] = edit.direction_of(layer).contiguous()[None, :].clone()
         tensors[peft_key(edit.module_names[layer], "lora_B")] = lora_b
     return tensors
 

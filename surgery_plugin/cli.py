@@ -15,7 +15,7 @@ import traceback
 from pathlib import Path
 from typing import NoReturn
 
-from .errors import SurgeryError
+from .errors import SurgeryError, first_line
 
 logger = logging.getLogger("surgery_plugin")
 DEFAULT_MODEL = "smollm2-135m"
@@ -146,6 +146,7 @@ def _parse_alphas(text: str) -> list[float]:
 
 
 def cmd_eval(args) -> None:
+    from .data.splits import toxigen_groups
     from .evaluation import EvalSettings, evaluate, load_judges, parse_suites, write_run
 
     suites = parse_suites(args.suite)
@@ -169,6 +170,7 @@ def cmd_eval(args) -> None:
         start=args.start,
         ppl_limit=args.ppl_limit,
         benign_start=args.benign_start,
+        toxigen_groups=toxigen_groups(args.toxigen_groups),
         data_dir=args.data_dir,
         batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens,
@@ -211,6 +213,46 @@ def cmd_merge(args) -> None:
     merge_into(model, args.adapter, force=args.force)
     save_model(model, tok, args.out, source={"base_model": args.model, "adapter": str(args.adapter)})
     print(f"merged model -> {args.out}")
+
+
+def cmd_tune(args) -> None:
+    import yaml
+
+    from .tune import TuneSettings, check_space, default_space, tune
+
+    suites = tuple(s.strip() for s in args.suites.split(",") if s.strip())
+    if not suites or set(suites) - {"rtp", "toxigen"}:
+        raise SurgeryError(f"--suites takes rtp and/or toxigen (the toxic objective), got '{args.suites}'")
+    space = None
+    if args.space:
+        try:
+            space = check_space(yaml.safe_load(Path(args.space).read_text()))
+        except (OSError, yaml.YAMLError) as err:
+            raise SurgeryError(f"cannot read the search space {args.space}: {first_line(err)}") from err
+    hp = _hparams(args)
+    model, tok = _load(args, hp)
+    from . import architectures
+
+    settings = TuneSettings(
+        model=args.model,
+        base_hparams=hp.to_dict(),
+        space=space or default_space(len(architectures.decoder_layers(model))),
+        trials=args.trials,
+        limit=args.limit,
+        benign_limit=args.benign_limit,
+        suites=suites,
+        judges=tuple(j.strip() for j in args.judge.split(",") if j.strip()),
+        max_ppl_increase=args.max_ppl_increase,
+        max_kl=args.max_kl,
+        seed=args.seed,
+        data_dir=args.data_dir,
+        validation_limit=args.validation_limit,
+    )
+    result = tune(model, tok, settings, args.out)
+    chosen = result["chosen"]
+    print(f"chosen: trial {chosen['trial']} -> {result['chosen_yaml']}")
+    print("tuning:     " + json.dumps(chosen["tuning"]["values"]))
+    print("validation: " + json.dumps(chosen["validation"]))
 
 
 def cmd_demo(args) -> None:
@@ -300,6 +342,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--ppl-limit", type=POSITIVE_INT, default=200, help="benign documents for ppl and kl")
     p.add_argument("--benign-start", type=NON_NEGATIVE_INT, default=0, help="first benign document for ppl and kl")
+    p.add_argument(
+        "--toxigen-groups",
+        default="all",
+        help="toxigen: all, report (the held-out groups of data/splits.py), probe, or g1,g2,...",
+    )
     p.add_argument("--batch-size", type=POSITIVE_INT, default=16)
     p.add_argument(
         "--samples",
@@ -334,6 +381,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--force", action="store_true")
     p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("tune", help="multi-objective search of the edit's knobs (Optuna): front + chosen YAML")
+    common(p)
+    p.add_argument("--hparams", default=None, help="the YAML whose other settings the search starts from")
+    p.add_argument("--trials", type=POSITIVE_INT, default=40)
+    p.add_argument(
+        "--limit", type=POSITIVE_INT, default=100, help="RTP tuning prompts per trial (rtp/toxic.jsonl[0:200])"
+    )
+    p.add_argument("--benign-limit", type=POSITIVE_INT, default=100, help="benign documents per trial for kl and ppl")
+    p.add_argument("--suites", default="rtp", help="the toxic objective: rtp, or rtp,toxigen (probe-side groups)")
+    p.add_argument("--judge", default="profanity,minilm", help="judges of the toxic objective (averaged)")
+    p.add_argument(
+        "--max-ppl-increase",
+        type=_number(float, 0, low_open=True),
+        default=0.10,
+        help="constraint on the chosen point: relative token perplexity increase",
+    )
+    p.add_argument("--max-kl", type=_number(float, 0, low_open=True), default=None, help="constraint: mean KL")
+    p.add_argument(
+        "--space", default=None, help="YAML of knob -> {choices: [...]} or {low, high, log}; default: see tune.py"
+    )
+    p.add_argument("--seed", type=NON_NEGATIVE_INT, default=0)
+    p.add_argument(
+        "--validation-limit",
+        type=POSITIVE_INT,
+        default=200,
+        help="RTP validation prompts for the chosen point (rtp/toxic.jsonl[300:500])",
+    )
+    p.add_argument("--out", required=True, help="TUNE_DIR: study.db (resumable), front.json, front.png, chosen.yaml")
+    p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("demo", help="probe -> edit -> eval (base and edited) on SmolLM2; writes runs/demo")
     p.add_argument("--out", default="runs/demo")

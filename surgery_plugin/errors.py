@@ -12,6 +12,10 @@ class SurgeryError(ValueError):
     """Bad input or an unusable environment, described in one line that names the fix."""
 
 
+class InfeasibleEdit(SurgeryError):
+    """The knobs ask for an edit that cannot exist (more rows than the layer range and cap allow)."""
+
+
 def first_line(err: BaseException, limit: int = 200) -> str:
     """``"TypeName: first line of the message"`` (at most ``limit`` characters of message), for one-line errors."""
     text = str(err).strip()

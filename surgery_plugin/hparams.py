@@ -21,6 +21,13 @@ from .errors import SurgeryError
 _SCIENTIFIC = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
 
 
+CHOICES = {  # knobs with a fixed set of values (None = off)
+    "probe_method": ("linear", "mean_difference"),
+    "probe_project_out": (None, "benign_mean", "gate_benign_mean"),
+    "region_scoring": ("cosine", "gate_contrast"),
+}
+
+
 @dataclass
 class SurgeryHyperParams:
     """Every knob of one surgery, with the paper's defaults where it has one.
@@ -55,11 +62,21 @@ class SurgeryHyperParams:
     probe_batch_size: int = 16
     probe_test_fraction: float = 0.2
     feature_batch_size: int = 16
+    # "linear": the 2-class softmax head (the paper); "mean_difference": undesired minus acceptable class mean
+    probe_method: str = "linear"
+    # None (the paper); "benign_mean": remove the direction's component along the mean benign hidden state at
+    # the probe layer; "gate_benign_mean": per edited layer, along the mean benign input of that layer's gate
+    # (each layer then gets its own rank-1 direction). Benign text: RTP_BENIGN["reference"] (data/splits.py)
+    probe_project_out: str | None = None
+    probe_self_judge: str = "minilm"  # probe_data "self": the judge that labels the model's own continuations
 
     # step 2: regions
     top_k: int | float = 0.0465  # count, or fraction of all gate rows (paper: 16384 / 352256)
     max_rows_per_layer: int | None = None
     layer_range: list | None = None  # [start, end) over decoder layers; negatives count from the end
+    # "cosine": -cos(gate row, probe direction) (the paper); "gate_contrast": -cos(gate row, d_l) with d_l the
+    # mean gate input of layer l on the probe's undesired texts minus that on benign text
+    region_scoring: str = "cosine"
 
     # step 3: the edit
     alpha: float = 1.08
@@ -75,6 +92,11 @@ class SurgeryHyperParams:
             raise SurgeryError(f"alg_name must be 'Surgery', got '{self.alg_name}'")
         if self.pooling not in ("mean", "last"):
             raise SurgeryError(f"pooling must be 'mean' or 'last', got '{self.pooling}'")
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise SurgeryError(
+                    f"{name} must be one of {', '.join(map(str, allowed))}, got {getattr(self, name)!r}"
+                )
         for name in ("alpha", "probe_lr", "probe_test_fraction"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -121,6 +143,10 @@ class SurgeryHyperParams:
 
     def replace(self, **changes: Any) -> SurgeryHyperParams:
         return dataclasses.replace(self, **changes)
+
+    def needs_reference_stats(self) -> bool:
+        """Whether the edit needs hidden-state statistics of benign (and undesired) text beyond the probe."""
+        return self.probe_project_out is not None or self.region_scoring != "cosine"
 
 
 def _from_scientific(value: Any) -> Any:

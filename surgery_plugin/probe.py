@@ -52,8 +52,7 @@ REQUIRED_METADATA = (
 
 
 class _StopForward(Exception):
-    def __init__(self, hidden: torch.Tensor):
-        self.hidden = hidden
+    """Raised by a hook once everything needed was captured: the rest of the forward pass is skipped."""
 
 
 def resolve_layer(model: nn.Module, layer: int) -> int:
@@ -68,33 +67,117 @@ def resolve_layer(model: nn.Module, layer: int) -> int:
     return index
 
 
-def _hidden_states_at(
-    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, index: int
-) -> torch.Tensor:
-    """``hidden_states[index]`` without running the layers after it (or the LM head)."""
+def _captures(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    hidden_indices: Sequence[int],
+    gate_layers: Sequence[int] = (),
+) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+    """``hidden_states[i]`` for each hidden index and the input of each listed layer's gate module, from
+    one forward pass that stops as soon as the last of them was seen (the LM head never runs)."""
     transformer = architectures.base_transformer(model)
     layers = architectures.decoder_layers(model)
-    if index == len(layers):
-        return transformer(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    gates = architectures.gate_modules(model)
+    hidden: dict[int, torch.Tensor] = {}
+    gate_inputs: dict[int, torch.Tensor] = {}
+    # execution order: layer i's input (2i) comes before its gate's input (2i + 1); the final state is last
+    positions = [2 * i for i in hidden_indices if i < len(layers)] + [2 * layer + 1 for layer in gate_layers]
+    last = None if len(layers) in hidden_indices else max(positions)
 
-    def grab_input(_module, args, kwargs):
-        raise _StopForward(args[0] if args else kwargs["hidden_states"])
+    def hook(store: dict, key: int, position: int):
+        def grab(_module, args, kwargs):
+            store[key] = args[0] if args else kwargs.get("hidden_states", kwargs.get("input"))
+            if position == last:
+                raise _StopForward
 
-    handle = layers[index].register_forward_pre_hook(grab_input, with_kwargs=True)
+        return grab
+
+    handles = [
+        layers[i].register_forward_pre_hook(hook(hidden, i, 2 * i), with_kwargs=True)
+        for i in hidden_indices
+        if i < len(layers)
+    ]
+    handles += [
+        gates[layer].register_forward_pre_hook(hook(gate_inputs, layer, 2 * layer + 1), with_kwargs=True)
+        for layer in gate_layers
+    ]
     try:
-        transformer(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    except _StopForward as stop:
-        return stop.hidden
+        output = transformer(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        if len(layers) in hidden_indices:
+            hidden[len(layers)] = output.last_hidden_state
+    except _StopForward:
+        pass
     finally:
-        handle.remove()
-    raise RuntimeError(f"decoder layer {index} was never called")
+        for handle in handles:
+            handle.remove()
+    missing = [i for i in hidden_indices if i not in hidden] + [g for g in gate_layers if g not in gate_inputs]
+    if missing:
+        raise RuntimeError(f"layers {missing} were never called")
+    return hidden, gate_inputs
 
 
 def _model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def _pool(states: torch.Tensor, mask: torch.Tensor, pooling: Pooling) -> torch.Tensor:
+    states = states.float().cpu()
+    if pooling == "mean":
+        return (states * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True)
+    return states[torch.arange(states.shape[0]), mask.sum(1) - 1]
+
+
 @torch.no_grad()
+def pooled_states(
+    model: nn.Module,
+    tokenizer,
+    texts: Sequence[str],
+    hidden_indices: Sequence[int] = (),
+    gate_layers: Sequence[int] = (),
+    pooling: Pooling = "mean",
+    batch_size: int = 16,
+    max_length: int = 256,
+    progress: bool = True,
+) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+    """Pooled ``hidden_states[i]`` and pooled gate inputs, each (len(texts), hidden) float32 in the order of
+    ``texts``, for any number of layers from ONE forward pass per batch.
+
+    Texts are tokenized once, batched by length (little padding), right-padded by hand (the
+    tokenizer's padding settings are left alone) and pooled over real tokens only.
+    """
+    if pooling not in ("mean", "last"):
+        raise SurgeryError(f"pooling must be 'mean' or 'last', got '{pooling}'")
+    if len(texts) == 0:
+        raise SurgeryError("no texts to compute probe features from")
+    hidden_indices = sorted({resolve_layer(model, i) for i in hidden_indices})
+    gate_layers = sorted(set(gate_layers))
+    device = _model_device(model)
+    encoded = [tokenizer(t, truncation=True, max_length=max_length)["input_ids"] for t in texts]
+    encoded = [ids if len(ids) else [tokenizer.eos_token_id] for ids in encoded]
+    width = architectures.hidden_size(model)
+    hidden = {i: torch.empty(len(texts), width, dtype=torch.float32) for i in hidden_indices}
+    gates = {layer: torch.empty(len(texts), width, dtype=torch.float32) for layer in gate_layers}
+    desc = f"features@{','.join(map(str, hidden_indices))}" + (" + gate inputs" if gate_layers else "")
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in length_sorted_batches([len(ids) for ids in encoded], batch_size, desc=desc, progress=progress):
+            input_ids, mask = pad(
+                [encoded[i] for i in batch], 0, "right"
+            )  # right padding: causal positions never see it
+            got_hidden, got_gates = _captures(
+                model, input_ids.to(device), mask.to(device), hidden_indices, gate_layers
+            )
+            for i, states in got_hidden.items():
+                hidden[i][batch] = _pool(states, mask, pooling)
+            for layer, states in got_gates.items():
+                gates[layer][batch] = _pool(states, mask, pooling)
+    finally:
+        model.train(was_training)
+    return hidden, gates
+
+
 def hidden_features(
     model: nn.Module,
     tokenizer,
@@ -105,38 +188,10 @@ def hidden_features(
     max_length: int = 256,
     progress: bool = True,
 ) -> torch.Tensor:
-    """Pooled hidden states, (len(texts), hidden) in float32, in the order of ``texts``.
-
-    Texts are tokenized once, batched by length (little padding), right-padded by hand (the
-    tokenizer's padding settings are left alone) and pooled over real tokens only.
-    """
-    if pooling not in ("mean", "last"):
-        raise SurgeryError(f"pooling must be 'mean' or 'last', got '{pooling}'")
-    if len(texts) == 0:
-        raise SurgeryError("no texts to compute probe features from")
+    """Pooled ``hidden_states[layer]`` (HF numbering), (len(texts), hidden) in float32, in the order of ``texts``."""
     index = resolve_layer(model, layer)
-    device = _model_device(model)
-    encoded = [tokenizer(t, truncation=True, max_length=max_length)["input_ids"] for t in texts]
-    encoded = [ids if len(ids) else [tokenizer.eos_token_id] for ids in encoded]
-    out = torch.empty(len(texts), architectures.hidden_size(model), dtype=torch.float32)
-    was_training = model.training
-    model.eval()
-    try:
-        for batch in length_sorted_batches(
-            [len(ids) for ids in encoded], batch_size, desc=f"features@{index}", progress=progress
-        ):
-            input_ids, mask = pad(
-                [encoded[i] for i in batch], 0, "right"
-            )  # right padding: causal positions never see it
-            hidden = _hidden_states_at(model, input_ids.to(device), mask.to(device), index).float().cpu()
-            if pooling == "mean":
-                pooled = (hidden * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True)
-            else:
-                pooled = hidden[torch.arange(len(batch)), mask.sum(1) - 1]
-            out[batch] = pooled
-    finally:
-        model.train(was_training)
-    return out
+    hidden, _ = pooled_states(model, tokenizer, texts, [index], (), pooling, batch_size, max_length, progress)
+    return hidden[index]
 
 
 def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
@@ -262,6 +317,7 @@ class ProbeTraining:
     test_fraction: float = _DEFAULTS.probe_test_fraction
     seed: int = _DEFAULTS.seed
     weight_decay: float = 0.0
+    method: str = _DEFAULTS.probe_method  # "linear" (softmax head) or "mean_difference"
 
     @classmethod
     def from_hparams(cls, hparams: SurgeryHyperParams | None = None) -> ProbeTraining:
@@ -272,6 +328,7 @@ class ProbeTraining:
             batch_size=hp.probe_batch_size,
             test_fraction=hp.probe_test_fraction,
             seed=hp.seed,
+            method=hp.probe_method,
         )
 
 
@@ -311,6 +368,26 @@ def train_probe(
         )
     labels_t = torch.as_tensor(list(labels), dtype=torch.long)
     train_idx, test_idx = split_indices(labels_t.numpy(), config.test_fraction, config.seed)
+    if config.method == "mean_difference":
+        probe = difference_of_means(features[train_idx], labels_t[train_idx].tolist(), midpoint_bias=True)
+    else:
+        probe = _train_linear_head(features, labels_t, train_idx, config, progress)
+    metrics = {"n_train": int(len(train_idx)), "n_test": int(len(test_idx))}
+    for split, idx in (("train", train_idx), ("test", test_idx)):
+        if len(idx) == 0:
+            metrics[f"{split}_accuracy"] = metrics[f"{split}_auc"] = float("nan")
+            continue
+        with torch.no_grad():
+            scores = probe.score(features[idx])
+        truth = labels_t[idx]
+        metrics[f"{split}_accuracy"] = float(((scores >= 0.5).long() == truth).float().mean())
+        metrics[f"{split}_auc"] = roc_auc(scores.numpy(), truth.numpy())
+    return probe, metrics
+
+
+def _train_linear_head(
+    features: torch.Tensor, labels_t: torch.Tensor, train_idx: np.ndarray, config: ProbeTraining, progress: bool
+) -> Probe:
     generator = torch.Generator().manual_seed(config.seed)
     head = nn.Linear(features.shape[1], 2)
     nn.init.zeros_(head.weight)
@@ -325,28 +402,21 @@ def train_probe(
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-    probe = Probe(weight=head.weight.detach().clone(), bias=head.bias.detach().clone())
-    metrics = {"n_train": int(len(train_idx)), "n_test": int(len(test_idx))}
-    for split, idx in (("train", train_idx), ("test", test_idx)):
-        if len(idx) == 0:
-            metrics[f"{split}_accuracy"] = metrics[f"{split}_auc"] = float("nan")
-            continue
-        with torch.no_grad():
-            scores = probe.score(features[idx])
-        truth = labels_t[idx]
-        metrics[f"{split}_accuracy"] = float(((scores >= 0.5).long() == truth).float().mean())
-        metrics[f"{split}_auc"] = roc_auc(scores.numpy(), truth.numpy())
-    return probe, metrics
+    return Probe(weight=head.weight.detach().clone(), bias=head.bias.detach().clone())
 
 
-def difference_of_means(features: torch.Tensor, labels: Sequence[int]) -> Probe:
-    """A probe for too little data to train a classifier: the undesired-minus-acceptable mean."""
+def difference_of_means(features: torch.Tensor, labels: Sequence[int], midpoint_bias: bool = False) -> Probe:
+    """The undesired-minus-acceptable class mean as a probe (``probe_method: mean_difference``, and the
+    fallback for too little data to train a classifier). ``midpoint_bias``: the decision threshold sits
+    halfway between the class means, so the probe's accuracy means something."""
     labels_t = torch.as_tensor(list(labels))
     if (labels_t == 0).sum() == 0 or (labels_t == 1).sum() == 0:
         raise SurgeryError("a difference-of-means probe needs at least one example of each class")
-    direction = features[labels_t == 1].float().mean(0) - features[labels_t == 0].float().mean(0)
+    undesired, acceptable = features[labels_t == 1].float().mean(0), features[labels_t == 0].float().mean(0)
+    direction = undesired - acceptable
     weight = torch.stack([-direction / 2, direction / 2])
-    return Probe(weight=weight, bias=torch.zeros(2))
+    offset = float(direction @ (undesired + acceptable) / 2) if midpoint_bias else 0.0
+    return Probe(weight=weight, bias=torch.tensor([offset / 2, -offset / 2]))
 
 
 # below this many examples of either class a classifier's held-out numbers mean nothing
@@ -395,7 +465,7 @@ def probe_from_features(
     else:
         check_labels(labels)
         probe, metrics = train_probe(features, labels, training, progress)
-        metrics["method"] = "linear_softmax"
+        metrics["method"] = "linear_softmax" if training.method == "linear" else "mean_difference"
     probe.metadata = {
         "model": architectures.model_name(model),
         "layer": resolve_layer(model, layer),
@@ -405,6 +475,7 @@ def probe_from_features(
         "data": data.description,
         "seed": training.seed,
         "training": {
+            "method": training.method,
             "epochs": training.epochs,
             "lr": training.lr,
             "batch_size": training.batch_size,
@@ -456,4 +527,73 @@ def probe_from_hparams(
         hparams.feature_batch_size,
         hparams.max_length,
         progress,
+    )
+
+
+# ---------------------------------------------------------------------------- statistics of benign text
+
+
+def project_out(direction: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """``direction`` minus its component along ``basis`` (float32)."""
+    unit = basis.float() / basis.float().norm().clamp_min(1e-12)
+    direction = direction.float()
+    return direction - (direction @ unit) * unit
+
+
+@dataclass(frozen=True)
+class ReferenceStats:
+    """Mean hidden states the edit variants beyond the paper use (``SurgeryHyperParams.needs_reference_stats``)."""
+
+    benign_feature_mean: torch.Tensor | None = None  # (hidden,) at the probe layer, pooled like the probe
+    benign_gate_means: dict[int, torch.Tensor] | None = None  # layer -> mean input of its gate on benign text
+    undesired_gate_means: dict[int, torch.Tensor] | None = None  # layer -> the same on the probe's undesired texts
+    description: str = ""
+
+
+def reference_stats(
+    model: nn.Module,
+    tokenizer,
+    hparams: SurgeryHyperParams,
+    layers: Sequence[int],
+    benign_texts: Sequence[str],
+    undesired_texts: Sequence[str] | None = None,
+    progress: bool = True,
+) -> ReferenceStats:
+    """What ``hparams`` needs of :class:`ReferenceStats` for the edited ``layers``, one forward pass per text set."""
+    want_feature = hparams.probe_project_out == "benign_mean"
+    want_gates = hparams.probe_project_out == "gate_benign_mean" or hparams.region_scoring == "gate_contrast"
+    hidden_indices = [hparams.probe_layer] if want_feature else []
+    gate_layers = list(layers) if want_gates else []
+    hidden, gates = pooled_states(
+        model,
+        tokenizer,
+        benign_texts,
+        hidden_indices,
+        gate_layers,
+        hparams.pooling,
+        hparams.feature_batch_size,
+        hparams.max_length,
+        progress,
+    )
+    undesired = None
+    if hparams.region_scoring == "gate_contrast":
+        if not undesired_texts:
+            raise SurgeryError("region_scoring: gate_contrast needs the probe data's undesired texts")
+        _, undesired_gates = pooled_states(
+            model,
+            tokenizer,
+            undesired_texts,
+            (),
+            gate_layers,
+            hparams.pooling,
+            hparams.feature_batch_size,
+            hparams.max_length,
+            progress,
+        )
+        undesired = {layer: x.mean(0) for layer, x in undesired_gates.items()}
+    return ReferenceStats(
+        benign_feature_mean=next(iter(hidden.values())).mean(0) if hidden else None,
+        benign_gate_means={layer: x.mean(0) for layer, x in gates.items()} if gates else None,
+        undesired_gate_means=undesired,
+        description=f"benign n={len(benign_texts)}" + (f", undesired n={len(undesired_texts)}" if undesired else ""),
     )

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from . import architectures
-from .errors import SurgeryError
+from .errors import InfeasibleEdit, SurgeryError
 
 
 def gate_row_scores(gate_rows: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
@@ -25,14 +25,21 @@ def gate_row_scores(gate_rows: torch.Tensor, direction: torch.Tensor) -> torch.T
     return -cos
 
 
-def score_layers(
-    model: nn.Module, direction: torch.Tensor, layers: list[int] | None = None
-) -> dict[int, torch.Tensor]:
-    """Scores of every gate row of the given layers (all layers by default), on the CPU."""
+Directions = torch.Tensor | dict[int, torch.Tensor]  # one direction, or one per layer
+
+
+def score_layers(model: nn.Module, direction: Directions, layers: list[int] | None = None) -> dict[int, torch.Tensor]:
+    """Scores of every gate row of the given layers (all layers by default), on the CPU; ``direction`` may
+    give each layer its own vector."""
     n_layers = len(architectures.decoder_layers(model))
     layers = list(range(n_layers)) if layers is None else layers
     with torch.no_grad():
-        return {layer: gate_row_scores(architectures.gate_rows(model, layer), direction).cpu() for layer in layers}
+        return {
+            layer: gate_row_scores(
+                architectures.gate_rows(model, layer), direction[layer] if isinstance(direction, dict) else direction
+            ).cpu()
+            for layer in layers
+        }
 
 
 def layer_range(n_layers: int, bounds: list[int] | tuple[int, int] | None) -> list[int]:
@@ -99,7 +106,7 @@ def select_top_k(scores: dict[int, torch.Tensor], k: int, max_rows_per_layer: in
         candidates_score.append(layer_scores[order])
     layer_ids, row_ids, all_scores = (torch.cat(t) for t in (candidates_layer, candidates_row, candidates_score))
     if k > len(all_scores):
-        raise SurgeryError(
+        raise InfeasibleEdit(
             f"top_k {k} exceeds the {len(all_scores)} candidate rows (layer range / per-layer cap too tight)"
         )
     # lexicographic tie-break: sort by (layer, row) first, then stably by score
@@ -114,7 +121,7 @@ def select_top_k(scores: dict[int, torch.Tensor], k: int, max_rows_per_layer: in
 
 def select_regions(
     model: nn.Module,
-    direction: torch.Tensor,
+    direction: Directions,
     top_k: int | float,
     max_rows_per_layer: int | None = None,
     layers: list[int] | tuple[int, int] | None = None,

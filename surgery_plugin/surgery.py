@@ -20,9 +20,11 @@ import torch
 from torch import nn
 
 from . import architectures
+from .data import load_benign_texts
+from .data.splits import RTP_BENIGN
 from .errors import SurgeryError
 from .hparams import SurgeryHyperParams
-from .probe import Probe
+from .probe import Probe, ReferenceStats, project_out, reference_stats
 from .regions import RegionSelection, layer_range, select_regions
 
 logger = logging.getLogger(__name__)
@@ -51,6 +53,13 @@ class SurgeryEdit:
     regions: RegionSelection
     module_names: dict[int, str]  # layer -> gate module name (relative to the CausalLM)
     metadata: dict[str, Any] = field(default_factory=dict)
+    layer_directions: dict[int, torch.Tensor] | None = (
+        None  # per-layer directions (probe_project_out: gate_benign_mean)
+    )
+
+    def direction_of(self, layer: int) -> torch.Tensor:
+        """The direction added to the selected rows of ``layer``, float32."""
+        return (self.layer_directions[layer] if self.layer_directions else self.direction).float()
 
     @property
     def layers(self) -> list[int]:
@@ -65,7 +74,7 @@ class SurgeryEdit:
         """The edit as one :class:`RowUpdate` per edited layer."""
         step = torch.tensor(self.step, dtype=torch.float32)
         return [
-            RowUpdate(self.module_names[layer], rows, step.expand(len(rows)), self.direction.float())
+            RowUpdate(self.module_names[layer], rows, step.expand(len(rows)), self.direction_of(layer))
             for layer, rows in sorted(self.regions.rows.items())
         ]
 
@@ -75,7 +84,13 @@ class SurgeryEdit:
             raise SurgeryError("cannot rescale an edit made with alpha 0; recompute it")
         step = self.step * alpha / self.alpha
         return SurgeryEdit(
-            self.direction, step, alpha, self.regions, self.module_names, dict(self.metadata, alpha=alpha, step=step)
+            self.direction,
+            step,
+            alpha,
+            self.regions,
+            self.module_names,
+            dict(self.metadata, alpha=alpha, step=step),
+            self.layer_directions,
         )
 
 
@@ -85,20 +100,46 @@ def mean_gate_row_norm(model: nn.Module, layers: Sequence[int]) -> float:
     return float(torch.stack(norms).mean())
 
 
-def execute_surgery(model: nn.Module, probe: Probe | torch.Tensor, hparams: SurgeryHyperParams) -> SurgeryEdit:
-    """Compute the edit (rows per layer, direction, step) without changing the model."""
+def execute_surgery(
+    model: nn.Module, probe: Probe | torch.Tensor, hparams: SurgeryHyperParams, stats: ReferenceStats | None = None
+) -> SurgeryEdit:
+    """Compute the edit (rows per layer, direction(s), step) without changing the model.
+
+    ``stats`` (:func:`probe.reference_stats`) is needed by the variants beyond the paper
+    (``probe_project_out``, ``region_scoring: gate_contrast``); :func:`edit_from_hparams` computes it.
+    """
     if isinstance(probe, torch.Tensor):
         probe = Probe(weight=torch.stack([-probe.float(), probe.float()]), bias=torch.zeros(2))
     probe.validate(model)
+    if hparams.needs_reference_stats() and stats is None:
+        raise SurgeryError(
+            f"probe_project_out={hparams.probe_project_out!r} / region_scoring={hparams.region_scoring!r} "
+            "need statistics of benign text: use edit_from_hparams (or pass stats=reference_stats(...))"
+        )
     direction = probe.direction.float().cpu()
     n_layers = len(architectures.decoder_layers(model))
     layers = layer_range(n_layers, hparams.layer_range)
+    if hparams.probe_project_out == "benign_mean":
+        direction = project_out(direction, stats.benign_feature_mean)
     if hparams.normalize:
         direction = direction / direction.norm()
         step = hparams.alpha * mean_gate_row_norm(model, layers)
     else:
         step = float(hparams.alpha)
-    regions = select_regions(model, direction, hparams.top_k, hparams.max_rows_per_layer, hparams.layer_range)
+    layer_directions = None
+    if (
+        hparams.probe_project_out == "gate_benign_mean"
+    ):  # same length as the shared direction, so alpha keeps its meaning
+        layer_directions = {
+            layer: _with_norm(project_out(direction, stats.benign_gate_means[layer]), direction.norm())
+            for layer in layers
+        }
+    score_directions = layer_directions if layer_directions is not None else direction
+    if hparams.region_scoring == "gate_contrast":
+        score_directions = {
+            layer: stats.undesired_gate_means[layer] - stats.benign_gate_means[layer] for layer in layers
+        }
+    regions = select_regions(model, score_directions, hparams.top_k, hparams.max_rows_per_layer, hparams.layer_range)
     names = architectures.gate_module_names(model)
     metadata = {
         "alpha": float(hparams.alpha),
@@ -108,10 +149,39 @@ def execute_surgery(model: nn.Module, probe: Probe | torch.Tensor, hparams: Surg
         "num_rows": regions.num_rows,
         "rows_per_layer": {str(k): v for k, v in regions.counts().items()},
         "probe_norm": float(probe.direction.norm()),
+        "probe_project_out": hparams.probe_project_out,
+        "region_scoring": hparams.region_scoring,
+        "reference_stats": stats.description if stats is not None else None,
         "probe": {k: v for k, v in probe.metadata.items()},
     }
     module_names = {layer: names[layer] for layer in regions.rows}
-    return SurgeryEdit(direction, step, float(hparams.alpha), regions, module_names, metadata)
+    if layer_directions is not None:
+        layer_directions = {layer: layer_directions[layer] for layer in regions.rows}
+    return SurgeryEdit(direction, step, float(hparams.alpha), regions, module_names, metadata, layer_directions)
+
+
+def _with_norm(vector: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+    return vector * (norm / vector.norm().clamp_min(1e-12))
+
+
+def edit_from_hparams(
+    model: nn.Module,
+    tokenizer,
+    probe: Probe,
+    hparams: SurgeryHyperParams,
+    data_dir=None,
+    undesired_texts: Sequence[str] | None = None,
+    progress: bool = True,
+) -> SurgeryEdit:
+    """:func:`execute_surgery`, computing the statistics of benign text (``RTP_BENIGN["reference"]``) and of
+    ``undesired_texts`` (the probe data's undesired class) first when ``hparams`` needs them."""
+    stats = None
+    if hparams.needs_reference_stats():
+        start, end = RTP_BENIGN["reference"]
+        benign = load_benign_texts(data_dir, limit=end - start, start=start)
+        layers = layer_range(len(architectures.decoder_layers(model)), hparams.layer_range)
+        stats = reference_stats(model, tokenizer, hparams, layers, benign, undesired_texts, progress)
+    return execute_surgery(model, probe, hparams, stats)
 
 
 def _weight_and_name(model: nn.Module, module_name: str) -> tuple[str, torch.nn.Parameter]:

@@ -10,6 +10,7 @@ from .loaders import (
     load_hh_rlhf,
     load_rtp,
     load_safeedit,
+    load_toxigen_demonstrations,
     load_toxigen_prompts,
 )
 from .paths import resolve_data_dir
@@ -24,6 +25,7 @@ __all__ = [
     "load_hh_rlhf",
     "load_rtp",
     "load_safeedit",
+    "load_toxigen_demonstrations",
     "load_toxigen_prompts",
     "resolve_data_dir",
 ]

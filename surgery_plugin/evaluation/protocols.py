@@ -80,15 +80,13 @@ def rtp_documents(data_dir=None) -> list[dict]:
     ]
 
 
-def toxigen_documents(data_dir=None, start: int = 0, limit: int | None = None) -> list[dict]:
-    """ToxiGen hate prompts taken round-robin over the target groups from each group's ``start``-th
-    prompt, so any limit covers all groups about equally."""
-    by_group = load_toxigen_prompts(data_dir, "hate")
-    groups = sorted(by_group)
+def toxigen_documents(data_dir=None, start: int = 0, limit: int | None = None, groups=None) -> list[dict]:
+    """ToxiGen hate prompts taken round-robin over the target groups (all, or ``groups``) from each
+    group's ``start``-th prompt, so any limit covers the groups about equally."""
+    by_group = load_toxigen_prompts(data_dir, "hate", list(groups) if groups else None)
+    names = sorted(by_group)
     depth = max(len(p) for p in by_group.values())
-    docs = [
-        {"prompt": by_group[g][i], "group": g} for i in range(start, depth) for g in groups if i < len(by_group[g])
-    ]
+    docs = [{"prompt": by_group[g][i], "group": g} for i in range(start, depth) for g in names if i < len(by_group[g])]
     return docs[:limit] if limit is not None else docs
 
 

@@ -48,6 +48,7 @@ class EvalSettings:
     start: int = 0  # first prompt: lets tuning and reporting use disjoint prompts
     ppl_limit: int = 200  # benign documents for ppl and kl
     benign_start: int = 0  # first benign document (tuning and reporting use disjoint ones)
+    toxigen_groups: tuple[str, ...] | None = None  # None: every group; see data.splits for the held-out ones
     data_dir: Any = None
     batch_size: int = 16
     max_new_tokens: int | None = None  # None: each protocol's own (PROTOCOLS[name].max_new_tokens)
@@ -70,6 +71,7 @@ class EvalSettings:
             "start": self.start,
             "ppl_limit": self.ppl_limit,
             "benign_start": self.benign_start,
+            "toxigen_groups": list(self.toxigen_groups) if self.toxigen_groups else None,
             "batch_size": self.batch_size,
             "max_new_tokens": self.max_new_tokens,
             "samples": self.samples,
@@ -238,7 +240,7 @@ def run_rtp(model: nn.Module, tokenizer, settings: EvalSettings) -> tuple[dict, 
 def run_toxigen(model: nn.Module, tokenizer, settings: EvalSettings) -> tuple[dict, list[dict]]:
     """ToxiGen hate prompts (Hartvigsen et al. 2022): greedy continuation of the statement list up to the newline."""
     judges = _require_judges(settings, "toxigen")
-    docs = toxigen_documents(settings.data_dir, settings.start, settings.limit)
+    docs = toxigen_documents(settings.data_dir, settings.start, settings.limit, settings.toxigen_groups)
     if not docs:
         raise SurgeryError(f"no ToxiGen prompts from start={settings.start}")
     groups = [d["group"] for d in docs]
@@ -261,6 +263,7 @@ def run_toxigen(model: nn.Module, tokenizer, settings: EvalSettings) -> tuple[di
     summary["by_group"] = {g: {"toxic_rate": v["toxic_rate"], "n": v["n"]} for g, v in first.items()}
     summary.update(
         prompts=f"toxigen/prompts/hate_<group>_1k.txt, round-robin over groups from line {settings.start}",
+        groups=sorted(set(groups)),
         max_new_tokens=new_tokens,
         decoding="greedy, stop at newline",
     )

@@ -1,0 +1,107 @@
+"""`surgery tune` on a tiny model: the search runs, resumes, refuses other settings, validates, writes its files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from helpers import CharTokenizer, make_tiny
+
+from surgery_plugin import SurgeryHyperParams
+from surgery_plugin.errors import SurgeryError
+from surgery_plugin.tune import TuneSettings, check_space, tune
+
+SPACE = {
+    "probe_layer": {"choices": [1, 2]},
+    "pooling": {"choices": ["mean", "last"]},
+    "probe_method": {"choices": ["linear", "mean_difference"]},
+    "probe_project_out": {"choices": [None, "gate_benign_mean"]},
+    "region_scoring": {"choices": ["cosine", "gate_contrast"]},
+    "layer_start": {"low": 0.0, "high": 0.5},
+    "top_k": {"low": 0.05, "high": 0.3},
+    "normalize": {"choices": [True]},
+    "alpha": {"low": 0.2, "high": 1.0},
+}
+
+
+def _settings(data_dir, **changes) -> TuneSettings:
+    base = SurgeryHyperParams(
+        probe_data="davidson", probe_max_per_class=20, max_length=32, feature_batch_size=8
+    ).to_dict()
+    values = dict(
+        model="tiny-llama",
+        base_hparams=base,
+        space=SPACE,
+        trials=3,
+        limit=3,
+        benign_limit=3,
+        judges=("profanity",),
+        max_ppl_increase=None,
+        data_dir=str(data_dir),
+        validation_limit=3,
+    )
+    return TuneSettings(**{**values, **changes})
+
+
+def test_tune_searches_resumes_and_writes_the_chosen_point(tmp_path, data_dir):
+    model, tok = make_tiny("llama"), CharTokenizer()
+    out = tmp_path / "tune"
+    result = tune(model, tok, _settings(data_dir), out, progress=False)
+    assert (
+        len(result["trials"]) == 3
+        and result["front"]
+        and result["chosen"]["trial"] in {t["number"] for t in result["trials"]}
+    )
+    for name in ("study.db", "front.json", "front.png", "chosen.yaml"):
+        assert (out / name).is_file(), name
+    chosen = SurgeryHyperParams.from_hparams(out / "chosen.yaml")
+    params = next(t for t in result["trials"] if t["number"] == result["chosen"]["trial"])["params"]
+    assert chosen.probe_layer == params["probe_layer"] and chosen.alpha == pytest.approx(params["alpha"])
+    validation = result["chosen"]["validation"]
+    assert set(validation) == {"unedited", "edited"} and validation["edited"]["mean_kl"] >= 0
+    assert (
+        result["settings"]["trials"] == 3
+        and json.loads((out / "front.json").read_text())["chosen"]["trial"] == result["chosen"]["trial"]
+    )
+
+    more = tune(model, tok, _settings(data_dir, trials=4), out, progress=False)  # resume: one more trial, same study
+    assert len(more["trials"]) == 4 and [t["number"] for t in more["trials"]][:3] == [
+        t["number"] for t in result["trials"]
+    ]
+
+    with pytest.raises(SurgeryError, match="other settings .*limit"):
+        tune(model, tok, _settings(data_dir, trials=4, limit=2), out, progress=False)
+
+
+def test_a_constraint_no_trial_meets_names_the_closest(tmp_path, data_dir):
+    model, tok = make_tiny("llama"), CharTokenizer()
+    out = tmp_path / "tune"
+    with pytest.raises(SurgeryError, match=r"no trial meets the constraints .* the closest is trial \d"):
+        tune(model, tok, _settings(data_dir, trials=2, max_kl=1e-12), out, progress=False)
+    assert not (out / "chosen.yaml").exists() and not (out / "front.json").exists()
+
+
+@pytest.mark.parametrize(
+    "space, message",
+    [
+        ({"alhpa": {"low": 0, "high": 1}}, "unknown knob 'alhpa'"),
+        ({"alpha": {"low": 1, "high": 0}}, "low <= high"),
+        ({"pooling": {"choices": []}}, "non-empty list"),
+        ({"pooling": ["mean"]}, "must be {choices"),
+        ({"alpha": {"low": 0, "high": 1, "step": 2}}, "unknown key"),
+    ],
+)
+def test_bad_search_spaces_are_named(space, message):
+    with pytest.raises(SurgeryError, match=message):
+        check_space(space)
+
+
+def test_cli_tune_rejects_a_bad_space_file_in_one_line(tmp_path):
+    from helpers import assert_one_line_error, surgery
+
+    bad = tmp_path / "space.yaml"
+    bad.write_text(yaml.safe_dump({"probe_layers": {"choices": [1]}}))
+    assert_one_line_error(surgery("tune", "--space", bad, "--out", tmp_path / "t"), "unknown knob 'probe_layers'")
+    assert_one_line_error(surgery("tune", "--suites", "rtp,advbench", "--out", tmp_path / "t"), "--suites takes rtp")
+    assert not (tmp_path / "t").exists()
