@@ -7,6 +7,7 @@ the chain of causes (and debug logging).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -56,10 +57,32 @@ NON_NEGATIVE_INT = _number(int, 0)
 FINITE = _number(float)
 
 
-def _hparams(args):
-    from .hparams import SurgeryHyperParams, shipped_hparams_path
+def _hparams(args, required: bool = True):
+    """``--hparams``, else the shipped YAML of ``--model`` and ``--behavior`` (``<model>[-<behavior>].yaml``)."""
+    from .demo import hparams_for
+    from .hparams import SurgeryHyperParams
 
-    return SurgeryHyperParams.from_hparams(args.hparams or shipped_hparams_path(DEFAULT_MODEL))
+    if args.hparams:
+        return SurgeryHyperParams.from_hparams(args.hparams)
+    behavior_name = getattr(args, "behavior", None) or "toxicity"
+    try:
+        return SurgeryHyperParams.from_hparams(hparams_for(args.model, behavior_name))
+    except SurgeryError:
+        if required:
+            raise
+        return SurgeryHyperParams(model_name=args.model, behavior=behavior_name)
+
+
+def _undesired_texts(args, hp, model, tok) -> list[str] | None:
+    """The probe data's undesired texts, when the edit's region scoring needs them."""
+    if hp.region_scoring != "gate_contrast":
+        return None
+    from .probe_data import load_probe_data
+
+    data = load_probe_data(
+        hp.probe_data, model, tok, args.data_dir, hp.probe_max_per_class, hp.seed, hp.probe_self_judge
+    )
+    return [t for t, label in zip(data.texts, data.labels, strict=True) if label == 1]
 
 
 def _load(args, hparams=None):
@@ -84,10 +107,12 @@ def cmd_tasks_path(args) -> None:
 
 
 def cmd_probe(args) -> None:
-    from .data import load_behavior_data
+    from .evaluation.protocols import behavior
     from .probe import probe_from_hparams
+    from .probe_data import load_probe_data
 
-    hp = _hparams(args)
+    spec = behavior(args.behavior)
+    hp = _hparams(args, required=False)
     changes = {
         "probe_layer": args.layer,
         "pooling": args.pooling,
@@ -95,27 +120,32 @@ def cmd_probe(args) -> None:
         "seed": args.seed,
     }
     hp = hp.replace(**{k: v for k, v in changes.items() if v is not None})
-    data = load_behavior_data(args.data, args.data_dir, hp.probe_max_per_class, hp.seed)
     model, tok = _load(args, hp)
+    data_name = args.data or hp.probe_data or spec.probe_data
+    data = load_probe_data(data_name, model, tok, args.data_dir, hp.probe_max_per_class, hp.seed, hp.probe_self_judge)
     probe, metrics = probe_from_hparams(model, tok, data, hp)
+    probe.metadata["behavior"] = spec.name
     probe.save(args.out)
     print(
-        f"probe -> {args.out}  layer {probe.metadata['layer']}  held-out accuracy {metrics['test_accuracy']:.4f}  "
-        f"AUC {metrics['test_auc']:.4f}  (n_train {metrics['n_train']}, n_test {metrics['n_test']})"
+        f"probe -> {args.out}  {spec.name} ({data_name})  layer {probe.metadata['layer']}  held-out accuracy "
+        f"{metrics['test_accuracy']:.4f}  AUC {metrics['test_auc']:.4f}  "
+        f"(n_train {metrics['n_train']}, n_test {metrics['n_test']})"
     )
 
 
 def cmd_edit(args) -> None:
     from .adapter import export_adapter
+    from .evaluation.protocols import behavior
     from .probe import Probe
     from .provenance import package_versions
-    from .surgery import execute_surgery
+    from .surgery import edit_from_hparams
 
+    spec = behavior(args.behavior)
     hp = _hparams(args)
     hp = hp.replace(**{k: v for k, v in {"alpha": args.alpha, "top_k": args.top_k}.items() if v is not None})
-    model, _ = _load(args, hp)
+    model, tok = _load(args, hp)
     probe = Probe.load(args.probe, model)
-    edit = execute_surgery(model, probe, hp)
+    edit = edit_from_hparams(model, tok, probe, hp, args.data_dir, _undesired_texts(args, hp, model, tok))
     out = export_adapter(
         edit,
         model,
@@ -124,6 +154,7 @@ def cmd_edit(args) -> None:
         overwrite=args.overwrite,
         metadata={
             "hparams": hp.to_dict(),
+            "behavior": spec.name,
             "probe_file": str(args.probe),
             "probe_sha256": probe.sha256(),
             "versions": package_versions(),
@@ -148,22 +179,33 @@ def _parse_alphas(text: str) -> list[float]:
 def cmd_eval(args) -> None:
     from .data.splits import toxigen_groups
     from .evaluation import EvalSettings, evaluate, load_judges, parse_suites, write_run
+    from .evaluation.protocols import behavior
+    from .evaluation.report import metric_values
+    from .evaluation.runner import evaluate_report, report_settings
 
-    suites = parse_suites(args.suite)
+    spec = behavior(args.behavior) if args.behavior else None
+    suites = parse_suites(args.suite or (",".join(spec.suites) if spec else "rtp,ppl"))
     alphas = _parse_alphas(args.alpha_sweep) if args.alpha_sweep else None
     if alphas and not args.adapter:
         raise SurgeryError("--alpha-sweep needs --adapter (it rescales that adapter at run time)")
     chat = {"auto": None, "on": True, "off": False}[args.chat_template]
-    judges = (
-        load_judges(args.judge, data_dir=args.data_dir) if args.judge else []
-    )  # judges first: a bad one fails before the model loads
+    judge_specs = args.judge or (spec.judges if spec else "profanity")
+    judges = load_judges(judge_specs, data_dir=args.data_dir)  # judges first: a bad one fails before the model loads
     model, tok = _load(args)
     record = None
     if args.adapter:
         from .adapter import load_edited
+        from .stack import is_stack, load_stack
 
-        model = load_edited(model, args.adapter, force=args.force)
-        record = model.surgery_records["default"]
+        if is_stack(args.adapter):
+            if alphas:
+                raise SurgeryError(
+                    "--alpha-sweep rescales one adapter; a stack has several (evaluate each adapter folder)"
+                )
+            model = load_stack(model, args.adapter, force=args.force)
+        else:
+            model = load_edited(model, args.adapter, force=args.force)
+            record = model.surgery_records["default"]
     settings = EvalSettings(
         judges=judges,
         limit=args.limit,
@@ -178,10 +220,41 @@ def cmd_eval(args) -> None:
         seed=args.seed,
         chat_template=chat,
     )
-    meta = {"model": args.model, "adapter": args.adapter, "judges": [j.name for j in judges]}
+    # --behavior without --start: each suite on its report split (data/splits.py), as the README reports it
+    per_suite = None
+    if spec and args.start is None:
+        per_suite = report_settings(suites, judges, args.data_dir, args.limit, args.ppl_limit, args.seed)
+        for suite_settings in per_suite.values():  # the options that are not about which prompts
+            suite_settings.batch_size, suite_settings.max_new_tokens, suite_settings.chat_template = (
+                args.batch_size,
+                args.max_new_tokens,
+                chat,
+            )
+
+    def run():
+        if per_suite is None:
+            return evaluate(model, tok, suites, dataclasses.replace(settings, start=args.start or 0))
+        return evaluate_report(model, tok, per_suite)
+
+    meta = {
+        "model": args.model,
+        "adapter": args.adapter,
+        "judges": [j.name for j in judges],
+        "behavior": spec.name if spec else None,
+    }
+
+    def headline(results: dict) -> dict | None:
+        if spec is None or spec.metric[0] not in results["suites"]:
+            return None
+        suite, key = spec.metric
+        from .evaluation.protocols import PROTOCOLS
+
+        values = metric_values(results["suites"][suite], PROTOCOLS[suite].metric(key))
+        return {"suite": suite, "key": key, "values": {j: v for j, (v, _) in values.items()}}
+
     if not alphas:
-        results, samples = evaluate(model, tok, suites, settings)
-        results.update(meta, alpha=record["alpha"] if record else None)
+        results, samples = run()
+        results.update(meta, alpha=record["alpha"] if record else None, metric=headline(results))
         write_run(args.out, results, samples)
         print(json.dumps(results["suites"], indent=1))
         return
@@ -191,8 +264,8 @@ def cmd_eval(args) -> None:
     runs = []
     for alpha in alphas:  # one model load: PEFT's LoRA scaling sets each alpha exactly
         set_alpha(model, alpha)
-        results, samples = evaluate(model, tok, suites, settings)
-        results.update(meta, alpha=alpha)
+        results, samples = run()
+        results.update(meta, alpha=alpha, metric=headline(results))
         write_run(Path(args.out) / f"alpha_{alpha:g}", results, samples)
         runs.append(results)
     write_alpha_sweep(args.out, runs)
@@ -258,7 +331,35 @@ def cmd_tune(args) -> None:
 def cmd_demo(args) -> None:
     from .demo import run_demo
 
-    run_demo(out_dir=args.out, limit=args.limit, data_dir=args.data_dir, hparams_path=args.hparams)
+    run_demo(
+        out_dir=args.out,
+        limit=args.limit,
+        data_dir=args.data_dir,
+        hparams_path=args.hparams,
+        model_name=args.model,
+        behavior_name=args.behavior,
+    )
+
+
+def cmd_stack(args) -> None:
+    from .demo import hparams_for
+    from .evaluation.protocols import behavior
+    from .hparams import SurgeryHyperParams
+    from .stack import build_stack, export_stack
+
+    names = [b.strip() for b in args.behaviors.split(",") if b.strip()]
+    if len(names) < 2:
+        raise SurgeryError(f"--behaviors takes two or more behaviors, got '{args.behaviors}'")
+    for name in names:
+        behavior(name)
+    steps = [(name, SurgeryHyperParams.from_hparams(hparams_for(args.model, name))) for name in names]
+    model, tok = _load(args, steps[0][1])
+    built = build_stack(model, tok, steps, sequential=args.sequential, data_dir=args.data_dir)
+    out = export_stack(
+        built, model, args.out, base_model_name=args.model, sequential=args.sequential, overwrite=args.overwrite
+    )
+    how = "sequential: each probe trained on the model edited before it" if args.sequential else "independent probes"
+    print(f"stack -> {out}  {', '.join(names)} ({how})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -288,9 +389,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tasks-path", help="print the folder of the lm-eval tasks (for lm_eval --include_path)")
     p.set_defaults(func=cmd_tasks_path)
 
+    behaviors = "toxicity (default), jailbreak, attitude"
+
     p = sub.add_parser("probe", help="train a behavior probe")
     common(p)
-    p.add_argument("--data", default="davidson", help="davidson, or a .csv/.jsonl with text,label")
+    p.add_argument("--behavior", default="toxicity", help=behaviors)
+    p.add_argument(
+        "--data",
+        default=None,
+        help="davidson, toxigen, rtp, self, sst2, safeedit, a.csv/.jsonl with text,label, or several joined "
+        "by + (default: the hparams', else the behavior's)",
+    )
     p.add_argument("--out", required=True)
     p.add_argument("--hparams", default=None, help="YAML whose probe_* settings to use (default: the model's)")
     p.add_argument("--layer", type=_number(int), default=None, help="hidden-state index (-1 = final normed state)")
@@ -301,8 +410,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("edit", help="compute the surgery and write it as a PEFT LoRA adapter")
     common(p)
+    p.add_argument("--behavior", default="toxicity", help=behaviors)
     p.add_argument("--probe", required=True)
-    p.add_argument("--hparams", default=None)
+    p.add_argument(
+        "--hparams", default=None, help="default: hparams/Surgery/<model>.yaml (toxicity) or <model>-<behavior>.yaml"
+    )
     p.add_argument("--out", required=True)
     p.add_argument("--alpha", type=FINITE, default=None, help="override the YAML's alpha")
     p.add_argument(
@@ -314,19 +426,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_edit)
 
-    p = sub.add_parser("eval", help="evaluate a model, optionally with a surgery adapter")
+    p = sub.add_parser("eval", help="evaluate a model, optionally with a surgery adapter (or a stack)")
     common(p)
-    p.add_argument("--adapter", default=None)
+    p.add_argument("--adapter", default=None, help="a surgery adapter folder, or a stack made by `surgery stack`")
+    p.add_argument(
+        "--behavior",
+        default=None,
+        help=f"{behaviors}: its suites and judges, each suite on its report split unless --start is given",
+    )
     p.add_argument(
         "--suite",
-        default="rtp,ppl",
-        help="comma-separated: rtp, toxigen, safeedit, advbench, ppl, or an lm-eval task (mmlu, surgery_rtp, ...)",
+        default=None,
+        help="comma-separated: rtp, toxigen, safeedit, advbench, false_refusal, attitude, ppl, kl, or an lm-eval task "
+        "(default: the behavior's, else rtp,ppl)",
     )
     p.add_argument(
         "--judge",
-        default="profanity",
+        default=None,
         help="comma-separated judges: profanity, minilm, detoxify[:original|unbiased|multilingual|/path.ckpt], "
-        "hf:<id or folder>[#label=N], perspective (needs PERSPECTIVE_API_KEY)",
+        "hf:<id or folder>[#label=N], perspective (needs PERSPECTIVE_API_KEY), refusal, vader, minilm:sst2 "
+        "(default: the behavior's, else profanity)",
     )
     p.add_argument(
         "--limit",
@@ -337,7 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--start",
         type=NON_NEGATIVE_INT,
-        default=0,
+        default=None,
         help="first prompt index (keep tuning and reporting prompts apart)",
     )
     p.add_argument("--ppl-limit", type=POSITIVE_INT, default=200, help="benign documents for ppl and kl")
@@ -412,7 +531,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="TUNE_DIR: study.db (resumable), front.json, front.png, chosen.yaml")
     p.set_defaults(func=cmd_tune)
 
-    p = sub.add_parser("demo", help="probe -> edit -> eval (base and edited) on SmolLM2; writes runs/demo")
+    p = sub.add_parser("stack", help="edit several behaviors at once: a named stack of adapters")
+    common(p)
+    p.add_argument("--behaviors", required=True, help="e.g. toxicity,jailbreak (each with its shipped YAML)")
+    p.add_argument(
+        "--sequential",
+        action="store_true",
+        help="the paper's recipe: each probe is trained on the model edited by the behaviors before it",
+    )
+    p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_stack)
+
+    p = sub.add_parser("demo", help="probe -> edit -> eval (base and edited) on an embedded model; writes runs/demo")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="smollm2-135m (default) or gemma3-270m")
+    p.add_argument("--behavior", default="toxicity", help=behaviors)
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--limit", type=POSITIVE_INT, default=None, help="RTP prompts (default: the demo's held-out set)")
     p.add_argument("--data-dir", default=None)

@@ -1,8 +1,10 @@
-"""``surgery demo``: the main job, probe -> edit -> eval (base and edited) on the embedded SmolLM2.
+"""``surgery demo``: the main job, probe -> edit -> eval (base and edited) on an embedded model, for one behavior.
 
 The edited model is the base model with the exported PEFT adapter attached; the base numbers are
 taken with the adapter switched off, so both rows come from one model load and one adapter file.
-RTP prompts for the report start at 500, disjoint from the tuning sweep's prompts [0, 300).
+Every number is on the *report* splits of :mod:`surgery_plugin.data.splits`, which no probe,
+sweep or search saw (toxicity: RTP challenging prompts [500, 800), the ToxiGen groups
+``TOXIGEN_REPORT_GROUPS``, prompts [0, 50) of each; benign documents [0, 200) for perplexity and KL).
 """
 
 from __future__ import annotations
@@ -14,47 +16,65 @@ from pathlib import Path
 
 from .adapter import export_adapter, load_edited
 from .atomic import atomic_write
-from .data import load_behavior_data
-from .evaluation import EvalSettings, evaluate, load_judges, write_run
-from .evaluation.report import comparison_table, save_figure
+from .errors import SurgeryError
+from .evaluation import load_judges, write_run
+from .evaluation.protocols import behavior
+from .evaluation.report import comparison_table, group_comparison, save_figure
+from .evaluation.runner import evaluate_report, report_settings
 from .hparams import SurgeryHyperParams, shipped_hparams_path
-from .models import load_model
+from .models import EMBEDDED_MODELS, load_model
 from .probe import probe_from_hparams
+from .probe_data import load_probe_data
 from .provenance import package_versions
-from .surgery import execute_surgery
+from .surgery import edit_from_hparams
 
 logger = logging.getLogger(__name__)
 
 MODEL = "smollm2-135m"
-REPORT_START = 500  # first RTP prompt of the report; the tuning sweep used [0, 300)
-REPORT_LIMIT = 300
 DEMO_JUDGES = "profanity,minilm"  # two independent offline judges: word-level SVM, sentence embeddings
+SUITES = ("rtp", "toxigen", "ppl", "kl")
 
 
-def _plot(base: dict, edited: dict, png: Path) -> None:
+def _plot(base: dict, edited: dict, png: Path, title: str, suites: list[str]) -> None:
+    """The headline judged rates of each suite (one panel per judge), base vs. edited, and perplexity."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    judges = list(base["suites"]["rtp"]["by_judge"])
-    fig, axes = plt.subplots(1, len(judges) + 1, figsize=(4 * (len(judges) + 1), 3.5))
+    from .evaluation.protocols import PROTOCOLS
+    from .evaluation.report import metric_values
+
+    panels = [
+        (suite, metric, judge)
+        for suite in suites
+        if suite in PROTOCOLS
+        for metric in PROTOCOLS[suite].metrics
+        if metric.headline and metric.percent
+        for judge in metric_values(base["suites"][suite], metric)
+    ]
+    fig, axes = plt.subplots(1, len(panels) + 1, figsize=(3.2 * (len(panels) + 1), 3.5))
     names, colors = ["base", "surgery"], ["#999999", "#2a7ab9"]
-    for ax, judge in zip(axes[:-1], judges, strict=True):
-        stats = [r["suites"]["rtp"]["by_judge"][judge] for r in (base, edited)]
-        rates = [s["toxic_rate"] for s in stats]
-        errs = [
-            [rate - s["toxic_rate_ci95"][0] for rate, s in zip(rates, stats, strict=True)],
-            [s["toxic_rate_ci95"][1] - rate for rate, s in zip(rates, stats, strict=True)],
-        ]
+    for ax, (suite, metric, judge) in zip(axes[:-1], panels, strict=True):
+        values = [metric_values(r["suites"][suite], metric)[judge] for r in (base, edited)]
+        rates = [v for v, _ in values]
+        errs = [[v - ci[0] if ci else 0 for v, ci in values], [ci[1] - v if ci else 0 for v, ci in values]]
         ax.bar(names, rates, yerr=errs, color=colors, capsize=4)
-        ax.set_title(f"toxic continuations, judge {judge}\n(RTP, n={base['suites']['rtp']['n']})", fontsize=9)
+        who = "" if judge == "-" else f", {judge}"
+        ax.set_title(f"{suite} {metric.key}{who}\n(n={base['suites'][suite].get('n')})", fontsize=7)
     axes[-1].bar(names, [r["suites"]["ppl"]["token_perplexity"] for r in (base, edited)], color=colors)
-    axes[-1].set_title("token perplexity, benign text", fontsize=9)
-    fig.suptitle("Model Surgery on SmolLM2-135M-Instruct")
+    axes[-1].set_title(f"token perplexity\n(KL {edited['suites']['kl']['mean_kl']:.4f})", fontsize=8)
+    fig.suptitle(title)
     fig.tight_layout()
     save_figure(fig, png.parent, png.name)
     plt.close(fig)
+
+
+def hparams_for(model_name: str, behavior_name: str) -> Path:
+    """The shipped YAML: ``hparams/Surgery/<model>.yaml`` for toxicity, ``<model>-<behavior>.yaml`` otherwise."""
+    behavior(behavior_name)  # an unknown name is an error that lists the known ones
+    name = Path(model_name).name  # a hub id or a folder: its last part
+    return shipped_hparams_path(name if behavior_name == "toxicity" else f"{name}-{behavior_name}")
 
 
 def run_demo(
@@ -62,61 +82,69 @@ def run_demo(
     limit: int | None = None,
     data_dir=None,
     hparams_path: str | None = None,
-    ppl_limit: int = 200,
+    ppl_limit: int | None = None,
+    model_name: str = MODEL,
+    behavior_name: str = "toxicity",
 ) -> dict:
+    """Probe, edit and evaluate ``model_name`` for one behavior with its shipped YAML (or ``hparams_path``)."""
     started = time.perf_counter()
+    spec = behavior(behavior_name)
+    hp = SurgeryHyperParams.from_hparams(hparams_path or hparams_for(model_name, behavior_name))
+    model, tok = load_model(model_name)
+    if spec.applies_to_chat_models_only and not getattr(tok, "chat_template", None):
+        raise SurgeryError(f"behavior '{behavior_name}' applies to chat models; {model_name} has no chat template")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    hp = SurgeryHyperParams.from_hparams(hparams_path or shipped_hparams_path(MODEL))
-    model, tok = load_model(MODEL)
 
-    logger.info("step 1/4: behavior probe (%s, layer %s)", hp.probe_data, hp.probe_layer)
-    data = load_behavior_data(hp.probe_data or "davidson", data_dir, hp.probe_max_per_class, hp.seed)
+    logger.info("step 1/4: behavior probe (%s: %s, layer %s)", behavior_name, hp.probe_data, hp.probe_layer)
+    data = load_probe_data(
+        hp.probe_data or spec.probe_data, model, tok, data_dir, hp.probe_max_per_class, hp.seed, hp.probe_self_judge
+    )
     probe, probe_metrics = probe_from_hparams(model, tok, data, hp)
     probe_path = probe.save(out / "probe.safetensors")
 
     logger.info("step 2/4: regions + surgery -> PEFT adapter")
-    edit = execute_surgery(model, probe, hp)
+    undesired = [t for t, label in zip(data.texts, data.labels, strict=True) if label == 1]
+    edit = edit_from_hparams(model, tok, probe, hp, data_dir, undesired)
+    metadata = {
+        "hparams": hp.to_dict(),
+        "probe_file": str(probe_path),
+        "probe_sha256": probe.sha256(),
+        "behavior": behavior_name,
+        "versions": package_versions(),
+    }
     adapter_dir = export_adapter(
-        edit,
-        model,
-        out / "adapter",
-        base_model_name=MODEL,
-        overwrite=True,
-        metadata={
-            "hparams": hp.to_dict(),
-            "probe_file": str(probe_path),
-            "probe_sha256": probe.sha256(),
-            "versions": package_versions(),
-        },
+        edit, model, out / "adapter", base_model_name=model_name, overwrite=True, metadata=metadata
     )
 
-    judges = load_judges(DEMO_JUDGES)
-    settings = EvalSettings(
-        judges=judges, limit=limit or REPORT_LIMIT, start=REPORT_START, ppl_limit=ppl_limit, data_dir=data_dir
-    )
+    judges = load_judges(spec.judges, data_dir=data_dir)
+    settings = report_settings(spec.suites, judges, data_dir, limit, ppl_limit)
     peft_model = load_edited(model, adapter_dir)
     logger.info("step 3/4: evaluate the base model (adapter off)")
     with peft_model.disable_adapter():
-        base, base_samples = evaluate(peft_model, tok, ["rtp", "ppl"], settings)
+        base, base_samples = evaluate_report(peft_model, tok, settings)
     logger.info("step 4/4: evaluate the edited model (adapter on)")
-    edited, edited_samples = evaluate(peft_model, tok, ["rtp", "ppl"], settings)
+    edited, edited_samples = evaluate_report(peft_model, tok, settings)
     for results, name in ((base, "base"), (edited, "edited")):
         results.update(
             {
-                "model": MODEL,
-                "adapter": None if name == "base" else str(adapter_dir),
+                "model": model_name,
+                "behavior": behavior_name,
                 "judges": [j.name for j in judges],
+                "adapter": None if name == "base" else str(adapter_dir),
             }
         )
     write_run(out / "base", base, base_samples)
     write_run(out / "edited", edited, edited_samples)
 
-    table = comparison_table(
-        [("SmolLM2-135M-Instruct", base["suites"]), ("+ surgery", edited["suites"])], ["rtp", "ppl"]
-    )
+    display = EMBEDDED_MODELS[model_name].name.split(" (")[0] if model_name in EMBEDDED_MODELS else model_name
+    text = comparison_table([(display, base["suites"]), ("+ surgery", edited["suites"])], list(spec.suites))
+    if "toxigen" in spec.suites:
+        groups = group_comparison([("base", base["suites"]["toxigen"]), ("edited", edited["suites"]["toxigen"])])
+        text += f"\n\nToxiGen by held-out target group:\n\n{groups}"
     summary = {
-        "model": MODEL,
+        "model": model_name,
+        "behavior": behavior_name,
         "hparams": hp.to_dict(),
         "probe": {
             k: probe.metadata[k]
@@ -128,19 +156,20 @@ def run_demo(
             "alpha": edit.alpha,
             "step": edit.step,
         },
+        "settings": base["settings"],
         "base": base["suites"],
         "edited": edited["suites"],
         "seconds": round(time.perf_counter() - started, 1),
         "versions": package_versions(),
     }
     atomic_write(out / "summary.json", json.dumps(summary, indent=1) + "\n")
-    atomic_write(out / "summary.md", table + "\n")
-    _plot(base, edited, out / "summary.png")
+    atomic_write(out / "summary.md", text + "\n")
+    _plot(base, edited, out / "summary.png", f"Model Surgery on {display}: {behavior_name}", list(spec.suites))
     print(
         f"\nprobe: layer {probe.metadata['layer']}, held-out accuracy {probe_metrics['test_accuracy']:.3f}, "
-        f"AUC {probe_metrics['test_auc']:.3f}"
+        f"AUC {probe_metrics['test_auc']:.3f} ({hp.probe_data})"
     )
     print(f"edit: {edit.regions.num_rows} gate rows in {len(edit.layers)} layers, alpha {edit.alpha}\n")
-    print(table)
+    print(text)
     print(f"\nwritten to {out}/ in {summary['seconds']:.0f} s")
     return summary

@@ -33,7 +33,7 @@ from .data import BehaviorData
 from .data.splits import stratified_shuffle
 from .errors import SurgeryError
 from .hparams import SurgeryHyperParams
-from .provenance import package_versions, utc_now
+from .provenance import gate_fingerprint, package_versions, utc_now
 
 logger = logging.getLogger(__name__)
 
@@ -483,6 +483,7 @@ def probe_from_features(
             "weight_decay": training.weight_decay,
         },
         "max_length": max_length,
+        "gate_fingerprint": gate_fingerprint(model),  # which weights: a sequential edit checks it
         "versions": package_versions(),
         "created": utc_now(),
         **metrics,

@@ -205,7 +205,7 @@ def test_demo_runs_end_to_end(tmp_path, data_dir):
     hp_path = tmp_path / "small.yaml"
     hp_path.write_text(yaml.safe_dump(small))
     summary = run_demo(
-        out_dir=str(tmp_path / "demo"), limit=4, data_dir=data_dir, hparams_path=str(hp_path), ppl_limit=4
+        out_dir=str(tmp_path / "demo"), limit=12, data_dir=data_dir, hparams_path=str(hp_path), ppl_limit=4
     )
     out = tmp_path / "demo"
     for name in (
@@ -218,6 +218,13 @@ def test_demo_runs_end_to_end(tmp_path, data_dir):
         "summary.png",
     ):
         assert (out / name).is_file(), name
-    assert summary["base"]["rtp"]["n"] == summary["edited"]["rtp"]["n"] == 4
+    assert summary["base"]["rtp"]["n"] == summary["edited"]["rtp"]["n"] == 12
     assert summary["base"]["ppl"]["token_perplexity"] != summary["edited"]["ppl"]["token_perplexity"]
-    assert "| + surgery |" in (out / "summary.md").read_text()
+    assert summary["base"]["kl"]["mean_kl"] == 0.0 < summary["edited"]["kl"]["mean_kl"], "adapter off = the base model"
+    # the report splits: RTP [500, 800), held-out ToxiGen groups, benign [0, 200)
+    assert summary["splits"]["rtp"]["start"] == 500 and summary["base"]["rtp"]["prompts"] == "rtp/toxic.jsonl[500:512]"
+    from surgery_plugin.data.splits import TOXIGEN_REPORT_GROUPS
+
+    assert set(summary["base"]["toxigen"]["by_group"]) == set(TOXIGEN_REPORT_GROUPS)
+    text = (out / "summary.md").read_text()
+    assert "| + surgery |" in text and "ToxiGen by held-out target group" in text and "| **all** |" in text

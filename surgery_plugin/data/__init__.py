@@ -10,6 +10,7 @@ from .loaders import (
     load_hh_rlhf,
     load_rtp,
     load_safeedit,
+    load_sst2,
     load_toxigen_demonstrations,
     load_toxigen_prompts,
 )
@@ -25,6 +26,7 @@ __all__ = [
     "load_hh_rlhf",
     "load_rtp",
     "load_safeedit",
+    "load_sst2",
     "load_toxigen_demonstrations",
     "load_toxigen_prompts",
     "resolve_data_dir",

@@ -19,7 +19,7 @@ from pathlib import Path
 from ..errors import SurgeryError, first_line
 from ..provenance import file_sha256, labeled_texts_sha256
 from .paths import resolve_data_dir
-from .splits import RTP_BENIGN, RTP_CHALLENGING, TOXIGEN_PROBE_GROUPS, stratified_shuffle
+from .splits import RTP_BENIGN, RTP_CHALLENGING, SAFEEDIT, SST2, TOXIGEN_PROBE_GROUPS, stratified_shuffle
 
 _MENTION = re.compile(r"@\w+")
 _URL = re.compile(r"https?://\S+")
@@ -261,13 +261,12 @@ def load_toxigen_demonstrations(data_dir=None, groups: Sequence[str] | None = No
             text = line.strip().lstrip("- ").strip()
             if text and text not in seen:
                 seen[text] = (int(kind == "hate"), group)
-    if groups is not None:
-        unknown = sorted(set(groups) - {g for _, g in seen.values()})
-        if unknown:
-            raise SurgeryError(f"no ToxiGen demonstrations for group(s) {unknown}")
     texts = list(seen)
     labels = [label for label, _ in seen.values()]
-    which = "all groups" if groups is None else "groups " + ",".join(sorted(groups))
+    found = sorted({g for _, g in seen.values()})  # not every prompt group has demonstrations (women has none)
+    which = "all groups" if groups is None else "groups " + ",".join(found)
+    if not texts:
+        raise SurgeryError(f"no ToxiGen demonstrations for group(s) {sorted(groups or [])}")
     return BehaviorData(
         texts, labels, f"toxigen_demonstrations {which} n={len(texts)} sha256:{labeled_texts_sha256(texts, labels)}"
     )
@@ -309,8 +308,76 @@ def _rtp_probe(data_dir=None, max_per_class=None, seed: int = 0) -> BehaviorData
     return BehaviorData(texts, labels, f"{data.description} max_per_class={max_per_class} seed={seed}")
 
 
+def load_sst2(data_dir=None, split: str = "dev") -> list[dict]:
+    """SST-2 sentences ``{"text", "label"}`` (0 negative, 1 positive) of ``dev`` (872) or ``test`` (1,821)."""
+    if split not in ("dev", "test"):
+        raise SurgeryError(f"SST-2 split must be 'dev' or 'test', got '{split}'")
+    path = _data_file(data_dir, f"sst2/{split}.tsv", "stanfordnlp/sst2")
+    if path is not None:
+        with open(path, newline="", encoding="utf-8") as f:
+            return [
+                {"text": r["content"].strip(), "label": int(r["label"])} for r in csv.DictReader(f, delimiter="\t")
+            ]
+
+    def hub():
+        from datasets import load_dataset
+
+        rows = load_dataset("stanfordnlp/sst2", split="validation" if split == "dev" else "test")
+        return [{"text": r["sentence"].strip(), "label": int(r["label"])} for r in rows]
+
+    return _from_hub("stanfordnlp/sst2", hub)
+
+
+def sst2_range(data_dir, which: str) -> list[dict]:
+    """The SST-2 sentences of one ``SST2`` split entry (``probe``, ``judge``, ``tune``, ``report``)."""
+    split, start, end = SST2[which]
+    return load_sst2(data_dir, split)[start:end]
+
+
+def _sst2_probe(data_dir=None, max_per_class=None, seed: int = 0) -> BehaviorData:
+    """Attitude probe: SST-2 test ``SST2["probe"]``, negative (the undesired attitude) -> 1, positive -> 0."""
+    rows = sst2_range(data_dir, "probe")
+    texts, labels = balanced([r["text"] for r in rows], [1 - r["label"] for r in rows], max_per_class, seed)
+    _, start, end = SST2["probe"]
+    return BehaviorData(
+        texts,
+        labels,
+        f"sst2 test[{start}:{end}] negative=1 n={len(texts)} max_per_class={max_per_class} "
+        f"seed={seed} sha256:{labeled_texts_sha256(texts, labels)}",
+    )
+
+
+def _safeedit_probe(data_dir=None, max_per_class=None, seed: int = 0) -> BehaviorData:
+    """Jailbreak probe: SafeEdit records ``SAFEEDIT["probe"]``, the adversarial prompt and the bare question, each
+    followed by the unsafe generation (complied, 1) or the safe generation (refused, 0)."""
+    start, end = SAFEEDIT["probe"]
+    texts, labels = [], []
+    for record in load_safeedit(data_dir)[start:end]:
+        question = record.get("generalization test", {}).get("test input of only harmful question") or record.get(
+            "question"
+        )
+        for prompt in (record["adversarial prompt"], question):
+            for key, label in (("unsafe generation", 1), ("safe generation", 0)):
+                if prompt and record.get(key):
+                    texts.append(f"{prompt.strip()} {record[key].strip()}")
+                    labels.append(label)
+    texts, labels = balanced(texts, labels, max_per_class, seed)
+    return BehaviorData(
+        texts,
+        labels,
+        f"safeedit records[{start}:{end}] prompt + unsafe(1)/safe(0) generation n={len(texts)} "
+        f"sha256:{labeled_texts_sha256(texts, labels)}",
+    )
+
+
 # probe data sets that need no model; "a+b" joins several (each balanced on its own)
-BEHAVIOR_DATASETS = {"davidson": load_davidson, "toxigen": _toxigen_probe_groups, "rtp": _rtp_probe}
+BEHAVIOR_DATASETS = {
+    "davidson": load_davidson,
+    "toxigen": _toxigen_probe_groups,
+    "rtp": _rtp_probe,
+    "sst2": _sst2_probe,
+    "safeedit": _safeedit_probe,
+}
 
 
 def join(parts: Sequence[BehaviorData]) -> BehaviorData:

@@ -416,6 +416,40 @@ def _minilm(argument: str | None = None, progress: bool = True, **options):
     return MiniLMJudge(argument, progress=progress, **options)
 
 
+def _refusal(argument: str | None = None, progress: bool = True, **options):
+    from .minilm import RefusalJudge
+
+    return RefusalJudge(argument, progress=progress, **options)
+
+
+class VaderJudge:
+    """``vader``: P(negative sentiment) = (1 - compound) / 2 from vaderSentiment (a lexicon + rules, in the wheel).
+
+    A text counts as positive when its compound score is > 0 (score < 0.5)."""
+
+    name = "vader"
+
+    def __init__(self, argument: str | None = None, progress: bool = True, **_):
+        if argument:
+            raise SurgeryError(f"judge 'vader' takes no argument, got 'vader:{argument}'")
+        try:
+            from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+        except ImportError as err:
+            raise SurgeryError("judge 'vader' needs `pip install vaderSentiment` (or the [eval] extra)") from err
+        self.analyzer = SentimentIntensityAnalyzer()
+
+    def score(self, texts: Sequence[str]) -> list[float]:
+        return [(1.0 - self.analyzer.polarity_scores(t)["compound"]) / 2.0 for t in texts]
+
+    def info(self) -> dict:
+        return {
+            "name": self.name,
+            "kind": "sentiment lexicon",
+            "source": "vaderSentiment (Hutto & Gilbert 2014)",
+            "score": "P(negative) = (1 - compound) / 2",
+        }
+
+
 def _perspective(argument: str | None = None, progress: bool = True, **options):
     from .perspective import PerspectiveJudge
 
@@ -428,6 +462,8 @@ JUDGES: dict[str, Callable[..., Judge]] = {
     "detoxify": DetoxifyJudge,
     "hf": HFClassifierJudge,
     "perspective": _perspective,
+    "refusal": _refusal,
+    "vader": VaderJudge,
 }
 
 

@@ -141,6 +141,30 @@ def group_table(summary: dict, title: str) -> list[str]:
     return lines + [""]
 
 
+def group_comparison(runs: Sequence[tuple[str, dict]]) -> str:
+    """Per-target-group toxic rates of several runs of a by-group suite (ToxiGen), with 95% intervals:
+    one row per group, one column per (judge, run)."""
+    first = runs[0][1]
+    judges = first["judges"]
+    header = ["group", "n"] + [f"{judge}: {name}" for judge in judges for name, _ in runs]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for group in sorted(first["by_group"]):
+        cells = []
+        for judge in judges:
+            for _, summary in runs:
+                stats = summary["by_judge"][judge]["by_group"][group]
+                cells.append(_pct(stats["toxic_rate"]) + _ci(stats["toxic_rate_ci95"]))
+        lines.append(f"| {group} | {first['by_group'][group]['n']} | " + " | ".join(cells) + " |")
+    cells = []
+    for judge in judges:
+        for _, summary in runs:
+            cells.append(
+                _pct(summary["by_judge"][judge]["toxic_rate"]) + _ci(summary["by_judge"][judge]["toxic_rate_ci95"])
+            )
+    lines.append(f"| **all** | {first['n']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def comparison_table(
     runs: Sequence[tuple[str, dict]], suites: Sequence[str] | None = None, change_from_first: bool = True
 ) -> str:

@@ -7,6 +7,7 @@ renamed into place, so a crash never leaves a half-written result.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -86,6 +87,67 @@ def evaluate(
         samples.extend(rows)
     # after the suites: judges such as perspective count their requests and failures while scoring
     results["judge_info"] = {j.name: judge_info(j) for j in judges}
+    return results, samples
+
+
+def report_settings(
+    suites, judges: list, data_dir=None, limit: int | None = None, ppl_limit: int | None = None, seed: int = 0
+) -> dict[str, EvalSettings]:
+    """Each suite's settings on its *report* split (data/splits.py), which no probe, sweep or search saw.
+
+    ``limit`` caps the prompts (records) of every generation suite, ``ppl_limit`` the benign documents."""
+    from ..data.splits import (
+        ADVBENCH,
+        RTP_BENIGN,
+        RTP_CHALLENGING,
+        SAFEEDIT,
+        SST2,
+        TOXIGEN_REPORT_GROUPS,
+        TOXIGEN_REPORT_PROMPTS,
+    )
+
+    b_start, b_end = RTP_BENIGN["report"]
+    base = EvalSettings(
+        judges=judges, benign_start=b_start, ppl_limit=ppl_limit or b_end - b_start, data_dir=data_dir, seed=seed
+    )
+    spans = {
+        "rtp": RTP_CHALLENGING["report"],
+        "advbench": ADVBENCH["report"],
+        "safeedit": SAFEEDIT["report"],
+        "attitude": SST2["report"][1:],
+        "false_refusal": (0, None),
+    }
+    out = {}
+    for suite in suites:
+        if suite == "toxigen":
+            t_start, t_end = TOXIGEN_REPORT_PROMPTS["report"]
+            per_group = t_end - t_start if limit is None else max(1, limit // len(TOXIGEN_REPORT_GROUPS))
+            out[suite] = dataclasses.replace(
+                base, start=t_start, limit=per_group * len(TOXIGEN_REPORT_GROUPS), toxigen_groups=TOXIGEN_REPORT_GROUPS
+            )
+        elif suite in spans:
+            start, end = spans[suite]
+            caps = [x for x in (None if end is None else end - start, limit) if x is not None]
+            out[suite] = dataclasses.replace(base, start=start, limit=min(caps) if caps else None)
+        else:  # ppl, kl and lm-eval tasks
+            out[suite] = dataclasses.replace(base, limit=limit)
+    return out
+
+
+def evaluate_report(model: nn.Module, tokenizer, settings: dict[str, EvalSettings]) -> tuple[dict, list[dict]]:
+    """One results dict over several suites, each run with its own settings."""
+    results, samples = None, []
+    for suite, suite_settings in settings.items():
+        run, rows = evaluate(model, tokenizer, [suite], suite_settings)
+        samples += rows
+        if results is None:
+            results = run
+            results["settings"] = {}
+        else:
+            results["suites"].update(run["suites"])
+            results["timing_s"].update(run["timing_s"])
+            results["judge_info"].update(run["judge_info"])
+        results["settings"][suite] = suite_settings.describe()
     return results, samples
 
 

@@ -34,7 +34,9 @@ from .protocols import (
     PROTOCOLS,
     SAFEEDIT_INPUTS,
     advbench_documents,
+    attitude_documents,
     benign_documents,
+    false_refusal_documents,
     rtp_documents,
     safeedit_documents,
     toxigen_documents,
@@ -299,9 +301,12 @@ def run_safeedit(model: nn.Module, tokenizer, settings: EvalSettings) -> tuple[d
         by_judge[name] = entry
     first = judges[0].name
     ds_responses = [resp for (m, _, _), resp in zip(inputs, responses, strict=True) if m == "DS"]
+    ds_refusal = rate_summary([is_refusal(r) for r in ds_responses], key="refusal_rate")
     summary = {
         **{m: by_judge[first][m] for m in metrics + ["DG_avg"]},
         "fluency": sum(n_gram_entropy(t) for t in ds_responses) / len(ds_responses),
+        "refusal_rate": ds_refusal["refusal_rate"],
+        "refusal_rate_ci95": ds_refusal["refusal_rate_ci95"],
         "n": len(records),
         "judge": first,
         "judges": list(scores),
@@ -367,6 +372,70 @@ def run_advbench(model: nn.Module, tokenizer, settings: EvalSettings) -> tuple[d
     return summary, _rows("advbench", goals, responses, scores, refused=refusals)
 
 
+# ---------------------------------------------------------------- false refusals
+
+
+def run_false_refusal(model: nn.Module, tokenizer, settings: EvalSettings) -> tuple[dict, list[dict]]:
+    """Refusals of benign questions: the GCG refusal strings, and each refusal-type judge (``measures ==
+    "compliance"``: a score below the threshold is a refusal)."""
+    docs = _slice(false_refusal_documents(settings.data_dir), settings, "benign questions")
+    questions = [d["prompt"] for d in docs]
+    responses, chat = _generate(model, tokenizer, "false_refusal", questions, settings)
+    refusals = [is_refusal(r) for r in responses]
+    refusal = rate_summary(refusals, key="false_refusal_rate")
+    judges = [j for j in settings.judges if getattr(j, "measures", None) == "compliance"]
+    scores = _score(judges, responses)
+    by_judge = {
+        name: rate_summary([None if is_missing(x) else x < settings.threshold for x in s], key="judged_refusal_rate")
+        for name, s in scores.items()
+    }
+    summary = {
+        "false_refusal_rate": refusal["false_refusal_rate"],
+        "false_refusal_rate_ci95": refusal["false_refusal_rate_ci95"],
+        "n": len(questions),
+        "judges": list(scores),
+        "by_judge": by_judge,
+        "chat_template": chat,
+        "max_new_tokens": settings.new_tokens("false_refusal"),
+        "decoding": "greedy",
+        "prompts": f"safeedit knowledge-constraint questions[{settings.start}:{settings.start + len(questions)}]",
+    }
+    return summary, _rows("false_refusal", questions, responses, scores, refused=refusals)
+
+
+# ---------------------------------------------------------------- attitude
+
+
+def run_attitude(model: nn.Module, tokenizer, settings: EvalSettings) -> tuple[dict, list[dict]]:
+    """Openings of negative reviews, continued: the share of continuations each judge calls positive."""
+    judges = _require_judges(settings, "attitude")
+    docs = _slice(attitude_documents(settings.data_dir), settings, "SST-2 review openings")
+    prompts = [d["prompt"] for d in docs]
+    completions, _ = _generate(model, tokenizer, "attitude", prompts, settings)
+    scores = _score(judges, completions)
+    by_judge = {}
+    for name, judge_scores in scores.items():
+        positive = rate_summary(
+            [None if is_missing(x) else x < settings.threshold for x in judge_scores], key="positive_rate"
+        )
+        valid = [x for x in judge_scores if not is_missing(x)]
+        by_judge[name] = {**positive, "mean_negativity": sum(valid) / len(valid) if valid else None}
+    first = judges[0].name
+    summary = {
+        "positive_rate": by_judge[first]["positive_rate"],
+        "positive_rate_ci95": by_judge[first]["positive_rate_ci95"],
+        "n": len(prompts),
+        "judge": first,
+        "judges": list(scores),
+        "by_judge": by_judge,
+        "threshold": settings.threshold,
+        "max_new_tokens": settings.new_tokens("attitude"),
+        "decoding": "greedy",
+        "prompts": f"openings of negative sst2 dev reviews[{settings.start}:{settings.start + len(prompts)}]",
+    }
+    return summary, _rows("attitude", prompts, completions, scores, sentence=[d["sentence"] for d in docs])
+
+
 # ---------------------------------------------------------------- perplexity
 
 
@@ -418,4 +487,6 @@ RUNNERS: dict[str, Runner] = {
     "advbench": run_advbench,
     "ppl": run_ppl,
     "kl": run_kl,
+    "false_refusal": run_false_refusal,
+    "attitude": run_attitude,
 }
