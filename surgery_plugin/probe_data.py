@@ -47,7 +47,7 @@ def self_continuations(
     data_dir=None,
     judge: str = "minilm",
     seed: int = 0,
-    samples: int = SELF_SAMPLES,
+    samples: int | None = None,
     progress: bool = True,
 ) -> BehaviorData:
     """The model's own continuations of the probe-side prompts, labelled by ``judge`` (cached per weights)."""
@@ -55,6 +55,7 @@ def self_continuations(
     from .evaluation.judges import load_judge
     from .models import cache_dir
 
+    samples = SELF_SAMPLES if samples is None else samples
     prompts = self_prompts(data_dir)
     # the gate fingerprint: the same whether or not PEFT adapters are injected (they are switched off here)
     weights = [model_name(model), gate_fingerprint(model)]

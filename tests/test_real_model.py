@@ -228,3 +228,32 @@ def test_demo_runs_end_to_end(tmp_path, data_dir):
     assert set(summary["base"]["toxigen"]["by_group"]) == set(TOXIGEN_REPORT_GROUPS)
     text = (out / "summary.md").read_text()
     assert "| + surgery |" in text and "ToxiGen by held-out target group" in text and "| **all** |" in text
+
+
+def test_gemma3_alias_edits_and_exports_exactly(tmp_path):
+    """The second embedded model (Gemma 3 270M base, gemma3_text, GELU-tanh gated MLP) on real weights:
+    the shipped YAML's edit as an adapter equals the in-place edit, and the adapter switches off bitwise."""
+    from surgery_plugin.models import load_model
+
+    model, tok = load_model("gemma3-270m")
+    assert model.config.model_type == "gemma3_text" and not getattr(tok, "chat_template", None)
+    hp = SurgeryHyperParams.from_hparams(REPO / "hparams" / "Surgery" / "gemma3-270m.yaml")
+    v = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    edit = execute_surgery(model, torch.stack([-v, v])[1], hp)
+    ids = tok("The weather today is", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        base = model(ids).logits.clone()
+        originals = apply_edit(model, edit)
+        in_place = model(ids).logits.clone()
+        revert_edit(model, originals)
+        assert torch.equal(model(ids).logits, base)
+        peft_model = load_edited(
+            model, export_adapter(edit, model, tmp_path / "adapter", base_model_name="gemma3-270m")
+        )
+        try:
+            assert (peft_model(ids).logits - in_place).abs().max() <= 1e-3 * in_place.abs().max()
+            assert (in_place - base).abs().max() > 1e-3, "the edit must change the model"
+            with peft_model.disable_adapter():
+                assert torch.equal(peft_model(ids).logits, base)
+        finally:
+            peft_model.unload()

@@ -105,3 +105,23 @@ def test_cli_tune_rejects_a_bad_space_file_in_one_line(tmp_path):
     assert_one_line_error(surgery("tune", "--space", bad, "--out", tmp_path / "t"), "unknown knob 'probe_layers'")
     assert_one_line_error(surgery("tune", "--suites", "rtp,advbench", "--out", tmp_path / "t"), "--suites takes rtp")
     assert not (tmp_path / "t").exists()
+
+
+def test_self_probe_data_needs_both_classes(tmp_path, data_dir, monkeypatch):
+    """A tiny random model's continuations are gibberish the judge calls non-toxic: one class, a clear error."""
+    from surgery_plugin.probe_data import load_probe_data
+
+    monkeypatch.setenv("SURGERY_CACHE", str(tmp_path / "cache"))
+    model, tok = make_tiny("llama"), CharTokenizer()
+    monkeypatch.setattr("surgery_plugin.probe_data.SELF_SAMPLES", 0)
+    monkeypatch.setattr("surgery_plugin.probe_data.SELF_NEW_TOKENS", 3)
+    with pytest.raises(SurgeryError, match=r"probe_data 'self' gave \d+ acceptable and 0 undesired"):
+        load_probe_data("self", model, tok, data_dir, self_judge="profanity", progress=False)
+    cached = list((tmp_path / "cache" / "probe_data").glob("self-*.json"))
+    assert len(cached) == 1, "the continuations are cached per weights and settings"
+    rows = json.loads(cached[0].read_text())
+    assert 350 <= len(rows) <= 400 and {"prompt", "continuation", "score"} <= set(
+        rows[0]
+    )  # 400 prompts, empty dropped
+    with pytest.raises(SurgeryError, match="needs the model"):
+        load_probe_data("davidson+self", None, None, data_dir)
