@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from surgery_plugin import architectures
-from surgery_plugin.atomic import atomic_write
+from surgery_plugin.atomic import write_json
 from surgery_plugin.data import load_benign_texts
 from surgery_plugin.data.loaders import load_rtp_probe_documents
 from surgery_plugin.data.splits import RTP_BENIGN
@@ -120,7 +120,7 @@ def main() -> None:
     result["command"] = (
         f"python benchmarks/benign_component.py --model {args.model} --hparams {args.hparams} --texts {args.texts}"
     )
-    atomic_write(args.out, json.dumps(result, indent=1) + "\n")
+    write_json(args.out, result)
     plot(result, Path(args.out).with_suffix(".png"))
     print(json.dumps({k: v["mean_over_layers"] for k, v in result["variants"].items()}, indent=1))
     print("cos(probe, mean benign state):", round(result["cos_probe_mean_benign_state"], 4))

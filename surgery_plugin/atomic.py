@@ -8,6 +8,8 @@ which hides them from the other users of a shared server).
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import os
 import shutil
 from collections.abc import Iterator
@@ -74,6 +76,24 @@ def atomic_write(target: str | os.PathLike, data: str | bytes) -> Path:
         else:
             tmp.write_text(data, encoding="utf-8")
     return Path(target)
+
+
+def json_safe(value):
+    """NaN and infinities are not JSON: a missing value, written as null, everywhere in the tree."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def write_json(target: str | os.PathLike, value, indent: int | None = 1) -> Path:
+    """``value`` as strict JSON (NaN -> null), UTF-8, written atomically."""
+    return atomic_write(
+        target, json.dumps(json_safe(value), indent=indent, ensure_ascii=False, allow_nan=False) + "\n"
+    )
 
 
 def check_output_folder(out_dir: str | os.PathLike, overwrite: bool = False) -> Path:

@@ -9,13 +9,12 @@ sweep or search saw (toxicity: RTP challenging prompts [500, 800), the ToxiGen g
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
 
 from .adapter import export_adapter, load_edited
-from .atomic import atomic_write
+from .atomic import atomic_write, write_json
 from .errors import SurgeryError
 from .evaluation import load_judges, write_run
 from .evaluation.protocols import behavior
@@ -162,7 +161,7 @@ def run_demo(
         "seconds": round(time.perf_counter() - started, 1),
         "versions": package_versions(),
     }
-    atomic_write(out / "summary.json", json.dumps(summary, indent=1) + "\n")
+    write_json(out / "summary.json", summary)
     atomic_write(out / "summary.md", text + "\n")
     _plot(base, edited, out / "summary.png", f"Model Surgery on {display}: {behavior_name}", list(spec.suites))
     print(

@@ -24,7 +24,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import math
 import tempfile
 import time
 from collections.abc import Iterator
@@ -38,7 +37,7 @@ from torch import nn
 
 from . import architectures
 from .adapter import export_adapter, load_edited, set_alpha
-from .atomic import atomic_write
+from .atomic import atomic_write, write_json
 from .data import load_benign_texts
 from .data.splits import (
     RTP_BENIGN,
@@ -568,7 +567,7 @@ class Tuner:
         )
         atomic_write(chosen_yaml, yaml.safe_dump(config, sort_keys=False))
         result["chosen_yaml"] = str(chosen_yaml)
-        atomic_write(self.out_dir / "front.json", json.dumps(_finite(result), indent=1) + "\n")
+        write_json(self.out_dir / "front.json", result)
         plot_front(result, self.out_dir / "front.png")
         return result
 
@@ -584,16 +583,6 @@ def _trial_record(trial, on_front: bool) -> dict:
         "seconds": trial.user_attrs.get("seconds"),
         "feasible": all(v <= 0 for v in trial.user_attrs.get("constraints", [0.0])),
     }
-
-
-def _finite(value):
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
 
 
 def plot_front(result: dict, png: Path) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -17,7 +16,7 @@ from pathlib import Path
 
 from torch import nn
 
-from ..atomic import atomic_write
+from ..atomic import atomic_write, json_safe, write_json
 from ..errors import SurgeryError
 from .judges import judge_info
 from .protocols import PROTOCOLS
@@ -157,35 +156,22 @@ def write_run(run_dir: str | os.PathLike, results: dict, samples: list[dict], re
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(
         run_dir / "samples.jsonl",
-        "".join(json.dumps(_finite(s), ensure_ascii=False, allow_nan=False) + "\n" for s in samples),
+        "".join(json.dumps(json_safe(s), ensure_ascii=False, allow_nan=False) + "\n" for s in samples),
     )
     if report:
         from .report import render_report, write_plots
 
         plots = write_plots(run_dir, results)
         atomic_write(run_dir / "report.md", render_report(results, plots))
-    atomic_write(
-        run_dir / "results.json", json.dumps(_finite(results), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
-    )
+    write_json(run_dir / "results.json", results, indent=2)
     return run_dir
-
-
-def _finite(value):
-    """NaN/inf are not JSON: write them as null (a missing value), everywhere in the tree."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
 
 
 def write_alpha_sweep(run_dir: str | os.PathLike, runs: list[dict]) -> Path:
     """``sweep.json`` (one entry per alpha) and, when rtp and ppl ran, ``sweep.png``."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write(run_dir / "sweep.json", json.dumps(_finite({"runs": runs}), indent=2, allow_nan=False) + "\n")
+    write_json(run_dir / "sweep.json", {"runs": runs}, indent=2)
     if all({"rtp", "ppl"} <= set(r["suites"]) for r in runs):
         import matplotlib
 
