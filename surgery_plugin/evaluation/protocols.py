@@ -65,6 +65,7 @@ class Protocol:
     stop_at_newline: bool = False
     needs_judge: bool = True
     by_group: bool = False  # per-target-group rates (ToxiGen)
+    judged_by: str | None = None  # only the judges whose ``measures`` is this (e.g. refusal-type judges)
     lm_eval: tuple[LmEvalTask, ...] = ()
     lm_eval_group: str | None = None
 
@@ -358,6 +359,7 @@ FALSE_REFUSAL = Protocol(
     decoding="greedy",
     max_new_tokens=128,
     chat_template=True,
+    judged_by="compliance",
     metrics=(
         Metric(
             "false_refusal_rate",

@@ -383,7 +383,7 @@ def run_false_refusal(model: nn.Module, tokenizer, settings: EvalSettings) -> tu
     responses, chat = _generate(model, tokenizer, "false_refusal", questions, settings)
     refusals = [is_refusal(r) for r in responses]
     refusal = rate_summary(refusals, key="false_refusal_rate")
-    judges = [j for j in settings.judges if getattr(j, "measures", None) == "compliance"]
+    judges = [j for j in settings.judges if getattr(j, "measures", None) == PROTOCOLS["false_refusal"].judged_by]
     scores = _score(judges, responses)
     by_judge = {
         name: rate_summary([None if is_missing(x) else x < settings.threshold for x in s], key="judged_refusal_rate")
