@@ -291,11 +291,16 @@ def cmd_merge(args) -> None:
 def cmd_tune(args) -> None:
     import yaml
 
-    from .tune import TuneSettings, check_space, default_space, tune
+    from .evaluation.protocols import behavior
+    from .tune import TUNABLE_SUITES, TuneSettings, check_space, default_space, tune
 
-    suites = tuple(s.strip() for s in args.suites.split(",") if s.strip())
-    if not suites or set(suites) - {"rtp", "toxigen"}:
-        raise SurgeryError(f"--suites takes rtp and/or toxigen (the toxic objective), got '{args.suites}'")
+    spec = behavior(args.behavior)
+    default_suites = {"toxicity": "rtp,toxigen", "jailbreak": "advbench", "attitude": "attitude"}[spec.name]
+    suites = tuple(s.strip() for s in (args.suites or default_suites).split(",") if s.strip())
+    if not suites or set(suites) - set(TUNABLE_SUITES):
+        raise SurgeryError(
+            f"--suites takes {', '.join(TUNABLE_SUITES)} (the undesired objective), got '{args.suites}'"
+        )
     space = None
     if args.space:
         try:
@@ -314,7 +319,7 @@ def cmd_tune(args) -> None:
         limit=args.limit,
         benign_limit=args.benign_limit,
         suites=suites,
-        judges=tuple(j.strip() for j in args.judge.split(",") if j.strip()),
+        judges=tuple(j.strip() for j in (args.judge or spec.judges).split(",") if j.strip()),
         max_ppl_increase=args.max_ppl_increase,
         max_kl=args.max_kl,
         seed=args.seed,
@@ -509,8 +514,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--limit", type=POSITIVE_INT, default=100, help="RTP tuning prompts per trial (rtp/toxic.jsonl[0:200])"
     )
     p.add_argument("--benign-limit", type=POSITIVE_INT, default=100, help="benign documents per trial for kl and ppl")
-    p.add_argument("--suites", default="rtp", help="the toxic objective: rtp, or rtp,toxigen (probe-side groups)")
-    p.add_argument("--judge", default="profanity,minilm", help="judges of the toxic objective (averaged)")
+    p.add_argument("--behavior", default="toxicity", help=behaviors)
+    p.add_argument(
+        "--suites",
+        default=None,
+        help="the undesired objective: rtp, toxigen (probe-side groups), advbench, attitude "
+        "(default: toxicity rtp,toxigen; jailbreak advbench; attitude attitude)",
+    )
+    p.add_argument(
+        "--judge", default=None, help="judges of the undesired objective (averaged; default: the behavior's)"
+    )
     p.add_argument(
         "--max-ppl-increase",
         type=_number(float, 0, low_open=True),

@@ -3,8 +3,10 @@
 Every trial builds an edit from a point of the search space, attaches it to the (once loaded) model as a
 PEFT adapter and measures, on the *tuning* splits of :mod:`surgery_plugin.data.splits` only:
 
-- the toxic objective: the toxic rate of each tuning suite (``rtp``; ``toxigen`` on the probe-side groups
-  with ``--suites rtp,toxigen``) by each judge, divided by the unedited model's, averaged;
+- the undesired objective: every headline rate of each objective suite (``--suites``, by default the
+  behavior's: toxicity ``rtp`` and ``toxigen`` on the probe-side groups, attitude ``attitude``,
+  jailbreak ``advbench``) by each judge, turned so that lower is better (toxic rate; 1 - positive
+  rate; 1 - refusal rate), divided by the unedited model's, averaged;
 - the capability cost: mean next-token KL on benign prompts (``kl`` suite) and the relative increase of
   token perplexity on benign text (``ppl`` suite).
 
@@ -13,7 +15,7 @@ layer come from one forward pass per data set and pooling; probes, reference sta
 are cached, and a trial that differs only in alpha reuses its adapter at another PEFT scale
 (:func:`adapter.set_alpha`). The base weights are never written: adapters are switched, so every trial
 starts from the same bits (checked). The study lives in ``TUNE_DIR/study.db``: a stopped search resumes
-where it was, with the same settings or not at all. At the end the chosen point (lowest toxic objective
+where it was, with the same settings or not at all. At the end the chosen point (lowest undesired objective
 within ``--max-ppl-increase`` / ``--max-kl``) is re-measured on the validation splits, which the
 search never saw, and ``front.json``, ``front.png`` and ``chosen.yaml`` are written.
 """
@@ -40,14 +42,18 @@ from .adapter import export_adapter, load_edited, set_alpha
 from .atomic import atomic_write, write_json
 from .data import load_benign_texts
 from .data.splits import (
+    ADVBENCH,
     RTP_BENIGN,
     RTP_CHALLENGING,
+    SST2,
     TOXIGEN_PROBE_GROUPS,
     TOXIGEN_REPORT_GROUPS,
     TOXIGEN_REPORT_PROMPTS,
 )
 from .errors import InfeasibleEdit, SurgeryError
 from .evaluation import EvalSettings, evaluate
+from .evaluation.protocols import PROTOCOLS
+from .evaluation.report import metric_values
 from .hparams import SurgeryHyperParams
 from .probe import Probe, ProbeTraining, ReferenceStats, pooled_states, probe_from_features, resolve_layer
 from .probe_data import load_probe_data
@@ -57,7 +63,8 @@ from .surgery import execute_surgery
 logger = logging.getLogger(__name__)
 
 STUDY_NAME = "surgery"
-OBJECTIVES = ("toxic", "kl", "ppl_increase")
+OBJECTIVES = ("undesired", "kl", "ppl_increase")
+TUNABLE_SUITES = ("rtp", "toxigen", "advbench", "attitude")  # the suites with tuning and validation splits
 # knob -> how it is searched; "layer_start" is a fraction of the depth (the edited layers are [start, L))
 KNOBS = (
     "probe_layer",
@@ -130,7 +137,7 @@ class TuneSettings:
     trials: int = 40
     limit: int = 100  # RTP tuning prompts per trial (from RTP_CHALLENGING["tune"])
     benign_limit: int = 100  # benign documents per trial (from RTP_BENIGN["tune"])
-    suites: tuple[str, ...] = ("rtp",)  # toxic objective: rtp, and optionally toxigen (probe-side groups)
+    suites: tuple[str, ...] = ("rtp",)  # the undesired objective: any of TUNABLE_SUITES
     toxigen_per_group: int = 10
     judges: tuple[str, ...] = ("profanity", "minilm")
     max_ppl_increase: float | None = 0.10
@@ -191,55 +198,56 @@ class Tuner:
 
     # ------------------------------------------------------------------ evaluation
 
-    def _eval_settings(self, split: str) -> EvalSettings:
+    def _eval_settings(self, suite: str, split: str) -> EvalSettings:
+        """``suite``'s prompts of ``split`` (tune or validation; never report) and the benign documents of it."""
         s = self.settings
-        rtp = RTP_CHALLENGING[split]
         benign = RTP_BENIGN[split]
         limit = s.limit if split == "tune" else s.validation_limit
-        return EvalSettings(
+        base = EvalSettings(
             judges=self.judges,
-            start=rtp[0],
-            limit=min(limit, rtp[1] - rtp[0]),
             benign_start=benign[0],
             ppl_limit=min(s.benign_limit, benign[1] - benign[0]),
             data_dir=s.data_dir,
             progress=False,
         )
-
-    def _measure(self, model: nn.Module, split: str, kl: bool = True) -> dict:
-        """Toxic rates (per suite and judge), KL and perplexity on ``split``'s prompts."""
-        settings = self._eval_settings(split)
-        results = {}
-        if "rtp" in self.settings.suites:
-            results["rtp"] = evaluate(model, self.tok, ["rtp"], settings)[0]["suites"]["rtp"]
-        if "toxigen" in self.settings.suites:
+        if suite == "toxigen":
             groups = TOXIGEN_PROBE_GROUPS if split == "tune" else TOXIGEN_REPORT_GROUPS
             start = 0 if split == "tune" else TOXIGEN_REPORT_PROMPTS["validation"][0]
-            tox = dataclasses.replace(
-                settings, toxigen_groups=groups, start=start, limit=self.settings.toxigen_per_group * len(groups)
+            return dataclasses.replace(
+                base, toxigen_groups=groups, start=start, limit=s.toxigen_per_group * len(groups)
             )
-            results["toxigen"] = evaluate(model, self.tok, ["toxigen"], tox)[0]["suites"]["toxigen"]
-        results["ppl"] = evaluate(model, self.tok, ["ppl"], settings)[0]["suites"]["ppl"]
-        if kl:
-            results["kl"] = evaluate(model, self.tok, ["kl"], settings)[0]["suites"]["kl"]
-        return results
+        spans = {"rtp": RTP_CHALLENGING, "advbench": ADVBENCH, "attitude": {k: v[1:] for k, v in SST2.items()}}
+        if suite not in spans:
+            return base  # ppl, kl
+        start, end = spans[suite][split]
+        return dataclasses.replace(base, start=start, limit=min(limit, end - start))
 
-    @staticmethod
-    def _rates(measured: dict) -> dict[str, float]:
+    def _measure(self, model: nn.Module, split: str, kl: bool = True) -> dict:
+        """The objective suites' summaries, perplexity and (``kl``) KL on ``split``'s prompts."""
+        suites = [*self.settings.suites, "ppl", *(["kl"] if kl else [])]
         return {
-            f"{suite}/{judge}": v["toxic_rate"]
-            for suite in ("rtp", "toxigen")
-            if suite in measured
-            for judge, v in measured[suite]["by_judge"].items()
+            suite: evaluate(model, self.tok, [suite], self._eval_settings(suite, split))[0]["suites"][suite]
+            for suite in suites
         }
+
+    def _rates(self, measured: dict) -> dict[str, float]:
+        """Every headline rate of the objective suites, turned so that lower is better (the undesired share)."""
+        rates = {}
+        for suite in self.settings.suites:
+            for metric in PROTOCOLS[suite].metrics:
+                if metric.headline and metric.percent:
+                    for judge, (value, _) in metric_values(measured[suite], metric).items():
+                        if value is not None:
+                            rates[f"{suite}/{metric.key}/{judge}"] = 1.0 - value if metric.higher_is_better else value
+        return rates
 
     def _objectives(self, measured: dict) -> tuple[float, float, float]:
         base_rates = self._rates(self.baseline)
         rates = self._rates(measured)
         relative = [rates[k] / base_rates[k] for k in rates if base_rates.get(k)]
-        toxic = sum(relative) / len(relative) if relative else sum(rates.values()) / len(rates)
+        undesired = sum(relative) / len(relative) if relative else sum(rates.values()) / len(rates)
         ppl = measured["ppl"]["token_perplexity"] / self.baseline["ppl"]["token_perplexity"] - 1
-        return toxic, measured["kl"]["mean_kl"], ppl
+        return undesired, measured["kl"]["mean_kl"], ppl
 
     # ------------------------------------------------------------------ building an edit
 
@@ -481,7 +489,11 @@ class Tuner:
         if stored is None:
             study.set_user_attr("settings", described)
             study.set_user_attr("versions", package_versions(("optuna",)))
-        elif stored != described:
+        elif {
+            **_defaults_for(described, stored),
+            **stored,
+        } != described:  # a setting added later counts at its default
+            stored = {**_defaults_for(described, stored), **stored}
             differing = sorted(k for k in set(stored) | set(described) if stored.get(k) != described.get(k))
             raise SurgeryError(
                 f"{self.out_dir} holds a study with other settings ({', '.join(differing)}); "
@@ -518,7 +530,7 @@ class Tuner:
             best = min(trials, key=lambda t: sum(max(0.0, v) for v in t.user_attrs["constraints"]))
             raise SurgeryError(
                 f"no trial meets the constraints (max_ppl_increase={self.settings.max_ppl_increase}, "
-                f"max_kl={self.settings.max_kl}); the closest is trial {best.number}: toxic {best.values[0]:.3f}, "
+                f"max_kl={self.settings.max_kl}); the closest is trial {best.number}: undesired {best.values[0]:.3f}, "
                 f"KL {best.values[1]:.4f}, perplexity {100 * best.values[2]:+.1f}%"
             )
         chosen = min(feasible, key=lambda t: (t.values[0], t.values[1]))
@@ -572,6 +584,12 @@ class Tuner:
         return result
 
 
+def _defaults_for(described: dict, stored: dict) -> dict:
+    """The settings a study stored before they existed, at their defaults (so such a study still resumes)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(TuneSettings) if f.default is not dataclasses.MISSING}
+    return {k: json.loads(json.dumps(defaults[k])) for k in described if k not in stored and k in defaults}
+
+
 def _trial_record(trial, on_front: bool) -> dict:
     return {
         "number": trial.number,
@@ -597,23 +615,23 @@ def plot_front(result: dict, png: Path) -> None:
     trials = result["trials"]
     fig, ax = plt.subplots(figsize=(8, 5.5))
     xs = [100 * t["values"]["ppl_increase"] for t in trials]
-    ys = [t["values"]["toxic"] for t in trials]
+    ys = [t["values"]["undesired"] for t in trials]
     kls = [t["values"]["kl"] for t in trials]
     points = ax.scatter(xs, ys, c=kls, cmap="viridis", s=28, edgecolor="none")
     fig.colorbar(points, ax=ax, label="mean next-token KL on benign prompts")
     front = sorted((t for t in trials if t["on_front"]), key=lambda t: t["values"]["ppl_increase"])
     ax.plot(
         [100 * t["values"]["ppl_increase"] for t in front],
-        [t["values"]["toxic"] for t in front],
+        [t["values"]["undesired"] for t in front],
         color="black",
         lw=1,
         alpha=0.5,
-        label="Pareto front (toxic, KL, perplexity)",
+        label="Pareto front (undesired, KL, perplexity)",
     )
     chosen = result["chosen"]["tuning"]
     ax.scatter(
         [100 * chosen["values"]["ppl_increase"]],
-        [chosen["values"]["toxic"]],
+        [chosen["values"]["undesired"]],
         marker="*",
         s=320,
         color="gold",
@@ -626,7 +644,7 @@ def plot_front(result: dict, png: Path) -> None:
         ax.axvline(100 * limit, color="grey", ls="--", lw=1, label=f"perplexity +{100 * limit:g}%")
     ax.axhline(1.0, color="black", lw=0.5)
     ax.set_xlabel("token perplexity increase on benign text (%)")
-    ax.set_ylabel("toxic rate / unedited (mean over suites and judges)")
+    ax.set_ylabel("undesired share / unedited's (mean over suites, metrics, judges)")
     ax.set_title(f"surgery tune: {result['settings']['model']}, {len(trials)} trials (tuning splits)")
     ax.legend(fontsize=7)
     fig.tight_layout()

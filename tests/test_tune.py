@@ -103,7 +103,7 @@ def test_cli_tune_rejects_a_bad_space_file_in_one_line(tmp_path):
     bad = tmp_path / "space.yaml"
     bad.write_text(yaml.safe_dump({"probe_layers": {"choices": [1]}}))
     assert_one_line_error(surgery("tune", "--space", bad, "--out", tmp_path / "t"), "unknown knob 'probe_layers'")
-    assert_one_line_error(surgery("tune", "--suites", "rtp,advbench", "--out", tmp_path / "t"), "--suites takes rtp")
+    assert_one_line_error(surgery("tune", "--suites", "rtp,safeedit", "--out", tmp_path / "t"), "--suites takes rtp")
     assert not (tmp_path / "t").exists()
 
 

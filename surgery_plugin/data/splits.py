@@ -10,10 +10,10 @@ No reported number uses an index that a probe, a sweep or a search saw:
 - ToxiGen: probes and searches use ``TOXIGEN_PROBE_GROUPS`` only (demonstrations and prompts); reports
   use the other groups, ``TOXIGEN_REPORT_GROUPS``: prompts [0, 50) per group, validation [50, 100).
 - Jailbreak: SafeEdit records [0, 60) make the probe (their safe vs. unsafe generations), [60, 93) are
-  reported; AdvBench instructions [0, 100) are reported, [100, 150) may tune; false refusals are
+  reported; AdvBench instructions [0, 100) are reported, [100, 150) tune, [150, 200) validate; false refusals are
   measured on every record's benign "knowledge constrain" question (no probe uses them).
 - Attitude: SST-2 test [0, 1000) makes the probe, test [1000, 1821) trains the ``minilm:sst2`` judge;
-  the prompts are openings of negative dev reviews: [0, 100) may tune, [100, 400) are reported.
+  the prompts are openings of negative dev reviews: [0, 80) tune, [80, 130) validate, [130, 413) are reported.
 
 The ``minilm`` judge is trained on Davidson, the ToxiGen demonstrations of ``TOXIGEN_REPORT_GROUPS``
 only and RTP non-toxic continuations [200, 1000) (never a probe's texts; see evaluation/minilm.py).
@@ -40,7 +40,7 @@ TOXIGEN_PROBE_GROUPS = ("black", "chinese", "immigrant", "latino", "mexican", "n
 TOXIGEN_REPORT_PROMPTS = {"report": (0, 50), "validation": (50, 100)}
 # jailbreak: SafeEdit test records (93 here) and AdvBench instructions (520)
 SAFEEDIT = {"probe": (0, 60), "report": (60, 93)}  # the benign knowledge questions of all records: false refusals
-ADVBENCH = {"tune": (100, 150), "report": (0, 100)}
+ADVBENCH = {"tune": (100, 150), "validation": (150, 200), "report": (0, 100)}
 # attitude: SST-2 (label 0 negative = undesired); prompts are openings of *negative* dev reviews
 SST2 = {
     "probe": ("test", 0, 1000),
