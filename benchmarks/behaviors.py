@@ -1,0 +1,113 @@
+"""Each behavior's edit, both directions, and several at once: one model load, adapters switched.
+
+For one model, with each behavior's shipped YAML: probe and edit every behavior (on the unedited
+model, and the paper's sequential recipe for the stack), then evaluate on the *report* splits:
+
+- each behavior's suites with its edit off, on (alpha as shipped) and reversed ("surrender", -alpha);
+- a stack of all behaviors' edits (independent probes, then sequential probes): every behavior's
+  headline suites at once, and the capability cost (perplexity, KL) of the stack.
+
+Writes JSON (every number with its CI) and a markdown table.
+
+    OMP_NUM_THREADS=1 python benchmarks/behaviors.py --model smollm2-135m --behaviors toxicity,jailbreak,attitude \\
+        --limit 100 --out benchmarks/results/behaviors_smollm2.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+from surgery_plugin.adapter import set_alpha
+from surgery_plugin.atomic import atomic_write, write_json
+from surgery_plugin.demo import hparams_for
+from surgery_plugin.evaluation import load_judges
+from surgery_plugin.evaluation.protocols import behavior
+from surgery_plugin.evaluation.report import comparison_table
+from surgery_plugin.evaluation.runner import evaluate_report, report_settings
+from surgery_plugin.hparams import SurgeryHyperParams
+from surgery_plugin.models import load_model
+from surgery_plugin.provenance import package_versions
+from surgery_plugin.stack import build_stack, export_stack, load_stack
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--behaviors", default="toxicity,jailbreak,attitude")
+    parser.add_argument("--limit", type=int, default=100, help="prompts per generation suite (report splits)")
+    parser.add_argument("--ppl-limit", type=int, default=200)
+    parser.add_argument("--skip-surrender", action="store_true")
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--out", default="benchmarks/results/behaviors_smollm2.json")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO)
+    started = time.perf_counter()
+    names = [b.strip() for b in args.behaviors.split(",") if b.strip()]
+    specs = {name: behavior(name) for name in names}
+    hparams = {name: SurgeryHyperParams.from_hparams(hparams_for(args.model, name)) for name in names}
+    model, tok = load_model(args.model)
+    judges = {name: load_judges(spec.judges, data_dir=args.data_dir, progress=False) for name, spec in specs.items()}
+    all_judges = {j.name: j for js in judges.values() for j in js}
+    headline = [s for name in names for s in specs[name].suites if s not in ("ppl", "kl")]
+    suites = list(dict.fromkeys([*headline, "ppl", "kl"]))
+
+    def measure(peft_model, only: list[str]) -> dict:
+        settings = report_settings(only, list(all_judges.values()), args.data_dir, args.limit, args.ppl_limit)
+        return evaluate_report(peft_model, tok, settings)[0]["suites"]
+
+    result = {
+        "model": args.model,
+        "behaviors": names,
+        "limit": args.limit,
+        "hparams": {n: h.to_dict() for n, h in hparams.items()},
+        "single": {},
+        "stacks": {},
+    }
+    with tempfile.TemporaryDirectory() as work:
+        stacks = {}
+        for sequential in (False, True):
+            built = build_stack(
+                model, tok, [(n, hparams[n]) for n in names], sequential=sequential, data_dir=args.data_dir
+            )
+            stacks[sequential] = export_stack(built, model, Path(work) / f"stack-{sequential}", args.model, sequential)
+        for name in names:
+            own = list(specs[name].suites)
+            peft_model = load_stack(model, stacks[False], names=[name])
+            with peft_model.disable_adapter():
+                base = measure(peft_model, own)
+            entry = {"base": base, "edited": measure(peft_model, own)}
+            if not args.skip_surrender:
+                set_alpha(peft_model, -hparams[name].alpha, name)
+                entry["surrender"] = measure(peft_model, own)
+            result["single"][name] = entry
+            peft_model.unload()
+        for sequential, folder in stacks.items():
+            peft_model = load_stack(model, folder)
+            result["stacks"]["sequential" if sequential else "independent"] = measure(peft_model, suites)
+            peft_model.unload()
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    result["versions"] = package_versions()
+    result["command"] = (
+        f"python benchmarks/behaviors.py --model {args.model} --behaviors {args.behaviors} --limit {args.limit} "
+        f"--ppl-limit {args.ppl_limit}"
+    )
+    write_json(args.out, result)
+    lines = []
+    for name, entry in result["single"].items():
+        runs = [("base", entry["base"]), (f"+ {name} edit", entry["edited"])]
+        if "surrender" in entry:
+            runs.append(("surrender (-alpha)", entry["surrender"]))
+        lines += [f"### {name}", "", comparison_table(runs, list(specs[name].suites)), ""]
+    base_all = {s: v for entry in result["single"].values() for s, v in entry["base"].items()}
+    runs = [("base", base_all)] + [(f"stack ({k})", v) for k, v in result["stacks"].items()]
+    lines += ["### all at once", "", comparison_table(runs, suites), ""]
+    atomic_write(Path(args.out).with_suffix(".md"), "\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
