@@ -62,13 +62,18 @@ def _hparams(args):
     return SurgeryHyperParams.from_hparams(args.hparams or shipped_hparams_path(DEFAULT_MODEL))
 
 
-def _load(args, hparams=None):
-    """The model the command names, on ``--device`` (else the hparams' ``device`` / ``model_parallel``)."""
+def _load(args, hparams=None, probe_layer=None):
+    """The model the command names, on ``--device`` or spread by ``--device-map`` (else the hparams'
+    ``device`` / ``model_parallel``); with ``probe_layer`` only the layers its features need."""
     from .models import load_model
 
+    if args.device is not None and args.device_map is not None:
+        raise SurgeryError("--device and --device-map exclude each other; pass one")
     device = args.device if args.device is not None else (hparams.device if hparams is not None else None)
-    device_map = "auto" if hparams is not None and hparams.model_parallel and args.device is None else None
-    return load_model(args.model, dtype=args.dtype, device=device, device_map=device_map)
+    device_map = args.device_map or (
+        "auto" if hparams is not None and hparams.model_parallel and args.device is None else None
+    )
+    return load_model(args.model, dtype=args.dtype, device=device, device_map=device_map, probe_layer=probe_layer)
 
 
 def cmd_model_path(args) -> None:
@@ -96,7 +101,7 @@ def cmd_probe(args) -> None:
     }
     hp = hp.replace(**{k: v for k, v in changes.items() if v is not None})
     data = load_behavior_data(args.data, args.data_dir, hp.probe_max_per_class, hp.seed)
-    model, tok = _load(args, hp)
+    model, tok = _load(args, hp, probe_layer=hp.probe_layer)  # only the layers before the probe layer
     probe, metrics = probe_from_hparams(model, tok, data, hp)
     probe.save(args.out)
     print(
@@ -107,18 +112,23 @@ def cmd_probe(args) -> None:
 
 def cmd_edit(args) -> None:
     from .adapter import export_adapter
+    from .models import resolve_model_path
     from .probe import Probe
     from .provenance import package_versions
+    from .streaming import CheckpointGates, too_big_to_load
     from .surgery import execute_surgery
 
     hp = _hparams(args)
     hp = hp.replace(**{k: v for k, v in {"alpha": args.alpha, "top_k": args.top_k}.items() if v is not None})
-    model, _ = _load(args, hp)
-    probe = Probe.load(args.probe, model)
-    edit = execute_surgery(model, probe, hp)
+    path = resolve_model_path(args.model)
+    streaming = args.streaming or too_big_to_load(path, args.dtype)
+    # streaming reads only the gate tensors from the shards; the adapter is the same bits
+    base = CheckpointGates(path, dtype=args.dtype, name=args.model) if streaming else _load(args, hp)[0]
+    probe = Probe.load(args.probe, base)
+    edit = execute_surgery(base, probe, hp, progress=streaming)
     out = export_adapter(
         edit,
-        model,
+        base,
         args.out,
         base_model_name=args.model,
         overwrite=args.overwrite,
@@ -127,6 +137,7 @@ def cmd_edit(args) -> None:
             "probe_file": str(args.probe),
             "probe_sha256": probe.sha256(),
             "versions": package_versions(),
+            "streaming": streaming,
         },
     )
     print(
@@ -235,6 +246,13 @@ def build_parser() -> argparse.ArgumentParser:
                 default=None,
                 help="cpu, cuda, cuda:N, mps (default: the hparams' device for probe/edit, else the CPU)",
             )
+            p.add_argument(
+                "--device-map",
+                choices=["auto"],
+                default=None,
+                help="auto: accelerate spreads the model over every visible GPU, then CPU memory "
+                "(default for probe/edit: auto when the hparams say model_parallel)",
+            )
         p.add_argument(
             "--data-dir", default=None, help="local data folder (default: $SURGERY_DATA_DIR, then ../shared/data)"
         )
@@ -270,6 +288,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="override the YAML's top_k (count, or fraction < 1)",
     )
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument(
+        "--streaming",
+        action="store_true",
+        help="read only the gate tensors from the safetensors shards, never building the model "
+        "(automatic when the model would not fit in free memory)",
+    )
     p.set_defaults(func=cmd_edit)
 
     p = sub.add_parser("eval", help="evaluate a model, optionally with a surgery adapter")

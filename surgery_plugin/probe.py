@@ -58,36 +58,41 @@ class _StopForward(Exception):
 
 def resolve_layer(model: nn.Module, layer: int) -> int:
     """A hidden-state index in HF's ``hidden_states`` numbering: 0 = embeddings, L = final (normed)."""
-    n_layers = len(architectures.decoder_layers(model))
-    index = layer + n_layers + 1 if layer < 0 else layer
-    if not 0 <= index <= n_layers:
-        raise SurgeryError(
-            f"probe layer {layer} is out of range for a model with {n_layers} layers "
-            f"(use 0..{n_layers} or -1..-{n_layers + 1})"
-        )
-    return index
+    return architectures.hidden_state_index(layer, architectures.full_num_layers(model))
 
 
 def _hidden_states_at(
     model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, index: int
 ) -> torch.Tensor:
-    """``hidden_states[index]`` without running the layers after it (or the LM head)."""
+    """``hidden_states[index]`` without running the layers after it (or the LM head).
+
+    ``model`` may hold only its first layers (``models.load_model(..., probe_layer=...)``): then the
+    output of its last layer is ``hidden_states[index]``, as it is the input of layer ``index``.
+    """
     transformer = architectures.base_transformer(model)
     layers = architectures.decoder_layers(model)
-    if index == len(layers):
+    if index == architectures.full_num_layers(model) and index == len(layers):
         return transformer(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    if index > len(layers):
+        raise SurgeryError(f"hidden_states[{index}] needs {index} layers; this model was loaded with {len(layers)}")
 
     def grab_input(_module, args, kwargs):
         raise _StopForward(args[0] if args else kwargs["hidden_states"])
 
-    handle = layers[index].register_forward_pre_hook(grab_input, with_kwargs=True)
+    def grab_output(_module, _args, output):
+        raise _StopForward(output[0] if isinstance(output, tuple) else output)
+
+    if index < len(layers):
+        handle = layers[index].register_forward_pre_hook(grab_input, with_kwargs=True)
+    else:
+        handle = layers[index - 1].register_forward_hook(grab_output)
     try:
         transformer(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     except _StopForward as stop:
         return stop.hidden
     finally:
         handle.remove()
-    raise RuntimeError(f"decoder layer {index} was never called")
+    raise RuntimeError(f"decoder layer {min(index, len(layers) - 1)} was never called")
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -178,7 +183,7 @@ class Probe:
         """P(undesired) for each feature row."""
         return self.logits(features).softmax(-1)[:, 1]
 
-    def validate(self, model: nn.Module | None = None) -> None:
+    def validate(self, model: nn.Module | architectures.GateRows | None = None) -> None:
         direction = self.direction
         if direction.ndim != 1:
             raise SurgeryError(f"probe direction must be a vector, got shape {tuple(direction.shape)}")
@@ -187,7 +192,7 @@ class Probe:
         if float(direction.norm()) == 0.0:
             raise SurgeryError("probe direction is all zeros; it cannot select or move gate rows")
         if model is not None:
-            expected = architectures.hidden_size(model)
+            expected = architectures.gates_of(model).hidden_size
             if expected != self.hidden_size:
                 raise SurgeryError(
                     f"probe hidden size {self.hidden_size} does not match the model's {expected} "
@@ -209,7 +214,7 @@ class Probe:
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike, model: nn.Module | None = None) -> Probe:
+    def load(cls, path: str | os.PathLike, model: nn.Module | architectures.GateRows | None = None) -> Probe:
         from safetensors import SafetensorError, safe_open
 
         path = Path(path)
@@ -230,7 +235,7 @@ class Probe:
         if missing:
             raise SurgeryError(f"probe {path} lacks metadata {missing}; it was not written by surgery_plugin")
         metadata = {}
-        for key, value in raw_meta.items():
+        for key, value in sorted(raw_meta.items()):  # the file's order is a hash order
             try:
                 metadata[key] = json.loads(value)
             except json.JSONDecodeError:

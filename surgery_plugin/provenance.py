@@ -73,16 +73,17 @@ def model_fingerprint(model: nn.Module) -> str | None:
     return digest.hexdigest()
 
 
-def gate_fingerprint(model: nn.Module) -> list[list[float]]:
-    """A few fixed entries of every layer's gate rows: the same for the same base in any dtype."""
+def gate_fingerprint(model: nn.Module | architectures.GateRows) -> list[list[float]]:
+    """A few fixed entries of every layer's gate rows: the same for the same base in any dtype,
+    whether read from a loaded model or from its checkpoint shards."""
+    gates = architectures.gates_of(model)
     generator = torch.Generator().manual_seed(0)
     fingerprint = []
     with torch.no_grad():
-        for layer in range(len(architectures.decoder_layers(model))):
-            rows = architectures.gate_rows(model, layer)
-            r = torch.randint(0, rows.shape[0], (_FINGERPRINT_SAMPLES,), generator=generator)
-            c = torch.randint(0, rows.shape[1], (_FINGERPRINT_SAMPLES,), generator=generator)
-            fingerprint.append([float(x) for x in rows[r.to(rows.device), c.to(rows.device)].float().cpu()])
+        for layer in range(gates.num_layers):
+            r = torch.randint(0, gates.rows_per_layer, (_FINGERPRINT_SAMPLES,), generator=generator)
+            c = torch.randint(0, gates.hidden_size, (_FINGERPRINT_SAMPLES,), generator=generator)
+            fingerprint.append([float(x) for x in gates.entries(layer, r, c)])
     return fingerprint
 
 

@@ -23,7 +23,7 @@ from . import architectures
 from .errors import SurgeryError
 from .hparams import SurgeryHyperParams
 from .probe import Probe
-from .regions import RegionSelection, layer_range, select_regions
+from .regions import RegionSelection, mean_row_norm, scan_gates, score_layer
 
 logger = logging.getLogger(__name__)
 
@@ -79,27 +79,37 @@ class SurgeryEdit:
         )
 
 
-def mean_gate_row_norm(model: nn.Module, layers: Sequence[int]) -> float:
+def mean_gate_row_norm(model: nn.Module | architectures.GateRows, layers: Sequence[int]) -> float:
+    """The mean over ``layers`` of each layer's mean gate-row norm (float32), as the edit computes it."""
+    gates = architectures.gates_of(model)
+    any_direction = torch.ones(gates.hidden_size)  # the norms do not depend on it
     with torch.no_grad():
-        norms = [architectures.gate_rows(model, layer).float().norm(dim=1).mean() for layer in layers]
-    return float(torch.stack(norms).mean())
+        means = [score_layer(gates, layer, any_direction)[1].mean() for layer in layers]
+    return mean_row_norm(means)
 
 
-def execute_surgery(model: nn.Module, probe: Probe | torch.Tensor, hparams: SurgeryHyperParams) -> SurgeryEdit:
-    """Compute the edit (rows per layer, direction, step) without changing the model."""
+def execute_surgery(
+    model: nn.Module | architectures.GateRows,
+    probe: Probe | torch.Tensor,
+    hparams: SurgeryHyperParams,
+    progress: bool = False,
+) -> SurgeryEdit:
+    """Compute the edit (rows per layer, direction, step) without changing the model.
+
+    ``model`` is a loaded model or any :class:`~surgery_plugin.architectures.GateRows`, e.g. the
+    gates of a checkpoint read shard by shard (:mod:`surgery_plugin.streaming`): the same pass
+    over the same row blocks either way, so the edit is bitwise the same.
+    """
+    gates = architectures.gates_of(model)
     if isinstance(probe, torch.Tensor):
         probe = Probe(weight=torch.stack([-probe.float(), probe.float()]), bias=torch.zeros(2))
-    probe.validate(model)
+    probe.validate(gates)
     direction = probe.direction.float().cpu()
-    n_layers = len(architectures.decoder_layers(model))
-    layers = layer_range(n_layers, hparams.layer_range)
     if hparams.normalize:
         direction = direction / direction.norm()
-        step = hparams.alpha * mean_gate_row_norm(model, layers)
-    else:
-        step = float(hparams.alpha)
-    regions = select_regions(model, direction, hparams.top_k, hparams.max_rows_per_layer, hparams.layer_range)
-    names = architectures.gate_module_names(model)
+    scan = scan_gates(gates, direction, hparams.top_k, hparams.max_rows_per_layer, hparams.layer_range, progress)
+    step = hparams.alpha * scan.mean_row_norm if hparams.normalize else float(hparams.alpha)
+    regions = scan.regions
     metadata = {
         "alpha": float(hparams.alpha),
         "step": step,
@@ -110,7 +120,7 @@ def execute_surgery(model: nn.Module, probe: Probe | torch.Tensor, hparams: Surg
         "probe_norm": float(probe.direction.norm()),
         "probe": {k: v for k, v in probe.metadata.items()},
     }
-    module_names = {layer: names[layer] for layer in regions.rows}
+    module_names = {layer: gates.module_name(layer) for layer in regions.rows}
     return SurgeryEdit(direction, step, float(hparams.alpha), regions, module_names, metadata)
 
 
