@@ -182,23 +182,28 @@ class GateScan:
     mean_row_norm: float
 
 
+Directions = torch.Tensor | dict[int, torch.Tensor]  # one direction, or one per layer
+
+
 def scan_gates(
     gates: GateRows,
-    direction: torch.Tensor,
+    direction: Directions,
     top_k: int | float,
     max_rows_per_layer: int | None = None,
     layers: list[int] | tuple[int, int] | None = None,
     progress: bool = False,
 ) -> GateScan:
     """Score every gate row of the chosen layers block by block, keep the running global top-K and
-    the mean row norm: one pass, whether ``gates`` is a loaded model or checkpoint shards."""
+    the mean row norm: one pass, whether ``gates`` is a loaded model or checkpoint shards.
+    ``direction`` may give each layer its own vector."""
     k = resolve_k(top_k, gates.num_layers * gates.rows_per_layer)
     chosen_layers = layer_range(gates.num_layers, layers)
     top = RunningTopK(k, gates.rows_per_layer, max_rows_per_layer)
     layer_norm_means = []
     with torch.no_grad():
         for layer in tqdm(chosen_layers, desc="scoring gate rows", unit="layer", disable=not progress):
-            scores, norms = score_layer(gates, layer, direction)
+            layer_direction = direction[layer] if isinstance(direction, dict) else direction
+            scores, norms = score_layer(gates, layer, layer_direction)
             top.add(layer, scores)
             layer_norm_means.append(norms.mean())
     return GateScan(top.selection(), mean_row_norm(layer_norm_means))
@@ -206,7 +211,7 @@ def scan_gates(
 
 def select_regions(
     model: nn.Module | GateRows,
-    direction: torch.Tensor,
+    direction: Directions,
     top_k: int | float,
     max_rows_per_layer: int | None = None,
     layers: list[int] | tuple[int, int] | None = None,
