@@ -25,8 +25,18 @@ from .errors import SurgeryError
 SCORE_BLOCK_ROWS = 1024
 
 
-def _scores_and_norms(rows: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    rows = rows.float().contiguous()
+def _float_buffer(buffer: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor:
+    """``buffer`` if it can hold ``rows`` in float32, else a new one."""
+    fits = buffer is not None and buffer.shape[0] >= rows.shape[0] and buffer.shape[1:] == rows.shape[1:]
+    if fits and buffer.device == rows.device:
+        return buffer
+    return torch.empty(rows.shape, dtype=torch.float32, device=rows.device)
+
+
+def _scores_and_norms(rows: torch.Tensor, v: torch.Tensor, buffer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(-cos(g, v), |g|)`` of each row. The rows are first copied into ``buffer`` (float32,
+    contiguous), so the kernels see the same memory whatever the rows' dtype, layout or source."""
+    rows = buffer[: rows.shape[0]].copy_(rows)
     v = v.to(rows.device)
     norms = torch.linalg.vector_norm(rows, dim=1)
     cos = (rows @ v) / (norms.clamp_min(1e-12) * v.norm().clamp_min(1e-12))
@@ -35,7 +45,7 @@ def _scores_and_norms(rows: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor
 
 def gate_row_scores(gate_rows: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
     """``-cos(g, v)`` for every row of ``gate_rows`` (rows, hidden), computed in float32."""
-    return _scores_and_norms(gate_rows, direction.float())[0]
+    return _scores_and_norms(gate_rows, direction.float(), _float_buffer(None, gate_rows))[0]
 
 
 def score_row_blocks(blocks: Iterable[torch.Tensor], direction: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,8 +56,10 @@ def score_row_blocks(blocks: Iterable[torch.Tensor], direction: torch.Tensor) ->
     """
     v = direction.float()
     scores, norms = [], []
+    buffer = None  # one float32 copy of a block, reused: a fresh one per block costs more than the scoring
     for block in blocks:
-        block_scores, block_norms = _scores_and_norms(block, v)
+        buffer = _float_buffer(buffer, block)
+        block_scores, block_norms = _scores_and_norms(block, v, buffer)
         scores.append(block_scores.cpu())
         norms.append(block_norms.cpu())
     return torch.cat(scores), torch.cat(norms)

@@ -26,6 +26,7 @@ import torch
 from .architectures import GateRows, spec_for_type
 from .errors import SurgeryError, first_line
 from .models import parse_dtype
+from .provenance import fingerprint_positions
 
 logger = logging.getLogger(__name__)
 
@@ -120,6 +121,8 @@ class CheckpointGates(GateRows):
         out, hidden = shapes[0][::-1] if self.spec.kind == "conv1d" else shapes[0]
         self.rows_per_layer = out // 2 if self.spec.fused_gate_rows else out
         self.hidden_size = hidden
+        self._fingerprint = fingerprint_positions(self.num_layers, self.rows_per_layer, self.hidden_size)
+        self._fingerprint_seen: dict[int, torch.Tensor] = {}  # layer -> its fingerprint entries, met in row_blocks
 
     def _gate_tensor_names(self, files: dict[str, Path]) -> dict[int, str]:
         # HF saves names relative to the CausalLM; some hub checkpoints (GPT-2) drop the base model's prefix
@@ -175,10 +178,32 @@ class CheckpointGates(GateRows):
         """``read(slice)`` on the gate tensor of ``layer``; its shard is mapped only meanwhile."""
         return _open_shard(self._files[layer], lambda f: read(f.get_slice(self._tensors[layer])))
 
+    def byte_range(self, layer: int) -> tuple[Path, int, int]:
+        """``(shard, offset, length)`` of the gate tensor of ``layer`` in its shard file."""
+        path, name = self._files[layer], self._tensors[layer]
+        with open(path, "rb") as f:
+            header_length = int.from_bytes(f.read(8), "little")
+            begin, end = json.loads(f.read(header_length))[name]["data_offsets"]
+        return path, 8 + header_length + begin, end - begin
+
+    def _read_ahead(self, layer: int) -> None:
+        """Ask the kernel to start reading a gate tensor now, so the disk works while the CPU scores."""
+        if layer >= self.num_layers or not hasattr(os, "posix_fadvise"):
+            return
+        path, offset, length = self.byte_range(layer)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
+        finally:
+            os.close(fd)
+
     def row_blocks(self, layer: int, block_rows: int) -> Iterator[torch.Tensor]:
         from safetensors import safe_open
 
         path, name = self._files[layer], self._tensors[layer]
+        self._read_ahead(layer + 1)  # the pass goes on with the next layer
+        rows, cols = self._fingerprint[layer]
+        seen = torch.empty(len(rows))
         try:
             # one mapping per tensor: the pages it touched are released when it closes
             with safe_open(str(path), framework="pt") as f:
@@ -187,11 +212,18 @@ class CheckpointGates(GateRows):
                     stop = min(start + block_rows, self.rows_per_layer)
                     # Conv1D stores (in, out): a block of gate rows is a block of columns
                     block = stored[:, start:stop].T if self.spec.kind == "conv1d" else stored[start:stop]
-                    yield block if self.dtype is None else block.to(self.dtype)
+                    block = self._as_loaded(block)
+                    here = (rows >= start) & (rows < stop)  # keep the fingerprint's entries as they pass
+                    seen[here] = block[rows[here] - start, cols[here]].float()
+                    yield block
         except (_safetensors_error(), OSError) as err:
             raise SurgeryError(f"cannot read '{name}' from {path}: {first_line(err)}") from err
+        self._fingerprint_seen[layer] = seen
 
     def entries(self, layer: int, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        want_rows, want_cols = self._fingerprint[layer]
+        if layer in self._fingerprint_seen and torch.equal(rows, want_rows) and torch.equal(cols, want_cols):
+            return self._fingerprint_seen[layer].clone()  # the fingerprint of a scored layer: no second read
         conv1d = self.spec.kind == "conv1d"
 
         def read(stored):
@@ -201,8 +233,15 @@ class CheckpointGates(GateRows):
                 values.append(stored[i : i + 1, j : j + 1].reshape(1))
             return torch.cat(values)
 
-        values = self._read(layer, read)
-        return (values if self.dtype is None else values.to(self.dtype)).float()
+        return self._as_loaded(self._read(layer, read)).float()
+
+    def _as_loaded(self, values: torch.Tensor) -> torch.Tensor:
+        """``values`` as the in-memory path would hold them (``dtype``). Scoring copies every block into
+        float32, which holds any bf16 / fp16 / fp32 value exactly: casting to float32 or float64 first
+        would change no value, only cost a copy of the block."""
+        if self.dtype is None or self.dtype in (torch.float32, torch.float64):
+            return values
+        return values.to(self.dtype)
 
 
 def loaded_bytes(folder: str | os.PathLike, dtype: str | torch.dtype | None = None) -> int:
