@@ -22,7 +22,7 @@ from .errors import SurgeryError
 # Gate rows are scored this many at a time, wherever they come from (a loaded model or a streamed
 # shard): it bounds the float32 copy of a bf16 gate, and it fixes the shapes of every reduction, so
 # the in-memory and the streaming edit compute the same bits.
-SCORE_BLOCK_ROWS = 1024
+SCORE_BLOCK_ROWS = 512
 
 
 def _float_buffer(buffer: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor:

@@ -136,7 +136,7 @@ def test_smollm2_cli_streaming_edit_is_bitwise_the_in_memory_edit(tmp_path, caps
     memory_record, streamed_record = json.loads(memory["surgery.json"]), json.loads(streamed["surgery.json"])
     assert (memory_record.pop("streaming"), streamed_record.pop("streaming")) == (False, True)
     assert memory_record == streamed_record
-    assert len(memory_record["rows_per_layer"]) == 20  # the shipped edit: layers 10-29, 2 row blocks per layer
+    assert len(memory_record["rows_per_layer"]) == 20  # the shipped edit: layers 10-29, 3 row blocks per layer
 
 
 def test_streams_by_itself_when_the_model_would_not_fit(tmp_path, capsys, monkeypatch):
