@@ -68,6 +68,16 @@ def model_type(model: nn.Module) -> str:
     return config.model_type
 
 
+def spec_for_type(mtype: str) -> GateSpec:
+    """The gate layout of a model type, or a one-line error naming the supported ones."""
+    try:
+        return ARCHITECTURES[mtype]
+    except KeyError as err:
+        raise SurgeryError(
+            f"model type '{mtype}' is not supported; supported: {', '.join(sorted(ARCHITECTURES))}"
+        ) from err
+
+
 def gate_spec(model: nn.Module) -> GateSpec:
     return spec_for_type(model_type(model))
 
@@ -137,16 +147,6 @@ def gate_rows_of_weight(weight: torch.Tensor, spec: GateSpec) -> torch.Tensor:
 
 def hidden_size(model: nn.Module) -> int:
     return gate_rows(model, 0).shape[1]
-
-
-def spec_for_type(mtype: str) -> GateSpec:
-    """The gate layout of a model type, or a one-line error naming the supported ones."""
-    try:
-        return ARCHITECTURES[mtype]
-    except KeyError as err:
-        raise SurgeryError(
-            f"model type '{mtype}' is not supported; supported: {', '.join(sorted(ARCHITECTURES))}"
-        ) from err
 
 
 class GateRows(ABC):

@@ -103,8 +103,8 @@ def _model_config(folder: Path) -> tuple[str, object]:
 class CheckpointGates(GateRows):
     """The gate rows of a safetensors checkpoint, read from its shards block by block.
 
-    ``dtype`` is the dtype the in-memory path would load the model in (``--dtype``): each block
-    is cast to it before scoring, so both paths see the same values.
+    ``dtype`` is the dtype the in-memory path would load the model in (``--dtype``): blocks are
+    read as that path would hold them (:meth:`_as_loaded`), so both paths score the same values.
     """
 
     def __init__(self, folder: str | os.PathLike, dtype: str | torch.dtype | None = None, name: str | None = None):
