@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from . import architectures
-from .atomic import atomic_path, check_output_folder
+from .atomic import atomic_path, check_free_space, check_output_folder
 from .errors import SurgeryError
 from .provenance import fingerprint_mismatch, gate_fingerprint
 from .surgery import RowUpdate, SurgeryEdit, apply_row_updates
@@ -29,6 +29,7 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 SURGERY_METADATA = "surgery.json"
 _PEFT_PREFIX = "base_model.model."
 LoraPart = Literal["lora_A", "lora_B"]
+_CONFIG_AND_HEADERS_BYTES = 1 << 20  # adapter_config.json and safetensors headers stay far below this
 
 
 # ---------------------------------------------------------------------------- PEFT's tensor names
@@ -50,12 +51,10 @@ def parse_peft_key(key: str) -> tuple[str, LoraPart]:
     )
 
 
-def lora_tensors(edit: SurgeryEdit, model: nn.Module) -> dict[str, torch.Tensor]:
+def lora_tensors(edit: SurgeryEdit, model: nn.Module | architectures.GateRows) -> dict[str, torch.Tensor]:
     """The adapter's tensors in PEFT's saved naming (float32)."""
-    spec = architectures.gate_spec(model)
-    out_features = architectures.gate_rows_of_weight(architectures.gate_modules(model)[0].weight, spec).shape[0]
-    if spec.fused_gate_rows:
-        out_features *= 2  # the LoRA sits on the fused gate_up module; its up half stays zero
+    # on a fused gate_up module the LoRA's up half stays zero
+    out_features = architectures.gates_of(model).lora_out_features
     tensors = {}
     for layer in edit.layers:
         lora_b = torch.zeros(out_features, 1)
@@ -86,10 +85,10 @@ def row_updates_of(tensors: dict[str, torch.Tensor]) -> list[RowUpdate]:
     return updates
 
 
-def _peft_config(edit: SurgeryEdit, model: nn.Module, base_model_name: str):
+def _peft_config(edit: SurgeryEdit, gates: architectures.GateRows, base_model_name: str):
     from peft import LoraConfig
 
-    spec = architectures.gate_spec(model)
+    spec = gates.spec
     return LoraConfig(
         r=1,
         lora_alpha=1,
@@ -103,39 +102,56 @@ def _peft_config(edit: SurgeryEdit, model: nn.Module, base_model_name: str):
     )
 
 
+def _peft_config_json(edit: SurgeryEdit, gates: architectures.GateRows, base_model_name: str) -> str:
+    """PEFT's ``adapter_config.json`` text, with ``target_modules`` sorted: PEFT itself writes that set in
+    hash order, so the same edit would not give the same file twice."""
+    config = _peft_config(edit, gates, base_model_name).to_dict()
+    config = {key: sorted(value) if isinstance(value, set) else value for key, value in config.items()}
+    return json.dumps(config, indent=2, sort_keys=True)
+
+
 def export_adapter(
     edit: SurgeryEdit,
-    model: nn.Module,
+    model: nn.Module | architectures.GateRows,
     out_dir: str | os.PathLike,
     base_model_name: str,
     metadata: dict[str, Any] | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Write the edit as a PEFT LoRA folder (temp folder, then rename)."""
+    """Write the edit as a PEFT LoRA folder (temp folder, then rename).
+
+    ``model`` is the loaded base model or its :class:`~surgery_plugin.architectures.GateRows`
+    (e.g. read from checkpoint shards by :mod:`surgery_plugin.streaming`); the files are the same.
+    """
     from safetensors.torch import save_file
 
     if not edit.layers:
         raise SurgeryError("the edit selects no gate rows; nothing to export")
     out_dir = check_output_folder(out_dir, overwrite)
+    gates = architectures.gates_of(model)
+    tensors = lora_tensors(edit, gates)
+    record = {
+        "format": "surgery_plugin/adapter/1",
+        "base_model": base_model_name,
+        "model_type": gates.model_type,
+        "hidden_size": gates.hidden_size,
+        "num_layers": gates.num_layers,
+        "gate_rows_per_layer": gates.rows_per_layer,
+        "gate_fingerprint": gate_fingerprint(gates),
+        "alpha": edit.alpha,
+        "step": edit.step,
+        "rows": {str(layer): edit.regions.rows[layer].tolist() for layer in edit.layers},
+        **edit.metadata,
+        **(metadata or {}),
+    }
+    record_text = json.dumps(record, indent=1, default=str)
+    tensor_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    check_free_space(out_dir, tensor_bytes + len(record_text.encode()) + _CONFIG_AND_HEADERS_BYTES)
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
-        _peft_config(edit, model, base_model_name).save_pretrained(str(tmp))
-        save_file(lora_tensors(edit, model), str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-        record = {
-            "format": "surgery_plugin/adapter/1",
-            "base_model": base_model_name,
-            "model_type": architectures.model_type(model),
-            "hidden_size": architectures.hidden_size(model),
-            "num_layers": len(architectures.decoder_layers(model)),
-            "gate_rows_per_layer": architectures.num_gate_rows(model),
-            "gate_fingerprint": gate_fingerprint(model),
-            "alpha": edit.alpha,
-            "step": edit.step,
-            "rows": {str(layer): edit.regions.rows[layer].tolist() for layer in edit.layers},
-            **edit.metadata,
-            **(metadata or {}),
-        }
-        (tmp / SURGERY_METADATA).write_text(json.dumps(record, indent=1, default=str))
+        (tmp / ADAPTER_CONFIG).write_text(_peft_config_json(edit, gates, base_model_name))
+        save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        (tmp / SURGERY_METADATA).write_text(record_text)
     return out_dir
 
 

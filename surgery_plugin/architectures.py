@@ -7,6 +7,8 @@ is dotted with. The rest of the package only talks to models through :class:`Gat
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -66,8 +68,8 @@ def model_type(model: nn.Module) -> str:
     return config.model_type
 
 
-def gate_spec(model: nn.Module) -> GateSpec:
-    mtype = model_type(model)
+def spec_for_type(mtype: str) -> GateSpec:
+    """The gate layout of a model type, or a one-line error naming the supported ones."""
     try:
         return ARCHITECTURES[mtype]
     except KeyError as err:
@@ -76,9 +78,35 @@ def gate_spec(model: nn.Module) -> GateSpec:
         ) from err
 
 
+def gate_spec(model: nn.Module) -> GateSpec:
+    return spec_for_type(model_type(model))
+
+
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     spec = gate_spec(model)
     return unwrap(model).get_submodule(spec.layers_path)
+
+
+# set on the config of a model loaded up to a probe layer only (models.load_model(..., probe_layer=...))
+FULL_NUM_LAYERS_ATTR = "surgery_full_num_layers"
+
+
+def full_num_layers(model: nn.Module) -> int:
+    """Decoder layers of the whole model, also when only its first layers were loaded."""
+    config = getattr(unwrap(model), "config", None)
+    return getattr(config, FULL_NUM_LAYERS_ATTR, None) or len(decoder_layers(model))
+
+
+def hidden_state_index(layer: int, n_layers: int) -> int:
+    """A hidden-state index in HF's ``hidden_states`` numbering: 0 = embeddings, L = final (normed);
+    negative counts from the end (-1 = final)."""
+    index = layer + n_layers + 1 if layer < 0 else layer
+    if not 0 <= index <= n_layers:
+        raise SurgeryError(
+            f"probe layer {layer} is out of range for a model with {n_layers} layers "
+            f"(use 0..{n_layers} or -1..-{n_layers + 1})"
+        )
+    return index
 
 
 def gate_module_names(model: nn.Module) -> list[str]:
@@ -119,6 +147,66 @@ def gate_rows_of_weight(weight: torch.Tensor, spec: GateSpec) -> torch.Tensor:
 
 def hidden_size(model: nn.Module) -> int:
     return gate_rows(model, 0).shape[1]
+
+
+class GateRows(ABC):
+    """A causal LM's gate rows, layer by layer, wherever they are: in a loaded model
+    (:class:`ModelGates`) or in checkpoint shards on disk (:class:`surgery_plugin.streaming.CheckpointGates`).
+
+    Selection, the normalised step, the adapter and the gate fingerprint read gates only through
+    this, so the in-memory and the streaming edit are the same computation on the same blocks.
+    """
+
+    name: str  # the alias or path the model was loaded from
+    model_type: str
+    spec: GateSpec
+    num_layers: int
+    rows_per_layer: int  # gate rows per layer (the MLP's intermediate size)
+    hidden_size: int
+
+    def module_name(self, layer: int) -> str:
+        """The gate module of ``layer``, relative to the CausalLM (PEFT's target name)."""
+        return f"{self.spec.layers_path}.{layer}.{self.spec.gate_path}"
+
+    @property
+    def lora_out_features(self) -> int:
+        """Output size of the gate module: a fused gate_up module is twice the gate rows."""
+        return self.rows_per_layer * (2 if self.spec.fused_gate_rows else 1)
+
+    @abstractmethod
+    def row_blocks(self, layer: int, block_rows: int) -> Iterator[torch.Tensor]:
+        """Consecutive blocks of at most ``block_rows`` gate rows of ``layer``, each (rows, hidden)."""
+
+    @abstractmethod
+    def entries(self, layer: int, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """``gate_rows[rows, cols]`` of ``layer`` as a float32 CPU vector."""
+
+
+class ModelGates(GateRows):
+    """The gate rows of a loaded model (PEFT-wrapped or not, on any device)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.name = model_name(model)
+        self.model_type = model_type(model)
+        self.spec = gate_spec(model)
+        self.num_layers = len(decoder_layers(model))
+        rows = gate_rows(model, 0)
+        self.rows_per_layer, self.hidden_size = rows.shape
+
+    def row_blocks(self, layer: int, block_rows: int) -> Iterator[torch.Tensor]:
+        rows = gate_rows(self.model, layer)
+        for start in range(0, rows.shape[0], block_rows):
+            yield rows[start : start + block_rows]
+
+    def entries(self, layer: int, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        gate = gate_rows(self.model, layer)
+        return gate[rows.to(gate.device), cols.to(gate.device)].float().cpu()
+
+
+def gates_of(model: nn.Module | GateRows) -> GateRows:
+    """``model`` itself when it already is a :class:`GateRows`, else the gates of the loaded model."""
+    return model if isinstance(model, GateRows) else ModelGates(model)
 
 
 def base_transformer(model: nn.Module) -> nn.Module:

@@ -104,3 +104,20 @@ def check_output_folder(out_dir: str | os.PathLike, overwrite: bool = False) -> 
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
         raise SurgeryError(f"{out_dir} exists and is not empty; choose another --out or remove it")
     return out_dir
+
+
+def check_free_space(target: str | os.PathLike, needed_bytes: int) -> None:
+    """A one-line error, before anything is written, when the disk that will hold ``target`` has
+    less than ``needed_bytes`` free."""
+    target = Path(target).absolute()
+    existing = next(p for p in (target, *target.parents) if p.exists())
+    free = shutil.disk_usage(existing).free
+    if free < needed_bytes:
+        raise SurgeryError(
+            f"not enough disk space for {target}: it needs {_megabytes(needed_bytes)}, "
+            f"{existing} has {_megabytes(free)} free"
+        )
+
+
+def _megabytes(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"

@@ -85,13 +85,18 @@ def _undesired_texts(args, hp, model, tok) -> list[str] | None:
     return [t for t, label in zip(data.texts, data.labels, strict=True) if label == 1]
 
 
-def _load(args, hparams=None):
-    """The model the command names, on ``--device`` (else the hparams' ``device`` / ``model_parallel``)."""
+def _load(args, hparams=None, probe_layer=None):
+    """The model the command names, on ``--device`` or spread by ``--device-map`` (else the hparams'
+    ``device`` / ``model_parallel``); with ``probe_layer`` only the layers its features need."""
     from .models import load_model
 
+    if args.device is not None and args.device_map is not None:
+        raise SurgeryError("--device and --device-map exclude each other; pass one")
     device = args.device if args.device is not None else (hparams.device if hparams is not None else None)
-    device_map = "auto" if hparams is not None and hparams.model_parallel and args.device is None else None
-    return load_model(args.model, dtype=args.dtype, device=device, device_map=device_map)
+    device_map = args.device_map or (
+        "auto" if hparams is not None and hparams.model_parallel and args.device is None else None
+    )
+    return load_model(args.model, dtype=args.dtype, device=device, device_map=device_map, probe_layer=probe_layer)
 
 
 def cmd_model_path(args) -> None:
@@ -120,8 +125,10 @@ def cmd_probe(args) -> None:
         "seed": args.seed,
     }
     hp = hp.replace(**{k: v for k, v in changes.items() if v is not None})
-    model, tok = _load(args, hp)
     data_name = args.data or hp.probe_data or spec.probe_data
+    # only the layers before the probe layer, unless the data is the model's own continuations (they need it all)
+    needs_all = "self" in (part.strip() for part in data_name.split("+"))
+    model, tok = _load(args, hp) if needs_all else _load(args, hp, probe_layer=hp.probe_layer)
     data = load_probe_data(data_name, model, tok, args.data_dir, hp.probe_max_per_class, hp.seed, hp.probe_self_judge)
     probe, metrics = probe_from_hparams(model, tok, data, hp)
     probe.metadata["behavior"] = spec.name
@@ -136,19 +143,33 @@ def cmd_probe(args) -> None:
 def cmd_edit(args) -> None:
     from .adapter import export_adapter
     from .evaluation.protocols import behavior
+    from .models import resolve_model_path
     from .probe import Probe
     from .provenance import package_versions
-    from .surgery import edit_from_hparams
+    from .streaming import CheckpointGates, too_big_to_load
+    from .surgery import edit_from_hparams, execute_surgery
 
     spec = behavior(args.behavior)
     hp = _hparams(args)
     hp = hp.replace(**{k: v for k, v in {"alpha": args.alpha, "top_k": args.top_k}.items() if v is not None})
-    model, tok = _load(args, hp)
-    probe = Probe.load(args.probe, model)
-    edit = edit_from_hparams(model, tok, probe, hp, args.data_dir, _undesired_texts(args, hp, model, tok))
+    path = resolve_model_path(args.model)
+    streaming = args.streaming or too_big_to_load(path, args.dtype)
+    if streaming and hp.needs_reference_stats():
+        raise SurgeryError(
+            f"probe_project_out={hp.probe_project_out!r} / region_scoring={hp.region_scoring!r} need the "
+            "model's hidden states on benign text: they cannot stream; load the model (drop --streaming)"
+        )
+    if streaming:  # only the gate tensors, read from the shards; the adapter is the same bits
+        base = CheckpointGates(path, dtype=args.dtype, name=args.model)
+        probe = Probe.load(args.probe, base)
+        edit = execute_surgery(base, probe, hp, progress=True)
+    else:
+        base, tok = _load(args, hp)
+        probe = Probe.load(args.probe, base)
+        edit = edit_from_hparams(base, tok, probe, hp, args.data_dir, _undesired_texts(args, hp, base, tok))
     out = export_adapter(
         edit,
-        model,
+        base,
         args.out,
         base_model_name=args.model,
         overwrite=args.overwrite,
@@ -158,6 +179,7 @@ def cmd_edit(args) -> None:
             "probe_file": str(args.probe),
             "probe_sha256": probe.sha256(),
             "versions": package_versions(),
+            "streaming": streaming,
         },
     )
     print(
@@ -383,6 +405,13 @@ def build_parser() -> argparse.ArgumentParser:
                 default=None,
                 help="cpu, cuda, cuda:N, mps (default: the hparams' device for probe/edit, else the CPU)",
             )
+            p.add_argument(
+                "--device-map",
+                choices=["auto"],
+                default=None,
+                help="auto: accelerate spreads the model over every visible GPU, then CPU memory "
+                "(default for probe/edit: auto when the hparams say model_parallel)",
+            )
         p.add_argument(
             "--data-dir", default=None, help="local data folder (default: $SURGERY_DATA_DIR, then ../shared/data)"
         )
@@ -429,6 +458,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="override the YAML's top_k (count, or fraction < 1)",
     )
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument(
+        "--streaming",
+        action="store_true",
+        help="read only the gate tensors from the safetensors shards, never building the model "
+        "(automatic when the model would not fit in free memory)",
+    )
     p.set_defaults(func=cmd_edit)
 
     p = sub.add_parser("eval", help="evaluate a model, optionally with a surgery adapter (or a stack)")

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from .architectures import FULL_NUM_LAYERS_ATTR, hidden_state_index
 from .atomic import atomic_path, check_output_folder
 from .errors import SurgeryError, first_line
 from .provenance import file_sha256
@@ -182,23 +183,26 @@ def load_model(
     dtype: str | torch.dtype | None = "float32",
     device: int | str | torch.device | None = None,
     device_map: str | None = None,
+    probe_layer: int | None = None,
 ):
     """``(model, tokenizer)`` in eval mode; ``name_or_path`` is a hub id, a folder, or an embedded alias.
 
     ``device`` moves the whole model to one device; ``device_map="auto"`` lets accelerate spread
-    a model that outgrows one device over every visible GPU (and CPU memory).
+    a model that outgrows one device over every visible GPU (and CPU memory). With
+    ``probe_layer`` (a hidden-state index, negative from the end) only what
+    ``probe.hidden_features`` needs for it is loaded: the embeddings and the layers before it
+    (:func:`load_prefix_config`); the final normed state (-1) needs the whole model.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     path = resolve_model_path(name_or_path)
     local = Path(path).is_dir()
     if not local and (path.startswith(("/", ".", "~")) or path.count("/") > 1):
         raise SurgeryError(f"model folder not found: {path}")
     target = resolve_device(device)
-    kwargs = {"device_map": device_map} if device_map else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=parse_dtype(dtype), **kwargs)
+        model = load_causal_lm(path, dtype, device_map, probe_layer)
     except OSError as err:
         raise SurgeryError(f"cannot load model '{name_or_path}': {first_line(err)}") from err
     if target is not None and not device_map:
@@ -206,6 +210,73 @@ def load_model(
     model.eval()
     model.config.name_or_path = name_or_path if name_or_path in EMBEDDED_MODELS else model.config.name_or_path
     return model, tokenizer
+
+
+def load_causal_lm(
+    path: str, dtype: str | torch.dtype | None = None, device_map: str | None = None, probe_layer: int | None = None
+):
+    """The causal LM of an HF folder or hub id (no tokenizer); with ``probe_layer`` only the layers
+    ``hidden_states[probe_layer]`` needs (see :func:`load_model`)."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"device_map": device_map} if device_map else {}
+    prefix_config = load_prefix_config(path, probe_layer) if probe_layer is not None else None
+    if prefix_config is None:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=parse_dtype(dtype), **kwargs)
+    return _load_prefix(path, prefix_config, parse_dtype(dtype), kwargs)
+
+
+def load_prefix_config(path: str, probe_layer: int):
+    """The config of the model's first layers that ``hidden_states[probe_layer]`` depends on, or None
+    when that is the whole model (the final normed state).
+
+    Layer ``i``'s input is layer ``i - 1``'s output, so ``i`` layers (at least one) are enough; per-layer
+    config lists (``layer_types``) are cut to match, and the full count is kept on the config
+    (``architectures.FULL_NUM_LAYERS_ATTR``) so layer indices keep meaning the same.
+    """
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path)
+    full = config.num_hidden_layers
+    try:
+        index = hidden_state_index(probe_layer, full)
+    except SurgeryError:
+        return None  # out of range: feature extraction says so, in its usual place
+    if index == full:
+        return None
+    keep = max(index, 1)
+    config.num_hidden_layers = keep
+    for per_layer in ("layer_types", "mlp_layer_types"):
+        if isinstance(getattr(config, per_layer, None), list):
+            setattr(config, per_layer, getattr(config, per_layer)[:keep])
+    setattr(config, FULL_NUM_LAYERS_ATTR, full)
+    return config
+
+
+def _load_prefix(path: str, config, dtype: torch.dtype | None, kwargs: dict):
+    """``from_pretrained`` with the cut config: transformers reads only the tensors that config has
+    (the later layers' tensors are never read). Its report would list those as unexpected, so it is
+    silenced, and any *missing* tensor is an error instead."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(
+            path, config=config, dtype=dtype, output_loading_info=True, **kwargs
+        )
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    tied = set(getattr(model, "_tied_weights_keys", None) or {})
+    missing = [key for key in info.get("missing_keys", []) if key not in tied]
+    mismatched = list(info.get("mismatched_keys", []))
+    if missing or mismatched:
+        raise SurgeryError(
+            f"cannot load the first {config.num_hidden_layers} layers of {path}: "
+            f"{len(missing)} tensors missing {missing[:1]}, {len(mismatched)} of another shape {mismatched[:1]}"
+        )
+    return model
 
 
 def save_model(model, tokenizer, out_dir: str | os.PathLike, source: dict | None = None) -> Path:

@@ -57,14 +57,7 @@ class _StopForward(Exception):
 
 def resolve_layer(model: nn.Module, layer: int) -> int:
     """A hidden-state index in HF's ``hidden_states`` numbering: 0 = embeddings, L = final (normed)."""
-    n_layers = len(architectures.decoder_layers(model))
-    index = layer + n_layers + 1 if layer < 0 else layer
-    if not 0 <= index <= n_layers:
-        raise SurgeryError(
-            f"probe layer {layer} is out of range for a model with {n_layers} layers "
-            f"(use 0..{n_layers} or -1..-{n_layers + 1})"
-        )
-    return index
+    return architectures.hidden_state_index(layer, architectures.full_num_layers(model))
 
 
 def _captures(
@@ -75,37 +68,52 @@ def _captures(
     gate_layers: Sequence[int] = (),
 ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
     """``hidden_states[i]`` for each hidden index and the input of each listed layer's gate module, from
-    one forward pass that stops as soon as the last of them was seen (the LM head never runs)."""
+    one forward pass that stops as soon as the last of them was seen (the LM head never runs).
+
+    ``model`` may hold only its first layers (``models.load_model(..., probe_layer=...)``): then the
+    output of its last layer is ``hidden_states[len(layers)]``, the input of the first missing layer.
+    """
     transformer = architectures.base_transformer(model)
     layers = architectures.decoder_layers(model)
     gates = architectures.gate_modules(model)
+    loaded, full = len(layers), architectures.full_num_layers(model)
+    needed = max([i for i in hidden_indices] + [g + 1 for g in gate_layers], default=0)
+    if needed > loaded:
+        raise SurgeryError(f"hidden_states[{needed}] needs {needed} layers; this model was loaded with {loaded}")
+    final = full in hidden_indices and full == loaded  # the normed final state: the whole stack runs
     hidden: dict[int, torch.Tensor] = {}
     gate_inputs: dict[int, torch.Tensor] = {}
-    # execution order: layer i's input (2i) comes before its gate's input (2i + 1); the final state is last
-    positions = [2 * i for i in hidden_indices if i < len(layers)] + [2 * layer + 1 for layer in gate_layers]
-    last = None if len(layers) in hidden_indices else max(positions)
+    # execution order: layer i's input (2i) comes before its gate's input (2i + 1)
+    positions = [2 * i for i in hidden_indices if not (final and i == full)] + [2 * layer + 1 for layer in gate_layers]
+    last = None if final else max(positions)
 
-    def hook(store: dict, key: int, position: int):
-        def grab(_module, args, kwargs):
+    def hook(store: dict, key: int, position: int, output: bool = False):
+        def grab_input(_module, args, kwargs):
             store[key] = args[0] if args else kwargs.get("hidden_states", kwargs.get("input"))
             if position == last:
                 raise _StopForward
 
-        return grab
+        def grab_output(_module, _args, result):
+            store[key] = result[0] if isinstance(result, tuple) else result
+            if position == last:
+                raise _StopForward
 
-    handles = [
-        layers[i].register_forward_pre_hook(hook(hidden, i, 2 * i), with_kwargs=True)
-        for i in hidden_indices
-        if i < len(layers)
-    ]
+        return grab_output if output else grab_input
+
+    handles = []
+    for i in hidden_indices:
+        if i < loaded:
+            handles.append(layers[i].register_forward_pre_hook(hook(hidden, i, 2 * i), with_kwargs=True))
+        elif not final:  # i == loaded < full: the last loaded layer's output is the next layer's input
+            handles.append(layers[loaded - 1].register_forward_hook(hook(hidden, i, 2 * i, output=True)))
     handles += [
         gates[layer].register_forward_pre_hook(hook(gate_inputs, layer, 2 * layer + 1), with_kwargs=True)
         for layer in gate_layers
     ]
     try:
         output = transformer(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        if len(layers) in hidden_indices:
-            hidden[len(layers)] = output.last_hidden_state
+        if final:
+            hidden[full] = output.last_hidden_state
     except _StopForward:
         pass
     finally:
@@ -233,7 +241,7 @@ class Probe:
         """P(undesired) for each feature row."""
         return self.logits(features).softmax(-1)[:, 1]
 
-    def validate(self, model: nn.Module | None = None) -> None:
+    def validate(self, model: nn.Module | architectures.GateRows | None = None) -> None:
         direction = self.direction
         if direction.ndim != 1:
             raise SurgeryError(f"probe direction must be a vector, got shape {tuple(direction.shape)}")
@@ -242,7 +250,7 @@ class Probe:
         if float(direction.norm()) == 0.0:
             raise SurgeryError("probe direction is all zeros; it cannot select or move gate rows")
         if model is not None:
-            expected = architectures.hidden_size(model)
+            expected = architectures.gates_of(model).hidden_size
             if expected != self.hidden_size:
                 raise SurgeryError(
                     f"probe hidden size {self.hidden_size} does not match the model's {expected} "
@@ -264,7 +272,7 @@ class Probe:
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike, model: nn.Module | None = None) -> Probe:
+    def load(cls, path: str | os.PathLike, model: nn.Module | architectures.GateRows | None = None) -> Probe:
         from safetensors import SafetensorError, safe_open
 
         path = Path(path)
@@ -285,7 +293,7 @@ class Probe:
         if missing:
             raise SurgeryError(f"probe {path} lacks metadata {missing}; it was not written by surgery_plugin")
         metadata = {}
-        for key, value in raw_meta.items():
+        for key, value in sorted(raw_meta.items()):  # the file's order is a hash order
             try:
                 metadata[key] = json.loads(value)
             except json.JSONDecodeError:

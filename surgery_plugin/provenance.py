@@ -73,17 +73,25 @@ def model_fingerprint(model: nn.Module) -> str | None:
     return digest.hexdigest()
 
 
-def gate_fingerprint(model: nn.Module) -> list[list[float]]:
-    """A few fixed entries of every layer's gate rows: the same for the same base in any dtype."""
+def fingerprint_positions(num_layers: int, rows: int, hidden: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The fixed ``(rows, cols)`` of every layer's gate rows that :func:`gate_fingerprint` samples."""
     generator = torch.Generator().manual_seed(0)
-    fingerprint = []
+    return [
+        (
+            torch.randint(0, rows, (_FINGERPRINT_SAMPLES,), generator=generator),
+            torch.randint(0, hidden, (_FINGERPRINT_SAMPLES,), generator=generator),
+        )
+        for _ in range(num_layers)
+    ]
+
+
+def gate_fingerprint(model: nn.Module | architectures.GateRows) -> list[list[float]]:
+    """A few fixed entries of every layer's gate rows: the same for the same base in any dtype,
+    whether read from a loaded model or from its checkpoint shards."""
+    gates = architectures.gates_of(model)
+    positions = fingerprint_positions(gates.num_layers, gates.rows_per_layer, gates.hidden_size)
     with torch.no_grad():
-        for layer in range(len(architectures.decoder_layers(model))):
-            rows = architectures.gate_rows(model, layer)
-            r = torch.randint(0, rows.shape[0], (_FINGERPRINT_SAMPLES,), generator=generator)
-            c = torch.randint(0, rows.shape[1], (_FINGERPRINT_SAMPLES,), generator=generator)
-            fingerprint.append([float(x) for x in rows[r.to(rows.device), c.to(rows.device)].float().cpu()])
-    return fingerprint
+        return [[float(x) for x in gates.entries(layer, r, c)] for layer, (r, c) in enumerate(positions)]
 
 
 def fingerprint_mismatch(expected: list[list[float]], actual: list[list[float]]) -> str | None:

@@ -25,7 +25,7 @@ from .data.splits import RTP_BENIGN
 from .errors import SurgeryError
 from .hparams import SurgeryHyperParams
 from .probe import Probe, ReferenceStats, project_out, reference_stats
-from .regions import RegionSelection, layer_range, select_regions
+from .regions import RegionSelection, layer_range, mean_row_norm, scan_gates, score_layer
 
 logger = logging.getLogger(__name__)
 
@@ -94,42 +94,47 @@ class SurgeryEdit:
         )
 
 
-def mean_gate_row_norm(model: nn.Module, layers: Sequence[int]) -> float:
+def mean_gate_row_norm(model: nn.Module | architectures.GateRows, layers: Sequence[int]) -> float:
+    """The mean over ``layers`` of each layer's mean gate-row norm (float32), as the edit computes it."""
+    gates = architectures.gates_of(model)
+    any_direction = torch.ones(gates.hidden_size)  # the norms do not depend on it
     with torch.no_grad():
-        norms = [architectures.gate_rows(model, layer).float().norm(dim=1).mean() for layer in layers]
-    return float(torch.stack(norms).mean())
+        means = [score_layer(gates, layer, any_direction)[1].mean() for layer in layers]
+    return mean_row_norm(means)
 
 
 def execute_surgery(
-    model: nn.Module, probe: Probe | torch.Tensor, hparams: SurgeryHyperParams, stats: ReferenceStats | None = None
+    model: nn.Module | architectures.GateRows,
+    probe: Probe | torch.Tensor,
+    hparams: SurgeryHyperParams,
+    stats: ReferenceStats | None = None,
+    progress: bool = False,
 ) -> SurgeryEdit:
     """Compute the edit (rows per layer, direction(s), step) without changing the model.
 
-    ``stats`` (:func:`probe.reference_stats`) is needed by the variants beyond the paper
+    ``model`` is a loaded model or any :class:`~surgery_plugin.architectures.GateRows`, e.g. the
+    gates of a checkpoint read shard by shard (:mod:`surgery_plugin.streaming`): the same pass
+    over the same row blocks either way, so the edit is bitwise the same. ``stats``
+    (:func:`probe.reference_stats`) is needed by the variants beyond the paper
     (``probe_project_out``, ``region_scoring: gate_contrast``); :func:`edit_from_hparams` computes it.
     """
+    gates = architectures.gates_of(model)
     if isinstance(probe, torch.Tensor):
         probe = Probe(weight=torch.stack([-probe.float(), probe.float()]), bias=torch.zeros(2))
-    probe.validate(model)
+    probe.validate(gates)
     if hparams.needs_reference_stats() and stats is None:
         raise SurgeryError(
             f"probe_project_out={hparams.probe_project_out!r} / region_scoring={hparams.region_scoring!r} "
             "need statistics of benign text: use edit_from_hparams (or pass stats=reference_stats(...))"
         )
     direction = probe.direction.float().cpu()
-    n_layers = len(architectures.decoder_layers(model))
-    layers = layer_range(n_layers, hparams.layer_range)
+    layers = layer_range(gates.num_layers, hparams.layer_range)
     if hparams.probe_project_out == "benign_mean":
         direction = project_out(direction, stats.benign_feature_mean)
     if hparams.normalize:
         direction = direction / direction.norm()
-        step = hparams.alpha * mean_gate_row_norm(model, layers)
-    else:
-        step = float(hparams.alpha)
     layer_directions = None
-    if (
-        hparams.probe_project_out == "gate_benign_mean"
-    ):  # same length as the shared direction, so alpha keeps its meaning
+    if hparams.probe_project_out == "gate_benign_mean":  # same length as the shared direction: alpha keeps its meaning
         layer_directions = {
             layer: _with_norm(project_out(direction, stats.benign_gate_means[layer]), direction.norm())
             for layer in layers
@@ -139,8 +144,11 @@ def execute_surgery(
         score_directions = {
             layer: stats.undesired_gate_means[layer] - stats.benign_gate_means[layer] for layer in layers
         }
-    regions = select_regions(model, score_directions, hparams.top_k, hparams.max_rows_per_layer, hparams.layer_range)
-    names = architectures.gate_module_names(model)
+    scan = scan_gates(
+        gates, score_directions, hparams.top_k, hparams.max_rows_per_layer, hparams.layer_range, progress
+    )
+    step = hparams.alpha * scan.mean_row_norm if hparams.normalize else float(hparams.alpha)
+    regions = scan.regions
     metadata = {
         "alpha": float(hparams.alpha),
         "step": step,
@@ -154,7 +162,7 @@ def execute_surgery(
         "reference_stats": stats.description if stats is not None else None,
         "probe": {k: v for k, v in probe.metadata.items()},
     }
-    module_names = {layer: names[layer] for layer in regions.rows}
+    module_names = {layer: gates.module_name(layer) for layer in regions.rows}
     if layer_directions is not None:
         layer_directions = {layer: layer_directions[layer] for layer in regions.rows}
     return SurgeryEdit(direction, step, float(hparams.alpha), regions, module_names, metadata, layer_directions)

@@ -7,6 +7,8 @@ import pytest
 import torch
 from helpers import assert_one_line_error, surgery, write_probe
 
+SHIPPED = Path(__file__).resolve().parents[1] / "hparams" / "Surgery" / "smollm2-135m.yaml"
+
 
 @pytest.mark.real_model
 def test_model_path_prints_the_cached_folder():
@@ -34,7 +36,7 @@ def test_unknown_model_type(tmp_path, smollm2):
     ).save_pretrained(folder)
     tok.save_pretrained(folder)
     probe = write_probe(tmp_path / "p.safetensors", torch.randn(2, 32))
-    result = surgery("edit", "--model", folder, "--probe", probe, "--out", tmp_path / "out")
+    result = surgery("edit", "--model", folder, "--hparams", SHIPPED, "--probe", probe, "--out", tmp_path / "out")
     assert_one_line_error(result, "model type 'bert' is not supported", "llama")
     assert not (tmp_path / "out").exists()
 
@@ -44,14 +46,18 @@ def test_probe_errors(tiny_model_dir, tmp_path):
     out = tmp_path / "adapter"
     mismatch = write_probe(tmp_path / "wide.safetensors", torch.randn(2, 576), model="smollm2-135m")
     assert_one_line_error(
-        surgery("edit", "--model", tiny_model_dir, "--probe", mismatch, "--out", out),
+        surgery("edit", "--model", tiny_model_dir, "--hparams", SHIPPED, "--probe", mismatch, "--out", out),
         "probe hidden size 576 does not match the model's 32",
         "smollm2-135m",
     )
     nan = write_probe(tmp_path / "nan.safetensors", torch.full((2, 32), float("nan")))
-    assert_one_line_error(surgery("edit", "--model", tiny_model_dir, "--probe", nan, "--out", out), "NaN")
+    assert_one_line_error(
+        surgery("edit", "--model", tiny_model_dir, "--hparams", SHIPPED, "--probe", nan, "--out", out), "NaN"
+    )
     zero = write_probe(tmp_path / "zero.safetensors", torch.zeros(2, 32))
-    assert_one_line_error(surgery("edit", "--model", tiny_model_dir, "--probe", zero, "--out", out), "all zeros")
+    assert_one_line_error(
+        surgery("edit", "--model", tiny_model_dir, "--hparams", SHIPPED, "--probe", zero, "--out", out), "all zeros"
+    )
     assert not out.exists()
 
 
@@ -87,7 +93,9 @@ def test_data_and_hparams_errors(tiny_model_dir, tmp_path):
         "unknown judge 'oracle'",
     )
     assert_one_line_error(
-        surgery("edit", "--model", tmp_path / "no-model", "--probe", probe, "--out", tmp_path / "a"),
+        surgery(
+            "edit", "--model", tmp_path / "no-model", "--hparams", SHIPPED, "--probe", probe, "--out", tmp_path / "a"
+        ),
         "model folder not found",
     )
     assert not (tmp_path / "a").exists() and not (tmp_path / "run").exists()

@@ -222,7 +222,8 @@ def test_demo_runs_end_to_end(tmp_path, data_dir):
     assert summary["base"]["ppl"]["token_perplexity"] != summary["edited"]["ppl"]["token_perplexity"]
     assert summary["base"]["kl"]["mean_kl"] == 0.0 < summary["edited"]["kl"]["mean_kl"], "adapter off = the base model"
     # the report splits: RTP [500, 800), held-out ToxiGen groups, benign [0, 200)
-    assert summary["splits"]["rtp"]["start"] == 500 and summary["base"]["rtp"]["prompts"] == "rtp/toxic.jsonl[500:512]"
+    assert summary["settings"]["rtp"]["start"] == 500
+    assert summary["base"]["rtp"]["prompts"] == "rtp/toxic.jsonl[500:512]"
     from surgery_plugin.data.splits import TOXIGEN_REPORT_GROUPS
 
     assert set(summary["base"]["toxigen"]["by_group"]) == set(TOXIGEN_REPORT_GROUPS)

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from surgery_plugin import SurgeryError
-from surgery_plugin.regions import gate_row_scores, layer_range, resolve_k, select_top_k
+from surgery_plugin.regions import RunningTopK, gate_row_scores, layer_range, resolve_k, select_top_k
 
 
 def test_scores_are_negative_cosine():
@@ -46,3 +46,26 @@ def test_layer_range_slices_and_rejects_empty():
     assert layer_range(10, [-2, 10]) == [8, 9]
     with pytest.raises(SurgeryError, match="selects no layer"):
         layer_range(10, [7, 3])
+
+
+@pytest.mark.parametrize("cap", [None, 3])
+def test_running_top_k_is_the_top_k_of_all_scores_in_any_layer_order(cap):
+    """The one selection both the in-memory and the streaming edit use, against sorting everything."""
+    generator = torch.Generator().manual_seed(0)
+    scores = {layer: torch.randint(0, 4, (9,), generator=generator).float() for layer in range(6)}  # many ties
+    ranked = sorted(
+        (-float(s), layer, row)
+        for layer, layer_scores in scores.items()
+        for row, s in enumerate(layer_scores)
+        if cap is None or row in torch.sort(layer_scores, descending=True, stable=True).indices[:cap].tolist()
+    )
+    want: dict[int, list[int]] = {}
+    for _, layer, row in ranked[:11]:
+        want.setdefault(layer, []).append(row)
+    for order in ([0, 1, 2, 3, 4, 5], [5, 3, 1, 0, 4, 2]):
+        top = RunningTopK(11, 9, cap)
+        for layer in order:
+            top.add(layer, scores[layer])
+        got = {layer: rows.tolist() for layer, rows in top.selection().rows.items()}
+        assert got == {layer: sorted(rows) for layer, rows in want.items()}
+    assert {layer: r.tolist() for layer, r in select_top_k(scores, 11, cap).rows.items()} == got

@@ -1,0 +1,81 @@
+"""Probe features from the first layers only: the same features as the whole model, from less of it."""
+
+from collections import namedtuple
+
+import pytest
+import torch
+from helpers import FAMILIES, make_tiny
+
+from surgery_plugin import SurgeryError, architectures, cli, models
+from surgery_plugin.models import load_causal_lm
+from surgery_plugin.probe import Probe, hidden_features, resolve_layer
+
+TEXTS = ["you are a stupid idiot", "i love sunny days and long walks", "x", "the weather is nice", ""]
+CliResult = namedtuple("CliResult", "returncode stderr")
+
+
+def _n_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prefix_features_equal_the_whole_models(family, tmp_path, char_tokenizer):
+    folder = tmp_path / family
+    make_tiny(family).save_pretrained(folder, max_shard_size="20KB")
+    whole = load_causal_lm(str(folder), dtype=torch.float32).eval()
+    for layer, kept in ((0, 1), (1, 1), (2, 2), (-2, 2)):
+        prefix = load_causal_lm(str(folder), dtype=torch.float32, probe_layer=layer).eval()
+        assert len(architectures.decoder_layers(prefix)) == kept and architectures.full_num_layers(prefix) == 3
+        assert _n_params(prefix) < _n_params(whole)
+        assert resolve_layer(prefix, layer) == resolve_layer(whole, layer)
+        for pooling in ("mean", "last"):
+            want = hidden_features(whole, char_tokenizer, TEXTS, layer, pooling, batch_size=2, progress=False)
+            got = hidden_features(prefix, char_tokenizer, TEXTS, layer, pooling, batch_size=2, progress=False)
+            assert torch.equal(got, want), (layer, pooling)
+
+
+def test_final_state_and_out_of_range_layers_load_the_whole_model(tmp_path, char_tokenizer):
+    folder = tmp_path / "llama"
+    make_tiny("llama").save_pretrained(folder)
+    for layer in (-1, 3, 7, -9):
+        assert len(architectures.decoder_layers(load_causal_lm(str(folder), probe_layer=layer))) == 3
+    prefix = load_causal_lm(str(folder), probe_layer=1)
+    with pytest.raises(SurgeryError, match="needs 2 layers; this model was loaded with 1"):
+        hidden_features(prefix, char_tokenizer, TEXTS, 2, progress=False)
+
+
+@pytest.mark.real_model
+def test_smollm2_prefix_features_equal_the_whole_models(smollm2):
+    whole, tok = smollm2
+    prefix, _ = models.load_model("smollm2-135m", probe_layer=10)
+    assert len(architectures.decoder_layers(prefix)) == 10 and architectures.full_num_layers(prefix) == 30
+    assert prefix.lm_head.weight is prefix.model.embed_tokens.weight  # tied embeddings stay tied
+    texts = TEXTS[:4] + ["A much longer sentence, so that the batch carries real padding on the right side."]
+    for pooling in ("mean", "last"):
+        want = hidden_features(whole, tok, texts, 10, pooling, batch_size=3, progress=False)
+        assert torch.equal(hidden_features(prefix, tok, texts, 10, pooling, batch_size=3, progress=False), want)
+
+
+@pytest.mark.real_model
+def test_cli_probe_loads_only_the_layers_before_the_probe_layer(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    data = tmp_path / "data.csv"
+    data.write_text("text,label\n" + "".join(f"nasty word {i} idiot,1\nsunny day {i} nice,0\n" for i in range(20)))
+    loaded_layers = []
+
+    def spy(*args, **kwargs):
+        model = load_causal_lm(*args, **kwargs)
+        loaded_layers.append(len(architectures.decoder_layers(model)))
+        return model
+
+    monkeypatch.setattr(models, "load_causal_lm", spy)
+    probes = {}
+    for run, whole in (("prefix", False), ("whole", True)):
+        if whole:
+            monkeypatch.setattr(models, "load_prefix_config", lambda *_args: None)
+        out = tmp_path / f"{run}.safetensors"
+        argv = ["probe", "--model", tiny_model_dir, "--data", data, "--layer", 1, "--out", out]
+        assert cli.main([str(a) for a in argv]) == 0, capsys.readouterr().err
+        probes[run] = Probe.load(out)
+    assert loaded_layers == [1, 2]
+    assert torch.equal(probes["prefix"].weight, probes["whole"].weight)
+    assert probes["prefix"].metadata["layer"] == 1
