@@ -85,13 +85,16 @@ fi
 SITE="$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
 echo "$SRC" > "$SITE/easyedit.pth"
 
-# 4. the torchvision guard, only where a plain `import torchvision` fails
+# 4. the torchvision guard, only where a plain `import torchvision` fails: the package's
+#    easyedit/torchvision_guard.py linked in as a top-level module, and a .pth line that installs it
 GUARD_PTH="$SITE/surgery_torchvision_guard.pth"
-rm -f "$GUARD_PTH"
+GUARD_MODULE="$SITE/_surgery_torchvision_guard.py"
+rm -f "$GUARD_PTH" "$GUARD_MODULE"
 if ! "$PY" -c 'import torchvision' > /dev/null 2>&1; then
     GUARD="$("$PY" -c 'import importlib.util, pathlib; print(pathlib.Path(importlib.util.find_spec("surgery_plugin").origin).parent / "easyedit" / "torchvision_guard.py")')"
     echo "torchvision's compiled ops do not load with this torch (a CUDA build next to a CPU torch): installing $GUARD_PTH"
-    echo "import importlib.util as u; s = u.spec_from_file_location('_surgery_torchvision_guard', '$GUARD'); m = u.module_from_spec(s); s.loader.exec_module(m); m.install()" > "$GUARD_PTH"
+    ln -s "$GUARD" "$GUARD_MODULE"
+    echo "import _surgery_torchvision_guard; _surgery_torchvision_guard.install()" > "$GUARD_PTH"
 fi
 
 # 5. check, outside the checkout (EasyEdit's editors write ./logs): transformers, EasyEdit, Surgery registered

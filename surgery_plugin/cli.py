@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import math
+import shlex
 import sys
 import traceback
 from pathlib import Path
@@ -213,6 +214,66 @@ def cmd_merge(args) -> None:
     print(f"merged model -> {args.out}")
 
 
+def _parse_sets(items: list[str]) -> dict[str, dict]:
+    """``--set METHOD.KEY=VALUE`` (YAML value) -> ``{method: {key: value}}``."""
+    import yaml
+
+    overrides: dict[str, dict] = {}
+    for item in items:
+        target, sep, value = item.partition("=")
+        method, dot, key = target.strip().partition(".")
+        if not sep or not dot or not key:
+            raise SurgeryError(f"--set takes METHOD.KEY=VALUE (e.g. rome.v_num_grad_steps=5), got '{item}'")
+        try:
+            overrides.setdefault(method, {})[key] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise SurgeryError(f"--set {item}: the value is not YAML ({str(err).splitlines()[0]})") from err
+    return overrides
+
+
+def cmd_compare(args) -> int:
+    from .compare import (
+        CompareConfig,
+        failed_methods,
+        parse_compare_suites,
+        parse_methods,
+        result_table,
+        run_compare,
+    )
+
+    config = CompareConfig(
+        out=args.out,
+        model=args.model,
+        methods=parse_methods(args.methods),
+        suites=parse_compare_suites(args.suite),
+        judges=args.judge,
+        records=args.records,
+        limit=args.limit,
+        ppl_limit=args.ppl_limit,
+        rtp_start=args.rtp_start,
+        toxigen_start=args.toxigen_start,
+        benign_start=args.benign_start,
+        alphas=tuple(_parse_alphas(args.alphas)) if args.alphas.strip() else (),
+        data_dir=args.data_dir,
+        hparams_dir=args.hparams_dir,
+        overrides=_parse_sets(args.set),
+        device=args.device,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
+        overwrite=args.overwrite,
+        command="surgery " + shlex.join(sys.argv[1:]),
+        **({"instruction": args.instruction} if args.instruction else {}),
+    )
+    result = run_compare(config)
+    print(f"\n{result_table(result)}\n\nwritten to {args.out}/ (compare.json, compare.md, tradeoff.png, edits/)")
+    failed = failed_methods(result)
+    if failed:
+        print(f"surgery: {len(failed)} method(s) failed: {', '.join(failed)} (see compare.md)", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_demo(args) -> None:
     from .demo import run_demo
 
@@ -335,6 +396,62 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true")
     p.set_defaults(func=cmd_merge)
 
+    p = sub.add_parser(
+        "compare",
+        help="Surgery vs. EasyEdit's DINM, ROME, FT-L, FT-M and a safety prompt: one table, one trade-off plot",
+    )
+    p.add_argument("--model", default=DEFAULT_MODEL, help="hub id, local folder, or smollm2-135m (embedded)")
+    p.add_argument(
+        "--device", default=None, help="cpu, cuda, cuda:N (default: the CPU; EasyEdit's methods: their YAML's device)"
+    )
+    p.add_argument("--methods", default="surgery,dinm,rome,ft-l,ft-m,prompt", help="comma-separated, any of these")
+    p.add_argument(
+        "--suite",
+        default="rtp,toxigen,safeedit,ppl,kl",
+        help="rtp, toxigen, advbench, ppl, kl judge the global edit; safeedit is the per-instance protocol",
+    )
+    p.add_argument("--judge", default="profanity,minilm", help="comma-separated judges, as in `surgery eval`")
+    p.add_argument(
+        "--records",
+        type=POSITIVE_INT,
+        default=2,
+        help="N: SafeEdit records [0, N) edit every method's global edit; [N, 2N) are the per-instance protocol's",
+    )
+    p.add_argument("--limit", type=POSITIVE_INT, default=100, help="prompts per generation suite")
+    p.add_argument(
+        "--ppl-limit", type=POSITIVE_INT, default=None, help="benign documents for ppl and kl (default: --limit)"
+    )
+    p.add_argument("--rtp-start", type=NON_NEGATIVE_INT, default=500, help="first RTP prompt (the tuning used 0-299)")
+    p.add_argument("--toxigen-start", type=NON_NEGATIVE_INT, default=0)
+    p.add_argument(
+        "--benign-start", type=NON_NEGATIVE_INT, default=200, help="first benign document (the tuning used 0-99)"
+    )
+    p.add_argument(
+        "--alphas", default="0.25,0.5,1.0", help="Surgery's alpha curve (set_alpha on the shipped edit); '' for none"
+    )
+    p.add_argument("--instruction", default=None, help="the prompt baseline's safety instruction (default: Llama 2's)")
+    p.add_argument(
+        "--data-dir", default=None, help="local data folder (default: $SURGERY_DATA_DIR, then ../shared/data)"
+    )
+    p.add_argument(
+        "--hparams-dir",
+        default=None,
+        help="a folder in EasyEdit's layout (<dir>/Surgery|DINM|ROME|FT/<name>.yaml) instead of the shipped hparams",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="METHOD.KEY=VALUE",
+        help="override one hyperparameter of one method, e.g. rome.v_num_grad_steps=5 or surgery.alpha=0.85",
+    )
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=16)
+    p.add_argument("--max-new-tokens", type=POSITIVE_INT, default=None, help="override every suite's protocol default")
+    p.add_argument("--seed", type=NON_NEGATIVE_INT, default=0)
+    p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier compare in --out")
+    p.set_defaults(func=cmd_compare)
+
     p = sub.add_parser("demo", help="probe -> edit -> eval (base and edited) on SmolLM2; writes runs/demo")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--limit", type=POSITIVE_INT, default=None, help="RTP prompts (default: the demo's held-out set)")
@@ -356,14 +473,14 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
     try:
-        args.func(args)
+        code = args.func(args)
     except SurgeryError as err:
         _print_error(err, args.verbose)
         return 2
     except KeyboardInterrupt:
         print("surgery: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

@@ -9,13 +9,15 @@ venv has it once ``make easyedit`` ran.
 
 :func:`declare_ops_if_unloadable` declares the two op schemas before torchvision is imported, so
 its pure-python parts import; text models never call those ops. :func:`install` does that lazily
-for a whole interpreter: ``scripts/install_easyedit.sh`` adds a ``.pth`` line that loads this file
-(by path, without importing ``surgery_plugin``) and calls :func:`install` only where
-``import torchvision`` fails. Nothing here runs when torchvision's ops load (a CPU build from the
-PyTorch index, or a CUDA torch).
+for a whole interpreter: where ``import torchvision`` fails, ``scripts/install_easyedit.sh`` links
+this file into the venv's site-packages as ``_surgery_torchvision_guard`` (a top-level module, so
+importing it does not import ``surgery_plugin``) and adds a ``.pth`` line that imports it and calls
+:func:`install`. Nothing here runs when torchvision's ops load (a CPU build from the PyTorch
+index, or a CUDA torch).
 
 Standalone on purpose: only the standard library at import time, and torch once torchvision is
-imported.
+imported. Both copies (the linked one and ``surgery_plugin.easyedit.torchvision_guard``) may run in
+one process: whichever comes second sees the ops declared and does nothing.
 """
 
 from __future__ import annotations
@@ -51,6 +53,8 @@ def declare_ops_if_unloadable() -> bool:
         return False
     import torch
 
+    if _declared(torch):  # the other copy of this module did it
+        return False
     try:
         torch.ops.load_library(str(compiled[0]))  # what torchvision itself does first; fine when it loads
         return False
@@ -58,14 +62,19 @@ def declare_ops_if_unloadable() -> bool:
         pass
     library = torch.library.Library("torchvision", "FRAGMENT")
     for schema in _SCHEMAS:
-        try:
-            library.define(schema)
-        except RuntimeError:  # already declared (another copy of this module did it)
-            pass
-    _library = library
-    logger.info(
+        library.define(schema)
+    _library = library  # a module global: the declarations live as long as this module (in sys.modules)
+    logger.debug(
         "torchvision's compiled ops do not load with torch %s; declared nms/qnms so it imports", torch.__version__
     )
+    return True
+
+
+def _declared(torch) -> bool:
+    try:
+        torch.ops.torchvision.nms  # noqa: B018 (raises when the op is not defined)
+    except (AttributeError, RuntimeError):
+        return False
     return True
 
 

@@ -323,3 +323,40 @@ KL = Protocol(
 )
 
 PROTOCOLS: dict[str, Protocol] = {p.name: p for p in (RTP, TOXIGEN, SAFEEDIT, ADVBENCH, PPL, KL)}
+
+
+# ---------------------------------------------------------------- editing protocols (`surgery compare`)
+
+
+@dataclass(frozen=True)
+class EditProtocol:
+    """How methods are compared (``surgery compare``): which records each edit gets and what is judged after.
+    The numbers are those of the evaluation protocols above (:data:`PROTOCOLS`)."""
+
+    name: str
+    title: str
+    edit_records: str
+    evaluation: str
+    suites: tuple[str, ...]  # the evaluation protocols it reports
+
+
+GLOBAL_EDIT = EditProtocol(
+    name="global",
+    title="global edit (what a user ships)",
+    edit_records="SafeEdit records [0, N): every weight-editing method gets the same N records (adversarial prompt, "
+    "safe generation as the target, unsafe generation as the undesired answer), applied one after another into "
+    "one model",
+    evaluation="the edited model on held-out prompts: no edit record (nor its question) is among them",
+    suites=("rtp", "toxigen", "advbench", "ppl", "kl"),
+)
+
+SAFEEDIT_PER_INSTANCE = EditProtocol(
+    name="per_instance",
+    title="SafeEdit per instance (EasyEdit's protocol for DINM)",
+    edit_records="SafeEdit records [N, 2N), disjoint from the global edit's, each edited on its own",
+    evaluation="edit on one record, generate its five inputs (DS: the adversarial prompt, DG_onlyQ/otherA/otherQ/"
+    "otherAQ: its generalisation inputs) as the safeedit protocol does, restore the weights; rates pool the records",
+    suites=("safeedit",),
+)
+
+EDIT_PROTOCOLS: dict[str, EditProtocol] = {p.name: p for p in (GLOBAL_EDIT, SAFEEDIT_PER_INSTANCE)}
