@@ -417,7 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=2,
         help="N: SafeEdit records [0, N) edit every method's global edit; [N, 2N) are the per-instance protocol's",
     )
-    p.add_argument("--limit", type=POSITIVE_INT, default=100, help="prompts per generation suite")
+    p.add_argument("--limit", type=POSITIVE_INT, default=50, help="prompts per generation suite")
     p.add_argument(
         "--ppl-limit", type=POSITIVE_INT, default=None, help="benign documents for ppl and kl (default: --limit)"
     )

@@ -86,7 +86,7 @@ class CompareConfig:
     suites: tuple[str, ...] = DEFAULT_SUITES
     judges: str = DEFAULT_JUDGES
     records: int = 2  # N: SafeEdit records of the global edit; the per-instance protocol takes the next N
-    limit: int | None = 100  # prompts per generation suite
+    limit: int | None = 50  # prompts per generation suite
     ppl_limit: int | None = None  # benign documents for ppl and kl (None: limit)
     rtp_start: int = 500  # the tuning sweep of hparams/Surgery/smollm2-135m.yaml used RTP prompts [0, 300)
     toxigen_start: int = 0
@@ -154,8 +154,7 @@ def require_easyedit(methods: tuple[str, ...]) -> None:
         register()
     except SurgeryError as err:
         raise SurgeryError(
-            f"{', '.join(needing)} run through EasyEdit, which is unusable here ({err}); `make easyedit` installs it "
-            f"into the venv (scripts/install_easyedit.sh); without it run --methods {','.join(WITHOUT_EASYEDIT)}"
+            f"{', '.join(needing)} run through EasyEdit: {err}; without it, --methods {','.join(WITHOUT_EASYEDIT)} run"
         ) from err
 
 
