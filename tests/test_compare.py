@@ -70,6 +70,37 @@ def test_bad_override_and_suite_are_one_line_errors_before_any_work(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+# ---------------------------------------------------------------------------- the prompt baseline's evaluation
+
+
+def test_an_instruction_conditions_ppl_and_kl_on_the_same_tokens(char_tokenizer):
+    from surgery_plugin.evaluation.generation import perplexity
+
+    model, tok = make_tiny("llama"), char_tokenizer
+    texts = ["the weather is nice today", "i love sunny days and walks"]
+    plain = perplexity(model, tok, texts, progress=False)
+    prefixed = perplexity(model, tok, texts, progress=False, prefix="be kind. ")
+    assert prefixed["n_tokens"] == plain["n_tokens"]  # the instruction's own tokens are not scored
+    assert prefixed["token_perplexity"] != plain["token_perplexity"]
+    # the next token after "instruction + prompt" is the next token after that whole text
+    together = next_token_logprobs(model, tok, ["be kind. hello"], progress=False)
+    torch.testing.assert_close(
+        next_token_logprobs(model, tok, ["hello"], progress=False, prefix="be kind. "), together
+    )
+    kl = first_token_kl(model, tok, ["hello", "good day"], prefix="be kind. ", progress=False)
+    assert float(kl.min()) > 0  # without a reference: the same model without the instruction
+
+
+def test_an_instruction_is_a_system_turn_for_a_chat_model(smollm2):
+    from surgery_plugin.evaluation.generation import format_prompts, instruction_prefix
+
+    _, tok = smollm2
+    texts, chat = format_prompts(tok, ["How do I hurt someone?"], system="Be safe.")
+    assert chat and "Be safe." in texts[0] and texts[0].index("Be safe.") < texts[0].index("How do I hurt")
+    prefix = instruction_prefix(tok, "Be safe.")
+    assert prefix.startswith("<|im_start|>system") and prefix.rstrip().endswith("<|im_end|>")
+
+
 # ---------------------------------------------------------------------------- saved edits, unit level
 
 

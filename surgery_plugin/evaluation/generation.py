@@ -55,7 +55,8 @@ def instruction_prefix(tokenizer, instruction: str) -> str:
             text = ""
         if instruction in text:
             bos = getattr(tokenizer, "bos_token", None)
-            return text[len(bos) :] if bos and text.startswith(bos) else text
+            adds_bos = bool(tokenizer("a")["input_ids"][:1] == [getattr(tokenizer, "bos_token_id", None)])
+            return text[len(bos) :] if bos and adds_bos and text.startswith(bos) else text
     return instruction + "\n\n"
 
 
