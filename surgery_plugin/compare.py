@@ -114,33 +114,26 @@ class CompareConfig:
 # ---------------------------------------------------------------------------- checks
 
 
-def parse_methods(text: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
-    names = [m.strip() for m in (text.split(",") if isinstance(text, str) else text) if m.strip()]
-    unknown = [m for m in names if m not in METHODS]
-    if unknown or not names:
-        raise SurgeryError(
-            f"unknown method '{unknown[0] if unknown else ''}'; methods: {', '.join(METHODS)}"
-            if unknown
-            else f"no method given; methods: {', '.join(METHODS)}"
-        )
-    duplicate = next((m for m in names if names.count(m) > 1), None)
+def _names(text: str | list[str] | tuple[str, ...], known: tuple[str, ...], kind: str, hint: str = "") -> tuple:
+    """Comma-separated names, each one of ``known`` and given once; else a one-line error listing ``known``."""
+    names = [n.strip() for n in (text.split(",") if isinstance(text, str) else text) if n.strip()]
+    unknown = next((n for n in names if n not in known), None)
+    if unknown is not None or not names:
+        what = f"unknown {kind} '{unknown}'" if unknown is not None else f"no {kind} given"
+        raise SurgeryError(f"{what}; {kind}s: {', '.join(known)}{hint}")
+    duplicate = next((n for n in names if names.count(n) > 1), None)
     if duplicate:
-        raise SurgeryError(f"method '{duplicate}' given twice")
+        raise SurgeryError(f"{kind} '{duplicate}' given twice")
     return tuple(names)
+
+
+def parse_methods(text: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    return _names(text, METHODS, "method")
 
 
 def parse_compare_suites(text: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
-    names = [s.strip() for s in (text.split(",") if isinstance(text, str) else text) if s.strip()]
-    unknown = [s for s in names if s not in SUITES]
-    if unknown or not names:
-        raise SurgeryError(
-            f"unknown compare suite '{unknown[0] if unknown else ''}'; suites: {', '.join(SUITES)} "
-            f"({', '.join(GLOBAL_EDIT.suites)} judge the global edit, safeedit is the per-instance protocol)"
-        )
-    duplicate = next((s for s in names if names.count(s) > 1), None)
-    if duplicate:
-        raise SurgeryError(f"suite '{duplicate}' given twice")
-    return tuple(names)
+    hint = f" ({', '.join(GLOBAL_EDIT.suites)} judge the global edit, safeedit is the per-instance protocol)"
+    return _names(text, SUITES, "suite", hint)
 
 
 def require_easyedit(methods: tuple[str, ...]) -> None:

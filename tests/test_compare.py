@@ -33,6 +33,18 @@ def _env(**extra) -> dict:
     return dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", **extra)
 
 
+def _compare(python: str, cwd, *args) -> subprocess.CompletedProcess:
+    """``surgery compare ARGS`` as a user runs it, one CPU thread, in ``cwd`` (EasyEdit writes ./logs)."""
+    return subprocess.run(
+        [python, "-m", "surgery_plugin.cli", "compare", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=_env(PYTHONPATH=str(REPO)),
+        timeout=1200,
+    )
+
+
 # ---------------------------------------------------------------------------- bad input
 
 
@@ -62,7 +74,7 @@ def test_without_easyedit_one_line_says_how_to_install_and_what_runs(tmp_path):
 
 def test_bad_override_and_suite_are_one_line_errors_before_any_work(tmp_path):
     result = surgery("compare", "--suite", "rtp,mmlu", "--out", tmp_path / "a")
-    assert_one_line_error(result, "unknown compare suite 'mmlu'")
+    assert_one_line_error(result, "unknown suite 'mmlu'; suites: rtp, toxigen")
     result = surgery("compare", "--methods", "surgery", "--set", "dinm.num_steps=1", "--out", tmp_path / "b")
     assert_one_line_error(result, "--set for 'dinm', which is not among --methods")
     result = surgery("compare", "--methods", "surgery", "--set", "surgery.nope=1", "--out", tmp_path / "c")
@@ -271,16 +283,15 @@ def test_compare_on_a_tiny_model_runs_every_method_and_survives_a_failing_one(tm
     hparams = tmp_path / "hparams"
     _tiny_hparams(hparams, tiny_model_dir)
     out = tmp_path / "run"
-    args = [
-        "-m",
-        "surgery_plugin.cli",
-        "compare",
+    run = _compare(
+        python,
+        tmp_path,
         "--model",
-        str(tiny_model_dir),
+        tiny_model_dir,
         "--hparams-dir",
-        str(hparams),
+        hparams,
         "--data-dir",
-        str(data_dir),
+        data_dir,
         "--judge",
         "profanity",
         "--records",
@@ -292,10 +303,7 @@ def test_compare_on_a_tiny_model_runs_every_method_and_survives_a_failing_one(tm
         "--alphas",
         "0.25,1.0",
         "--out",
-        str(out),
-    ]
-    run = subprocess.run(
-        [python, *args], capture_output=True, text=True, cwd=tmp_path, env=_env(PYTHONPATH=str(REPO)), timeout=900
+        out,
     )
     assert run.returncode == 1, run.stderr[-4000:]
     assert "1 method(s) failed: rome" in run.stderr
@@ -349,10 +357,9 @@ def test_easyedit_baselines_on_smollm2_edit_save_and_reload(tmp_path, data_dir):
     """The shipped DINM / ROME / FT YAMLs on the real model, one record, step counts cut for CI."""
     python = easyedit_python()
     out = tmp_path / "run"
-    args = [
-        "-m",
-        "surgery_plugin.cli",
-        "compare",
+    run = _compare(
+        python,
+        tmp_path,
         "--methods",
         "dinm,rome,ft-l,ft-m",
         "--suite",
@@ -366,7 +373,7 @@ def test_easyedit_baselines_on_smollm2_edit_save_and_reload(tmp_path, data_dir):
         "--max-new-tokens",
         "4",
         "--data-dir",
-        str(data_dir),
+        data_dir,
         "--set",
         "dinm.num_steps=1",
         "--set",
@@ -376,10 +383,7 @@ def test_easyedit_baselines_on_smollm2_edit_save_and_reload(tmp_path, data_dir):
         "--set",
         "ft-m.num_steps=1",
         "--out",
-        str(out),
-    ]
-    run = subprocess.run(
-        [python, *args], capture_output=True, text=True, cwd=tmp_path, env=_env(PYTHONPATH=str(REPO)), timeout=1200
+        out,
     )
     assert run.returncode == 0, run.stderr[-4000:]
     methods = json.loads((out / "compare.json").read_text())["methods"]
