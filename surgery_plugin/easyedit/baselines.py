@@ -176,7 +176,8 @@ class EasyEditBaseline:
         )
         shadow = copy_module.copy(hparams)
         shadow.model_name = (self.model, self.tok)  # the pair both editors accept
-        with contextlib.chdir(self.workdir):  # SafetyEditor writes ./logs/run.log
+        # SafetyEditor writes ./logs/run.log (and prints that it does)
+        with contextlib.chdir(self.workdir), self._log() as log, contextlib.redirect_stdout(log):
             self.editor = easyeditor_modules().SafetyEditor(shadow)
         self.editor.hparams = hparams
         self.located_layers: list[int] = []
@@ -235,7 +236,7 @@ class EasyEditBaseline:
                 self.model.config.output_hidden_states = False
             self.located_layers += list(self.hparams.layers)
         try:
-            with open(self.log_path, "a", encoding="utf-8") as log, contextlib.redirect_stdout(log):
+            with self._log() as log, contextlib.redirect_stdout(log):
                 _, weights_copy = self.editor.apply_algo(
                     self.model,
                     self.tok,
@@ -252,6 +253,10 @@ class EasyEditBaseline:
         if not weights_copy:
             raise SurgeryError(f"EasyEdit's {self.baseline.alg_name} returned no original weights; cannot restore")
         return weights_copy
+
+    def _log(self):
+        """EasyEdit's prints go to ``easyedit.log`` in the work folder."""
+        return open(self.log_path, "a", encoding="utf-8")
 
     def restore(self, weights_copy: dict[str, torch.Tensor]) -> None:
         """Write the weights back (bitwise), as EasyEdit's editors do after a non-sequential edit."""
