@@ -1,10 +1,10 @@
 #!/usr/bin/env python
 """Model Surgery through EasyEdit, on CPU with SmolLM2-135M: BaseEditor and SafetyEditor flows.
 
-Run it with the python of the venv that scripts/setup_easyedit.sh made:
+Run it with the project venv after `make easyedit` (which `make test` runs):
 
-    .venv-easyedit/bin/python scripts/easyedit_demo.py                      # the shipped hparams
-    .venv-easyedit/bin/python scripts/easyedit_demo.py --set probe_data=null # probe from the requests only
+    .venv/bin/python scripts/easyedit_demo.py                      # the shipped hparams
+    .venv/bin/python scripts/easyedit_demo.py --set probe_data=null # probe from the requests only
 
 With the shipped hparams the probe uses 2x2000 Davidson tweets: their features take about two
 minutes on one CPU core for the first edit and come from the in-process cache afterwards.

@@ -11,6 +11,8 @@ import dataclasses
 import json
 import logging
 import math
+import os
+import shlex
 import sys
 import traceback
 from pathlib import Path
@@ -355,6 +357,66 @@ def cmd_tune(args) -> None:
     print("validation: " + json.dumps(chosen["validation"]))
 
 
+def _parse_sets(items: list[str]) -> dict[str, dict]:
+    """``--set METHOD.KEY=VALUE`` (YAML value) -> ``{method: {key: value}}``."""
+    import yaml
+
+    overrides: dict[str, dict] = {}
+    for item in items:
+        target, sep, value = item.partition("=")
+        method, dot, key = target.strip().partition(".")
+        if not sep or not dot or not key:
+            raise SurgeryError(f"--set takes METHOD.KEY=VALUE (e.g. rome.v_num_grad_steps=5), got '{item}'")
+        try:
+            overrides.setdefault(method, {})[key] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise SurgeryError(f"--set {item}: the value is not YAML ({str(err).splitlines()[0]})") from err
+    return overrides
+
+
+def cmd_compare(args) -> int:
+    from .compare import (
+        CompareConfig,
+        failed_methods,
+        parse_compare_suites,
+        parse_methods,
+        result_table,
+        run_compare,
+    )
+
+    config = CompareConfig(
+        out=args.out,
+        model=args.model,
+        methods=parse_methods(args.methods),
+        suites=parse_compare_suites(args.suite),
+        judges=args.judge,
+        records=args.records,
+        limit=args.limit,
+        ppl_limit=args.ppl_limit,
+        rtp_start=args.rtp_start,
+        toxigen_start=args.toxigen_start,
+        benign_start=args.benign_start,
+        alphas=tuple(_parse_alphas(args.alphas)) if args.alphas.strip() else (),
+        data_dir=args.data_dir,
+        hparams_dir=args.hparams_dir,
+        overrides=_parse_sets(args.set),
+        device=args.device,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
+        overwrite=args.overwrite,
+        command="surgery " + shlex.join(sys.argv[1:]),
+        **({"instruction": args.instruction} if args.instruction else {}),
+    )
+    result = run_compare(config)
+    print(f"\n{result_table(result)}\n\nwritten to {args.out}/ (compare.json, compare.md, tradeoff.png, edits/)")
+    failed = failed_methods(result)
+    if failed:
+        print(f"surgery: {len(failed)} method(s) failed: {', '.join(failed)} (see compare.md)", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_demo(args) -> None:
     from .demo import run_demo
 
@@ -393,6 +455,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="surgery", description="Model Surgery: edit MLP gate rows along a behavior probe.")
     parser.add_argument(
         "-v", "--verbose", action="store_true", help="debug logging, and the chain of causes of an error"
+    )
+    parser.add_argument(
+        "--threads",
+        type=POSITIVE_INT,
+        default=None,
+        help="CPU threads for torch (default: $SURGERY_THREADS, else torch's own choice); on a busy machine "
+        "fewer threads than cores is often faster",
     )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -591,6 +660,64 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_stack)
 
+    p = sub.add_parser(
+        "compare",
+        help="Surgery vs. EasyEdit's DINM, ROME, FT-L, FT-M and a safety prompt: one table, one trade-off plot",
+    )
+    p.add_argument("--model", default=DEFAULT_MODEL, help="hub id, local folder, or smollm2-135m (embedded)")
+    p.add_argument(
+        "--device", default=None, help="cpu, cuda, cuda:N (default: the CPU; EasyEdit's methods: their YAML's device)"
+    )
+    p.add_argument("--methods", default="surgery,dinm,rome,ft-l,ft-m,prompt", help="comma-separated, any of these")
+    p.add_argument(
+        "--suite",
+        default="rtp,toxigen,safeedit,ppl,kl",
+        help="rtp, toxigen, advbench, ppl, kl judge the global edit; safeedit is the per-instance protocol",
+    )
+    p.add_argument("--judge", default="profanity,minilm", help="comma-separated judges, as in `surgery eval`")
+    p.add_argument(
+        "--records",
+        type=POSITIVE_INT,
+        default=2,
+        help="N: SafeEdit records [0, N) edit every method's global edit; [N, 2N) are the per-instance protocol's",
+    )
+    p.add_argument("--limit", type=POSITIVE_INT, default=50, help="prompts per generation suite")
+    p.add_argument(
+        "--ppl-limit", type=POSITIVE_INT, default=None, help="benign documents for ppl and kl (default: --limit)"
+    )
+    p.add_argument(
+        "--rtp-start", type=NON_NEGATIVE_INT, default=500, help="first RTP prompt (the report split: 500-799)"
+    )
+    p.add_argument("--toxigen-start", type=NON_NEGATIVE_INT, default=0)
+    p.add_argument(
+        "--benign-start", type=NON_NEGATIVE_INT, default=0, help="first benign document (the report split: 0-199)"
+    )
+    p.add_argument(
+        "--alphas", default="0.25,0.5,1.0", help="Surgery's alpha curve (set_alpha on the shipped edit); '' for none"
+    )
+    p.add_argument("--instruction", default=None, help="the prompt baseline's safety instruction (default: Llama 2's)")
+    p.add_argument(
+        "--data-dir", default=None, help="local data folder (default: $SURGERY_DATA_DIR, then ../shared/data)"
+    )
+    p.add_argument(
+        "--hparams-dir",
+        default=None,
+        help="a folder in EasyEdit's layout (<dir>/Surgery|DINM|ROME|FT/<name>.yaml) instead of the shipped hparams",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="METHOD.KEY=VALUE",
+        help="override one hyperparameter of one method, e.g. rome.v_num_grad_steps=5 or surgery.alpha=0.85",
+    )
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=16)
+    p.add_argument("--max-new-tokens", type=POSITIVE_INT, default=None, help="override every suite's protocol default")
+    p.add_argument("--seed", type=NON_NEGATIVE_INT, default=0)
+    p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier compare in --out")
+    p.set_defaults(func=cmd_compare)
+
     p = sub.add_parser("demo", help="probe -> edit -> eval (base and edited) on an embedded model; writes runs/demo")
     p.add_argument("--model", default=DEFAULT_MODEL, help="smollm2-135m (default) or gemma3-270m")
     p.add_argument("--behavior", default="toxicity", help=behaviors)
@@ -600,6 +727,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hparams", default=None)
     p.set_defaults(func=cmd_demo)
     return parser
+
+
+def _env_threads() -> int | None:
+    text = os.environ.get("SURGERY_THREADS", "").strip()
+    if not text:
+        return None
+    try:
+        return POSITIVE_INT(text)
+    except argparse.ArgumentTypeError as err:
+        raise SystemExit(f"surgery: error: SURGERY_THREADS {err}") from err
 
 
 def _print_error(err: BaseException, verbose: bool) -> None:
@@ -613,15 +750,20 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
+    threads = args.threads or _env_threads()
+    if threads:
+        import torch  # the CLI imports torch lazily so `--help` stays fast
+
+        torch.set_num_threads(threads)
     try:
-        args.func(args)
+        code = args.func(args)
     except SurgeryError as err:
         _print_error(err, args.verbose)
         return 2
     except KeyboardInterrupt:
         print("surgery: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

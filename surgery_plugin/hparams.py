@@ -169,12 +169,29 @@ def hparams_root() -> Path:
 
 
 def shipped_hparams_path(model: str, method: str = "Surgery") -> Path:
-    """``hparams/<method>/<model>.yaml`` as shipped with the package."""
-    root = hparams_root()
-    candidate = root / method / f"{model}.yaml"
-    if not candidate.is_file():
-        known = sorted(p.stem for p in (root / method).glob("*.yaml"))
-        raise SurgeryError(
-            f"no shipped hparams/{method}/{model}.yaml (shipped: {', '.join(known) or 'none'}); pass --hparams"
-        )
-    return candidate
+    """``hparams/<method>/<model>.yaml`` as shipped with the package (see :func:`find_hparams`)."""
+    return find_hparams(model, method)
+
+
+def find_hparams(model: str, method: str = "Surgery", root: str | Path | None = None) -> Path:
+    """``<root>/<method>/<model>.yaml``, else the YAML there whose ``model_name`` is ``model``.
+
+    ``root`` is a folder in EasyEdit's layout (``<root>/<METHOD>/<name>.yaml``); default: the shipped hparams.
+    """
+    folder = (Path(root) if root is not None else hparams_root()) / method
+    candidate = folder / f"{model}.yaml"
+    if candidate.is_file():
+        return candidate
+    for path in sorted(folder.glob("*.yaml")):
+        try:
+            config = yaml.safe_load(path.read_text())
+        except yaml.YAMLError:
+            continue
+        if isinstance(config, dict) and config.get("model_name") == model:
+            return path
+    known = sorted(p.stem for p in folder.glob("*.yaml"))
+    raise SurgeryError(
+        f"no {'shipped hparams' if root is None else root}/{method}/{model}.yaml nor a YAML there with model_name "
+        f"'{model}' "
+        f"(there: {', '.join(known) or 'none'}); pass your own (--hparams / --hparams-dir)"
+    )

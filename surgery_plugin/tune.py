@@ -43,9 +43,9 @@ from .atomic import atomic_write, write_json
 from .data import load_benign_texts
 from .data.splits import (
     ADVBENCH,
+    ATTITUDE_OPENINGS,
     RTP_BENIGN,
     RTP_CHALLENGING,
-    SST2,
     TOXIGEN_PROBE_GROUPS,
     TOXIGEN_REPORT_GROUPS,
     TOXIGEN_REPORT_PROMPTS,
@@ -216,7 +216,7 @@ class Tuner:
             return dataclasses.replace(
                 base, toxigen_groups=groups, start=start, limit=s.toxigen_per_group * len(groups)
             )
-        spans = {"rtp": RTP_CHALLENGING, "advbench": ADVBENCH, "attitude": {k: v[1:] for k, v in SST2.items()}}
+        spans = {"rtp": RTP_CHALLENGING, "advbench": ADVBENCH, "attitude": ATTITUDE_OPENINGS}
         if suite not in spans:
             return base  # ppl, kl
         start, end = spans[suite][split]
@@ -427,7 +427,11 @@ class Tuner:
             params["alpha"] = trial.suggest_float(
                 "alpha", alpha_spec["low"], alpha_spec["high"], log=bool(alpha_spec.get("log"))
             )
-        defaults = {
+        return {**self.sample_defaults(), **params}
+
+    def sample_defaults(self) -> dict:
+        """Each knob's value in the base YAML, for the knobs the space leaves out."""
+        return {
             "probe_layer": self.base.probe_layer,
             "pooling": self.base.pooling,
             "probe_data": self.base.probe_data,
@@ -439,7 +443,21 @@ class Tuner:
             "max_rows_per_layer": None,
             "normalize": self.base.normalize,
         }
-        return {**defaults, **params}
+
+    def start_point(self) -> dict:
+        """The base YAML's value of each searched knob that lies in the space, as Optuna stores it."""
+        base = self.sample_defaults()
+        point = {}
+        for knob, spec in self.settings.space.items():
+            if knob == "max_rows_per_layer" or (knob == "alpha" and not base["normalize"]):
+                continue  # the YAML caps rows in rows, the space as a fraction; raw alpha has its own range
+            value = self.base.alpha if knob == "alpha" else base[knob]
+            if "choices" in spec:
+                if value in spec["choices"]:
+                    point[knob] = json.dumps(value)
+            elif spec["low"] <= value <= spec["high"]:
+                point[knob] = value
+        return point
 
     def objective(self, trial) -> tuple[float, float, float]:
         import optuna
@@ -489,6 +507,8 @@ class Tuner:
         if stored is None:
             study.set_user_attr("settings", described)
             study.set_user_attr("versions", package_versions(("optuna",)))
+            # the recipe the search starts from is always measured: the front shows whether anything beat it
+            study.enqueue_trial(self.start_point())
         elif {
             **_defaults_for(described, stored),
             **stored,

@@ -3,16 +3,20 @@ and the ``surgery`` command run as a user runs it. Fixtures live in ``conftest.p
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = (REPO / ".." / "shared" / "data").resolve()
+EASYEDIT_ARCHIVE = (REPO / ".." / "shared" / "vendor" / "EasyEdit-14cea8245f06.tar.gz").resolve()
 
 _IDS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=1)
 _SMALL = dict(vocab_size=96, max_position_embeddings=64, **_IDS)
@@ -167,3 +171,20 @@ def write_probe(path, weight, **meta):
 
 
 PROBE_META = dict(model="m", layer=1, pooling="mean", n_train=4, test_accuracy=1.0, test_auc=1.0, data="d", seed=0)
+
+
+def easyedit_python() -> str:
+    """A python that imports ``easyeditor``: ``$SURGERY_EASYEDIT_PYTHON``, else this one (``make easyedit``,
+    which ``make test`` runs, installs EasyEdit into the project venv).
+
+    Skips only where EasyEdit could not have been installed (neither its vendored archive nor git);
+    anywhere else a missing EasyEdit is a failed set-up, and the test fails saying so.
+    """
+    if os.environ.get("SURGERY_EASYEDIT_PYTHON"):
+        return os.environ["SURGERY_EASYEDIT_PYTHON"]
+    if importlib.util.find_spec("easyeditor") is not None:
+        return sys.executable
+    if not EASYEDIT_ARCHIVE.is_file() and shutil.which("git") is None:
+        pytest.skip(f"EasyEdit cannot be installed here: neither {EASYEDIT_ARCHIVE} nor git is available")
+    source = EASYEDIT_ARCHIVE if EASYEDIT_ARCHIVE.is_file() else "git"
+    pytest.fail(f"EasyEdit is not installed in {sys.prefix} though {source} is available: run `make easyedit`")

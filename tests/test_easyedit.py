@@ -4,16 +4,14 @@ Three layers:
 - always: registration against a stub ``easyeditor`` package, the error without EasyEdit or with
   a too-old one, the probe-feature cache and request semantics on tiny models, and that every
   ``hparams/Surgery/*.yaml`` carries what EasyEdit's editors read;
-- with a real EasyEdit: ``BaseEditor``/``SafetyEditor`` flows on SmolLM2-135M, run in a
-  subprocess by a python that imports ``easyeditor``. That python is ``$SURGERY_EASYEDIT_PYTHON``,
-  else ``.venv-easyedit/bin/python`` (made by ``scripts/setup_easyedit.sh``), else this python
-  when it imports easyeditor (or ``$EASYEDIT_PATH`` names a checkout to put on its path).
-  Without any of them the test is skipped and says so.
+- with the real EasyEdit (``make easyedit``, which ``make test`` runs, installs it into the project
+  venv): ``BaseEditor``/``SafetyEditor`` flows on SmolLM2-135M, in a subprocess
+  (:func:`helpers.easyedit_python`; skipped only where neither EasyEdit's vendored archive nor git
+  could install it).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -24,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import DATA_DIR, REPO, CharTokenizer, make_tiny
+from helpers import DATA_DIR, REPO, CharTokenizer, easyedit_python, make_tiny
 
 from surgery_plugin import easyedit
 from surgery_plugin.easyedit import patches, surgery_main
@@ -132,7 +130,7 @@ def test_register_without_easyeditor_is_one_clear_line(monkeypatch, no_easyedito
     with pytest.raises(SurgeryError) as err:
         easyedit.register()
     message = str(err.value)
-    assert "EasyEdit is not installed" in message and "setup_easyedit.sh" in message
+    assert "EasyEdit is not installed" in message and "make easyedit" in message
     assert "\n" not in message
 
 
@@ -410,17 +408,6 @@ def test_every_surgery_yaml_has_what_easyedit_reads(path):
 # ---------------------------------------------------------------------------- the real EasyEdit
 
 
-def _easyedit_python() -> tuple[str | None, str]:
-    if os.environ.get("SURGERY_EASYEDIT_PYTHON"):
-        return os.environ["SURGERY_EASYEDIT_PYTHON"], "$SURGERY_EASYEDIT_PYTHON"
-    default = REPO / ".venv-easyedit" / "bin" / "python"
-    if default.exists():
-        return str(default), str(default)
-    if os.environ.get("EASYEDIT_PATH") or importlib.util.find_spec("easyeditor") is not None:
-        return sys.executable, "this python"
-    return None, ""
-
-
 REAL_DRIVER = textwrap.dedent("""\
     import json, sys
     sys.path.insert(0, {scripts!r})
@@ -440,12 +427,7 @@ REAL_DRIVER = textwrap.dedent("""\
 
 @pytest.mark.real_model
 def test_real_easyedit_flows_on_smollm2(tmp_path):
-    python, source = _easyedit_python()
-    if python is None:
-        pytest.skip(
-            "EasyEdit is not importable: set SURGERY_EASYEDIT_PYTHON to a python that imports easyeditor "
-            "(scripts/setup_easyedit.sh makes .venv-easyedit), or EASYEDIT_PATH to an EasyEdit checkout"
-        )
+    python = easyedit_python()
     if not (DATA_DIR / "safeedit").is_dir() or not (DATA_DIR / "davidson").is_dir():
         pytest.skip(f"needs SafeEdit and Davidson under {DATA_DIR}")
     out = tmp_path / "result.json"
@@ -469,15 +451,11 @@ def test_real_easyedit_flows_on_smollm2(tmp_path):
         os.environ,
         OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
         HF_HUB_OFFLINE="1",
-        PYTHONPATH=os.pathsep.join(
-            p for p in (str(REPO), os.environ.get("EASYEDIT_PATH", ""), os.environ.get("PYTHONPATH", "")) if p
-        ),
+        PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p),
     )
     code = REAL_DRIVER.format(scripts=str(REPO / "scripts"), argv=argv)
     run = subprocess.run([python, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=900)
-    assert run.returncode == 0, (
-        f"EasyEdit flow failed with {source} ({python}):\n{run.stdout[-3000:]}\n{run.stderr[-5000:]}"
-    )
+    assert run.returncode == 0, f"EasyEdit flow failed with {python}:\n{run.stdout[-3000:]}\n{run.stderr[-5000:]}"
     result = json.loads(out.read_text())
     flows = result["flows"]
     assert set(flows) == {"base", "batch", "safety"}

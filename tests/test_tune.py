@@ -27,7 +27,14 @@ SPACE = {
 
 def _settings(data_dir, **changes) -> TuneSettings:
     base = SurgeryHyperParams(
-        probe_data="davidson", probe_max_per_class=20, max_length=32, feature_batch_size=8
+        probe_data="davidson",
+        probe_max_per_class=20,
+        max_length=32,
+        feature_batch_size=8,
+        probe_layer=2,  # the start point lies inside SPACE
+        normalize=True,
+        alpha=0.5,
+        top_k=0.1,
     ).to_dict()
     values = dict(
         model="tiny-llama",
@@ -53,6 +60,15 @@ def test_tune_searches_resumes_and_writes_the_chosen_point(tmp_path, data_dir):
         and result["front"]
         and result["chosen"]["trial"] in {t["number"] for t in result["trials"]}
     )
+    first = min(result["trials"], key=lambda t: t["number"])["params"]  # the recipe the search starts from
+    base = SurgeryHyperParams.from_dict(_settings(data_dir).base_hparams)
+    assert (first["probe_layer"], first["pooling"], first["probe_project_out"], first["region_scoring"]) == (
+        base.probe_layer,
+        base.pooling,
+        base.probe_project_out,
+        base.region_scoring,
+    )
+    assert first["alpha"] == pytest.approx(base.alpha) and first["top_k"] == pytest.approx(base.top_k)
     for name in ("study.db", "front.json", "front.png", "chosen.yaml"):
         assert (out / name).is_file(), name
     chosen = SurgeryHyperParams.from_hparams(out / "chosen.yaml")

@@ -329,7 +329,7 @@ def load_sst2(data_dir=None, split: str = "dev") -> list[dict]:
 
 
 def sst2_range(data_dir, which: str) -> list[dict]:
-    """The SST-2 sentences of one ``SST2`` split entry (``probe``, ``judge``, ``tune``, ``report``)."""
+    """The SST-2 sentences of one ``SST2`` split entry (``probe``, ``judge``)."""
     split, start, end = SST2[which]
     return load_sst2(data_dir, split)[start:end]
 

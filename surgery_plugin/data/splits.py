@@ -42,12 +42,9 @@ TOXIGEN_REPORT_PROMPTS = {"report": (0, 50), "validation": (50, 100)}
 SAFEEDIT = {"probe": (0, 60), "report": (60, 93)}  # the benign knowledge questions of all records: false refusals
 ADVBENCH = {"tune": (100, 150), "validation": (150, 200), "report": (0, 100)}
 # attitude: SST-2 (label 0 negative = undesired); prompts are openings of *negative* dev reviews
-SST2 = {
-    "probe": ("test", 0, 1000),
-    "judge": ("test", 1000, 1821),
-    "tune": ("dev", 0, 100),
-    "report": ("dev", 100, 400),
-}
+SST2 = {"probe": ("test", 0, 1000), "judge": ("test", 1000, 1821)}
+# indices into the attitude prompts (openings of the negative dev reviews, protocols.attitude_documents: 413)
+ATTITUDE_OPENINGS = {"tune": (0, 80), "validation": (80, 130), "report": (130, 413)}
 
 
 def stratified_shuffle(keys: Sequence[Hashable], seed: int) -> dict[Hashable, np.ndarray]:

@@ -5,6 +5,8 @@
 | ``__init__`` | :func:`register`: makes "Surgery" an EasyEdit algorithm (imports EasyEdit lazily) |
 | ``surgery_main.py`` | ``apply_surgery_to_model`` (EasyEdit's contract) and the request -> probe path |
 | ``patches.py`` | the runtime patches ``register()`` applies, each with the EasyEdit behavior it answers |
+| ``torchvision_guard.py`` | patch 4: ``import torchvision`` next to a CPU-only torch (also venv-wide) |
+| ``baselines.py`` | EasyEdit's DINM, ROME, FT-L, FT-M as ``surgery compare`` baselines, run through its editor |
 
 The hyperparameters are :class:`surgery_plugin.hparams.SurgeryHyperParams` (``hparams/Surgery/*.yaml``).
 Importing this package never imports EasyEdit: only :func:`register` and :func:`easyeditor_modules` do.
@@ -24,7 +26,7 @@ from .surgery_main import apply_surgery_to_model
 
 logger = logging.getLogger(__name__)
 
-SETUP_HINT = "see scripts/setup_easyedit.sh"
+SETUP_HINT = "`make easyedit` installs it into the venv (scripts/install_easyedit.sh)"
 __all__ = ["ALG_NAME", "apply_surgery_to_model", "easyeditor_modules", "register"]
 
 
@@ -41,9 +43,7 @@ def easyeditor_modules() -> SimpleNamespace:
         root = _import("easyeditor")
     except ModuleNotFoundError as err:
         if err.name == "easyeditor":
-            raise SurgeryError(
-                f"EasyEdit is not installed (no module 'easyeditor'); install its git checkout, {SETUP_HINT}"
-            ) from err
+            raise SurgeryError(f"EasyEdit is not installed (no module 'easyeditor'); {SETUP_HINT}") from err
         raise SurgeryError(f"EasyEdit is installed but does not import ({first_line(err)}); {SETUP_HINT}") from err
     except Exception as err:  # any import-time failure of a third-party package: one line for the user
         raise SurgeryError(f"EasyEdit is installed but does not import ({first_line(err)}); {SETUP_HINT}") from err

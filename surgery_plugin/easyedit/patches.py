@@ -21,11 +21,15 @@ the second time). EasyEdit's own files are never edited.
    max_output_length`` prompt tokens (``evaluate_utils.test_safety_gen``). Surgery hparams
    without a ``max_output_length`` get one below ``max_length``; one at or above it is refused
    with a one-line error (SafetyEditor would cut every prompt to nothing).
-4. **torchvision on a CPU-only torch** (:func:`declare_torchvision_ops_if_unloadable`). Only when
-   torchvision's compiled ops cannot load (PyPI's Linux torchvision is a CUDA build; with a CPU
-   torch its ``import`` fails registering fake kernels for ``torchvision::nms``, and ``import
-   easyeditor`` fails with it): the two op schemas are declared first so the pure-python parts
-   import. Text editing never calls those ops.
+4. **torchvision on a CPU-only torch** (:func:`declare_torchvision_ops_if_unloadable`, code in
+   :mod:`.torchvision_guard`). Only when torchvision's compiled ops cannot load (PyPI's Linux
+   torchvision is a CUDA build; with a CPU torch its ``import`` fails registering fake kernels for
+   ``torchvision::nms``, and ``import easyeditor`` fails with it): the two op schemas are declared
+   first so the pure-python parts import. Text editing never calls those ops. ``register()`` does
+   it for its own process; since transformers imports torchvision whenever it is installed (so
+   every model load would fail in that venv), ``make easyedit`` also installs it venv-wide as a
+   ``.pth`` hook that runs just before the first ``import torchvision``, and only where the plain
+   import fails.
 
 Not patched: restoring weights. Both editors restore a non-sequential edit by writing the
 ``weights_copy`` dict back; :func:`~surgery_plugin.easyedit.surgery_main.apply_surgery_to_model`
@@ -36,17 +40,14 @@ from __future__ import annotations
 
 import copy as copy_module
 import functools
-import importlib.util
 import logging
-import sys
-from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from ..errors import SurgeryError
 from ..models import EMBEDDED_MODELS, load_model, parse_dtype
+from . import torchvision_guard
 
 logger = logging.getLogger(__name__)
 
@@ -61,40 +62,10 @@ _SAFETY_FULL_CONTEXT = 1624  # from this max_length on, test_safety_gen does not
 RIGHT_PADDING_ALGS = frozenset({"ROME", "MEMIT", "EMMET", "EAMET", "R-ROME", "AlphaEdit", "CORE", "SPHERE"})
 _PATCH_MARK = "__surgery_plugin_patch__"
 
-# keeps the torchvision op declarations alive (a torch.library.Library drops them when collected)
-_torchvision_stub_library: Any = None
-
 
 def declare_torchvision_ops_if_unloadable() -> None:
     """Patch 4: let ``import torchvision`` succeed when its compiled ops cannot load."""
-    global _torchvision_stub_library
-    if _torchvision_stub_library is not None or "torchvision" in sys.modules:
-        return
-    spec = importlib.util.find_spec("torchvision")
-    if spec is None or spec.origin is None:
-        return
-    compiled = sorted(Path(spec.origin).parent.glob("_C*.so")) + sorted(Path(spec.origin).parent.glob("_C*.pyd"))
-    if not compiled:
-        return
-    try:
-        torch.ops.load_library(str(compiled[0]))  # what torchvision itself does first; fine when it loads
-        return
-    except (OSError, RuntimeError):
-        pass
-    library = torch.library.Library("torchvision", "FRAGMENT")
-    for schema in (
-        "nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
-        "qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
-    ):
-        try:
-            library.define(schema)
-        except RuntimeError:  # already declared
-            pass
-    _torchvision_stub_library = library
-    logger.info(
-        "torchvision's compiled ops do not load with this torch (%s); declared nms/qnms so it imports",
-        torch.__version__,
-    )
+    torchvision_guard.declare_ops_if_unloadable()
 
 
 def allow_batch_editing(batch_editor: type) -> None:

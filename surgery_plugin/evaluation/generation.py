@@ -20,8 +20,11 @@ def has_chat_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None)) and hasattr(tokenizer, "apply_chat_template")
 
 
-def format_prompts(tokenizer, prompts: Sequence[str], chat: bool | None = None) -> tuple[list[str], bool]:
-    """Wrap each prompt as one user turn when the model is a chat model (``chat=None``: when it has a template).
+def format_prompts(
+    tokenizer, prompts: Sequence[str], chat: bool | None = None, system: str | None = None
+) -> tuple[list[str], bool]:
+    """Wrap each prompt as one user turn when the model is a chat model (``chat=None``: when it has a template),
+    after a ``system`` turn when one is given.
 
     Returns the texts and whether the template was applied, so results can say which protocol ran.
     """
@@ -32,11 +35,39 @@ def format_prompts(tokenizer, prompts: Sequence[str], chat: bool | None = None) 
         raise SurgeryError(
             "--chat-template on needs a tokenizer with a chat template; this one has none (use --chat-template off)"
         )
+    turns = [{"role": "system", "content": system}] if system else []
     texts = [
-        tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
+        tokenizer.apply_chat_template(
+            turns + [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False
+        )
         for p in prompts
     ]
     return texts, True
+
+
+def instruction_prefix(tokenizer, instruction: str) -> str:
+    """Text that gives a completion-style prompt an instruction: a system turn of the chat template when the
+    tokenizer has one (without the BOS the tokenizer adds itself), else the instruction and a blank line."""
+    if has_chat_template(tokenizer):
+        try:
+            text = tokenizer.apply_chat_template([{"role": "system", "content": instruction}], tokenize=False)
+        except Exception:  # templates that refuse a lone system turn
+            text = ""
+        if instruction in text:
+            bos = getattr(tokenizer, "bos_token", None)
+            adds_bos = bool(tokenizer("a")["input_ids"][:1] == [getattr(tokenizer, "bos_token_id", None)])
+            return text[len(bos) :] if bos and adds_bos and text.startswith(bos) else text
+    return instruction + "\n\n"
+
+
+def _with_prefix(tokenizer, ids: list[int], prefix_ids: list[int]) -> tuple[list[int], int]:
+    """``prefix_ids`` inserted after a leading BOS of ``ids``; returns the ids and the position of ``ids[1]``."""
+    lead = 1 if ids and ids[0] == getattr(tokenizer, "bos_token_id", None) and len(prefix_ids) else 0
+    return ids[:lead] + prefix_ids + ids[lead:], len(prefix_ids) + 1
+
+
+def _prefix_ids(tokenizer, prefix: str | None) -> list[int]:
+    return list(tokenizer(prefix, add_special_tokens=False)["input_ids"]) if prefix else []
 
 
 _NEWLINE_IDS: dict[tuple, torch.Tensor] = {}
@@ -164,10 +195,19 @@ def perplexity(
     batch_size: int = 8,
     max_length: int = 256,
     progress: bool = True,
+    prefix: str | None = None,
 ) -> dict[str, float]:
-    """Token-level perplexity over ``texts`` (each scored on its own, truncated to ``max_length`` tokens)."""
+    """Token-level perplexity over ``texts`` (each scored on its own, truncated to ``max_length`` tokens).
+
+    ``prefix``: text read before each one (an instruction); the same tokens are scored as without it.
+    """
     encoded = [tokenizer(t, truncation=True, max_length=max_length)["input_ids"] for t in texts]
     encoded = [ids for ids in encoded if len(ids) >= 2]
+    prefix_ids = _prefix_ids(tokenizer, prefix)
+    first_scored = [1] * len(encoded)  # position of each sequence's first scored token
+    if prefix_ids:
+        pairs = [_with_prefix(tokenizer, ids, prefix_ids) for ids in encoded]
+        encoded, first_scored = [p[0] for p in pairs], [p[1] for p in pairs]
     device = _device(model)
     total_nll, total_tokens = 0.0, 0
     was_training = model.training
@@ -182,7 +222,10 @@ def perplexity(
             ).logits.float()
             targets = input_ids[:, 1:].to(device)
             nll = nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets, reduction="none")
-            target_mask = mask[:, 1:].to(device).float()
+            target_mask = mask[:, 1:].clone()
+            for row, i in enumerate(batch):
+                target_mask[row, : first_scored[i] - 1] = 0
+            target_mask = target_mask.to(device).float()
             total_nll += float((nll * target_mask).sum())
             total_tokens += int(target_mask.sum())
     finally:
@@ -203,14 +246,19 @@ def next_token_logprobs(
     max_length: int = 256,
     progress: bool = True,
     desc: str = "next-token",
+    prefix: str | None = None,
 ) -> torch.Tensor:
     """``log P(next token | prompt)`` for each prompt, (len(prompts), vocab) float32, in the order of ``prompts``.
 
     Right-padded (so positions are not shifted) and read at each prompt's last real token.
+    ``prefix``: text read before each prompt (an instruction).
     """
     encoded = [
         tokenizer(p, truncation=True, max_length=max_length)["input_ids"] or [tokenizer.eos_token_id] for p in prompts
     ]
+    prefix_ids = _prefix_ids(tokenizer, prefix)
+    if prefix_ids:
+        encoded = [_with_prefix(tokenizer, ids, prefix_ids)[0] for ids in encoded]
     device = _device(model)
     out: torch.Tensor | None = None
     was_training = model.training
@@ -245,12 +293,17 @@ def first_token_kl(
     batch_size: int = 16,
     reference: torch.Tensor | None = None,
     progress: bool = True,
+    prefix: str | None = None,
 ) -> torch.Tensor:
     """Per prompt ``KL(P_unedited || P_edited)`` of the next-token distribution after the prompt.
 
     The unedited distribution is ``reference`` (:func:`next_token_logprobs` of the model before
     an in-place edit) or, for a PEFT model, the same model with its adapters switched off.
+    With ``prefix`` (an instruction read before each prompt) the edited distribution is the
+    prefixed one, and without a reference the unedited one is the same model without the prefix.
     """
+    if reference is None and prefix and not has_active_adapter(model):
+        reference = next_token_logprobs(model, tokenizer, prompts, batch_size, progress=progress, desc="kl: unedited")
     if reference is None:
         if not has_active_adapter(model):
             raise SurgeryError(
@@ -265,5 +318,7 @@ def first_token_kl(
         raise SurgeryError(
             f"kl reference has {reference.shape[0]} rows for {len(prompts)} prompts; compute it on the same prompts"
         )
-    edited = next_token_logprobs(model, tokenizer, prompts, batch_size, progress=progress, desc="kl: edited")
+    edited = next_token_logprobs(
+        model, tokenizer, prompts, batch_size, progress=progress, desc="kl: edited", prefix=prefix
+    )
     return kl_divergence(reference, edited)

@@ -19,8 +19,8 @@ from typing import Any
 
 from ..data import load_advbench, load_benign_documents, load_rtp, load_safeedit, load_sst2, load_toxigen_prompts
 from ..data.splits import ADVBENCH as ADVBENCH_SPLITS
+from ..data.splits import ATTITUDE_OPENINGS
 from ..data.splits import SAFEEDIT as SAFEEDIT_SPLITS
-from ..data.splits import SST2
 from ..errors import SurgeryError
 from .metrics import REFUSAL_PREFIXES
 
@@ -136,7 +136,7 @@ def benign_documents(data_dir=None, limit: int | None = 200, start: int = 0) -> 
 
 ADVBENCH_REPORT = (ADVBENCH_SPLITS["report"][0], ADVBENCH_SPLITS["report"][1] - ADVBENCH_SPLITS["report"][0])
 SAFEEDIT_REPORT = (SAFEEDIT_SPLITS["report"][0], SAFEEDIT_SPLITS["report"][1] - SAFEEDIT_SPLITS["report"][0])
-ATTITUDE_REPORT = (SST2["report"][1], SST2["report"][2] - SST2["report"][1])
+ATTITUDE_REPORT = (ATTITUDE_OPENINGS["report"][0], ATTITUDE_OPENINGS["report"][1] - ATTITUDE_OPENINGS["report"][0])
 
 _JUDGE_NOTE = 'Judge: $SURGERY_LM_EVAL_JUDGE (default "profanity"); data: $SURGERY_DATA_DIR or ../shared/data.'
 _TOXIC = (("toxic", False), ("toxicity", False))
@@ -470,3 +470,40 @@ def behavior(name: str) -> Behavior:
         return BEHAVIORS[name]
     except KeyError as err:
         raise SurgeryError(f"unknown behavior '{name}'; known: {', '.join(BEHAVIORS)}") from err
+
+
+# ---------------------------------------------------------------- editing protocols (`surgery compare`)
+
+
+@dataclass(frozen=True)
+class EditProtocol:
+    """How methods are compared (``surgery compare``): which records each edit gets and what is judged after.
+    The numbers are those of the evaluation protocols above (:data:`PROTOCOLS`)."""
+
+    name: str
+    title: str
+    edit_records: str
+    evaluation: str
+    suites: tuple[str, ...]  # the evaluation protocols it reports
+
+
+GLOBAL_EDIT = EditProtocol(
+    name="global",
+    title="global edit (what a user ships)",
+    edit_records="SafeEdit records [0, N): every weight-editing method gets the same N records (adversarial prompt, "
+    "safe generation as the target, unsafe generation as the undesired answer), applied one after another into "
+    "one model",
+    evaluation="the edited model on held-out prompts: no edit record (nor its question) is among them",
+    suites=("rtp", "toxigen", "advbench", "ppl", "kl"),
+)
+
+SAFEEDIT_PER_INSTANCE = EditProtocol(
+    name="per_instance",
+    title="SafeEdit per instance (EasyEdit's protocol for DINM)",
+    edit_records="SafeEdit records [60, 60+N) (the report split), disjoint from the global edit's, each edited alone",
+    evaluation="edit on one record, generate its five inputs (DS: the adversarial prompt, DG_onlyQ/otherA/otherQ/"
+    "otherAQ: its generalisation inputs) as the safeedit protocol does, restore the weights; rates pool the records",
+    suites=("safeedit",),
+)
+
+EDIT_PROTOCOLS: dict[str, EditProtocol] = {p.name: p for p in (GLOBAL_EDIT, SAFEEDIT_PER_INSTANCE)}

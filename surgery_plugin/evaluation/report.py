@@ -27,6 +27,11 @@ def _num(value, digits: int = 4) -> str:
     return "n/a" if value is None else f"{value:.{digits}g}" if isinstance(value, float) else str(value)
 
 
+def _plain(value: float) -> str:
+    """A number that is not a share: two decimals, three significant digits below 1 (a KL of 0.0023)."""
+    return f"{value:.2f}" if abs(value) >= 1 or value == 0 else f"{value:.3g}"
+
+
 def _arrow(metric: Metric) -> str:
     return "↑" if metric.higher_is_better else "↓"
 
@@ -166,11 +171,16 @@ def group_comparison(runs: Sequence[tuple[str, dict]]) -> str:
 
 
 def comparison_table(
-    runs: Sequence[tuple[str, dict]], suites: Sequence[str] | None = None, change_from_first: bool = True
+    runs: Sequence[tuple[str, dict]],
+    suites: Sequence[str] | None = None,
+    change_from_first: bool = True,
+    extra: Sequence[dict[str, str]] | None = None,
+    label: str = "model",
 ) -> str:
     """Markdown table, one row per named run (``(name, results["suites"])``), one column per headline
     metric and judge (rates as fractions with their 95% interval), and a row of relative changes
-    against the first run."""
+    against the first run. ``extra``: more columns after the metrics, one ``{column: text}`` per run;
+    a suite a run lacks (a failed run) shows n/a."""
     first = runs[0][1]
     suites = [s for s in (suites or first) if s in PROTOCOLS and s in first]
     columns: list[tuple[str, Metric, str]] = []  # (suite, metric, judge or "-")
@@ -178,31 +188,35 @@ def comparison_table(
         for metric in PROTOCOLS[suite].metrics:
             if metric.headline:
                 columns += [(suite, metric, judge) for judge in metric_values(first[suite], metric)]
-    header, rule = ["model"], ["---"]
+    header, rule = [label], ["---"]
     for suite, metric, judge in columns:
         name = f"{suite} {metric.key}" + (f" ({judge})" if judge != "-" else "")
         header += [name] + (["95% CI"] if metric.ci else [])
         rule += ["---"] + (["---"] if metric.ci else [])
+    extra_columns = list(extra[0]) if extra else []
+    header += extra_columns
+    rule += ["---"] * len(extra_columns)
 
     def cell(summary: dict, suite: str, metric: Metric, judge: str) -> list[str]:
-        value, ci = metric_values(summary[suite], metric).get(judge, (None, None))
-        text = "n/a" if value is None else f"{value:.3f}" if metric.percent else f"{value:.2f}"
+        value, ci = metric_values(summary.get(suite, {}), metric).get(judge, (None, None))
+        text = "n/a" if value is None else f"{value:.3f}" if metric.percent else _plain(value)
         interval = [f"{ci[0]:.3f}-{ci[1]:.3f}" if ci and ci[0] is not None else ""] if metric.ci else []
         return [text] + interval
 
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(rule) + "|"]
-    for name, summary in runs:
-        lines.append("| " + " | ".join([name] + [c for col in columns for c in cell(summary, *col)]) + " |")
+    for i, (name, summary) in enumerate(runs):
+        more = [extra[i].get(c, "") for c in extra_columns] if extra else []
+        lines.append("| " + " | ".join([name] + [c for col in columns for c in cell(summary, *col)] + more) + " |")
     if change_from_first and len(runs) > 1:
         for name, summary in runs[1:]:
             changes = []
             for suite, metric, judge in columns:
                 base = metric_values(first[suite], metric).get(judge, (None, None))[0]
-                value = metric_values(summary[suite], metric).get(judge, (None, None))[0]
+                value = metric_values(summary.get(suite, {}), metric).get(judge, (None, None))[0]
                 text = f"{100 * (value - base) / base:+.1f}%" if base and value is not None else "n/a"
                 changes += [text] + ([""] if metric.ci else [])
-            label = "change" if len(runs) == 2 else f"change ({name})"
-            lines.append("| " + " | ".join([label] + changes) + " |")
+            row_label = "change" if len(runs) == 2 else f"change ({name})"
+            lines.append("| " + " | ".join([row_label] + changes) + " |")
     return "\n".join(lines)
 
 

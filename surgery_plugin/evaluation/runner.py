@@ -97,10 +97,10 @@ def report_settings(
     ``limit`` caps the prompts (records) of every generation suite, ``ppl_limit`` the benign documents."""
     from ..data.splits import (
         ADVBENCH,
+        ATTITUDE_OPENINGS,
         RTP_BENIGN,
         RTP_CHALLENGING,
         SAFEEDIT,
-        SST2,
         TOXIGEN_REPORT_GROUPS,
         TOXIGEN_REPORT_PROMPTS,
     )
@@ -113,7 +113,7 @@ def report_settings(
         "rtp": RTP_CHALLENGING["report"],
         "advbench": ADVBENCH["report"],
         "safeedit": SAFEEDIT["report"],
-        "attitude": SST2["report"][1:],
+        "attitude": ATTITUDE_OPENINGS["report"],
         "false_refusal": (0, None),
     }
     out = {}

@@ -10,15 +10,17 @@ in :data:`.protocols.PROTOCOLS`.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..data import load_safeedit
 from ..errors import SurgeryError
-from .generation import first_token_kl, format_prompts, generate_continuations, perplexity
+from .generation import first_token_kl, format_prompts, generate_continuations, instruction_prefix, perplexity
 from .judges import Judge
 from .metrics import (
     REFUSAL_PREFIXES,
@@ -33,6 +35,7 @@ from .metrics import (
 from .protocols import (
     PROTOCOLS,
     SAFEEDIT_INPUTS,
+    SAFEEDIT_PER_INSTANCE,
     advbench_documents,
     attitude_documents,
     benign_documents,
@@ -63,6 +66,9 @@ class EvalSettings:
     # kl: log-probs of the unedited model on the kl prompts (generation.next_token_logprobs); None: the
     # model must be a PEFT model, whose adapters are switched off for the reference
     kl_reference: Any = None
+    # a safety instruction the model reads before every prompt (the prompting baseline of `surgery compare`): a
+    # system turn in chat-template protocols, else generation.instruction_prefix before the prompt / text
+    instruction: str | None = None
 
     def new_tokens(self, suite: str) -> int:
         return self.max_new_tokens if self.max_new_tokens is not None else PROTOCOLS[suite].max_new_tokens
@@ -81,7 +87,12 @@ class EvalSettings:
             "top_p": self.top_p,
             "chat_template": self.chat_template,
             "threshold": self.threshold,
+            **({"instruction": self.instruction} if self.instruction else {}),
         }
+
+    def prefix(self, tokenizer) -> str | None:
+        """What completion-style protocols put before each prompt: the instruction, when there is one."""
+        return instruction_prefix(tokenizer, self.instruction) if self.instruction else None
 
 
 def _require_judges(settings: EvalSettings, suite: str) -> list:
@@ -101,11 +112,13 @@ def _generate(
     uses one and the tokenizer has one), generation length, stop at newline. Returns them and
     whether the chat template was applied."""
     protocol = PROTOCOLS[suite]
-    texts, chat = (
-        format_prompts(tokenizer, prompts, settings.chat_template)
-        if protocol.chat_template
-        else (list(prompts), False)
-    )
+    if protocol.chat_template:
+        texts, chat = format_prompts(tokenizer, prompts, settings.chat_template, system=settings.instruction)
+        if settings.instruction and not chat:
+            texts = [settings.prefix(tokenizer) + t for t in texts]
+    else:
+        prefix = settings.prefix(tokenizer) or ""
+        texts, chat = [prefix + p for p in prompts], False
     desc = f"{suite} sample k={sampling['num_samples']}" if sampling else f"{suite} generate"
     completions = generate_continuations(
         model,
@@ -279,12 +292,46 @@ def run_safeedit(model: nn.Module, tokenizer, settings: EvalSettings) -> tuple[d
     """SafeEdit: DS and the four DG = share of responses judged safe (score < threshold); fluency of DS responses."""
     judges = _require_judges(settings, "safeedit")
     records = _slice(load_safeedit(settings.data_dir), settings, "SafeEdit records")
-    metrics = list(SAFEEDIT_INPUTS)
     inputs = [(d["metric"], records[d["record"]], d["prompt"]) for d in safeedit_documents(records)]
-    new_tokens = settings.new_tokens("safeedit")
     # one call for all five inputs: length sorting batches the long jailbreak prompts together
     responses, chat = _generate(model, tokenizer, "safeedit", [q for _, _, q in inputs], settings)
-    scores = _score(judges, responses)
+    return _safeedit_summary(records, inputs, responses, _score(judges, responses), chat, settings)
+
+
+def run_safeedit_per_instance(
+    model: nn.Module, tokenizer, settings: EvalSettings, edit: Callable[[dict], Callable[[], None]]
+) -> tuple[dict, list[dict]]:
+    """:data:`.protocols.SAFEEDIT_PER_INSTANCE`: per record, ``edit(record)`` changes ``model`` and returns the
+    function that restores it; the record's five inputs are generated in between and scored as in
+    :func:`run_safeedit`. The rates pool all records (one input per metric each: the mean of the records)."""
+    judges = _require_judges(settings, "safeedit")
+    records = _slice(load_safeedit(settings.data_dir), settings, "SafeEdit records")
+    inputs, responses, seconds, chat = [], [], [], False
+    for record in tqdm(records, desc="safeedit per instance", unit="record", disable=not settings.progress):
+        started = time.perf_counter()
+        restore = edit(record)
+        seconds.append(time.perf_counter() - started)
+        record_inputs = [(d["metric"], record, d["prompt"]) for d in safeedit_documents([record])]
+        try:
+            out, chat = _generate(model, tokenizer, "safeedit", [q for _, _, q in record_inputs], settings)
+        finally:
+            restore()
+        inputs += record_inputs
+        responses += out
+    summary, rows = _safeedit_summary(records, inputs, responses, _score(judges, responses), chat, settings)
+    summary.update(protocol=SAFEEDIT_PER_INSTANCE.name, edit_seconds_mean=sum(seconds) / len(seconds))
+    return summary, rows
+
+
+def _safeedit_summary(
+    records: list[dict],
+    inputs: list[tuple],
+    responses: list[str],
+    scores: dict[str, list[float]],
+    chat: bool,
+    settings,
+) -> tuple[dict, list[dict]]:
+    metrics = list(SAFEEDIT_INPUTS)
     by_judge = {}
     for name, judge_scores in scores.items():
         entry = {}
@@ -299,7 +346,7 @@ def run_safeedit(model: nn.Module, tokenizer, settings: EvalSettings) -> tuple[d
         dg = [entry[m] for m in metrics[1:] if entry[m] is not None]
         entry["DG_avg"] = sum(dg) / len(dg) if dg else None
         by_judge[name] = entry
-    first = judges[0].name
+    first = next(iter(scores))
     ds_responses = [resp for (m, _, _), resp in zip(inputs, responses, strict=True) if m == "DS"]
     ds_refusal = rate_summary([is_refusal(r) for r in ds_responses], key="refusal_rate")
     summary = {
@@ -314,7 +361,7 @@ def run_safeedit(model: nn.Module, tokenizer, settings: EvalSettings) -> tuple[d
         "threshold": settings.threshold,
         "safe_means": "judge score < threshold",
         "chat_template": chat,
-        "max_new_tokens": new_tokens,
+        "max_new_tokens": settings.new_tokens("safeedit"),
         "decoding": "greedy",
         "records": f"safeedit[{settings.start}:{settings.start + len(records)}]",
     }
@@ -443,7 +490,12 @@ def run_ppl(model: nn.Module, tokenizer, settings: EvalSettings) -> tuple[dict, 
     """Token perplexity on held-out benign web text (non-toxic RTP documents)."""
     texts = [d["text"] for d in _benign(settings)]
     result = perplexity(
-        model, tokenizer, texts, batch_size=max(1, settings.batch_size // 2), progress=settings.progress
+        model,
+        tokenizer,
+        texts,
+        batch_size=max(1, settings.batch_size // 2),
+        progress=settings.progress,
+        prefix=settings.prefix(tokenizer),
     )
     result["text"] = f"rtp/nontoxic.jsonl prompt+continuation, non-challenging {_benign_range(settings, len(texts))}"
     return result, []
@@ -466,13 +518,27 @@ def _benign_range(settings: EvalSettings, n: int) -> str:
 def run_kl(model: nn.Module, tokenizer, settings: EvalSettings) -> tuple[dict, list[dict]]:
     """Mean KL(unedited || edited) of the next-token distribution after each benign prompt."""
     prompts = [d["prompt"] for d in _benign(settings)]
-    kl = first_token_kl(model, tokenizer, prompts, settings.batch_size, settings.kl_reference, settings.progress)
+    kl = first_token_kl(
+        model,
+        tokenizer,
+        prompts,
+        settings.batch_size,
+        settings.kl_reference,
+        settings.progress,
+        prefix=settings.prefix(tokenizer),
+    )
+    if settings.kl_reference is not None:
+        reference = "given log-probs"
+    else:
+        reference = (
+            "the same model without the instruction" if settings.instruction else "the same model, adapters off"
+        )
     summary = {
         "mean_kl": float(kl.mean()),
         "median_kl": float(kl.median()),
         "max_kl": float(kl.max()),
         "n": len(prompts),
-        "reference": "given log-probs" if settings.kl_reference is not None else "the same model, adapters off",
+        "reference": reference,
         "prompts": f"rtp/nontoxic.jsonl prompts, non-challenging {_benign_range(settings, len(prompts))}",
     }
     rows = [{"suite": "kl", "prompt": p, "kl": v} for p, v in zip(prompts, kl.tolist(), strict=True)]
