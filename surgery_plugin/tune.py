@@ -521,6 +521,8 @@ class Tuner:
             )
         if "baseline" in study.user_attrs:
             self.baseline = study.user_attrs["baseline"]
+        if study.trials:  # resumed: a sampler seeded as before would draw the first random points again
+            study.sampler = optuna.samplers.TPESampler(seed=self.settings.seed + len(study.trials), multivariate=True)
         return study
 
     def run(self, study) -> None:
@@ -544,7 +546,8 @@ class Tuner:
         trials = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
         if not trials:
             raise SurgeryError("no trial completed; nothing to choose from")
-        front_numbers = {t.number for t in study.best_trials}
+        # every completed trial counts for the front (Optuna's best_trials keeps only the feasible ones)
+        front_numbers = {trials[i].number for i in pareto_front([t.values for t in trials])}
         feasible = [t for t in trials if all(v <= 0 for v in t.user_attrs["constraints"])]
         if not feasible:
             best = min(trials, key=lambda t: sum(max(0.0, v) for v in t.user_attrs["constraints"]))
@@ -610,6 +613,15 @@ def _defaults_for(described: dict, stored: dict) -> dict:
     return {k: json.loads(json.dumps(defaults[k])) for k in described if k not in stored and k in defaults}
 
 
+def pareto_front(values: list[list[float]]) -> list[int]:
+    """Indices of the points no other point dominates (every objective minimised)."""
+
+    def dominates(a, b) -> bool:
+        return all(x <= y for x, y in zip(a, b, strict=True)) and any(x < y for x, y in zip(a, b, strict=True))
+
+    return [i for i, v in enumerate(values) if not any(dominates(w, v) for w in values)]
+
+
 def _trial_record(trial, on_front: bool) -> dict:
     return {
         "number": trial.number,
@@ -646,7 +658,7 @@ def plot_front(result: dict, png: Path) -> None:
         color="black",
         lw=1,
         alpha=0.5,
-        label="Pareto front (undesired, KL, perplexity)",
+        label="Pareto front (undesired, KL, perplexity; joined by perplexity)",
     )
     chosen = result["chosen"]["tuning"]
     ax.scatter(
@@ -663,6 +675,21 @@ def plot_front(result: dict, png: Path) -> None:
     if limit is not None:
         ax.axvline(100 * limit, color="grey", ls="--", lw=1, label=f"perplexity +{100 * limit:g}%")
     ax.axhline(1.0, color="black", lw=0.5)
+    # a broken edit (perplexity x9) would squeeze every useful point against the axis: cut the x axis
+    # at 4x the constraint and mark the points beyond it at the edge
+    right = max(4 * 100 * (limit if limit is not None else 0.1), 100 * chosen["values"]["ppl_increase"] * 1.5)
+    beyond = [(x, y) for x, y in zip(xs, ys, strict=True) if x > right]
+    if beyond:
+        ax.scatter([right] * len(beyond), [y for _, y in beyond], marker=">", s=40, color="grey", clip_on=False)
+        ax.annotate(
+            f"{len(beyond)} trial(s) beyond +{right:.0f}%",
+            (0.98, 0.02),
+            xycoords="axes fraction",
+            ha="right",
+            fontsize=7,
+            color="grey",
+        )
+        ax.set_xlim(min(min(xs), 0) - 1, right * 1.02)
     ax.set_xlabel("token perplexity increase on benign text (%)")
     ax.set_ylabel("undesired share / unedited's (mean over suites, metrics, judges)")
     ax.set_title(f"surgery tune: {result['settings']['model']}, {len(trials)} trials (tuning splits)")

@@ -85,6 +85,8 @@ def test_tune_searches_resumes_and_writes_the_chosen_point(tmp_path, data_dir):
     assert len(more["trials"]) == 4 and [t["number"] for t in more["trials"]][:3] == [
         t["number"] for t in result["trials"]
     ]
+    # the resumed sampler does not replay the first run's random draws (trial 0 is the enqueued start point)
+    assert more["trials"][3]["params"] != more["trials"][1]["params"]
 
     with pytest.raises(SurgeryError, match="other settings .*limit"):
         tune(model, tok, _settings(data_dir, trials=4, limit=2), out, progress=False)
@@ -141,3 +143,11 @@ def test_self_probe_data_needs_both_classes(tmp_path, data_dir, monkeypatch):
     )  # 400 prompts, empty dropped
     with pytest.raises(SurgeryError, match="needs the model"):
         load_probe_data("davidson+self", None, None, data_dir)
+
+
+def test_the_front_keeps_exactly_the_undominated_points():
+    from surgery_plugin.tune import pareto_front
+
+    values = [[0.5, 0.1, 0.2], [0.6, 0.1, 0.2], [0.4, 0.3, 0.1], [0.5, 0.1, 0.2], [0.9, 0.0, 0.5]]
+    # [1] is dominated by [0]; equal points ([0], [3]) do not dominate each other
+    assert pareto_front(values) == [0, 2, 3, 4]
