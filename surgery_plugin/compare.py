@@ -503,7 +503,7 @@ class Comparison:
 
     def _run_surgery(self, row: _Row, from_records: bool) -> None:
         from .adapter import export_adapter, load_edited, set_alpha
-        from .easyedit.surgery_main import probe_for_request
+        from .easyedit.surgery_main import probe_for_request, undesired_request_texts
         from .probe import probe_from_hparams
         from .saved_edits import adapter_changed_params, folder_bytes, save_surgery_record
         from .surgery import apply_edit, edit_from_hparams, revert_edit
@@ -519,7 +519,9 @@ class Comparison:
             def edit_one(record: dict) -> Callable[[], None]:
                 requests = self._requests([record])
                 probe = probe_for_request(model, tok, requests, hp, data_dir=self.data_dir)
-                edit = edit_from_hparams(model, tok, probe, hp, self.data_dir, _undesired(requests), progress=False)
+                edit = edit_from_hparams(
+                    model, tok, probe, hp, self.data_dir, undesired_request_texts(requests), progress=False
+                )
                 weights_copy = apply_edit(model, edit)
                 return lambda: revert_edit(model, weights_copy)
 
@@ -530,7 +532,7 @@ class Comparison:
             if from_records:
                 requests = self._requests(self.edit_records)
                 probe = probe_for_request(model, tok, requests, hp, data_dir=self.data_dir, progress=progress)
-                undesired = _undesired(requests)
+                undesired = undesired_request_texts(requests)
             else:
                 data = load_probe_data(
                     hp.probe_data,
@@ -902,11 +904,3 @@ def run_compare(config: CompareConfig) -> dict:
 
 def failed_methods(result: dict) -> list[str]:
     return [n for n, m in result["methods"].items() if m["status"] != "ok"]
-
-
-def _undesired(requests: list[dict]) -> list[str]:
-    """The undesired texts (prompt + unsafe answer) of EasyEdit requests, for the variants that need them."""
-    from .easyedit.surgery_main import requests_to_data
-
-    data = requests_to_data(requests)
-    return [t for t, label in zip(data.texts, data.labels, strict=True) if label == 1]

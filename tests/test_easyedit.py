@@ -281,6 +281,21 @@ def test_returns_weights_copy_that_restores_bitwise_whatever_keep_original_weigh
     assert model_fingerprint(model) == fingerprint
 
 
+@pytest.mark.parametrize(
+    "changes", [{"probe_project_out": "benign_mean"}, {"region_scoring": "gate_contrast", "layer_range": [1, 2]}]
+)
+def test_the_variants_beyond_the_paper_edit_through_easyedit(changes, data_dir):
+    """They need statistics of benign text (and of the requests' unsafe answers): EasyEdit's path computes them."""
+    model, tok = make_tiny("llama"), CharTokenizer()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    _, weights_copy = apply_surgery_to_model(
+        model, tok, REQUESTS, _hparams(**changes), return_orig_weights=True, data_dir=str(data_dir)
+    )
+    assert weights_copy and any(not torch.equal(before[k], model.state_dict()[k]) for k in weights_copy)
+    revert_edit(model, weights_copy)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 def test_no_fingerprint_without_visible_weights():
     with torch.device("meta"):  # offloaded weights: nothing to fingerprint, so nothing is cached
         model = make_tiny_on_meta()

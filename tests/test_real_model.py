@@ -11,6 +11,7 @@ from helpers import REPO, surgery
 from surgery_plugin import SurgeryHyperParams, apply_edit, execute_surgery, export_adapter, load_edited, revert_edit
 from surgery_plugin.data import load_davidson
 from surgery_plugin.probe import ProbeTraining, make_probe
+from surgery_plugin.surgery import edit_from_hparams
 
 pytestmark = pytest.mark.real_model
 HPARAMS = REPO / "hparams" / "Surgery" / "smollm2-135m.yaml"
@@ -56,7 +57,7 @@ def test_adapter_is_exact_on_smollm2(smollm2, davidson_probe, shipped, tmp_path)
     model, tok = smollm2
     probe, _ = davidson_probe
     ids = tok("You are such a", return_tensors="pt")["input_ids"]
-    edit = execute_surgery(model, probe, shipped)
+    edit = edit_from_hparams(model, tok, probe, shipped, progress=False)  # the shipped variant needs benign stats
     with torch.no_grad():
         base = model(ids).logits.clone()
         originals = apply_edit(model, edit)

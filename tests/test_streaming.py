@@ -21,8 +21,6 @@ HPARAMS = [
 ]
 CliResult = namedtuple("CliResult", "returncode stderr")
 
-SHIPPED = Path(__file__).resolve().parents[1] / "hparams" / "Surgery" / "smollm2-135m.yaml"
-
 
 @pytest.fixture
 def small_blocks(monkeypatch):
@@ -125,13 +123,22 @@ def _no_output(out: Path) -> None:
 @pytest.mark.real_model
 def test_smollm2_cli_streaming_edit_is_bitwise_the_in_memory_edit(tmp_path, capsys, monkeypatch):
     probe = write_probe(tmp_path / "p.safetensors", torch.randn(2, 576, generator=torch.Generator().manual_seed(0)))
-    assert _cli(capsys, "edit", "--probe", probe, "--out", tmp_path / "memory").returncode == 0
+    # the shipped rows and step with the paper's direction: a benign-mean projection needs the model's
+    # hidden states, which a streaming edit never computes (it refuses such hparams in one line)
+    shipped = (Path(__file__).resolve().parents[1] / "hparams" / "Surgery" / "smollm2-135m.yaml").read_text()
+    hparams = tmp_path / "paper-direction.yaml"
+    hparams.write_text(shipped.replace("probe_project_out: benign_mean", "probe_project_out: null"))
+    assert "probe_project_out: null" in hparams.read_text()
+    assert _cli(capsys, "edit", "--hparams", hparams, "--probe", probe, "--out", tmp_path / "memory").returncode == 0
 
     def refuse(*_args, **_kwargs):
         raise AssertionError("the streaming edit loaded the model")
 
     monkeypatch.setattr("surgery_plugin.models.load_model", refuse)
-    assert _cli(capsys, "edit", "--probe", probe, "--out", tmp_path / "streamed", "--streaming").returncode == 0
+    streamed = _cli(
+        capsys, "edit", "--hparams", hparams, "--probe", probe, "--out", tmp_path / "streamed", "--streaming"
+    )
+    assert streamed.returncode == 0
     memory, streamed = _files(tmp_path / "memory"), _files(tmp_path / "streamed")
     for name in ADAPTER_FILES[:2]:
         assert memory[name] == streamed[name], name
@@ -139,6 +146,9 @@ def test_smollm2_cli_streaming_edit_is_bitwise_the_in_memory_edit(tmp_path, caps
     assert (memory_record.pop("streaming"), streamed_record.pop("streaming")) == (False, True)
     assert memory_record == streamed_record
     assert len(memory_record["rows_per_layer"]) == 20  # the shipped edit: layers 10-29, 3 row blocks per layer
+    refused = _cli(capsys, "edit", "--probe", probe, "--out", tmp_path / "shipped", "--streaming")  # benign_mean
+    assert_one_line_error(refused, "cannot stream")
+    _no_output(tmp_path / "shipped")
 
 
 def test_streams_by_itself_when_the_model_would_not_fit(tmp_path, capsys, monkeypatch):
@@ -192,8 +202,9 @@ def _broken(kind: str, folder: Path) -> Path:
 def test_broken_checkpoints_are_one_line_errors(kind, fragments, tmp_path, capsys):
     folder = _broken(kind, tmp_path / "ckpt")
     probe, out = write_probe(tmp_path / "p.safetensors", torch.randn(2, 32)), tmp_path / "adapter"
+    hparams = _tiny_hparams(tmp_path)
     assert_one_line_error(
-        _cli(capsys, "edit", "--model", folder, "--hparams", SHIPPED, "--probe", probe, "--out", out, "--streaming"),
+        _cli(capsys, "edit", "--model", folder, "--hparams", hparams, "--probe", probe, "--out", out, "--streaming"),
         *fragments,
     )
     _no_output(out)
@@ -216,7 +227,18 @@ def test_the_command_prints_one_line_for_a_truncated_shard(tmp_path):
     folder = _broken("truncated", tmp_path / "ckpt")
     probe, out = write_probe(tmp_path / "p.safetensors", torch.randn(2, 32)), tmp_path / "adapter"
     assert_one_line_error(
-        surgery("edit", "--model", folder, "--hparams", SHIPPED, "--probe", probe, "--out", out, "--streaming"),
+        surgery(
+            "edit",
+            "--model",
+            folder,
+            "--hparams",
+            _tiny_hparams(tmp_path),
+            "--probe",
+            probe,
+            "--out",
+            out,
+            "--streaming",
+        ),
         "truncated",
     )
     _no_output(out)

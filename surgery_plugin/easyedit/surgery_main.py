@@ -28,7 +28,7 @@ from ..errors import SurgeryError
 from ..hparams import SurgeryHyperParams
 from ..probe import Probe, ProbeTraining, hidden_features, probe_from_features
 from ..provenance import labeled_texts_sha256, model_fingerprint
-from ..surgery import apply_edit, execute_surgery
+from ..surgery import apply_edit, edit_from_hparams
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +45,12 @@ def requests_to_data(requests: Sequence[dict]) -> BehaviorData:
                     texts.append(f"{prompt} {answer}".strip())
                     labels.append(label)
     return BehaviorData(texts, labels, f"easyedit_requests n={len(texts)}")
+
+
+def undesired_request_texts(requests: Sequence[dict]) -> list[str]:
+    """The undesired texts (prompt + unsafe answer) of EasyEdit requests, for the variants that need them."""
+    data = requests_to_data(requests)
+    return [t for t, label in zip(data.texts, data.labels, strict=True) if label == 1]
 
 
 # Features of ``probe_data`` are the slow part of a request-driven edit (minutes on a CPU) and do
@@ -196,7 +202,18 @@ def apply_surgery_to_model(
     probe = probe_for_request(
         model, tok, requests or [], hparams, data_dir=kwargs.get("data_dir"), progress=kwargs.get("progress", False)
     )
-    edit = execute_surgery(model, probe, hparams)
+    undesired = None
+    if hparams.region_scoring == "gate_contrast":  # the rows' response to the probe's undesired class
+        undesired = undesired_request_texts(requests or [])
+        if hparams.probe_data:
+            data = load_behavior_data(
+                hparams.probe_data, kwargs.get("data_dir"), hparams.probe_max_per_class, hparams.seed
+            )
+            undesired += [t for t, label in zip(data.texts, data.labels, strict=True) if label == 1]
+    # the variants beyond the paper (probe_project_out, gate_contrast) need statistics of benign text
+    edit = edit_from_hparams(
+        model, tok, probe, hparams, kwargs.get("data_dir"), undesired, progress=kwargs.get("progress", False)
+    )
     weights_copy = apply_edit(model, edit, return_orig_weights=return_orig_weights)
     logger.info(
         "surgery edited %d gate rows in %d layers (alpha %s)", edit.regions.num_rows, len(edit.layers), hparams.alpha
