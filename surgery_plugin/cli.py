@@ -84,7 +84,7 @@ def _undesired_texts(args, hp, model, tok) -> list[str] | None:
     data = load_probe_data(
         hp.probe_data, model, tok, args.data_dir, hp.probe_max_per_class, hp.seed, hp.probe_self_judge
     )
-    return [t for t, label in zip(data.texts, data.labels, strict=True) if label == 1]
+    return data.undesired
 
 
 def _load(args, hparams=None, probe_layer=None):

@@ -503,7 +503,7 @@ class Comparison:
 
     def _run_surgery(self, row: _Row, from_records: bool) -> None:
         from .adapter import export_adapter, load_edited, set_alpha
-        from .easyedit.surgery_main import probe_for_request, undesired_request_texts
+        from .easyedit.surgery_main import probe_for_request, requests_to_data
         from .probe import probe_from_hparams
         from .saved_edits import adapter_changed_params, folder_bytes, save_surgery_record
         from .surgery import apply_edit, edit_from_hparams, revert_edit
@@ -520,7 +520,7 @@ class Comparison:
                 requests = self._requests([record])
                 probe = probe_for_request(model, tok, requests, hp, data_dir=self.data_dir)
                 edit = edit_from_hparams(
-                    model, tok, probe, hp, self.data_dir, undesired_request_texts(requests), progress=False
+                    model, tok, probe, hp, self.data_dir, requests_to_data(requests).undesired, progress=False
                 )
                 weights_copy = apply_edit(model, edit)
                 return lambda: revert_edit(model, weights_copy)
@@ -532,7 +532,7 @@ class Comparison:
             if from_records:
                 requests = self._requests(self.edit_records)
                 probe = probe_for_request(model, tok, requests, hp, data_dir=self.data_dir, progress=progress)
-                undesired = undesired_request_texts(requests)
+                undesired = requests_to_data(requests).undesired
             else:
                 data = load_probe_data(
                     hp.probe_data,
@@ -545,7 +545,7 @@ class Comparison:
                     progress,
                 )
                 probe, _ = probe_from_hparams(model, tok, data, hp, progress=progress)
-                undesired = [t for t, label in zip(data.texts, data.labels, strict=True) if label == 1]
+                undesired = data.undesired
             edit = edit_from_hparams(model, tok, probe, hp, self.data_dir, undesired, progress)
         folder = self.out / "edits" / row.name
         export_adapter(

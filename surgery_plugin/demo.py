@@ -103,7 +103,7 @@ def run_demo(
     probe_path = probe.save(out / "probe.safetensors")
 
     logger.info("step 2/4: regions + surgery -> PEFT adapter")
-    undesired = [t for t, label in zip(data.texts, data.labels, strict=True) if label == 1]
+    undesired = data.undesired
     edit = edit_from_hparams(model, tok, probe, hp, data_dir, undesired)
     metadata = {
         "hparams": hp.to_dict(),

@@ -75,7 +75,7 @@ def build_stack(
                 else probe_from_hparams(model, tokenizer, data, hp, progress)[0]
             )
             check_trained_on(probe, model, name)
-            undesired = [t for t, label in zip(data.texts, data.labels, strict=True) if label == 1]
+            undesired = data.undesired
             edit = edit_from_hparams(model, tokenizer, probe, hp, data_dir, undesired, progress)
             built.append(StackStep(name, hp, probe, edit))
             if sequential:

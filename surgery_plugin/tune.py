@@ -328,7 +328,7 @@ class Tuner:
                 hp.max_length,
             )
             self.caches.probes[key] = probe
-        undesired = [t for t, label in zip(data.texts, data.labels, strict=True) if label == 1]
+        undesired = data.undesired
         return self.caches.probes[key], undesired
 
     def _gate_means(self, name: str, texts: list[str], pooling: str) -> dict[int, torch.Tensor]:

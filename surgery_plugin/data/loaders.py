@@ -34,6 +34,11 @@ class BehaviorData:
     labels: list[int]
     description: str
 
+    @property
+    def undesired(self) -> list[str]:
+        """The texts labeled 1 (what region_scoring ``gate_contrast`` contrasts with benign text)."""
+        return [t for t, label in zip(self.texts, self.labels, strict=True) if label == 1]
+
 
 def _data_file(data_dir, relative: str, hub_hint: str) -> Path | None:
     """The local file, None when there is no data folder at all, an error when the folder lacks it."""

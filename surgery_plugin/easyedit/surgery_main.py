@@ -47,12 +47,6 @@ def requests_to_data(requests: Sequence[dict]) -> BehaviorData:
     return BehaviorData(texts, labels, f"easyedit_requests n={len(texts)}")
 
 
-def undesired_request_texts(requests: Sequence[dict]) -> list[str]:
-    """The undesired texts (prompt + unsafe answer) of EasyEdit requests, for the variants that need them."""
-    data = requests_to_data(requests)
-    return [t for t, label in zip(data.texts, data.labels, strict=True) if label == 1]
-
-
 # Features of ``probe_data`` are the slow part of a request-driven edit (minutes on a CPU) and do
 # not depend on the request: cached per (weights, texts, settings).
 _feature_cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
@@ -204,12 +198,12 @@ def apply_surgery_to_model(
     )
     undesired = None
     if hparams.region_scoring == "gate_contrast":  # the rows' response to the probe's undesired class
-        undesired = undesired_request_texts(requests or [])
+        undesired = requests_to_data(requests or []).undesired
         if hparams.probe_data:
             data = load_behavior_data(
                 hparams.probe_data, kwargs.get("data_dir"), hparams.probe_max_per_class, hparams.seed
             )
-            undesired += [t for t, label in zip(data.texts, data.labels, strict=True) if label == 1]
+            undesired += data.undesired
     # the variants beyond the paper (probe_project_out, gate_contrast) need statistics of benign text
     edit = edit_from_hparams(
         model, tok, probe, hparams, kwargs.get("data_dir"), undesired, progress=kwargs.get("progress", False)
