@@ -319,8 +319,7 @@ def cmd_tune(args) -> None:
     from .tune import TUNABLE_SUITES, TuneSettings, check_space, default_space, tune
 
     spec = behavior(args.behavior)
-    default_suites = {"toxicity": "rtp,toxigen", "jailbreak": "advbench", "attitude": "attitude"}[spec.name]
-    suites = tuple(s.strip() for s in (args.suites or default_suites).split(",") if s.strip())
+    suites = tuple(s.strip() for s in args.suites.split(",") if s.strip()) if args.suites else spec.tune_suites
     if not suites or set(suites) - set(TUNABLE_SUITES):
         raise SurgeryError(
             f"--suites takes {', '.join(TUNABLE_SUITES)} (the undesired objective), got '{args.suites}'"
@@ -338,7 +337,7 @@ def cmd_tune(args) -> None:
     settings = TuneSettings(
         model=args.model,
         base_hparams=hp.to_dict(),
-        space=space or default_space(len(architectures.decoder_layers(model))),
+        space=space or default_space(len(architectures.decoder_layers(model)), spec.probe_data_choices),
         trials=args.trials,
         limit=args.limit,
         benign_limit=args.benign_limit,

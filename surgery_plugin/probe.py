@@ -12,11 +12,12 @@ Probes are safetensors files; their header metadata records how they were made
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -136,6 +137,22 @@ def _pool(states: torch.Tensor, mask: torch.Tensor, pooling: Pooling) -> torch.T
     return states[torch.arange(states.shape[0]), mask.sum(1) - 1]
 
 
+@contextlib.contextmanager
+def keep_text_end(tokenizer) -> Iterator[None]:
+    """Truncate from the left while tokenizing probe texts: a long text is often prompt + answer, and the
+    answer is what differs. SafeEdit's adversarial prompts run to 400+ tokens; cut from the right at
+    ``max_length`` the safe and unsafe texts of one prompt would become the same prompt prefix."""
+    side = getattr(tokenizer, "truncation_side", None)
+    if side is None:
+        yield
+        return
+    tokenizer.truncation_side = "left"
+    try:
+        yield
+    finally:
+        tokenizer.truncation_side = side
+
+
 @torch.no_grad()
 def pooled_states(
     model: nn.Module,
@@ -161,7 +178,8 @@ def pooled_states(
     hidden_indices = sorted({resolve_layer(model, i) for i in hidden_indices})
     gate_layers = sorted(set(gate_layers))
     device = _model_device(model)
-    encoded = [tokenizer(t, truncation=True, max_length=max_length)["input_ids"] for t in texts]
+    with keep_text_end(tokenizer):
+        encoded = [tokenizer(t, truncation=True, max_length=max_length)["input_ids"] for t in texts]
     encoded = [ids if len(ids) else [tokenizer.eos_token_id] for ids in encoded]
     width = architectures.hidden_size(model)
     hidden = {i: torch.empty(len(texts), width, dtype=torch.float32) for i in hidden_indices}

@@ -28,7 +28,7 @@ import json
 import logging
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,7 +52,7 @@ from .data.splits import (
 )
 from .errors import InfeasibleEdit, SurgeryError
 from .evaluation import EvalSettings, evaluate
-from .evaluation.protocols import PROTOCOLS
+from .evaluation.protocols import BEHAVIORS, PROTOCOLS
 from .evaluation.report import metric_values
 from .hparams import SurgeryHyperParams
 from .probe import Probe, ProbeTraining, ReferenceStats, pooled_states, probe_from_features, resolve_layer
@@ -81,13 +81,14 @@ KNOBS = (
 )
 
 
-def default_space(n_layers: int) -> dict[str, dict]:
-    """The search space: ``{"choices": [...]}`` or ``{"low", "high", "log"}`` per knob."""
+def default_space(n_layers: int, probe_data: Sequence[str] | None = None) -> dict[str, dict]:
+    """The search space: ``{"choices": [...]}`` or ``{"low", "high", "log"}`` per knob; ``probe_data``: the
+    behavior's data sets (``Behavior.probe_data_choices``)."""
     layers = sorted({max(1, round(n_layers * f)) for f in (0.25, 0.33, 0.5, 0.67)}) + [-1]
     return {
         "probe_layer": {"choices": layers},
         "pooling": {"choices": ["mean", "last"]},
-        "probe_data": {"choices": ["davidson", "rtp", "self", "davidson+toxigen", "toxigen+rtp"]},
+        "probe_data": {"choices": list(probe_data or BEHAVIORS["toxicity"].probe_data_choices)},
         "probe_method": {"choices": ["linear", "mean_difference"]},
         "probe_project_out": {"choices": [None, "benign_mean", "gate_benign_mean"]},
         "region_scoring": {"choices": ["cosine", "gate_contrast"]},

@@ -93,19 +93,21 @@ def make_tiny(model_type: str, dtype=torch.float32, seed: int = 0):
 
 
 class CharTokenizer:
-    """A minimal tokenizer for tiny models: one id per character (mod vocab), ``__call__`` like HF's."""
+    """A minimal tokenizer for tiny models: one id per character (mod vocab), ``__call__`` like HF's
+    (``truncation_side`` included)."""
 
     pad_token_id = 0
     eos_token_id = 1
     padding_side = "right"
+    truncation_side = "right"
 
     def __init__(self, vocab_size: int = 96):
         self.vocab_size = vocab_size
 
     def __call__(self, text, truncation=False, max_length=None, **_):
         ids = [2 + (ord(c) % (self.vocab_size - 2)) for c in text]
-        if truncation and max_length:
-            ids = ids[:max_length]
+        if truncation and max_length and len(ids) > max_length:
+            ids = ids[-max_length:] if self.truncation_side == "left" else ids[:max_length]
         return {"input_ids": ids}
 
     def decode(self, ids, skip_special_tokens=True):

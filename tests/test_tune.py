@@ -151,3 +151,19 @@ def test_the_front_keeps_exactly_the_undominated_points():
     values = [[0.5, 0.1, 0.2], [0.6, 0.1, 0.2], [0.4, 0.3, 0.1], [0.5, 0.1, 0.2], [0.9, 0.0, 0.5]]
     # [1] is dominated by [0]; equal points ([0], [3]) do not dominate each other
     assert pareto_front(values) == [0, 2, 3, 4]
+
+
+def test_each_behavior_declares_what_its_search_tries():
+    """The default search of a behavior tries that behavior's probe data and objective suites, never toxicity's."""
+    from surgery_plugin.data.loaders import BEHAVIOR_DATASETS
+    from surgery_plugin.evaluation.protocols import BEHAVIORS
+    from surgery_plugin.tune import TUNABLE_SUITES, default_space
+
+    for spec in BEHAVIORS.values():
+        assert spec.tune_suites and set(spec.tune_suites) <= set(TUNABLE_SUITES), spec.name
+        space = check_space(default_space(30, spec.probe_data_choices))
+        assert space["probe_data"]["choices"] == list(spec.probe_data_choices), spec.name
+        assert spec.probe_data in spec.probe_data_choices
+        for choice in spec.probe_data_choices:  # every part is a known data set (or the model's own continuations)
+            assert all(p in BEHAVIOR_DATASETS or p == "self" for p in choice.split("+")), choice
+    assert default_space(30)["probe_data"]["choices"] == list(BEHAVIORS["toxicity"].probe_data_choices)

@@ -13,11 +13,10 @@ edited one (sequential editing) misses it.
 
 from __future__ import annotations
 
-import contextlib
 import copy as copy_module
 import logging
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -105,24 +104,6 @@ def _probe_data_features(
     return features
 
 
-@contextlib.contextmanager
-def _keep_text_end(tok) -> Iterator[None]:
-    """Truncate from the left: a request text is prompt + answer, and the answer is what differs.
-
-    SafeEdit's adversarial prompts run to 400+ tokens; cut from the right at ``max_length`` the
-    safe and unsafe texts of a request would become the same prompt prefix.
-    """
-    side = getattr(tok, "truncation_side", None)
-    if side is None:
-        yield
-        return
-    tok.truncation_side = "left"
-    try:
-        yield
-    finally:
-        tok.truncation_side = side
-
-
 def probe_for_request(
     model: nn.Module,
     tokenizer,
@@ -137,17 +118,16 @@ def probe_for_request(
     parts: list[tuple[BehaviorData, torch.Tensor]] = []
     request_data = requests_to_data(requests) if requests else None
     if request_data is not None and request_data.texts:
-        with _keep_text_end(tokenizer):
-            features = hidden_features(
-                model,
-                tokenizer,
-                request_data.texts,
-                hparams.probe_layer,
-                hparams.pooling,
-                hparams.feature_batch_size,
-                hparams.max_length,
-                progress,
-            )
+        features = hidden_features(
+            model,
+            tokenizer,
+            request_data.texts,
+            hparams.probe_layer,
+            hparams.pooling,
+            hparams.feature_batch_size,
+            hparams.max_length,
+            progress,
+        )
         parts.append((request_data, features))
     if hparams.probe_data:
         data = load_behavior_data(hparams.probe_data, data_dir, hparams.probe_max_per_class, hparams.seed)

@@ -426,6 +426,9 @@ class Behavior:
     # suite -> the report split (start, limit) the demo and README use; see data/splits.py
     report: dict[str, tuple[int, int]] = field(default_factory=dict)
     applies_to_chat_models_only: bool = False
+    # `surgery tune`: the suites of the undesired objective, and the probe data sets the default space tries
+    tune_suites: tuple[str, ...] = ()
+    probe_data_choices: tuple[str, ...] = ()
 
 
 BEHAVIORS: dict[str, Behavior] = {
@@ -439,6 +442,8 @@ BEHAVIORS: dict[str, Behavior] = {
             ("rtp", "toxigen", "ppl", "kl"),
             "profanity,minilm",
             ("rtp", "toxic_rate"),
+            tune_suites=("rtp", "toxigen"),
+            probe_data_choices=("davidson", "rtp", "self", "davidson+toxigen", "toxigen+rtp"),
         ),
         Behavior(
             "jailbreak",
@@ -450,6 +455,8 @@ BEHAVIORS: dict[str, Behavior] = {
             ("advbench", "refusal_rate"),
             report={"advbench": ADVBENCH_REPORT, "safeedit": SAFEEDIT_REPORT},
             applies_to_chat_models_only=True,
+            tune_suites=("advbench",),
+            probe_data_choices=("safeedit",),
         ),
         Behavior(
             "attitude",
@@ -460,6 +467,8 @@ BEHAVIORS: dict[str, Behavior] = {
             "vader,minilm:sst2",
             ("attitude", "positive_rate"),
             report={"attitude": ATTITUDE_REPORT},
+            tune_suites=("attitude",),
+            probe_data_choices=("sst2",),
         ),
     )
 }
