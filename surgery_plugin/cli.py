@@ -75,18 +75,6 @@ def _hparams(args, required: bool = True):
         return SurgeryHyperParams(model_name=args.model, behavior=behavior_name)
 
 
-def _undesired_texts(args, hp, model, tok) -> list[str] | None:
-    """The probe data's undesired texts, when the edit's region scoring needs them."""
-    if hp.region_scoring != "gate_contrast":
-        return None
-    from .probe_data import load_probe_data
-
-    data = load_probe_data(
-        hp.probe_data, model, tok, args.data_dir, hp.probe_max_per_class, hp.seed, hp.probe_self_judge
-    )
-    return data.undesired
-
-
 def _load(args, hparams=None, probe_layer=None):
     """The model the command names, on ``--device`` or spread by ``--device-map`` (else the hparams'
     ``device`` / ``model_parallel``); with ``probe_layer`` only the layers its features need."""
@@ -168,7 +156,7 @@ def cmd_edit(args) -> None:
     else:
         base, tok = _load(args, hp)
         probe = Probe.load(args.probe, base)
-        edit = edit_from_hparams(base, tok, probe, hp, args.data_dir, _undesired_texts(args, hp, base, tok))
+        edit = edit_from_hparams(base, tok, probe, hp, args.data_dir)
     out = export_adapter(
         edit,
         base,

@@ -520,7 +520,7 @@ class Comparison:
                 requests = self._requests([record])
                 probe = probe_for_request(model, tok, requests, hp, data_dir=self.data_dir)
                 edit = edit_from_hparams(
-                    model, tok, probe, hp, self.data_dir, requests_to_data(requests).undesired, progress=False
+                    model, tok, probe, hp, self.data_dir, requests_to_data(requests), progress=False
                 )
                 weights_copy = apply_edit(model, edit)
                 return lambda: revert_edit(model, weights_copy)
@@ -532,7 +532,7 @@ class Comparison:
             if from_records:
                 requests = self._requests(self.edit_records)
                 probe = probe_for_request(model, tok, requests, hp, data_dir=self.data_dir, progress=progress)
-                undesired = requests_to_data(requests).undesired
+                data = requests_to_data(requests)
             else:
                 data = load_probe_data(
                     hp.probe_data,
@@ -545,8 +545,7 @@ class Comparison:
                     progress,
                 )
                 probe, _ = probe_from_hparams(model, tok, data, hp, progress=progress)
-                undesired = data.undesired
-            edit = edit_from_hparams(model, tok, probe, hp, self.data_dir, undesired, progress)
+            edit = edit_from_hparams(model, tok, probe, hp, self.data_dir, data, progress)
         folder = self.out / "edits" / row.name
         export_adapter(
             edit,

@@ -103,8 +103,7 @@ def run_demo(
     probe_path = probe.save(out / "probe.safetensors")
 
     logger.info("step 2/4: regions + surgery -> PEFT adapter")
-    undesired = data.undesired
-    edit = edit_from_hparams(model, tok, probe, hp, data_dir, undesired)
+    edit = edit_from_hparams(model, tok, probe, hp, data_dir, data)
     metadata = {
         "hparams": hp.to_dict(),
         "probe_file": str(probe_path),

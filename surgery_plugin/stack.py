@@ -75,8 +75,7 @@ def build_stack(
                 else probe_from_hparams(model, tokenizer, data, hp, progress)[0]
             )
             check_trained_on(probe, model, name)
-            undesired = data.undesired
-            edit = edit_from_hparams(model, tokenizer, probe, hp, data_dir, undesired, progress)
+            edit = edit_from_hparams(model, tokenizer, probe, hp, data_dir, data, progress)
             built.append(StackStep(name, hp, probe, edit))
             if sequential:
                 originals.append(apply_edit(model, edit))

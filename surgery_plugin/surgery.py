@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from . import architectures
-from .data import load_benign_texts
+from .data import BehaviorData, load_benign_texts
 from .data.splits import RTP_BENIGN
 from .errors import SurgeryError
 from .hparams import SurgeryHyperParams
@@ -178,18 +178,41 @@ def edit_from_hparams(
     probe: Probe,
     hparams: SurgeryHyperParams,
     data_dir=None,
-    undesired_texts: Sequence[str] | None = None,
+    probe_data: BehaviorData | None = None,
     progress: bool = True,
 ) -> SurgeryEdit:
     """:func:`execute_surgery`, computing the statistics of benign text (``RTP_BENIGN["reference"]``) and of
-    ``undesired_texts`` (the probe data's undesired class) first when ``hparams`` needs them."""
+    the probe data's undesired class first when ``hparams`` needs them. ``probe_data``: the texts the probe
+    was trained on (loaded from ``hparams.probe_data`` when needed and not given)."""
     stats = None
     if hparams.needs_reference_stats():
         start, end = RTP_BENIGN["reference"]
         benign = load_benign_texts(data_dir, limit=end - start, start=start)
         layers = layer_range(len(architectures.decoder_layers(model)), hparams.layer_range)
-        stats = reference_stats(model, tokenizer, hparams, layers, benign, undesired_texts, progress)
+        undesired = None
+        if hparams.region_scoring == "gate_contrast":
+            if probe_data is None:
+                probe_data = _probe_data_of(model, tokenizer, hparams, data_dir, progress)
+            undesired = probe_data.undesired
+        stats = reference_stats(model, tokenizer, hparams, layers, benign, undesired, progress)
     return execute_surgery(model, probe, hparams, stats)
+
+
+def _probe_data_of(model: nn.Module, tokenizer, hparams: SurgeryHyperParams, data_dir, progress: bool) -> BehaviorData:
+    from .probe_data import load_probe_data
+
+    if not hparams.probe_data:
+        raise SurgeryError("region_scoring: gate_contrast needs the probe's data: set probe_data in the hparams")
+    return load_probe_data(
+        hparams.probe_data,
+        model,
+        tokenizer,
+        data_dir,
+        hparams.probe_max_per_class,
+        hparams.seed,
+        hparams.probe_self_judge,
+        progress,
+    )
 
 
 def _weight_and_name(model: nn.Module, module_name: str) -> tuple[str, torch.nn.Parameter]:

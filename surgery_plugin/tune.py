@@ -239,7 +239,11 @@ class Tuner:
                 if metric.headline and metric.percent:
                     for judge, (value, _) in metric_values(measured[suite], metric).items():
                         if value is not None:
-                            rates[f"{suite}/{metric.key}/{judge}"] = 1.0 - value if metric.higher_is_better else value
+                            # a rate where higher is better enters as its complement, and says so in its name
+                            if metric.higher_is_better:
+                                rates[f"{suite}/1-{metric.key}/{judge}"] = 1.0 - value
+                            else:
+                                rates[f"{suite}/{metric.key}/{judge}"] = value
         return rates
 
     def _objectives(self, measured: dict) -> tuple[float, float, float]:

@@ -142,3 +142,35 @@ def test_project_out_and_bad_choices():
     for key, value in (("probe_method", "svm"), ("probe_project_out", "all"), ("region_scoring", "random")):
         with pytest.raises(SurgeryError, match=f"{key} must be one of"):
             SurgeryHyperParams(**{key: value})
+
+
+def test_edit_from_hparams_contrasts_with_the_probe_data_it_is_given_or_loads(char_tokenizer, data_dir):
+    """gate_contrast reads the probe data's undesired texts: the ones passed in, else hparams.probe_data's."""
+    from surgery_plugin.data import BehaviorData, load_behavior_data
+    from surgery_plugin.surgery import edit_from_hparams
+
+    model = make_tiny("llama")
+    hp = SurgeryHyperParams(
+        top_k=10, alpha=0.5, region_scoring="gate_contrast", probe_data="davidson", probe_max_per_class=8
+    )
+    loaded = edit_from_hparams(model, char_tokenizer, _probe(model), hp, data_dir, progress=False)
+    given = edit_from_hparams(
+        model,
+        char_tokenizer,
+        _probe(model),
+        hp,
+        data_dir,
+        load_behavior_data("davidson", data_dir, 8, hp.seed),
+        progress=False,
+    )
+
+    def chosen(edit):
+        return {(layer, int(row)) for layer, rows in edit.regions.rows.items() for row in rows}
+
+    assert chosen(loaded) == chosen(given)
+    other = edit_from_hparams(
+        model, char_tokenizer, _probe(model), hp, data_dir, BehaviorData(TEXTS[3:4], [1], "one text"), progress=False
+    )
+    assert chosen(other) != chosen(given)
+    with pytest.raises(SurgeryError, match="set probe_data"):
+        edit_from_hparams(model, char_tokenizer, _probe(model), hp.replace(probe_data=None), data_dir, progress=False)

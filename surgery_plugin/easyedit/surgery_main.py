@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..data import BehaviorData, load_behavior_data
+from ..data.loaders import join
 from ..errors import SurgeryError
 from ..hparams import SurgeryHyperParams
 from ..probe import Probe, ProbeTraining, hidden_features, probe_from_features
@@ -176,17 +177,17 @@ def apply_surgery_to_model(
     probe = probe_for_request(
         model, tok, requests or [], hparams, data_dir=kwargs.get("data_dir"), progress=kwargs.get("progress", False)
     )
-    undesired = None
-    if hparams.region_scoring == "gate_contrast":  # the rows' response to the probe's undesired class
-        undesired = requests_to_data(requests or []).undesired
-        if hparams.probe_data:
-            data = load_behavior_data(
-                hparams.probe_data, kwargs.get("data_dir"), hparams.probe_max_per_class, hparams.seed
-            )
-            undesired += data.undesired
+    # the probe's texts: the requests' and hparams.probe_data's; only gate_contrast reads them, and reading a
+    # data set costs seconds per request
+    data = requests_to_data(requests or [])
+    if hparams.probe_data and hparams.region_scoring == "gate_contrast":
+        more = load_behavior_data(
+            hparams.probe_data, kwargs.get("data_dir"), hparams.probe_max_per_class, hparams.seed
+        )
+        data = join([data, more]) if data.texts else more
     # the variants beyond the paper (probe_project_out, gate_contrast) need statistics of benign text
     edit = edit_from_hparams(
-        model, tok, probe, hparams, kwargs.get("data_dir"), undesired, progress=kwargs.get("progress", False)
+        model, tok, probe, hparams, kwargs.get("data_dir"), data, progress=kwargs.get("progress", False)
     )
     weights_copy = apply_edit(model, edit, return_orig_weights=return_orig_weights)
     logger.info(
