@@ -41,6 +41,14 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=100, help="prompts per generation suite (report splits)")
     parser.add_argument("--ppl-limit", type=int, default=200)
     parser.add_argument("--skip-surrender", action="store_true")
+    parser.add_argument(
+        "--singles", default=None, help="the behaviors measured with their own edit alone (default: all of them)"
+    )
+    parser.add_argument(
+        "--stacks",
+        default="independent,sequential",
+        help="which stacks of all the behaviors to measure (several behaviors only); '' for none",
+    )
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--out", default="benchmarks/results/behaviors_smollm2.json")
     args = parser.parse_args()
@@ -66,15 +74,24 @@ def main() -> None:
         "hparams": {n: h.to_dict() for n, h in hparams.items()},
         "single": {},
         "stacks": {},
+        "stack_base": {},
     }
     with tempfile.TemporaryDirectory() as work:
         stacks = {}
-        for sequential in (False, True):
+        recipes = [s.strip() for s in args.stacks.split(",") if s.strip()] if len(names) > 1 else []
+        unknown = set(recipes) - {"independent", "sequential"}
+        if unknown:
+            parser.error(f"--stacks takes independent, sequential; got {sorted(unknown)}")
+        # the single-behavior edits come from the independent stack's adapters: always built
+        for sequential in (False, True) if "sequential" in recipes else (False,):
             built = build_stack(
                 model, tok, [(n, hparams[n]) for n in names], sequential=sequential, data_dir=args.data_dir
             )
             stacks[sequential] = export_stack(built, model, Path(work) / f"stack-{sequential}", args.model, sequential)
-        for name in names:
+        singles = [b.strip() for b in args.singles.split(",") if b.strip()] if args.singles is not None else names
+        if set(singles) - set(names):
+            parser.error(f"--singles must be among --behaviors {names}")
+        for name in singles:
             own = list(specs[name].suites)
             peft_model = load_stack(model, stacks[False], names=[name])
             with peft_model.disable_adapter():
@@ -86,14 +103,23 @@ def main() -> None:
             result["single"][name] = entry
             peft_model.unload()
         for sequential, folder in stacks.items():
+            if ("sequential" if sequential else "independent") not in recipes:
+                continue
             peft_model = load_stack(model, folder)
+            measured_base = {s for entry in result["single"].values() for s in entry["base"]}
+            missing = [s for s in suites if s not in measured_base and s not in result["stack_base"]]
+            if missing:  # the base numbers of suites no single behavior measured (see --singles)
+                with peft_model.disable_adapter():
+                    result["stack_base"].update(measure(peft_model, missing))
             result["stacks"]["sequential" if sequential else "independent"] = measure(peft_model, suites)
             peft_model.unload()
     result["seconds"] = round(time.perf_counter() - started, 1)
     result["versions"] = package_versions()
     result["command"] = (
         f"python benchmarks/behaviors.py --model {args.model} --behaviors {args.behaviors} --limit {args.limit} "
-        f"--ppl-limit {args.ppl_limit}"
+        f"--ppl-limit {args.ppl_limit} --stacks '{args.stacks}'"
+        + (" --skip-surrender" if args.skip_surrender else "")
+        + (f" --singles '{args.singles}'" if args.singles is not None else "")
     )
     write_json(args.out, result)
     lines = []
@@ -103,8 +129,10 @@ def main() -> None:
             runs.append(("surrender (-alpha)", entry["surrender"]))
         lines += [f"### {name}", "", comparison_table(runs, list(specs[name].suites)), ""]
     base_all = {s: v for entry in result["single"].values() for s, v in entry["base"].items()}
-    runs = [("base", base_all)] + [(f"stack ({k})", v) for k, v in result["stacks"].items()]
-    lines += ["### all at once", "", comparison_table(runs, suites), ""]
+    base_all.update(result["stack_base"])
+    if result["stacks"]:
+        runs = [("base", base_all)] + [(f"stack ({k})", v) for k, v in result["stacks"].items()]
+        lines += ["### all at once", "", comparison_table(runs, suites), ""]
     atomic_write(Path(args.out).with_suffix(".md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
 
