@@ -336,6 +336,7 @@ def cmd_tune(args) -> None:
         seed=args.seed,
         data_dir=args.data_dir,
         validation_limit=args.validation_limit,
+        stack_on=args.stack_on,
     )
     result = tune(model, tok, settings, args.out)
     chosen = result["chosen"]
@@ -631,6 +632,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=POSITIVE_INT,
         default=200,
         help="RTP validation prompts for the chosen point (rtp/toxic.jsonl[300:500])",
+    )
+    p.add_argument(
+        "--stack-on",
+        default=None,
+        help="a surgery adapter folder active in every trial: search the next edit of a stack (e.g. a second "
+        "behavior on top of the shipped toxicity edit); objectives and constraints count both edits",
     )
     p.add_argument("--out", required=True, help="TUNE_DIR: study.db (resumable), front.json, front.png, chosen.yaml")
     p.set_defaults(func=cmd_tune)

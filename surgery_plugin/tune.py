@@ -63,6 +63,7 @@ from .surgery import execute_surgery
 logger = logging.getLogger(__name__)
 
 STUDY_NAME = "surgery"
+STACK_ON = "stack_on"  # the PEFT name of the adapter of settings.stack_on
 OBJECTIVES = ("undesired", "kl", "ppl_increase")
 TUNABLE_SUITES = ("rtp", "toxigen", "advbench", "attitude")  # the suites with tuning and validation splits
 # knob -> how it is searched; "layer_start" is a fraction of the depth (the edited layers are [start, L))
@@ -146,13 +147,19 @@ class TuneSettings:
     seed: int = 0
     data_dir: str | None = None
     validation_limit: int = 200
+    # a surgery adapter active in every trial and in the validation: the search finds the next edit of a stack
+    # (its probe and statistics come from the unedited model, as `surgery stack` without --sequential)
+    stack_on: str | None = None
+    stack_on_sha256: str | None = None  # of the adapter's weights: what a resumed study must share
 
     def describe(self) -> dict:
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
     def defining(self) -> dict:
         """What a resumed study must share: not the trial budget, the validation size or this machine's paths."""
-        return {k: v for k, v in self.describe().items() if k not in ("trials", "validation_limit", "data_dir")}
+        return {
+            k: v for k, v in self.describe().items() if k not in ("trials", "validation_limit", "data_dir", "stack_on")
+        }
 
 
 @dataclass
@@ -187,6 +194,10 @@ class Tuner:
         self.workdir = tempfile.TemporaryDirectory(prefix="surgery-tune-")
         self.baseline: dict | None = None
         self.adapter_count = 0
+        self.fixed: list[str] = []  # adapters active in every trial (settings.stack_on)
+        if settings.stack_on:
+            self.peft_model = load_edited(model, settings.stack_on, adapter_name=STACK_ON)
+            self.fixed = [STACK_ON]
 
     @contextlib.contextmanager
     def _unedited(self) -> Iterator[nn.Module]:
@@ -407,7 +418,10 @@ class Tuner:
                 self.peft_model.delete_adapter(self.caches.adapters.pop(old_structure))
         else:
             self.caches.adapters[structure] = self.caches.adapters.pop(structure)  # most recently used
-        self.peft_model.set_adapter(name)
+        if self.fixed:
+            self.peft_model.base_model.set_adapter([*self.fixed, name], inference_mode=True)
+        else:
+            self.peft_model.set_adapter(name)
         set_alpha(self.peft_model, hp.alpha, name)
         return self.peft_model
 
@@ -538,6 +552,11 @@ class Tuner:
             with self._unedited() as model:
                 self.baseline = self._measure(model, "tune", kl=False)
             study.set_user_attr("baseline", self.baseline)
+        if self.fixed and "stack_on_alone" not in study.user_attrs:
+            logger.info("tune: measuring the --stack-on adapter alone on the tuning splits")
+            self.peft_model.base_model.set_adapter(self.fixed, inference_mode=True)
+            alone = self._measure(self.peft_model, "tune")
+            study.set_user_attr("stack_on_alone", dict(zip(OBJECTIVES, self._objectives(alone), strict=True)))
         done = sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
         remaining = self.settings.trials - done
         if remaining > 0:
@@ -599,11 +618,18 @@ class Tuner:
             },
             "versions": study.user_attrs.get("versions"),
         }
+        if self.fixed:  # every number above is with this adapter active too
+            result["stack_on"] = {
+                "adapter": self.settings.stack_on,
+                "sha256": self.settings.stack_on_sha256,
+                "tuning_alone": study.user_attrs.get("stack_on_alone"),
+            }
         chosen_yaml = self.out_dir / "chosen.yaml"
         config = {k: v for k, v in hp.to_dict().items() if k not in ("extra",)}
         config["notes"] = (
             f"chosen by `surgery tune` (trial {chosen.number} of {len(trials)}, seed {self.settings.seed}); "
             f"validation: see {self.out_dir / 'front.json'}"
+            + (f"; searched on top of the adapter {self.settings.stack_on}" if self.fixed else "")
         )
         atomic_write(chosen_yaml, yaml.safe_dump(config, sort_keys=False))
         result["chosen_yaml"] = str(chosen_yaml)
@@ -709,6 +735,14 @@ def tune(model: nn.Module, tokenizer, settings: TuneSettings, out_dir: str | Pat
     from .evaluation import load_judges
 
     judges = load_judges(list(settings.judges), progress=False, data_dir=settings.data_dir)
+    if settings.stack_on:
+        from .adapter import ADAPTER_WEIGHTS
+        from .provenance import file_sha256
+
+        weights = Path(settings.stack_on) / ADAPTER_WEIGHTS
+        if not weights.is_file():
+            raise SurgeryError(f"--stack-on {settings.stack_on}: not a surgery adapter folder (no {ADAPTER_WEIGHTS})")
+        settings = dataclasses.replace(settings, stack_on_sha256=file_sha256(weights))
     tuner = Tuner(model, tokenizer, settings, out_dir, judges, progress)
     study = tuner.open_study()
     tuner.run(study)

@@ -167,3 +167,54 @@ def test_each_behavior_declares_what_its_search_tries():
         for choice in spec.probe_data_choices:  # every part is a known data set (or the model's own continuations)
             assert all(p in BEHAVIOR_DATASETS or p == "self" for p in choice.split("+")), choice
     assert default_space(30)["probe_data"]["choices"] == list(BEHAVIORS["toxicity"].probe_data_choices)
+
+
+def test_stack_on_searches_the_next_edit_with_the_first_one_active(tmp_path, data_dir):
+    """--stack-on: every trial and the validation are measured with the fixed adapter active as well, the
+    baseline stays the unedited model, and a resumed study must stack on the same adapter."""
+    from surgery_plugin import export_adapter
+    from surgery_plugin.probe import make_probe
+    from surgery_plugin.probe_data import load_probe_data
+    from surgery_plugin.provenance import gate_fingerprint
+    from surgery_plugin.surgery import execute_surgery
+
+    model, tok = make_tiny("llama"), CharTokenizer()
+    before = gate_fingerprint(model)
+    hp = SurgeryHyperParams.from_dict(_settings(data_dir).base_hparams)
+    probe, _ = make_probe(model, tok, load_probe_data("davidson", None, None, data_dir, 20), 2, progress=False)
+    first = export_adapter(
+        execute_surgery(model, probe, hp.replace(alpha=1.0, top_k=0.2)), model, tmp_path / "first", "tiny-llama"
+    )
+    # a search whose own edits are almost nothing: every trial's KL is then the fixed adapter's
+    tiny_step = {**SPACE, "alpha": {"low": 1e-6, "high": 2e-6}}
+    alone = tune(model, tok, _settings(data_dir, space=tiny_step, trials=2), tmp_path / "alone", progress=False)
+    model = make_tiny("llama")  # a fresh copy: the search above left its (inactive) adapters in the modules
+    stacked = tune(
+        model,
+        tok,
+        _settings(data_dir, space=tiny_step, trials=2, stack_on=str(first)),
+        tmp_path / "stacked",
+        progress=False,
+    )
+    assert max(t["values"]["kl"] for t in alone["trials"]) < 1e-6
+    on_top = stacked["stack_on"]["tuning_alone"]["kl"]
+    assert on_top > 1e-4 and all(t["values"]["kl"] == pytest.approx(on_top, rel=1e-2) for t in stacked["trials"])
+    assert stacked["chosen"]["validation"]["edited"]["mean_kl"] > 1e-4
+    assert stacked["baseline"] == alone["baseline"]  # the base numbers are the unedited model's
+    assert len(stacked["stack_on"]["sha256"]) == 64 and "on top of the adapter" in (
+        (tmp_path / "stacked" / "chosen.yaml").read_text()
+    )
+    other = export_adapter(
+        execute_surgery(model, probe, hp.replace(alpha=0.5, top_k=0.2)), model, tmp_path / "other", "tiny-llama"
+    )
+    with pytest.raises(SurgeryError, match="other settings .*stack_on_sha256"):
+        tune(
+            model,
+            tok,
+            _settings(data_dir, space=tiny_step, trials=3, stack_on=str(other)),
+            tmp_path / "stacked",
+            progress=False,
+        )
+    with pytest.raises(SurgeryError, match="not a surgery adapter folder"):
+        tune(model, tok, _settings(data_dir, stack_on=str(tmp_path)), tmp_path / "x", progress=False)
+    assert gate_fingerprint(model) == before
