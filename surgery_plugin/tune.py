@@ -18,6 +18,9 @@ starts from the same bits (checked). The study lives in ``TUNE_DIR/study.db``: a
 where it was, with the same settings or not at all. At the end the chosen point (lowest undesired objective
 within ``--max-ppl-increase`` / ``--max-kl``) is re-measured on the validation splits, which the
 search never saw, and ``front.json``, ``front.png`` and ``chosen.yaml`` are written.
+
+``stack_on`` (``--stack-on``) searches the next edit of a stack: that adapter stays active in every trial
+and in the validation, so the objectives and constraints count both edits against the unedited model.
 """
 
 from __future__ import annotations
