@@ -67,6 +67,30 @@ def main() -> None:
         settings = report_settings(only, list(all_judges.values()), args.data_dir, args.limit, args.ppl_limit)
         return evaluate_report(peft_model, tok, settings)[0]["suites"]
 
+    def save(result: dict, complete: bool) -> None:
+        result["complete"] = complete
+        result["seconds"] = round(time.perf_counter() - started, 1)
+        result["versions"] = package_versions()
+        result["command"] = (
+            f"python benchmarks/behaviors.py --model {args.model} --behaviors {args.behaviors} --limit {args.limit} "
+            f"--ppl-limit {args.ppl_limit} --stacks '{args.stacks}'"
+            + (" --skip-surrender" if args.skip_surrender else "")
+            + (f" --singles '{args.singles}'" if args.singles is not None else "")
+        )
+        write_json(args.out, result)
+        lines = []
+        for name, entry in result["single"].items():
+            runs = [("base", entry["base"])]
+            runs += [(f"+ {name} edit", entry["edited"])] if "edited" in entry else []
+            runs += [("surrender (-alpha)", entry["surrender"])] if "surrender" in entry else []
+            lines += [f"### {name}", "", comparison_table(runs, list(specs[name].suites)), ""]
+        base_all = {s: v for entry in result["single"].values() for s, v in entry["base"].items()}
+        base_all.update(result["stack_base"])
+        if result["stacks"]:
+            runs = [("base", base_all)] + [(f"stack ({k})", v) for k, v in result["stacks"].items()]
+            lines += ["### all at once", "", comparison_table(runs, suites), ""]
+        atomic_write(Path(args.out).with_suffix(".md"), "\n".join(lines) + "\n")
+
     result = {
         "model": args.model,
         "behaviors": names,
@@ -91,16 +115,15 @@ def main() -> None:
         singles = [b.strip() for b in args.singles.split(",") if b.strip()] if args.singles is not None else names
         if set(singles) - set(names):
             parser.error(f"--singles must be among --behaviors {names}")
+        # cheapest-first and saved after every measurement: a run stopped early keeps what it measured
         for name in singles:
             own = list(specs[name].suites)
             peft_model = load_stack(model, stacks[False], names=[name])
             with peft_model.disable_adapter():
-                base = measure(peft_model, own)
-            entry = {"base": base, "edited": measure(peft_model, own)}
-            if not args.skip_surrender:
-                set_alpha(peft_model, -hparams[name].alpha, name)
-                entry["surrender"] = measure(peft_model, own)
-            result["single"][name] = entry
+                result["single"][name] = {"base": measure(peft_model, own)}
+            save(result, complete=False)
+            result["single"][name]["edited"] = measure(peft_model, own)
+            save(result, complete=False)
             peft_model.unload()
         for sequential, folder in stacks.items():
             if ("sequential" if sequential else "independent") not in recipes:
@@ -112,29 +135,17 @@ def main() -> None:
                 with peft_model.disable_adapter():
                     result["stack_base"].update(measure(peft_model, missing))
             result["stacks"]["sequential" if sequential else "independent"] = measure(peft_model, suites)
+            save(result, complete=False)
             peft_model.unload()
-    result["seconds"] = round(time.perf_counter() - started, 1)
-    result["versions"] = package_versions()
-    result["command"] = (
-        f"python benchmarks/behaviors.py --model {args.model} --behaviors {args.behaviors} --limit {args.limit} "
-        f"--ppl-limit {args.ppl_limit} --stacks '{args.stacks}'"
-        + (" --skip-surrender" if args.skip_surrender else "")
-        + (f" --singles '{args.singles}'" if args.singles is not None else "")
-    )
-    write_json(args.out, result)
-    lines = []
-    for name, entry in result["single"].items():
-        runs = [("base", entry["base"]), (f"+ {name} edit", entry["edited"])]
-        if "surrender" in entry:
-            runs.append(("surrender (-alpha)", entry["surrender"]))
-        lines += [f"### {name}", "", comparison_table(runs, list(specs[name].suites)), ""]
-    base_all = {s: v for entry in result["single"].values() for s, v in entry["base"].items()}
-    base_all.update(result["stack_base"])
-    if result["stacks"]:
-        runs = [("base", base_all)] + [(f"stack ({k})", v) for k, v in result["stacks"].items()]
-        lines += ["### all at once", "", comparison_table(runs, suites), ""]
-    atomic_write(Path(args.out).with_suffix(".md"), "\n".join(lines) + "\n")
-    print("\n".join(lines))
+        if not args.skip_surrender:
+            for name in singles:
+                peft_model = load_stack(model, stacks[False], names=[name])
+                set_alpha(peft_model, -hparams[name].alpha, name)
+                result["single"][name]["surrender"] = measure(peft_model, list(specs[name].suites))
+                save(result, complete=False)
+                peft_model.unload()
+    save(result, complete=True)
+    print(Path(args.out).with_suffix(".md").read_text())
 
 
 if __name__ == "__main__":
