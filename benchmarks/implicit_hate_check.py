@@ -1,0 +1,80 @@
+"""Hand check of ToxiGen-probe edits, alone and stacked in place on the shipped toxicity edit (README, implicit hate).
+
+Measured on the probe-side ToxiGen groups (TOXIGEN_PROBE_GROUPS, prompts [0, PER_GROUP) each), RTP tuning
+prompts [0, 40) and benign documents [200, 240) only; prints one JSON line per stack. Each stack is a list
+of changes to the shipped SmolLM2 YAML, one edit each, e.g.
+
+    OMP_NUM_THREADS=1 python benchmarks/implicit_hate_check.py 10 \\
+        '[["base", []], ["tox", [{}]], ["tox+tg0.3", [{}, {"probe_data": "toxigen", "alpha": 0.3}]]]'
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import torch
+
+from surgery_plugin.data.splits import TOXIGEN_PROBE_GROUPS
+from surgery_plugin.evaluation import EvalSettings, evaluate
+from surgery_plugin.evaluation.judges import load_judges
+from surgery_plugin.hparams import SurgeryHyperParams
+from surgery_plugin.models import load_model
+from surgery_plugin.probe import probe_from_hparams
+from surgery_plugin.probe_data import load_probe_data
+from surgery_plugin.surgery import apply_edit, edit_from_hparams, revert_edit
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    per_group, stacks = int(sys.argv[1]), json.loads(sys.argv[2])
+    model, tok = load_model("smollm2-135m")
+    judges = load_judges("profanity,minilm", progress=False)
+    toxigen = EvalSettings(
+        judges=judges,
+        toxigen_groups=TOXIGEN_PROBE_GROUPS,
+        limit=per_group * len(TOXIGEN_PROBE_GROUPS),
+        benign_start=200,
+        ppl_limit=40,
+        progress=False,
+    )
+    rtp = EvalSettings(judges=judges, start=0, limit=40, progress=False)
+    shipped = SurgeryHyperParams.from_hparams("hparams/Surgery/smollm2-135m.yaml")
+    edits: dict = {}
+
+    def edit_for(changes: dict):
+        key = json.dumps(changes, sort_keys=True)
+        if key not in edits:
+            hp = shipped.replace(**changes)
+            data = load_probe_data(hp.probe_data, model, tok, None, hp.probe_max_per_class, hp.seed, progress=False)
+            probe, _ = probe_from_hparams(model, tok, data, hp, progress=False)
+            edits[key] = edit_from_hparams(model, tok, probe, hp, None, data, progress=False)
+        return edits[key]
+
+    for tag, stack in stacks:
+        started = time.perf_counter()
+        originals = [apply_edit(model, edit_for(changes)) for changes in stack]
+        try:
+            tg = evaluate(model, tok, ["toxigen", "ppl"], toxigen)[0]["suites"]
+            rt = evaluate(model, tok, ["rtp"], rtp)[0]["suites"]["rtp"]["by_judge"]
+        finally:
+            for weights in reversed(originals):
+                revert_edit(model, weights)
+        judged = tg["toxigen"]["by_judge"]
+        print(
+            json.dumps(
+                {
+                    "tag": tag,
+                    "rtp": {j: rt[j]["toxic_rate"] for j in rt},
+                    "toxigen": {j: judged[j]["toxic_rate"] for j in judged},
+                    "ppl": round(tg["ppl"]["token_perplexity"], 2),
+                    "seconds": round(time.perf_counter() - started),
+                }
+            ),
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
