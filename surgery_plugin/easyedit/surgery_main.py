@@ -137,11 +137,7 @@ def probe_for_request(
         raise SurgeryError(
             "no probe: set probe_path or probe_data in the hparams, or pass requests with target_new/ground_truth"
         )
-    data = BehaviorData(
-        [t for d, _ in parts for t in d.texts],
-        [label for d, _ in parts for label in d.labels],
-        " + ".join(d.description for d, _ in parts),
-    )
+    data = join([d for d, _ in parts])
     probe, _ = probe_from_features(
         model,
         data,
