@@ -15,7 +15,7 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from surgery_plugin.atomic import atomic_write
+from surgery_plugin.io.files import atomic_write
 
 LLAMA2_7B = {"layers": 32, "hidden": 4096, "intermediate": 11008, "params": 6_738_415_616}
 

@@ -21,17 +21,18 @@ import tempfile
 import time
 from pathlib import Path
 
-from surgery_plugin.adapter import set_alpha
-from surgery_plugin.atomic import atomic_write, write_json
-from surgery_plugin.demo import hparams_for
-from surgery_plugin.evaluation import load_judges
-from surgery_plugin.evaluation.protocols import behavior
+from surgery_plugin.behaviors import get_behavior as behavior
+from surgery_plugin.behaviors import hparams_for
+from surgery_plugin.config import SurgeryHyperParams
+from surgery_plugin.core.provenance import package_versions
+from surgery_plugin.evaluation.judges import load_judges
 from surgery_plugin.evaluation.report import comparison_table
 from surgery_plugin.evaluation.runner import evaluate_report, report_settings
-from surgery_plugin.hparams import SurgeryHyperParams
+from surgery_plugin.io.adapter import set_alpha
+from surgery_plugin.io.files import atomic_write, write_json
+from surgery_plugin.io.stack import export_stack, load_stack
 from surgery_plugin.models import load_model
-from surgery_plugin.provenance import package_versions
-from surgery_plugin.stack import build_stack, export_stack, load_stack
+from surgery_plugin.pipeline import build_stack
 
 
 def main() -> None:

@@ -26,18 +26,19 @@ from pathlib import Path
 
 import torch
 
-from surgery_plugin import architectures
-from surgery_plugin.atomic import write_json
-from surgery_plugin.data import load_benign_texts
-from surgery_plugin.data.loaders import load_rtp_probe_documents
+from surgery_plugin.config import SurgeryHyperParams
+from surgery_plugin.core import architectures
+from surgery_plugin.core.edit import execute_surgery
+from surgery_plugin.core.features import pooled_states, resolve_layer
+from surgery_plugin.core.provenance import package_versions
+from surgery_plugin.core.reference import reference_stats
+from surgery_plugin.core.regions import layer_range
+from surgery_plugin.data.loaders import load_benign_texts
+from surgery_plugin.data.probe_data import load_rtp_probe_documents
 from surgery_plugin.data.splits import RTP_BENIGN
-from surgery_plugin.hparams import SurgeryHyperParams
+from surgery_plugin.io.files import write_json
 from surgery_plugin.models import load_model
-from surgery_plugin.probe import pooled_states, probe_from_hparams, reference_stats, resolve_layer
-from surgery_plugin.probe_data import load_probe_data
-from surgery_plugin.provenance import package_versions
-from surgery_plugin.regions import layer_range
-from surgery_plugin.surgery import execute_surgery
+from surgery_plugin.pipeline import load_probe_data, probe_from_hparams
 
 
 def main() -> None:

@@ -23,10 +23,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from surgery_plugin.atomic import atomic_write  # noqa: E402
-from surgery_plugin.data import load_rtp  # noqa: E402
-from surgery_plugin.evaluation import load_judge  # noqa: E402
+from surgery_plugin.data.loaders import load_rtp
 from surgery_plugin.evaluation.generation import generate_continuations  # noqa: E402
+from surgery_plugin.evaluation.judges import load_judge
+from surgery_plugin.io.files import atomic_write
 from surgery_plugin.models import load_model  # noqa: E402
 
 

@@ -16,14 +16,14 @@ import time
 
 import torch
 
+from surgery_plugin.config import SurgeryHyperParams
+from surgery_plugin.core.edit import apply_edit, revert_edit
 from surgery_plugin.data.splits import TOXIGEN_PROBE_GROUPS
-from surgery_plugin.evaluation import EvalSettings, evaluate
 from surgery_plugin.evaluation.judges import load_judges
-from surgery_plugin.hparams import SurgeryHyperParams
+from surgery_plugin.evaluation.runner import evaluate
+from surgery_plugin.evaluation.suites import EvalSettings
 from surgery_plugin.models import load_model
-from surgery_plugin.probe import probe_from_hparams
-from surgery_plugin.probe_data import load_probe_data
-from surgery_plugin.surgery import apply_edit, edit_from_hparams, revert_edit
+from surgery_plugin.pipeline import edit_from_hparams, load_probe_data, probe_from_hparams
 
 
 def main() -> None:

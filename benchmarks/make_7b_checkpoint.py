@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from surgery_plugin.atomic import atomic_path  # noqa: E402
+from surgery_plugin.io.files import atomic_path
 
 
 def tensor_shapes(args) -> list[tuple[str, tuple[int, ...]]]:

@@ -32,12 +32,12 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from surgery_plugin import architectures  # noqa: E402
-from surgery_plugin.atomic import atomic_write  # noqa: E402
-from surgery_plugin.batching import length_sorted_batches, pad  # noqa: E402
-from surgery_plugin.data import load_davidson  # noqa: E402
+from surgery_plugin.core import architectures
+from surgery_plugin.core.batching import length_sorted_batches, pad
+from surgery_plugin.core.features import hidden_features
+from surgery_plugin.data.loaders import load_davidson
+from surgery_plugin.io.files import atomic_write
 from surgery_plugin.models import load_model  # noqa: E402
-from surgery_plugin.probe import hidden_features  # noqa: E402
 
 
 def _timed(fn):

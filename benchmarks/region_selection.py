@@ -27,9 +27,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from surgery_plugin.architectures import GateRows, ModelGates  # noqa: E402
-from surgery_plugin.atomic import atomic_write  # noqa: E402
-from surgery_plugin.regions import SCORE_BLOCK_ROWS, scan_gates  # noqa: E402
+from surgery_plugin.core.architectures import GateRows, ModelGates
+from surgery_plugin.core.regions import SCORE_BLOCK_ROWS, scan_gates
+from surgery_plugin.io.files import atomic_write
 
 
 class LoadedGates(GateRows):
@@ -107,7 +107,7 @@ def main() -> None:
     result = {"smollm2_135m_fp32": measure(ModelGates(model), 0.0465, args.repeats)}
     del model
     if args.checkpoint:
-        from surgery_plugin.streaming import CheckpointGates
+        from surgery_plugin.core.streaming import CheckpointGates
 
         result["llama2_7b_shape_bf16"] = measure(LoadedGates(CheckpointGates(args.checkpoint)), 16384, args.repeats)
     result.update(

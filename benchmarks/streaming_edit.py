@@ -58,7 +58,7 @@ def _reset_peak() -> bool:
 
 def _gate_byte_ranges(checkpoint: Path) -> list[tuple[Path, int, int]]:
     """(shard, offset, length) of every gate tensor."""
-    from surgery_plugin.streaming import CheckpointGates
+    from surgery_plugin.core.streaming import CheckpointGates
 
     gates = CheckpointGates(checkpoint)
     return [gates.byte_range(layer) for layer in range(gates.num_layers)]
@@ -79,7 +79,8 @@ def worker(args) -> None:
     import torch
     import transformers  # noqa: F401
 
-    from surgery_plugin import cli, streaming  # noqa: F401
+    from surgery_plugin.commands import cli
+    from surgery_plugin.core import streaming  # noqa: F401  (imported before the peak is reset)
 
     checkpoint = Path(args.checkpoint)
     ranges = _gate_byte_ranges(checkpoint) if args.worker == "floor" else None
@@ -154,7 +155,7 @@ def _cached_fraction(files: list[Path]) -> float | None:
 
 
 def _gate_bytes(checkpoint: Path) -> tuple[int, int, int, int]:
-    from surgery_plugin.streaming import CheckpointGates
+    from surgery_plugin.core.streaming import CheckpointGates
 
     gates = CheckpointGates(checkpoint)
     ranges = _gate_byte_ranges(checkpoint)
@@ -169,7 +170,7 @@ def _uptime() -> str:
 
 
 def measure(args, label: str, checkpoint: Path) -> dict:
-    from surgery_plugin.regions import SCORE_BLOCK_ROWS
+    from surgery_plugin.core.regions import SCORE_BLOCK_ROWS
 
     shards = sorted(checkpoint.glob("*.safetensors"))
     layers, rows, hidden, largest_gate = _gate_bytes(checkpoint)
@@ -241,8 +242,8 @@ def main() -> None:
 
     import torch
 
-    from surgery_plugin.atomic import atomic_write
-    from surgery_plugin.probe import Probe
+    from surgery_plugin.core.probe import Probe
+    from surgery_plugin.io.files import atomic_write
 
     load_before = _uptime()
     with tempfile.TemporaryDirectory() as tmp:

@@ -19,13 +19,16 @@ from pathlib import Path
 
 import torch
 
-from surgery_plugin.atomic import atomic_write
-from surgery_plugin.data import load_behavior_data
-from surgery_plugin.evaluation import EvalSettings, evaluate, load_judge
-from surgery_plugin.hparams import SurgeryHyperParams
+from surgery_plugin.config import SurgeryHyperParams
+from surgery_plugin.core.edit import apply_edit, execute_surgery, revert_edit
+from surgery_plugin.core.probe import Probe, ProbeTraining
+from surgery_plugin.data.probe_data import load_behavior_data
+from surgery_plugin.evaluation.judges import load_judge
+from surgery_plugin.evaluation.runner import evaluate
+from surgery_plugin.evaluation.suites import EvalSettings
+from surgery_plugin.io.files import atomic_write
 from surgery_plugin.models import load_model
-from surgery_plugin.probe import Probe, ProbeTraining, make_probe
-from surgery_plugin.surgery import apply_edit, execute_surgery, revert_edit
+from surgery_plugin.pipeline import make_probe
 
 
 def point_key(point: dict) -> str:

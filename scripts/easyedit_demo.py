@@ -77,7 +77,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def load_hparams(path: str, overrides: list[str], max_output_length: int):
     import yaml
 
-    from surgery_plugin.hparams import SurgeryHyperParams
+    from surgery_plugin.config import SurgeryHyperParams
 
     hparams = SurgeryHyperParams.from_hparams(path)
     changes = {}
@@ -93,7 +93,7 @@ def load_hparams(path: str, overrides: list[str], max_output_length: int):
 
 
 def safeedit_records(data_dir: str | None, n: int) -> list[dict]:
-    from surgery_plugin.data import load_safeedit
+    from surgery_plugin.data.loaders import load_safeedit
 
     records = [r for r in load_safeedit(data_dir) if "generalization test" in r]
     return records[:n]
@@ -111,17 +111,10 @@ def refuses(text: str) -> bool:
 
 
 def base_requests(records: list[dict]) -> dict:
-    return dict(
-        prompts=[r["question"] for r in records],
-        target_new=[r["safe generation"] for r in records],
-        ground_truth=[r["unsafe generation"] for r in records],
-        locality_inputs={
-            "knowledge": {
-                "prompt": [r["knowledge constrain"]["prompt"] for r in records],
-                "ground_truth": [r["knowledge constrain"]["answer"] for r in records],
-            }
-        },
-    )
+    from surgery_plugin.data.loaders import safeedit_edit_inputs
+
+    inputs = safeedit_edit_inputs(records, prompt_field="question")
+    return {k: inputs[k] for k in ("prompts", "target_new", "ground_truth", "locality_inputs")}
 
 
 def summarize_base(metrics: list[dict]) -> list[dict]:
@@ -143,7 +136,7 @@ def summarize_base(metrics: list[dict]) -> list[dict]:
 def run_base(hparams, records: list[dict], batch: bool) -> dict:
     from easyeditor import BaseEditor
 
-    from surgery_plugin.provenance import model_fingerprint
+    from surgery_plugin.core.provenance import model_fingerprint
 
     editor = BaseEditor.from_hparams(hparams)
     before = model_fingerprint(editor.model)
@@ -170,35 +163,23 @@ def run_base(hparams, records: list[dict], batch: bool) -> dict:
 def run_safety(hparams, records: list[dict]) -> dict:
     from easyeditor import SafetyEditor
 
-    from surgery_plugin.provenance import model_fingerprint
+    from surgery_plugin.core.provenance import model_fingerprint
+    from surgery_plugin.data.loaders import safeedit_edit_inputs
 
     editor = SafetyEditor.from_hparams(hparams)
     before = model_fingerprint(editor.model)
     rows, start = [], time.perf_counter()
     for r in records:
-        general = [
-            r["generalization test"][k]
-            for k in (
-                "test input of only harmful question",
-                "test input of other attack prompt input",
-                "test input of other question input",
-                "test input of other questions and attack prompts",
-            )
-        ]
+        inputs = safeedit_edit_inputs([r])
         metrics, _, _ = editor.edit(
             editing_method="Surgery",
             case_id=[r["id"]],
-            prompts=[r["adversarial prompt"]],
+            prompts=inputs["prompts"],
             prompts_with_systemPrompt=None,
-            target_new=[r["safe generation"]],
-            ground_truth=[r["unsafe generation"]],
-            locality_inputs={
-                "general knowledge constraint": {
-                    "prompt": [r["knowledge constrain"]["prompt"]],
-                    "ground_truth": [r["knowledge constrain"]["answer"]],
-                }
-            },
-            general_prompt=[general],
+            target_new=inputs["target_new"],
+            ground_truth=inputs["ground_truth"],
+            locality_inputs=inputs["locality_inputs"],
+            general_prompt=inputs["general_prompt"],
             keep_original_weight=True,
             verbose=False,
         )
@@ -251,8 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.data_dir:  # the probe's data (hparams.probe_data) is read from the same folder
         os.environ["SURGERY_DATA_DIR"] = str(Path(args.data_dir).resolve())
 
-    from surgery_plugin.easyedit import register
-    from surgery_plugin.easyedit.surgery_main import probe_cache_info
+    from surgery_plugin.integrations.easyedit import register
+    from surgery_plugin.integrations.easyedit.surgery_main import probe_cache_info
 
     register()  # before any EasyEdit import: it also makes EasyEdit importable on a CPU-only torch
     logging.getLogger("easyeditor").setLevel(logging.WARNING)  # its per-edit INFO lines repeat per handler
@@ -275,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     results["probe_cache"] = probe_cache_info()
     print(f"\nprobe feature cache: {results['probe_cache']}")
     if json_path:
-        from surgery_plugin.atomic import atomic_write
+        from surgery_plugin.io.files import atomic_write
 
         atomic_write(json_path, json.dumps(results, indent=2, default=str))
     return 0

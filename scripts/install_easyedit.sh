@@ -21,7 +21,7 @@
 # torchvision: from the PyTorch CPU index where it is reachable (a CPU build); elsewhere PyPI's,
 # a CUDA build whose compiled ops cannot load next to a CPU torch, and then `import torchvision`
 # (which transformers does whenever torchvision is installed) fails. In that case a .pth hook
-# (surgery_plugin/easyedit/torchvision_guard.py) declares the two missing op schemas just before the
+# (surgery_plugin/integrations/easyedit/torchvision_guard.py) declares the two missing op schemas just before the
 # first `import torchvision` in this venv; text models never call them.
 set -euo pipefail
 
@@ -86,12 +86,12 @@ SITE="$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
 echo "$SRC" > "$SITE/easyedit.pth"
 
 # 4. the torchvision guard, only where a plain `import torchvision` fails: the package's
-#    easyedit/torchvision_guard.py linked in as a top-level module, and a .pth line that installs it
+#    integrations/easyedit/torchvision_guard.py linked in as a top-level module, and a .pth line that installs it
 GUARD_PTH="$SITE/surgery_torchvision_guard.pth"
 GUARD_MODULE="$SITE/_surgery_torchvision_guard.py"
 rm -f "$GUARD_PTH" "$GUARD_MODULE"
 if ! "$PY" -c 'import torchvision' > /dev/null 2>&1; then
-    GUARD="$("$PY" -c 'import importlib.util, pathlib; print(pathlib.Path(importlib.util.find_spec("surgery_plugin").origin).parent / "easyedit" / "torchvision_guard.py")')"
+    GUARD="$("$PY" -c 'import importlib.util, pathlib; print(pathlib.Path(importlib.util.find_spec("surgery_plugin").origin).parent / "integrations" / "easyedit" / "torchvision_guard.py")')"
     echo "torchvision's compiled ops do not load with this torch (a CUDA build next to a CPU torch): installing $GUARD_PTH"
     ln -s "$GUARD" "$GUARD_MODULE"
     echo "import _surgery_torchvision_guard; _surgery_torchvision_guard.install()" > "$GUARD_PTH"
@@ -103,7 +103,7 @@ CHECK_DIR="$(mktemp -d)"
 import logging
 logging.disable(logging.INFO)
 from transformers import LlamaConfig  # fails when torchvision is installed but cannot import
-import surgery_plugin.easyedit as se
+import surgery_plugin.integrations.easyedit as se
 se.register()
 from easyeditor.util import alg_dict
 for name in ("DINM", "ROME", "FT", "Surgery"):

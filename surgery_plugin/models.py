@@ -24,10 +24,12 @@ from pathlib import Path
 
 import torch
 
-from .architectures import FULL_NUM_LAYERS_ATTR, hidden_state_index
-from .atomic import atomic_path, check_output_folder
+from .core.architectures import FULL_NUM_LAYERS_ATTR, hidden_state_index
+from .core.dtypes import parse_dtype
+from .core.provenance import file_sha256
 from .errors import SurgeryError, first_line
-from .provenance import file_sha256
+from .io.cache import cache_path
+from .io.files import atomic_path, check_output_folder
 
 logger = logging.getLogger(__name__)
 
@@ -65,21 +67,6 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
         ),
     )
 }
-_DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-}
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("SURGERY_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"), "surgery_plugin"
-    )
-    return Path(root)
 
 
 def _embedded_gguf(entry: EmbeddedModel, workdir: Path) -> Path:
@@ -107,13 +94,16 @@ def embedded_model_path(alias: str = "smollm2-135m") -> Path:
     if alias not in EMBEDDED_MODELS:
         raise SurgeryError(f"unknown embedded model '{alias}'; known: {', '.join(EMBEDDED_MODELS)}")
     entry = EMBEDDED_MODELS[alias]
-    folder = cache_dir() / "models" / alias
+    folder = cache_path("models", alias)
     if (folder / "surgery_source.json").is_file():
         return folder
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    with tempfile.TemporaryDirectory(dir=cache_dir()) as work, atomic_path(folder) as tmp:  # no source.json: half-made
+    with (
+        tempfile.TemporaryDirectory(dir=folder.parent) as work,
+        atomic_path(folder) as tmp,
+    ):  # no source.json: half-made
         gguf = _embedded_gguf(entry, Path(work))
         logger.info("dequantising %s into %s (once)", gguf.name, folder)
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -150,15 +140,6 @@ def resolve_model_path(name_or_path: str) -> str:
     if name_or_path in EMBEDDED_MODELS:
         return str(embedded_model_path(name_or_path))
     return name_or_path
-
-
-def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    try:
-        return _DTYPES[dtype]
-    except KeyError as err:
-        raise SurgeryError(f"unknown dtype '{dtype}'; use one of {', '.join(_DTYPES)}") from err
 
 
 def resolve_device(device: int | str | torch.device | None) -> torch.device | None:

@@ -8,7 +8,6 @@ from surgery_plugin import (
     SurgeryError,
     SurgeryHyperParams,
     apply_edit,
-    architectures,
     compose,
     execute_surgery,
     export_adapter,
@@ -17,7 +16,8 @@ from surgery_plugin import (
     revert_edit,
     set_alpha,
 )
-from surgery_plugin.probe import Probe
+from surgery_plugin.core import architectures
+from surgery_plugin.core.probe import Probe
 
 IDS = torch.tensor([[5, 17, 33, 2, 9, 41, 60, 12, 7, 3]])
 

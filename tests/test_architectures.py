@@ -2,8 +2,9 @@ import pytest
 import torch
 from helpers import FAMILIES, make_tiny
 
-from surgery_plugin import SurgeryError, SurgeryHyperParams, apply_edit, architectures, execute_surgery, revert_edit
-from surgery_plugin.probe import hidden_features
+from surgery_plugin import SurgeryError, SurgeryHyperParams, apply_edit, execute_surgery, revert_edit
+from surgery_plugin.core import architectures
+from surgery_plugin.core.features import hidden_features
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -6,12 +6,17 @@ import pytest
 import torch
 from helpers import CharTokenizer, assert_one_line_error, make_tiny, surgery
 
-from surgery_plugin import SurgeryHyperParams, apply_edit, architectures
+from surgery_plugin import SurgeryHyperParams, apply_edit
+from surgery_plugin.behaviors import BEHAVIORS
+from surgery_plugin.behaviors import get_behavior as behavior
+from surgery_plugin.core import architectures
 from surgery_plugin.errors import SurgeryError
-from surgery_plugin.evaluation import EvalSettings, evaluate, load_judges
-from surgery_plugin.evaluation.judges import load_judge
-from surgery_plugin.evaluation.protocols import BEHAVIORS, PROTOCOLS, behavior
-from surgery_plugin.stack import build_stack, export_stack, load_stack
+from surgery_plugin.evaluation.judges import load_judge, load_judges
+from surgery_plugin.evaluation.protocols import PROTOCOLS
+from surgery_plugin.evaluation.runner import evaluate
+from surgery_plugin.evaluation.suites import EvalSettings
+from surgery_plugin.io.stack import export_stack, load_stack
+from surgery_plugin.pipeline import build_stack
 
 IDS = torch.tensor([[5, 17, 33, 2, 9, 41, 60, 12, 7, 3]])
 
@@ -103,8 +108,8 @@ def test_a_stack_loads_as_the_sum_of_its_edits(tmp_path, sequential):
 
 
 def test_a_sequential_step_refuses_a_probe_trained_on_another_model(tmp_path):
-    from surgery_plugin.data import load_behavior_data
-    from surgery_plugin.probe import make_probe
+    from surgery_plugin.data.probe_data import load_behavior_data
+    from surgery_plugin.pipeline import make_probe
 
     model, tok = make_tiny("llama"), CharTokenizer()
     steps = _steps(tmp_path)

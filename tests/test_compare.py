@@ -13,10 +13,10 @@ import pytest
 import torch
 from helpers import REPO, assert_one_line_error, easyedit_python, make_tiny, surgery
 
-from surgery_plugin.compare import METHODS, cost_ratios, parse_methods
+from surgery_plugin.commands.compare.methods import METHODS, cost_ratios, parse_methods
 from surgery_plugin.errors import SurgeryError
 from surgery_plugin.evaluation.generation import first_token_kl, next_token_logprobs
-from surgery_plugin.saved_edits import (
+from surgery_plugin.io.saved_edits import (
     EDITED_TENSORS,
     load_saved_edit,
     read_edit_record,

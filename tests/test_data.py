@@ -1,17 +1,17 @@
 import pytest
 
 from surgery_plugin import SurgeryError
-from surgery_plugin.data import (
+from surgery_plugin.data import load_hh_rlhf
+from surgery_plugin.data.loaders import (
+    clean_tweet,
     load_advbench,
     load_benign_texts,
     load_davidson,
-    load_hh_rlhf,
     load_rtp,
     load_safeedit,
     load_toxigen_prompts,
-    resolve_data_dir,
 )
-from surgery_plugin.data.loaders import clean_tweet
+from surgery_plugin.data.paths import resolve_data_dir
 
 
 def test_davidson_labels_and_balance(data_dir):

@@ -24,15 +24,16 @@ import torch
 import yaml
 from helpers import DATA_DIR, REPO, CharTokenizer, easyedit_python, make_tiny
 
-from surgery_plugin import easyedit
-from surgery_plugin.easyedit import patches, surgery_main
-from surgery_plugin.easyedit.surgery_main import apply_surgery_to_model, probe_for_request
+from surgery_plugin.config import SurgeryHyperParams
+from surgery_plugin.core.edit import revert_edit
+from surgery_plugin.core.features import hidden_features
+from surgery_plugin.core.probe import ProbeTraining, train_probe
+from surgery_plugin.core.provenance import model_fingerprint
 from surgery_plugin.errors import SurgeryError
-from surgery_plugin.hparams import SurgeryHyperParams
+from surgery_plugin.integrations import easyedit
+from surgery_plugin.integrations.easyedit import patches, surgery_main
+from surgery_plugin.integrations.easyedit.surgery_main import apply_surgery_to_model, probe_for_request
 from surgery_plugin.models import EMBEDDED_MODELS
-from surgery_plugin.probe import ProbeTraining, hidden_features, train_probe
-from surgery_plugin.provenance import model_fingerprint
-from surgery_plugin.surgery import revert_edit
 
 # substrings by which EasyEdit's editors pick a model class (editors/editor.py, safety_editor.py)
 BASE_EDITOR_FAMILIES = ("t5", "gpt", "llama", "baichuan", "chatglm", "internlm", "qwen", "mistral")
@@ -358,7 +359,7 @@ def test_probe_data_features_are_cached_per_weights(probe_csv):
 
 def test_request_probe_is_the_probe_trained_on_requests_plus_probe_data(probe_csv):
     """An independent reference: features of every text by hand, then the same linear head."""
-    from surgery_plugin.data import load_behavior_data
+    from surgery_plugin.data.probe_data import load_behavior_data
 
     model, tok = make_tiny("llama"), CharTokenizer()
     hparams = _hparams(probe_data=probe_csv, probe_max_per_class=None, probe_epochs=3)

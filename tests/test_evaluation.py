@@ -9,18 +9,15 @@ import pytest
 import torch
 from helpers import CharTokenizer, assert_one_line_error, bert_tokenizer, make_tiny, surgery, tiny_bert
 
+from surgery_plugin.core.statistics import wilson_interval
 from surgery_plugin.errors import SurgeryError
-from surgery_plugin.evaluation import EvalSettings, evaluate, load_judge, load_judges, parse_suites, write_run
 from surgery_plugin.evaluation.generation import _StopAtNewline, generate_continuations
-from surgery_plugin.evaluation.metrics import (
-    is_refusal,
-    n_gram_entropy,
-    rate_summary,
-    toxicity_summary,
-    wilson_interval,
-)
+from surgery_plugin.evaluation.judges import load_judge, load_judges
+from surgery_plugin.evaluation.metrics import is_refusal, n_gram_entropy, rate_summary, toxicity_summary
 from surgery_plugin.evaluation.protocols import toxigen_documents
+from surgery_plugin.evaluation.runner import evaluate, parse_suites, write_run
 from surgery_plugin.evaluation.suites import (
+    EvalSettings,
     _expected_max_toxicity,
     run_advbench,
     run_rtp,
@@ -374,9 +371,9 @@ def test_kl_with_the_adapter_toggled_equals_kl_against_a_reference(data_dir, tmp
     from helpers import CharTokenizer, make_tiny
 
     from surgery_plugin import SurgeryHyperParams, apply_edit, execute_surgery, export_adapter, load_edited, set_alpha
+    from surgery_plugin.core.probe import Probe
     from surgery_plugin.evaluation.generation import next_token_logprobs
     from surgery_plugin.evaluation.protocols import benign_documents
-    from surgery_plugin.probe import Probe
 
     model, tok = make_tiny("llama"), CharTokenizer()
     v = torch.randn(32, generator=torch.Generator().manual_seed(3))

@@ -4,7 +4,7 @@ import pytest
 import yaml
 
 from surgery_plugin import SurgeryError, SurgeryHyperParams
-from surgery_plugin.hparams import shipped_hparams_path
+from surgery_plugin.config import shipped_hparams_path
 
 HPARAMS = Path(__file__).resolve().parents[1] / "hparams" / "Surgery"
 

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from surgery_plugin import SurgeryHyperParams, execute_surgery, export_adapter, merge_into
-from surgery_plugin.data import load_davidson
-from surgery_plugin.lm_eval_tasks import tasks_path
+from surgery_plugin.data.loaders import load_davidson
+from surgery_plugin.integrations.lm_eval import tasks_path
 from surgery_plugin.models import resolve_model_path, save_model
-from surgery_plugin.probe import make_probe
+from surgery_plugin.pipeline import make_probe
 
 pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install lm-eval)")
 pytestmark = pytest.mark.real_model

@@ -6,9 +6,12 @@ import pytest
 import torch
 from helpers import FAMILIES, make_tiny
 
-from surgery_plugin import SurgeryError, architectures, cli, models
+from surgery_plugin import SurgeryError, models
+from surgery_plugin.commands import cli
+from surgery_plugin.core import architectures
+from surgery_plugin.core.features import hidden_features, resolve_layer
+from surgery_plugin.core.probe import Probe
 from surgery_plugin.models import load_causal_lm
-from surgery_plugin.probe import Probe, hidden_features, resolve_layer
 
 TEXTS = ["you are a stupid idiot", "i love sunny days and long walks", "x", "the weather is nice", ""]
 CliResult = namedtuple("CliResult", "returncode stderr")

@@ -9,9 +9,9 @@ import torch
 from helpers import REPO, surgery
 
 from surgery_plugin import SurgeryHyperParams, apply_edit, execute_surgery, export_adapter, load_edited, revert_edit
-from surgery_plugin.data import load_davidson
-from surgery_plugin.probe import ProbeTraining, make_probe
-from surgery_plugin.surgery import edit_from_hparams
+from surgery_plugin.core.probe import ProbeTraining
+from surgery_plugin.data.loaders import load_davidson
+from surgery_plugin.pipeline import edit_from_hparams, make_probe
 
 pytestmark = pytest.mark.real_model
 HPARAMS = REPO / "hparams" / "Surgery" / "smollm2-135m.yaml"
@@ -199,7 +199,7 @@ def test_cli_probe_edit_eval_merge(tmp_path, data_dir):
 def test_demo_runs_end_to_end(tmp_path, data_dir):
     import yaml
 
-    from surgery_plugin.demo import run_demo
+    from surgery_plugin.commands.demo import run_demo
 
     small = yaml.safe_load(HPARAMS.read_text())
     small["probe_max_per_class"] = 40  # the shipped 2000 per class is the demo's; this checks the wiring

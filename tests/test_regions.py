@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from surgery_plugin import SurgeryError
-from surgery_plugin.regions import RunningTopK, gate_row_scores, layer_range, resolve_k, select_top_k
+from surgery_plugin.core.regions import RunningTopK, gate_row_scores, layer_range, resolve_k, select_top_k
 
 
 def test_scores_are_negative_cosine():

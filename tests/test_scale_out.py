@@ -9,9 +9,11 @@ import pytest
 import torch
 from helpers import make_tiny
 
-from surgery_plugin import SurgeryError, SurgeryHyperParams, architectures, cli, execute_surgery, export_adapter
+from surgery_plugin import SurgeryError, SurgeryHyperParams, execute_surgery, export_adapter
+from surgery_plugin.commands import cli
+from surgery_plugin.core import architectures
+from surgery_plugin.core.probe import Probe
 from surgery_plugin.evaluation.scale_out import lm_eval_command, shell, surgery_command, vllm_refusal
-from surgery_plugin.probe import Probe
 
 
 def _adapter(family: str, folder: Path) -> Path:

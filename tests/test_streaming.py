@@ -10,9 +10,11 @@ import pytest
 import torch
 from helpers import FAMILIES, assert_one_line_error, make_tiny, surgery, write_probe
 
-from surgery_plugin import SurgeryHyperParams, architectures, cli, execute_surgery, export_adapter, regions
-from surgery_plugin.probe import Probe
-from surgery_plugin.streaming import INDEX_FILE, CheckpointGates
+from surgery_plugin import SurgeryHyperParams, execute_surgery, export_adapter
+from surgery_plugin.commands import cli
+from surgery_plugin.core import architectures, regions
+from surgery_plugin.core.probe import Probe
+from surgery_plugin.core.streaming import INDEX_FILE, CheckpointGates
 
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json", "surgery.json")
 HPARAMS = [

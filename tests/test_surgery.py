@@ -7,12 +7,12 @@ from surgery_plugin import (
     SurgeryHyperParams,
     apply_edit,
     apply_surgery_to_model,
-    architectures,
     execute_surgery,
     revert_edit,
 )
-from surgery_plugin.probe import Probe
-from surgery_plugin.surgery import mean_gate_row_norm
+from surgery_plugin.core import architectures
+from surgery_plugin.core.edit import mean_gate_row_norm
+from surgery_plugin.core.probe import Probe
 
 
 def _probe(model, seed=1):

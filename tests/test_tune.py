@@ -9,8 +9,8 @@ import yaml
 from helpers import CharTokenizer, make_tiny
 
 from surgery_plugin import SurgeryHyperParams
+from surgery_plugin.commands.tune.study import TuneSettings, check_space, tune
 from surgery_plugin.errors import SurgeryError
-from surgery_plugin.tune import TuneSettings, check_space, tune
 
 SPACE = {
     "probe_layer": {"choices": [1, 2]},
@@ -127,7 +127,7 @@ def test_cli_tune_rejects_a_bad_space_file_in_one_line(tmp_path):
 
 def test_self_probe_data_needs_both_classes(tmp_path, data_dir, monkeypatch):
     """A tiny random model's continuations are gibberish the judge calls non-toxic: one class, a clear error."""
-    from surgery_plugin.probe_data import load_probe_data
+    from surgery_plugin.pipeline import load_probe_data
 
     monkeypatch.setenv("SURGERY_CACHE", str(tmp_path / "cache"))
     model, tok = make_tiny("llama"), CharTokenizer()
@@ -146,7 +146,7 @@ def test_self_probe_data_needs_both_classes(tmp_path, data_dir, monkeypatch):
 
 
 def test_the_front_keeps_exactly_the_undominated_points():
-    from surgery_plugin.tune import pareto_front
+    from surgery_plugin.commands.tune.study import pareto_front
 
     values = [[0.5, 0.1, 0.2], [0.6, 0.1, 0.2], [0.4, 0.3, 0.1], [0.5, 0.1, 0.2], [0.9, 0.0, 0.5]]
     # [1] is dominated by [0]; equal points ([0], [3]) do not dominate each other
@@ -155,9 +155,9 @@ def test_the_front_keeps_exactly_the_undominated_points():
 
 def test_each_behavior_declares_what_its_search_tries():
     """The default search of a behavior tries that behavior's probe data and objective suites, never toxicity's."""
-    from surgery_plugin.data.loaders import BEHAVIOR_DATASETS
-    from surgery_plugin.evaluation.protocols import BEHAVIORS
-    from surgery_plugin.tune import TUNABLE_SUITES, default_space
+    from surgery_plugin.behaviors import BEHAVIORS
+    from surgery_plugin.commands.tune.study import TUNABLE_SUITES, default_space
+    from surgery_plugin.data.probe_data import BEHAVIOR_DATASETS
 
     for spec in BEHAVIORS.values():
         assert spec.tune_suites and set(spec.tune_suites) <= set(TUNABLE_SUITES), spec.name
@@ -173,10 +173,9 @@ def test_stack_on_searches_the_next_edit_with_the_first_one_active(tmp_path, dat
     """--stack-on: every trial and the validation are measured with the fixed adapter active as well, the
     baseline stays the unedited model, and a resumed study must stack on the same adapter."""
     from surgery_plugin import export_adapter
-    from surgery_plugin.probe import make_probe
-    from surgery_plugin.probe_data import load_probe_data
-    from surgery_plugin.provenance import gate_fingerprint
-    from surgery_plugin.surgery import execute_surgery
+    from surgery_plugin.core.edit import execute_surgery
+    from surgery_plugin.core.provenance import gate_fingerprint
+    from surgery_plugin.pipeline import load_probe_data, make_probe
 
     model, tok = make_tiny("llama"), CharTokenizer()
     before = gate_fingerprint(model)

@@ -7,18 +7,12 @@ import pytest
 import torch
 from helpers import make_tiny
 
-from surgery_plugin import SurgeryHyperParams, apply_edit, architectures, execute_surgery, export_adapter, load_edited
+from surgery_plugin import SurgeryHyperParams, apply_edit, execute_surgery, export_adapter, load_edited
+from surgery_plugin.core import architectures
+from surgery_plugin.core.features import hidden_features, pooled_states
+from surgery_plugin.core.probe import Probe, ProbeTraining, train_probe
+from surgery_plugin.core.reference import ReferenceStats, project_out, reference_stats
 from surgery_plugin.errors import SurgeryError
-from surgery_plugin.probe import (
-    Probe,
-    ProbeTraining,
-    ReferenceStats,
-    hidden_features,
-    pooled_states,
-    project_out,
-    reference_stats,
-    train_probe,
-)
 
 TEXTS = [
     "a kind word",
@@ -79,7 +73,7 @@ def test_mean_difference_probe_is_the_train_split_mean_difference():
 
 
 def _test_indices(labels):
-    from surgery_plugin.probe import split_indices
+    from surgery_plugin.core.probe import split_indices
 
     return split_indices(labels, 0.2, 0)[1].tolist()
 
@@ -146,8 +140,9 @@ def test_project_out_and_bad_choices():
 
 def test_edit_from_hparams_contrasts_with_the_probe_data_it_is_given_or_loads(char_tokenizer, data_dir):
     """gate_contrast reads the probe data's undesired texts: the ones passed in, else hparams.probe_data's."""
-    from surgery_plugin.data import BehaviorData, load_behavior_data
-    from surgery_plugin.surgery import edit_from_hparams
+    from surgery_plugin.core.probe import BehaviorData
+    from surgery_plugin.data.probe_data import load_behavior_data
+    from surgery_plugin.pipeline import edit_from_hparams
 
     model = make_tiny("llama")
     hp = SurgeryHyperParams(

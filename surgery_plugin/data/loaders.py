@@ -13,31 +13,18 @@ import html
 import json
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
+from ..core.probe import BehaviorData
+from ..core.provenance import file_sha256, labeled_texts_sha256
+from ..core.statistics import stratified_shuffle
 from ..errors import SurgeryError, first_line
-from ..provenance import file_sha256, labeled_texts_sha256
 from .paths import resolve_data_dir
-from .splits import RTP_BENIGN, RTP_CHALLENGING, SAFEEDIT, SST2, TOXIGEN_PROBE_GROUPS, stratified_shuffle
+from .splits import SST2
 
 _MENTION = re.compile(r"@\w+")
 _URL = re.compile(r"https?://\S+")
 _SPACES = re.compile(r"\s+")
-
-
-@dataclass(frozen=True)
-class BehaviorData:
-    """Texts labeled 1 (undesired behavior) or 0 (acceptable), and where they came from."""
-
-    texts: list[str]
-    labels: list[int]
-    description: str
-
-    @property
-    def undesired(self) -> list[str]:
-        """The texts labeled 1 (what region_scoring ``gate_contrast`` contrasts with benign text)."""
-        return [t for t, label in zip(self.texts, self.labels, strict=True) if label == 1]
 
 
 def _data_file(data_dir, relative: str, hub_hint: str) -> Path | None:
@@ -194,20 +181,6 @@ def load_benign_documents(data_dir=None, limit: int | None = None, start: int = 
     return docs[start:end]
 
 
-def load_hh_rlhf(data_dir=None) -> list[dict]:
-    """Anthropic HH-RLHF harmless-base test pairs: ``chosen`` / ``rejected`` dialogues."""
-    path = _data_file(data_dir, "hh_rlhf/harmless-base-test.jsonl.gz", "Anthropic/hh-rlhf")
-    if path is not None:
-        return _read_jsonl(path)
-
-    def hub():
-        from datasets import load_dataset
-
-        return [dict(r) for r in load_dataset("Anthropic/hh-rlhf", data_dir="harmless-base", split="test")]
-
-    return _from_hub("Anthropic/hh-rlhf", hub)
-
-
 def load_advbench(data_dir=None) -> list[dict]:
     """AdvBench harmful behaviors: ``goal`` and ``target``."""
     path = _data_file(data_dir, "advbench/harmful_behaviors.csv", "walledai/AdvBench")
@@ -239,6 +212,44 @@ def load_safeedit(data_dir=None) -> list[dict]:
         return [dict(r) for r in load_dataset("zjunlp/SafeEdit", split="test")]
 
     return _from_hub("zjunlp/SafeEdit", hub)
+
+
+SAFEEDIT_GENERAL_KEYS = (
+    "test input of only harmful question",
+    "test input of other attack prompt input",
+    "test input of other question input",
+    "test input of other questions and attack prompts",
+)
+
+
+def safeedit_edit_inputs(records: Sequence[dict], prompt_field: str = "adversarial prompt", suffix: str = "") -> dict:
+    """SafeEdit records as the inputs of an EasyEdit edit, the one conversion every caller uses: the prompt
+    (``prompt_field`` + ``suffix``), ``target_new`` = the safe generation, ``ground_truth`` = the unsafe one,
+    ``general_prompt`` = the four generalisation inputs, ``locality_inputs`` = the knowledge constraint."""
+    try:
+        return {
+            "prompts": [r[prompt_field] + suffix for r in records],
+            "target_new": [r["safe generation"] for r in records],
+            "ground_truth": [r["unsafe generation"] for r in records],
+            "general_prompt": [[r["generalization test"][k] + suffix for k in SAFEEDIT_GENERAL_KEYS] for r in records],
+            "locality_inputs": {
+                "general knowledge constraint": {
+                    "prompt": [r["knowledge constrain"]["prompt"] + suffix for r in records],
+                    "ground_truth": [r["knowledge constrain"]["answer"] for r in records],
+                }
+            },
+        }
+    except (KeyError, TypeError) as err:
+        raise SurgeryError(f"a SafeEdit record lacks {err} (not the SafeEdit test format)") from err
+
+
+def safeedit_requests(records: Sequence[dict]) -> list[dict]:
+    """SafeEdit records as EasyEdit requests (``prompt``, ``target_new``, ``ground_truth``): Surgery's request path."""
+    inputs = safeedit_edit_inputs(records)
+    return [
+        {"prompt": p, "target_new": t, "ground_truth": g}
+        for p, t, g in zip(inputs["prompts"], inputs["target_new"], inputs["ground_truth"], strict=True)
+    ]
 
 
 def load_toxigen_demonstrations(data_dir=None, groups: Sequence[str] | None = None) -> BehaviorData:
@@ -277,42 +288,6 @@ def load_toxigen_demonstrations(data_dir=None, groups: Sequence[str] | None = No
     )
 
 
-def load_rtp_probe_documents(data_dir=None) -> BehaviorData:
-    """RealToxicityPrompts documents (prompt + continuation) set aside for probes: challenging records
-    ``RTP_CHALLENGING["probe"]`` and non-challenging ``RTP_BENIGN["probe"]``; toxic (1) when the prompt's or the
-    continuation's Perspective toxicity is >= 0.5."""
-    parts = [
-        (load_rtp(data_dir, "toxic"), RTP_CHALLENGING["probe"]),
-        ([r for r in load_rtp(data_dir, "nontoxic") if not r.get("challenging")], RTP_BENIGN["probe"]),
-    ]
-    texts, labels = [], []
-    for records, (start, end) in parts:
-        for r in records[start:end]:
-            scores = [r.get(k, {}).get("toxicity") for k in ("prompt", "continuation")]
-            if any(s is None for s in scores):
-                continue
-            texts.append((r["prompt"]["text"] + r["continuation"]["text"]).strip())
-            labels.append(int(max(scores) >= 0.5))
-    return BehaviorData(
-        texts,
-        labels,
-        f"rtp_documents challenging{list(RTP_CHALLENGING['probe'])} "
-        f"nontoxic{list(RTP_BENIGN['probe'])} n={len(texts)} sha256:{labeled_texts_sha256(texts, labels)}",
-    )
-
-
-def _toxigen_probe_groups(data_dir=None, max_per_class=None, seed: int = 0) -> BehaviorData:
-    data = load_toxigen_demonstrations(data_dir, TOXIGEN_PROBE_GROUPS)
-    texts, labels = balanced(data.texts, data.labels, max_per_class, seed)
-    return BehaviorData(texts, labels, f"{data.description} max_per_class={max_per_class} seed={seed}")
-
-
-def _rtp_probe(data_dir=None, max_per_class=None, seed: int = 0) -> BehaviorData:
-    data = load_rtp_probe_documents(data_dir)
-    texts, labels = balanced(data.texts, data.labels, max_per_class, seed)
-    return BehaviorData(texts, labels, f"{data.description} max_per_class={max_per_class} seed={seed}")
-
-
 def load_sst2(data_dir=None, split: str = "dev") -> list[dict]:
     """SST-2 sentences ``{"text", "label"}`` (0 negative, 1 positive) of ``dev`` (872) or ``test`` (1,821)."""
     if split not in ("dev", "test"):
@@ -337,83 +312,3 @@ def sst2_range(data_dir, which: str) -> list[dict]:
     """The SST-2 sentences of one ``SST2`` split entry (``probe``, ``judge``)."""
     split, start, end = SST2[which]
     return load_sst2(data_dir, split)[start:end]
-
-
-def _sst2_probe(data_dir=None, max_per_class=None, seed: int = 0) -> BehaviorData:
-    """Attitude probe: SST-2 test ``SST2["probe"]``, negative (the undesired attitude) -> 1, positive -> 0."""
-    rows = sst2_range(data_dir, "probe")
-    texts, labels = balanced([r["text"] for r in rows], [1 - r["label"] for r in rows], max_per_class, seed)
-    _, start, end = SST2["probe"]
-    return BehaviorData(
-        texts,
-        labels,
-        f"sst2 test[{start}:{end}] negative=1 n={len(texts)} max_per_class={max_per_class} "
-        f"seed={seed} sha256:{labeled_texts_sha256(texts, labels)}",
-    )
-
-
-def _safeedit_probe(data_dir=None, max_per_class=None, seed: int = 0) -> BehaviorData:
-    """Jailbreak probe: SafeEdit records ``SAFEEDIT["probe"]``, the adversarial prompt and the bare question, each
-    followed by the unsafe generation (complied, 1) or the safe generation (refused, 0)."""
-    start, end = SAFEEDIT["probe"]
-    texts, labels = [], []
-    for record in load_safeedit(data_dir)[start:end]:
-        question = record.get("generalization test", {}).get("test input of only harmful question") or record.get(
-            "question"
-        )
-        for prompt in (record["adversarial prompt"], question):
-            for key, label in (("unsafe generation", 1), ("safe generation", 0)):
-                if prompt and record.get(key):
-                    texts.append(f"{prompt.strip()} {record[key].strip()}")
-                    labels.append(label)
-    texts, labels = balanced(texts, labels, max_per_class, seed)
-    return BehaviorData(
-        texts,
-        labels,
-        f"safeedit records[{start}:{end}] prompt + unsafe(1)/safe(0) generation n={len(texts)} "
-        f"sha256:{labeled_texts_sha256(texts, labels)}",
-    )
-
-
-# probe data sets that need no model; "a+b" joins several (each balanced on its own)
-BEHAVIOR_DATASETS = {
-    "davidson": load_davidson,
-    "toxigen": _toxigen_probe_groups,
-    "rtp": _rtp_probe,
-    "sst2": _sst2_probe,
-    "safeedit": _safeedit_probe,
-}
-
-
-def join(parts: Sequence[BehaviorData]) -> BehaviorData:
-    """Several labelled sets as one (texts in order), the description naming each."""
-    return BehaviorData(
-        [t for d in parts for t in d.texts],
-        [label for d in parts for label in d.labels],
-        " + ".join(d.description for d in parts),
-    )
-
-
-def load_behavior_data(name: str, data_dir=None, max_per_class: int | None = None, seed: int = 0) -> BehaviorData:
-    """Probe training data by name (``davidson``, ``toxigen``, ``rtp``, or several joined with ``+``), or a local
-    CSV/JSONL with ``text`` and ``label`` (1 = undesired)."""
-    if "+" in name:
-        return join([load_behavior_data(part, data_dir, max_per_class, seed) for part in name.split("+") if part])
-    if name in BEHAVIOR_DATASETS:
-        return BEHAVIOR_DATASETS[name](data_dir, max_per_class=max_per_class, seed=seed)
-    path = Path(name)
-    if path.suffix in (".csv", ".jsonl") and path.is_file():
-        if path.suffix == ".csv":
-            with open(path, newline="", encoding="utf-8") as f:
-                rows = list(csv.DictReader(f))
-        else:
-            rows = _read_jsonl(path)
-        if rows and not {"text", "label"} <= set(rows[0]):
-            raise SurgeryError(f"{path} needs 'text' and 'label' columns, found {sorted(rows[0])}")
-        texts = [str(r["text"]) for r in rows]
-        labels = [int(r["label"]) for r in rows]
-        texts, labels = balanced(texts, labels, max_per_class, seed)
-        return BehaviorData(texts, labels, f"file:{path.name} sha256:{file_digest(path)} n={len(texts)} seed={seed}")
-    raise SurgeryError(
-        f"unknown probe data '{name}'; use one of {', '.join(BEHAVIOR_DATASETS)} or a .csv/.jsonl file with text,label"
-    )

@@ -1,29 +1,15 @@
-"""Which indices of each data set each step uses, declared once, and the one seeded stratified shuffle.
+"""Which indices of each data set each step uses: the only index table.
 
-No reported number uses an index that a probe, a sweep or a search saw:
-
-- ``rtp/toxic.jsonl`` (challenging prompts): probes [800, 1000), tuning search [0, 200), validation of
-  the chosen point [300, 500), report (README, demo) [500, 800).
-- ``rtp/nontoxic.jsonl`` (benign text, non-challenging records: ppl and kl): report [0, 200), tuning
-  [200, 300), validation [300, 400), gate-input reference [400, 600), self-probe prompts [600, 800),
-  probe documents [1000, 1200).
-- ToxiGen: probes and searches use ``TOXIGEN_PROBE_GROUPS`` only (demonstrations and prompts); reports
-  use the other groups, ``TOXIGEN_REPORT_GROUPS``: prompts [0, 50) per group, validation [50, 100).
-- Jailbreak: SafeEdit records [0, 60) make the probe (their safe vs. unsafe generations), [60, 93) are
-  reported; AdvBench instructions [0, 100) are reported, [100, 150) tune, [150, 200) validate; false refusals are
-  measured on every record's benign "knowledge constrain" question (no probe uses them).
-- Attitude: SST-2 test [0, 1000) makes the probe, test [1000, 1821) trains the ``minilm:sst2`` judge;
-  the prompts are openings of negative dev reviews: [0, 80) tune, [80, 130) validate, [130, 413) are reported.
+No reported number uses an index that a probe, a search or a validation saw. Every evaluation gets its
+prompts through :func:`suite_span` / :func:`toxigen_split` (via ``evaluation.protocols.settings_for``),
+and every document that says which prompts were held out quotes :func:`describe` (``python -m
+surgery_plugin.data.splits`` prints it; a test checks the README holds it verbatim).
 
 The ``minilm`` judge is trained on Davidson, the ToxiGen demonstrations of ``TOXIGEN_REPORT_GROUPS``
-only and RTP non-toxic continuations [200, 1000) (never a probe's texts; see evaluation/minilm.py).
+only and RTP non-toxic continuations ``RTP_BENIGN["judge"]`` (never a probe's texts; see evaluation/minilm.py).
 """
 
 from __future__ import annotations
-
-from collections.abc import Hashable, Sequence
-
-import numpy as np
 
 RTP_CHALLENGING = {"tune": (0, 200), "validation": (300, 500), "report": (500, 800), "probe": (800, 1000)}
 RTP_BENIGN = {
@@ -47,17 +33,84 @@ SST2 = {"probe": ("test", 0, 1000), "judge": ("test", 1000, 1821)}
 ATTITUDE_OPENINGS = {"tune": (0, 80), "validation": (80, 130), "report": (130, 413)}
 
 
-def stratified_shuffle(keys: Sequence[Hashable], seed: int) -> dict[Hashable, np.ndarray]:
-    """Indices of each group of equal key, each group shuffled; groups drawn in sorted key order
-    from one generator seeded with ``seed``, so the result depends only on the keys and the seed."""
-    keys = list(keys)
-    rng = np.random.default_rng(seed)
-    groups = {}
-    for key in sorted(set(keys)):
-        idx = np.flatnonzero(np.fromiter((k == key for k in keys), dtype=bool, count=len(keys)))
-        rng.shuffle(idx)
-        groups[key] = idx
-    return groups
+SPLITS = ("tune", "validation", "report")  # what a search tunes on, what checks its choice, what is reported
+# suite -> split -> [start, end) into the suite's documents (None: to the end); toxigen is per group, below
+SUITE_SPANS: dict[str, dict[str, tuple[int, int | None]]] = {
+    "rtp": RTP_CHALLENGING,
+    "advbench": ADVBENCH,
+    "safeedit": SAFEEDIT,
+    "attitude": ATTITUDE_OPENINGS,
+    "false_refusal": {"report": (0, None)},  # every record's benign question; no probe uses them
+}
+TOXIGEN_SPLITS = {
+    "tune": (TOXIGEN_PROBE_GROUPS, (0, 50)),
+    "validation": (TOXIGEN_REPORT_GROUPS, TOXIGEN_REPORT_PROMPTS["validation"]),
+    "report": (TOXIGEN_REPORT_GROUPS, TOXIGEN_REPORT_PROMPTS["report"]),
+}
+BENIGN_SPLITS = {split: RTP_BENIGN[split] for split in SPLITS}  # ppl and kl
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        from ..errors import SurgeryError
+
+        raise SurgeryError(f"unknown split '{split}'; splits: {', '.join(SPLITS)}")
+
+
+def suite_span(suite: str, split: str) -> tuple[int, int | None] | None:
+    """``[start, end)`` of ``suite``'s documents in ``split``; None for a suite the table does not index
+    (ppl and kl use :data:`BENIGN_SPLITS`, toxigen :func:`toxigen_split`, lm-eval tasks their own)."""
+    _check_split(split)
+    spans = SUITE_SPANS.get(suite)
+    if spans is None:
+        return None
+    if split not in spans:
+        from ..errors import SurgeryError
+
+        raise SurgeryError(f"suite '{suite}' has no {split} split; it has: {', '.join(spans)}")
+    return spans[split]
+
+
+def toxigen_split(split: str) -> tuple[tuple[str, ...], tuple[int, int]]:
+    """``(groups, (start, end))``: the target groups and the prompt lines of each group ``split`` uses."""
+    _check_split(split)
+    return TOXIGEN_SPLITS[split]
+
+
+def describe() -> str:
+    """Which indices each step uses, as markdown (generated from the table above)."""
+
+    def span(s) -> str:
+        return f"[{s[0]}, {'end' if s[1] is None else s[1]})"
+
+    rows = [
+        ("RTP challenging prompts (rtp/toxic.jsonl)", {**RTP_CHALLENGING}),
+        ("RTP non-challenging documents (benign: ppl, kl, statistics)", dict(RTP_BENIGN)),
+        ("AdvBench instructions", ADVBENCH),
+        ("SafeEdit test records", SAFEEDIT),
+        ("attitude openings (negative SST-2 dev reviews)", ATTITUDE_OPENINGS),
+        ("SST-2 test sentences", {k: (v[1], v[2]) for k, v in SST2.items()}),
+    ]
+    lines = [
+        "| data | " + " | ".join(["tune (search)", "validation", "report", "other uses"]) + " |",
+        "|---|---|---|---|---|",
+    ]
+    for name, spans in rows:
+        cells = [span(spans[s]) if s in spans else "-" for s in SPLITS]
+        other = ", ".join(f"{k} {span(v)}" for k, v in spans.items() if k not in SPLITS) or "-"
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {other} |")
+    for split in SPLITS:
+        groups, (start, end) = TOXIGEN_SPLITS[split]
+        lines.append(
+            f"| ToxiGen hate prompts, {split} | "
+            + " | ".join(f"groups {', '.join(groups)}: lines [{start}, {end})" if s == split else "-" for s in SPLITS)
+            + " | - |"
+        )
+    lines.append(
+        f"| ToxiGen demonstrations | - | - | - | probes: groups {', '.join(TOXIGEN_PROBE_GROUPS)}; "
+        f"minilm judge: groups {', '.join(TOXIGEN_REPORT_GROUPS)} |"
+    )
+    return "\n".join(lines)
 
 
 def toxigen_groups(spec: str | None) -> tuple[str, ...] | None:
@@ -69,3 +122,7 @@ def toxigen_groups(spec: str | None) -> tuple[str, ...] | None:
         return named[spec]
     groups = tuple(g.strip() for g in spec.split(",") if g.strip())
     return groups or None
+
+
+if __name__ == "__main__":
+    print(describe())

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ..batching import length_sorted_batches, pad, pad_id
+from ..core.batching import length_sorted_batches, pad, pad_id
 from ..errors import SurgeryError
 
 

@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from ..batching import length_sorted_batches
+from ..core.batching import length_sorted_batches
 from ..errors import SurgeryError, first_line
 
 logger = logging.getLogger(__name__)
@@ -337,15 +337,15 @@ class DetoxifyJudge:
 
     @staticmethod
     def _download(model_type: str) -> Path:
-        from ..models import cache_dir
+        from ..io.cache import cache_path
 
         url = os.environ.get("SURGERY_DETOXIFY_BASE_URL", DETOXIFY_BASE_URL) + DETOXIFY_URLS[model_type]
-        target = cache_dir() / "judges" / "detoxify" / Path(url).name
+        target = cache_path("judges", "detoxify", Path(url).name)
         if target.is_file():
             return target
         import torch
 
-        from ..atomic import atomic_path
+        from ..io.files import atomic_path
 
         try:
             with atomic_path(target) as tmp:
@@ -393,7 +393,7 @@ class DetoxifyJudge:
         return torch.sigmoid(logits[:, self.index]).tolist() if len(texts) else []
 
     def info(self) -> dict:
-        from ..provenance import file_sha256
+        from ..core.provenance import file_sha256
 
         return {
             "name": self.name,

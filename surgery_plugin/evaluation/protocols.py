@@ -9,20 +9,30 @@ Everything else follows from :data:`PROTOCOLS`:
 - the report tables (:mod:`.report`) and the demo table list each protocol's metrics with their
   labels and direction.
 
-A new suite is added here (and its runner in :mod:`.suites`).
+- which prompts of each suite a step uses comes from the split table (:mod:`surgery_plugin.data.splits`)
+  through :func:`settings_for`, the only place a split becomes evaluation settings.
+
+A new suite is added here (its ``runner``: the function in :mod:`.suites` that runs it).
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..data import load_advbench, load_benign_documents, load_rtp, load_safeedit, load_sst2, load_toxigen_prompts
-from ..data.splits import ADVBENCH as ADVBENCH_SPLITS
-from ..data.splits import ATTITUDE_OPENINGS
-from ..data.splits import SAFEEDIT as SAFEEDIT_SPLITS
+from ..data import splits
+from ..data.loaders import (
+    load_advbench,
+    load_benign_documents,
+    load_rtp,
+    load_safeedit,
+    load_sst2,
+    load_toxigen_prompts,
+)
 from ..errors import SurgeryError
-from .metrics import REFUSAL_PREFIXES
+from .metrics import REFUSAL_PREFIXES, TOXIC_THRESHOLD
 
 
 @dataclass(frozen=True)
@@ -55,6 +65,7 @@ class LmEvalTask:
 @dataclass(frozen=True)
 class Protocol:
     name: str  # the suite name
+    runner: str  # the function of .suites that runs it
     title: str
     documents: str  # where the prompts / texts come from
     prompt_format: str
@@ -134,16 +145,13 @@ def benign_documents(data_dir=None, limit: int | None = 200, start: int = 0) -> 
 
 # ---------------------------------------------------------------- the protocols
 
-ADVBENCH_REPORT = (ADVBENCH_SPLITS["report"][0], ADVBENCH_SPLITS["report"][1] - ADVBENCH_SPLITS["report"][0])
-SAFEEDIT_REPORT = (SAFEEDIT_SPLITS["report"][0], SAFEEDIT_SPLITS["report"][1] - SAFEEDIT_SPLITS["report"][0])
-ATTITUDE_REPORT = (ATTITUDE_OPENINGS["report"][0], ATTITUDE_OPENINGS["report"][1] - ATTITUDE_OPENINGS["report"][0])
-
 _JUDGE_NOTE = 'Judge: $SURGERY_LM_EVAL_JUDGE (default "profanity"); data: $SURGERY_DATA_DIR or ../shared/data.'
 _TOXIC = (("toxic", False), ("toxicity", False))
 _SAFE = (("safe", True), ("unsafe_score", False))
 
 RTP = Protocol(
     name="rtp",
+    runner="run_rtp",
     title="RealToxicityPrompts, challenging subset",
     documents="rtp/toxic.jsonl (1,000 challenging prompts), in file order",
     prompt_format="the prompt text as is",
@@ -172,6 +180,7 @@ RTP = Protocol(
 
 TOXIGEN = Protocol(
     name="toxigen",
+    runner="run_toxigen",
     title="ToxiGen hate prompts",
     documents="toxigen/prompts/hate_<group>_1k.txt, round-robin over the target groups",
     prompt_format="the '- statement' list as is; the model continues it",
@@ -214,6 +223,7 @@ _SAFEEDIT_WHAT = {
 
 SAFEEDIT = Protocol(
     name="safeedit",
+    runner="run_safeedit",
     title="SafeEdit defense success and generalisation",
     documents="safeedit/*.json test records: per record the adversarial prompt (DS) and four generalisation inputs",
     prompt_format="a user turn in the tokenizer's chat template when it has one",
@@ -254,6 +264,7 @@ SAFEEDIT = Protocol(
 
 ADVBENCH = Protocol(
     name="advbench",
+    runner="run_advbench",
     title="AdvBench harmful behaviors",
     documents="advbench/harmful_behaviors.csv (520 instructions)",
     prompt_format="a user turn in the tokenizer's chat template when it has one",
@@ -292,6 +303,7 @@ ADVBENCH = Protocol(
 
 PPL = Protocol(
     name="ppl",
+    runner="run_ppl",
     title="perplexity on held-out benign web text",
     documents="rtp/nontoxic.jsonl prompt + continuation, non-challenging [benign_start, +ppl_limit), default [0, 200)",
     prompt_format="each document scored on its own, truncated to 256 tokens",
@@ -323,6 +335,7 @@ PPL = Protocol(
 
 KL = Protocol(
     name="kl",
+    runner="run_kl",
     title="next-token KL divergence on benign prompts",
     documents="the prompts of the ppl suite's documents (rtp/nontoxic.jsonl, [benign_start, +ppl_limit))",
     prompt_format="the prompt text as is",
@@ -353,6 +366,7 @@ def false_refusal_documents(data_dir=None) -> list[dict]:
 
 FALSE_REFUSAL = Protocol(
     name="false_refusal",
+    runner="run_false_refusal",
     title="false refusals on benign questions",
     documents="safeedit/*.json: each record's benign 'knowledge constrain' question",
     prompt_format="a user turn in the tokenizer's chat template when it has one",
@@ -386,6 +400,7 @@ def attitude_documents(data_dir=None) -> list[dict]:
 
 ATTITUDE = Protocol(
     name="attitude",
+    runner="run_attitude",
     title="attitude: positive continuations of negative review openings",
     documents="sst2/dev.tsv: openings of the negative reviews with >= 6 words, in file order",
     prompt_format="the opening as is; the model continues it",
@@ -406,79 +421,6 @@ ATTITUDE = Protocol(
 PROTOCOLS: dict[str, Protocol] = {
     p.name: p for p in (RTP, TOXIGEN, SAFEEDIT, ADVBENCH, PPL, KL, FALSE_REFUSAL, ATTITUDE)
 }
-
-
-# ---------------------------------------------------------------- behaviors: probe data + suites + judges + direction
-
-
-@dataclass(frozen=True)
-class Behavior:
-    """One behavior an edit changes. Its probe data labels the *undesired* side 1; a positive alpha moves
-    the model away from it ("surrender", a negative alpha, moves towards it)."""
-
-    name: str
-    undesired: str
-    acceptable: str
-    probe_data: str  # the default probe data (hparams' probe_data overrides it)
-    suites: tuple[str, ...]  # what `surgery eval --behavior NAME` runs, capability costs included
-    judges: str  # the default --judge
-    metric: tuple[str, str]  # (suite, key): the behavior's headline number
-    # suite -> the report split (start, limit) the demo and README use; see data/splits.py
-    report: dict[str, tuple[int, int]] = field(default_factory=dict)
-    applies_to_chat_models_only: bool = False
-    # `surgery tune`: the suites of the undesired objective, and the probe data sets the default space tries
-    tune_suites: tuple[str, ...] = ()
-    probe_data_choices: tuple[str, ...] = ()
-
-
-BEHAVIORS: dict[str, Behavior] = {
-    b.name: b
-    for b in (
-        Behavior(
-            "toxicity",
-            "toxic text",
-            "non-toxic text",
-            "davidson",
-            ("rtp", "toxigen", "ppl", "kl"),
-            "profanity,minilm",
-            ("rtp", "toxic_rate"),
-            tune_suites=("rtp", "toxigen"),
-            probe_data_choices=("davidson", "rtp", "self", "davidson+toxigen", "toxigen+rtp"),
-        ),
-        Behavior(
-            "jailbreak",
-            "complying with a harmful request",
-            "refusing it",
-            "safeedit",
-            ("advbench", "safeedit", "false_refusal", "ppl", "kl"),
-            "refusal,minilm",
-            ("advbench", "refusal_rate"),
-            report={"advbench": ADVBENCH_REPORT, "safeedit": SAFEEDIT_REPORT},
-            applies_to_chat_models_only=True,
-            tune_suites=("advbench",),
-            probe_data_choices=("safeedit",),
-        ),
-        Behavior(
-            "attitude",
-            "negative sentiment",
-            "positive sentiment",
-            "sst2",
-            ("attitude", "ppl", "kl"),
-            "vader,minilm:sst2",
-            ("attitude", "positive_rate"),
-            report={"attitude": ATTITUDE_REPORT},
-            tune_suites=("attitude",),
-            probe_data_choices=("sst2",),
-        ),
-    )
-}
-
-
-def behavior(name: str) -> Behavior:
-    try:
-        return BEHAVIORS[name]
-    except KeyError as err:
-        raise SurgeryError(f"unknown behavior '{name}'; known: {', '.join(BEHAVIORS)}") from err
 
 
 # ---------------------------------------------------------------- editing protocols (`surgery compare`)
@@ -516,3 +458,103 @@ SAFEEDIT_PER_INSTANCE = EditProtocol(
 )
 
 EDIT_PROTOCOLS: dict[str, EditProtocol] = {p.name: p for p in (GLOBAL_EDIT, SAFEEDIT_PER_INSTANCE)}
+
+
+# ---------------------------------------------------------------- settings: which prompts, how decoded
+
+
+@dataclass
+class EvalSettings:
+    judges: list = field(default_factory=list)
+    split: str | None = None  # the split table's name for these prompts (data/splits.py); None: a custom range
+    limit: int | None = None  # prompts (records) per generation suite
+    start: int = 0  # first prompt: lets tuning and reporting use disjoint prompts
+    ppl_limit: int = 200  # benign documents for ppl and kl
+    benign_start: int = 0  # first benign document (tuning and reporting use disjoint ones)
+    toxigen_groups: tuple[str, ...] | None = None  # None: every group; see data.splits for the held-out ones
+    data_dir: Any = None
+    batch_size: int = 16
+    max_new_tokens: int | None = None  # None: each protocol's own (PROTOCOLS[name].max_new_tokens)
+    samples: int | None = None  # rtp: k sampled continuations per prompt -> expected maximum toxicity
+    seed: int = 0
+    top_p: float = 0.9  # nucleus sampling for ``samples`` (Gehman et al.)
+    chat_template: bool | None = None  # chat-template protocols: None = apply when the tokenizer has one
+    threshold: float = TOXIC_THRESHOLD
+    progress: bool = True
+    # kl: log-probs of the unedited model on the kl prompts (generation.next_token_logprobs); None: the
+    # model must be a PEFT model, whose adapters are switched off for the reference
+    kl_reference: Any = None
+    # a safety instruction the model reads before every prompt (the prompting baseline of `surgery compare`): a
+    # system turn in chat-template protocols, else generation.instruction_prefix before the prompt / text
+    instruction: str | None = None
+
+    def new_tokens(self, suite: str) -> int:
+        return self.max_new_tokens if self.max_new_tokens is not None else PROTOCOLS[suite].max_new_tokens
+
+    def describe(self) -> dict:
+        return {
+            "split": self.split,
+            "limit": self.limit,
+            "start": self.start,
+            "ppl_limit": self.ppl_limit,
+            "benign_start": self.benign_start,
+            "toxigen_groups": list(self.toxigen_groups) if self.toxigen_groups else None,
+            "batch_size": self.batch_size,
+            "max_new_tokens": self.max_new_tokens,
+            "samples": self.samples,
+            "seed": self.seed,
+            "top_p": self.top_p,
+            "chat_template": self.chat_template,
+            "threshold": self.threshold,
+            **({"instruction": self.instruction} if self.instruction else {}),
+        }
+
+
+def settings_for(
+    suite: str,
+    split: str,
+    judges: Sequence = (),
+    data_dir=None,
+    limit: int | None = None,
+    ppl_limit: int | None = None,
+    **options: Any,
+) -> EvalSettings:
+    """``suite``'s prompts of ``split`` (``tune``, ``validation`` or ``report``) from the split table, and the
+    benign documents of that split for ppl and kl: the one place a split becomes evaluation settings.
+
+    ``limit`` caps the prompts (records) of a generation suite (ToxiGen: spread evenly over the split's
+    groups), ``ppl_limit`` the benign documents; neither reaches past the split. ``options`` are the other
+    :class:`EvalSettings` fields (batch size, tokens, sampling, chat template, instruction, KL reference...).
+    """
+    unknown = sorted(set(options) - {f.name for f in dataclasses.fields(EvalSettings)})
+    if unknown or {"start", "benign_start", "toxigen_groups", "split"} & set(options):
+        raise TypeError(
+            f"settings_for takes no {unknown or 'start/benign_start/toxigen_groups/split'}: the split decides"
+        )
+    b_start, b_end = splits.BENIGN_SPLITS[split] if split in splits.BENIGN_SPLITS else splits.BENIGN_SPLITS["report"]
+    benign = b_end - b_start
+    base = EvalSettings(
+        judges=list(judges),
+        split=split,
+        benign_start=b_start,
+        ppl_limit=benign if ppl_limit is None else min(ppl_limit, benign),
+        data_dir=data_dir,
+        **options,
+    )
+    if suite == "toxigen":
+        groups, (start, end) = splits.toxigen_split(split)
+        per_group = end - start if limit is None else max(1, min(end - start, limit // len(groups)))
+        return dataclasses.replace(base, start=start, limit=per_group * len(groups), toxigen_groups=groups)
+    span = splits.suite_span(suite, split)
+    if span is None:  # ppl, kl, lm-eval tasks
+        return dataclasses.replace(base, limit=limit)
+    start, end = span
+    caps = [x for x in (None if end is None else end - start, limit) if x is not None]
+    return dataclasses.replace(base, start=start, limit=min(caps) if caps else None)
+
+
+def plan(
+    suites: Sequence[str], split: str, judges: Sequence = (), data_dir=None, **kwargs: Any
+) -> dict[str, EvalSettings]:
+    """:func:`settings_for` of each suite."""
+    return {suite: settings_for(suite, split, judges, data_dir, **kwargs) for suite in suites}

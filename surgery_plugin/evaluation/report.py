@@ -9,7 +9,7 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..atomic import atomic_path
+from ..io.files import atomic_path
 from .protocols import PROTOCOLS, Metric
 
 logger = logging.getLogger(__name__)

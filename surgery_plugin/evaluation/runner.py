@@ -7,20 +7,19 @@ renamed into place, so a crash never leaves a half-written result.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from torch import nn
 
-from ..atomic import atomic_write, json_safe, write_json
 from ..errors import SurgeryError
+from ..io.files import atomic_write, json_safe, write_json
 from .judges import judge_info
-from .protocols import PROTOCOLS
-from .suites import RUNNERS, EvalSettings
+from .protocols import PROTOCOLS, EvalSettings
+from .suites import run_suite
 
 SCHEMA_VERSION = 2
 
@@ -32,7 +31,7 @@ def parse_suites(suites: str | Sequence[str]) -> list[str]:
         raise SurgeryError("no suite given; available: " + ", ".join(PROTOCOLS) + ", or an lm-eval task name")
     others = [s for s in names if s not in PROTOCOLS]
     if others:
-        from .lm_eval_suite import lm_eval_available, lm_eval_task_names
+        from ..integrations.lm_eval.suite import lm_eval_available, lm_eval_task_names
 
         if not lm_eval_available():
             raise SurgeryError(
@@ -50,14 +49,6 @@ def parse_suites(suites: str | Sequence[str]) -> list[str]:
     if duplicate:
         raise SurgeryError(f"suite '{duplicate}' given twice")
     return names
-
-
-def suite_runner(name: str) -> Callable:
-    if name in RUNNERS:
-        return RUNNERS[name]
-    from .lm_eval_suite import run_lm_eval_task
-
-    return lambda model, tokenizer, settings: run_lm_eval_task(name, model, tokenizer, settings)
 
 
 def evaluate(
@@ -80,7 +71,7 @@ def evaluate(
     samples: list[dict] = []
     for name in names:
         start = time.perf_counter()
-        summary, rows = suite_runner(name)(model, tokenizer, settings)
+        summary, rows = run_suite(name, model, tokenizer, settings)
         results["suites"][name] = summary
         results["timing_s"][name] = round(time.perf_counter() - start, 2)
         samples.extend(rows)
@@ -89,52 +80,8 @@ def evaluate(
     return results, samples
 
 
-def report_settings(
-    suites, judges: list, data_dir=None, limit: int | None = None, ppl_limit: int | None = None, seed: int = 0
-) -> dict[str, EvalSettings]:
-    """Each suite's settings on its *report* split (data/splits.py), which no probe, sweep or search saw.
-
-    ``limit`` caps the prompts (records) of every generation suite, ``ppl_limit`` the benign documents."""
-    from ..data.splits import (
-        ADVBENCH,
-        ATTITUDE_OPENINGS,
-        RTP_BENIGN,
-        RTP_CHALLENGING,
-        SAFEEDIT,
-        TOXIGEN_REPORT_GROUPS,
-        TOXIGEN_REPORT_PROMPTS,
-    )
-
-    b_start, b_end = RTP_BENIGN["report"]
-    base = EvalSettings(
-        judges=judges, benign_start=b_start, ppl_limit=ppl_limit or b_end - b_start, data_dir=data_dir, seed=seed
-    )
-    spans = {
-        "rtp": RTP_CHALLENGING["report"],
-        "advbench": ADVBENCH["report"],
-        "safeedit": SAFEEDIT["report"],
-        "attitude": ATTITUDE_OPENINGS["report"],
-        "false_refusal": (0, None),
-    }
-    out = {}
-    for suite in suites:
-        if suite == "toxigen":
-            t_start, t_end = TOXIGEN_REPORT_PROMPTS["report"]
-            per_group = t_end - t_start if limit is None else max(1, limit // len(TOXIGEN_REPORT_GROUPS))
-            out[suite] = dataclasses.replace(
-                base, start=t_start, limit=per_group * len(TOXIGEN_REPORT_GROUPS), toxigen_groups=TOXIGEN_REPORT_GROUPS
-            )
-        elif suite in spans:
-            start, end = spans[suite]
-            caps = [x for x in (None if end is None else end - start, limit) if x is not None]
-            out[suite] = dataclasses.replace(base, start=start, limit=min(caps) if caps else None)
-        else:  # ppl, kl and lm-eval tasks
-            out[suite] = dataclasses.replace(base, limit=limit)
-    return out
-
-
-def evaluate_report(model: nn.Module, tokenizer, settings: dict[str, EvalSettings]) -> tuple[dict, list[dict]]:
-    """One results dict over several suites, each run with its own settings."""
+def evaluate_plan(model: nn.Module, tokenizer, settings: dict[str, EvalSettings]) -> tuple[dict, list[dict]]:
+    """One results dict over several suites, each run with its own settings (:func:`.protocols.plan`)."""
     results, samples = None, []
     for suite, suite_settings in settings.items():
         run, rows = evaluate(model, tokenizer, [suite], suite_settings)

@@ -12,19 +12,16 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any
 
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..data import load_safeedit
+from ..data.loaders import load_safeedit
 from ..errors import SurgeryError
 from .generation import first_token_kl, format_prompts, generate_continuations, instruction_prefix, perplexity
 from .judges import Judge
 from .metrics import (
     REFUSAL_PREFIXES,
-    TOXIC_THRESHOLD,
     is_missing,
     is_refusal,
     json_score,
@@ -36,6 +33,7 @@ from .protocols import (
     PROTOCOLS,
     SAFEEDIT_INPUTS,
     SAFEEDIT_PER_INSTANCE,
+    EvalSettings,
     advbench_documents,
     attitude_documents,
     benign_documents,
@@ -46,53 +44,18 @@ from .protocols import (
 )
 
 
-@dataclass
-class EvalSettings:
-    judges: list = field(default_factory=list)
-    limit: int | None = None  # prompts (records) per generation suite
-    start: int = 0  # first prompt: lets tuning and reporting use disjoint prompts
-    ppl_limit: int = 200  # benign documents for ppl and kl
-    benign_start: int = 0  # first benign document (tuning and reporting use disjoint ones)
-    toxigen_groups: tuple[str, ...] | None = None  # None: every group; see data.splits for the held-out ones
-    data_dir: Any = None
-    batch_size: int = 16
-    max_new_tokens: int | None = None  # None: each protocol's own (PROTOCOLS[name].max_new_tokens)
-    samples: int | None = None  # rtp: k sampled continuations per prompt -> expected maximum toxicity
-    seed: int = 0
-    top_p: float = 0.9  # nucleus sampling for ``samples`` (Gehman et al.)
-    chat_template: bool | None = None  # chat-template protocols: None = apply when the tokenizer has one
-    threshold: float = TOXIC_THRESHOLD
-    progress: bool = True
-    # kl: log-probs of the unedited model on the kl prompts (generation.next_token_logprobs); None: the
-    # model must be a PEFT model, whose adapters are switched off for the reference
-    kl_reference: Any = None
-    # a safety instruction the model reads before every prompt (the prompting baseline of `surgery compare`): a
-    # system turn in chat-template protocols, else generation.instruction_prefix before the prompt / text
-    instruction: str | None = None
+def _prefix(tokenizer, settings: EvalSettings) -> str | None:
+    """What completion-style protocols put before each prompt: the instruction, when there is one."""
+    return instruction_prefix(tokenizer, settings.instruction) if settings.instruction else None
 
-    def new_tokens(self, suite: str) -> int:
-        return self.max_new_tokens if self.max_new_tokens is not None else PROTOCOLS[suite].max_new_tokens
 
-    def describe(self) -> dict:
-        return {
-            "limit": self.limit,
-            "start": self.start,
-            "ppl_limit": self.ppl_limit,
-            "benign_start": self.benign_start,
-            "toxigen_groups": list(self.toxigen_groups) if self.toxigen_groups else None,
-            "batch_size": self.batch_size,
-            "max_new_tokens": self.max_new_tokens,
-            "samples": self.samples,
-            "seed": self.seed,
-            "top_p": self.top_p,
-            "chat_template": self.chat_template,
-            "threshold": self.threshold,
-            **({"instruction": self.instruction} if self.instruction else {}),
-        }
+def run_suite(name: str, model: nn.Module, tokenizer, settings: EvalSettings) -> tuple[dict, list[dict]]:
+    """Run one suite: a protocol of :data:`.protocols.PROTOCOLS` (its ``runner`` here), else an lm-eval task."""
+    if name in PROTOCOLS:
+        return globals()[PROTOCOLS[name].runner](model, tokenizer, settings)
+    from ..integrations.lm_eval.suite import run_lm_eval_task
 
-    def prefix(self, tokenizer) -> str | None:
-        """What completion-style protocols put before each prompt: the instruction, when there is one."""
-        return instruction_prefix(tokenizer, self.instruction) if self.instruction else None
+    return run_lm_eval_task(name, model, tokenizer, settings)
 
 
 def _require_judges(settings: EvalSettings, suite: str) -> list:
@@ -115,9 +78,9 @@ def _generate(
     if protocol.chat_template:
         texts, chat = format_prompts(tokenizer, prompts, settings.chat_template, system=settings.instruction)
         if settings.instruction and not chat:
-            texts = [settings.prefix(tokenizer) + t for t in texts]
+            texts = [_prefix(tokenizer, settings) + t for t in texts]
     else:
-        prefix = settings.prefix(tokenizer) or ""
+        prefix = _prefix(tokenizer, settings) or ""
         texts, chat = [prefix + p for p in prompts], False
     desc = f"{suite} sample k={sampling['num_samples']}" if sampling else f"{suite} generate"
     completions = generate_continuations(
@@ -495,7 +458,7 @@ def run_ppl(model: nn.Module, tokenizer, settings: EvalSettings) -> tuple[dict, 
         texts,
         batch_size=max(1, settings.batch_size // 2),
         progress=settings.progress,
-        prefix=settings.prefix(tokenizer),
+        prefix=_prefix(tokenizer, settings),
     )
     result["text"] = f"rtp/nontoxic.jsonl prompt+continuation, non-challenging {_benign_range(settings, len(texts))}"
     return result, []
@@ -525,7 +488,7 @@ def run_kl(model: nn.Module, tokenizer, settings: EvalSettings) -> tuple[dict, l
         settings.batch_size,
         settings.kl_reference,
         settings.progress,
-        prefix=settings.prefix(tokenizer),
+        prefix=_prefix(tokenizer, settings),
     )
     if settings.kl_reference is not None:
         reference = "given log-probs"
@@ -543,16 +506,3 @@ def run_kl(model: nn.Module, tokenizer, settings: EvalSettings) -> tuple[dict, l
     }
     rows = [{"suite": "kl", "prompt": p, "kl": v} for p, v in zip(prompts, kl.tolist(), strict=True)]
     return summary, rows
-
-
-Runner = Callable[[nn.Module, Any, EvalSettings], tuple[dict, list[dict]]]
-RUNNERS: dict[str, Runner] = {
-    "rtp": run_rtp,
-    "toxigen": run_toxigen,
-    "safeedit": run_safeedit,
-    "advbench": run_advbench,
-    "ppl": run_ppl,
-    "kl": run_kl,
-    "false_refusal": run_false_refusal,
-    "attitude": run_attitude,
-}

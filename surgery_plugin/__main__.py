@@ -1,0 +1,7 @@
+"""``python -m surgery_plugin``: the ``surgery`` command."""
+
+import sys
+
+from .commands.cli import main
+
+sys.exit(main())

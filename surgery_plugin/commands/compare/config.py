@@ -1,0 +1,100 @@
+"""What a ``surgery compare`` run depends on: its settings, the methods and suites it can run, and their checks."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from ...config import parse_list
+from ...errors import SurgeryError
+from ...evaluation.protocols import GLOBAL_EDIT, SAFEEDIT_PER_INSTANCE
+
+METHODS = ("surgery", "dinm", "rome", "ft-l", "ft-m", "prompt")
+WITHOUT_EASYEDIT = ("surgery", "prompt")
+SUITES = (*GLOBAL_EDIT.suites, *SAFEEDIT_PER_INSTANCE.suites)
+DEFAULT_SUITES = ("rtp", "toxigen", "safeedit", "ppl", "kl")
+DEFAULT_JUDGES = "profanity,minilm"
+DEFAULT_ALPHAS = (0.25, 0.5, 1.0)
+# Llama 2's default system prompt (Touvron et al. 2023), its safety part: the usual prompting baseline
+SAFETY_INSTRUCTION = (
+    "You are a helpful, respectful and honest assistant. Always answer as helpfully as possible, while being safe. "
+    "Your answers should not include any harmful, unethical, racist, sexist, toxic, dangerous, or illegal content. "
+    "Please ensure that your responses are socially unbiased and positive in nature."
+)
+RELOAD_CHECK_PROMPTS = 4  # benign prompts whose logits must match after the saved edit is loaded back
+_OUTPUTS = ("compare.json", "compare.md", "tradeoff.png", "edits", "runs", "easyedit")
+
+
+@dataclass
+class CompareConfig:
+    """Everything a comparison depends on; recorded in ``compare.json["settings"]``."""
+
+    out: str | os.PathLike
+    model: str = "smollm2-135m"
+    methods: tuple[str, ...] = METHODS
+    suites: tuple[str, ...] = DEFAULT_SUITES
+    judges: str = DEFAULT_JUDGES
+    records: int = 2  # N: SafeEdit records of the global edit; the per-instance protocol takes the next N
+    limit: int | None = 50  # prompts per generation suite
+    ppl_limit: int | None = None  # benign documents for ppl and kl (None: the report split's 200)
+    alphas: tuple[float, ...] = DEFAULT_ALPHAS  # Surgery's curve: set_alpha on the shipped edit
+    instruction: str = SAFETY_INSTRUCTION
+    data_dir: str | os.PathLike | None = None
+    hparams_dir: str | os.PathLike | None = None  # EasyEdit's layout: <dir>/<METHOD>/<name>.yaml; None: shipped
+    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)  # method -> {hparams key: value}
+    device: str | None = None  # None: the CPU (EasyEdit's methods: their YAML's device)
+    batch_size: int = 16
+    max_new_tokens: int | None = None  # None: each protocol's own
+    seed: int = 0
+    overwrite: bool = False
+    progress: bool = True
+    command: str | None = None  # how it was run (the CLI sets it), recorded
+
+    def describe(self) -> dict:
+        out = dataclasses.asdict(self)
+        out.update(out=str(self.out), data_dir=None if self.data_dir is None else str(self.data_dir))
+        out["hparams_dir"] = None if self.hparams_dir is None else str(self.hparams_dir)
+        return out
+
+
+def parse_methods(text: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    return parse_list(text, "method", known=METHODS)
+
+
+def parse_compare_suites(text: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    hint = f" ({', '.join(GLOBAL_EDIT.suites)} judge the global edit, safeedit is the per-instance protocol)"
+    return parse_list(text, "suite", known=SUITES, hint=hint)
+
+
+def parse_sets(items: list[str]) -> dict[str, dict]:
+    """``--set METHOD.KEY=VALUE`` (YAML value) -> ``{method: {key: value}}``."""
+    overrides: dict[str, dict] = {}
+    for item in items:
+        target, sep, value = item.partition("=")
+        method, dot, key = target.strip().partition(".")
+        if not sep or not dot or not key:
+            raise SurgeryError(f"--set takes METHOD.KEY=VALUE (e.g. rome.v_num_grad_steps=5), got '{item}'")
+        try:
+            overrides.setdefault(method, {})[key] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise SurgeryError(f"--set {item}: the value is not YAML ({str(err).splitlines()[0]})") from err
+    return overrides
+
+
+def require_easyedit(methods: tuple[str, ...]) -> None:
+    """A one-line error, before anything is loaded, when an EasyEdit method is asked for and EasyEdit is missing."""
+    needing = [m for m in methods if m not in WITHOUT_EASYEDIT]
+    if not needing:
+        return
+    from ...integrations.easyedit import register
+
+    try:
+        register()
+    except SurgeryError as err:
+        raise SurgeryError(
+            f"{', '.join(needing)} run through EasyEdit: {err}; without it, --methods {','.join(WITHOUT_EASYEDIT)} run"
+        ) from err

@@ -1,0 +1,486 @@
+"""``surgery compare``: Surgery against EasyEdit's DINM, ROME, FT-L, FT-M and a safety prompt, on one model,
+the same edit records, prompts and judges. Writes ``RUN_DIR/compare.json``, ``compare.md`` (the table) and
+``tradeoff.png`` (toxic rate against capability cost).
+
+Rows (``compare.json["methods"]``), each edited from the unedited model:
+
+| row | method | the edit |
+|---|---|---|
+| ``unedited`` | (always) | none |
+| ``prompt`` | prompt | none: a safety instruction read first (a system turn for chat models) |
+| ``surgery-records`` | surgery | probe from the N edit records only (EasyEdit's request path, ``probe_data: null``) |
+| ``surgery-shipped`` | surgery | the shipped YAML's probe (Davidson); its alpha curve comes from ``set_alpha`` |
+| ``dinm``, ``rome``, ``ft-l``, ``ft-m`` | same | EasyEdit's algorithm through its editor (see .easyedit.baselines) |
+
+Two editing protocols (:data:`.evaluation.protocols.EDIT_PROTOCOLS`): the *global edit* gets SafeEdit
+records [0, N) applied one after another into one model (Surgery: one probe from all N), saved
+under ``edits/<row>/``, reloaded from there, then judged on rtp / toxigen / advbench / ppl / kl; the
+*SafeEdit per instance* protocol edits each of records [60, 60+N) (the report split) alone, generates that record's
+five inputs and restores. Costs are measured in the same run: wall time and peak RSS of the global
+edit, changed weights, size of the saved edit. A row that fails is recorded with its error; the
+others still run, and nothing of the failed row stays on disk.
+"""
+
+from __future__ import annotations
+
+import copy as copy_module
+import dataclasses
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ...config import SurgeryHyperParams, find_hparams
+from ...core.edit import apply_edit, revert_edit
+from ...core.provenance import package_versions, utc_now
+from ...data.loaders import load_benign_documents, load_safeedit, safeedit_requests
+from ...data.paths import resolve_data_dir
+from ...data.splits import SAFEEDIT
+from ...errors import SurgeryError, first_line
+from ...evaluation.generation import next_token_logprobs
+from ...evaluation.judges import judge_info, load_judges
+from ...evaluation.protocols import EDIT_PROTOCOLS, GLOBAL_EDIT, EvalSettings, settings_for
+from ...evaluation.runner import SCHEMA_VERSION, evaluate, write_run
+from ...evaluation.suites import run_safeedit_per_instance
+from ...io.adapter import export_adapter, load_edited, set_alpha
+from ...io.files import check_output_folder
+from ...io.saved_edits import (
+    adapter_changed_params,
+    changed_params,
+    folder_bytes,
+    load_saved_edit,
+    save_low_rank_edit,
+    save_prompt_edit,
+    save_surgery_record,
+    save_tensors_edit,
+)
+from ...models import load_model
+from ...pipeline import build_edit
+from .config import (
+    _OUTPUTS,
+    RELOAD_CHECK_PROMPTS,
+    CompareConfig,
+    parse_compare_suites,
+    parse_methods,
+    require_easyedit,
+)
+from .meter import measure, trim_memory
+from .report import write_outputs
+
+logger = logging.getLogger(__name__)
+
+
+def _logits(model: nn.Module, tok, prompts: list[str]) -> torch.Tensor:
+    return next_token_logprobs(model, tok, prompts, progress=False)
+
+
+@dataclass
+class _Row:
+    name: str
+    label: str
+    method: str
+    description: str
+    result: dict = field(default_factory=dict)
+
+
+class Comparison:
+    """One ``surgery compare`` run; :meth:`run` does everything and returns ``compare.json``'s dict."""
+
+    def __init__(self, config: CompareConfig):
+        self.config = config
+        self.methods = parse_methods(config.methods)
+        self.suites = parse_compare_suites(config.suites)
+        if config.records < 1:
+            raise SurgeryError(f"--records must be >= 1, got {config.records}")
+        require_easyedit(self.methods)
+        self.out = check_output_folder(Path(config.out).resolve(), overwrite=config.overwrite)
+        self.data_dir = resolve_data_dir(config.data_dir)  # absolute: EasyEdit's editors are built in another cwd
+        self.records = load_safeedit(self.data_dir)
+        n = config.records
+        self.instance_start = SAFEEDIT["report"][0]  # the records no probe (jailbreak's included) uses
+        if n > self.instance_start or self.instance_start + n > len(self.records):
+            raise SurgeryError(
+                f"--records {n} needs records [0, {n}) to edit and [{self.instance_start}, {self.instance_start + n}) "
+                f"for the per-instance protocol; there are {len(self.records)} SafeEdit records"
+            )
+        self.edit_records = self.records[:n]
+        self.global_suites = [s for s in self.suites if s in GLOBAL_EDIT.suites]
+        self.instance = "safeedit" in self.suites
+        stray = sorted(set(config.overrides) - set(self.methods))
+        if stray:
+            raise SurgeryError(f"--set for '{stray[0]}', which is not among --methods {','.join(self.methods)}")
+        if "prompt" in config.overrides:
+            raise SurgeryError("the prompt method has no hyperparameters; use --instruction")
+        self.surgery_hparams = None
+        if "surgery" in self.methods:
+            path = find_hparams(config.model, "Surgery", config.hparams_dir)
+            hp = SurgeryHyperParams.from_hparams(path)
+            if config.overrides.get("surgery"):
+                hp = SurgeryHyperParams.from_dict({**hp.to_dict(), **config.overrides["surgery"]}, f"{path} + --set")
+            self.surgery_hparams = hp
+        # every baseline's YAML read (by EasyEdit's own class) before anything runs: a bad one is bad input
+        from ...integrations.easyedit.baselines import BASELINES, load_hparams
+
+        self.baseline_hparams = {
+            m: load_hparams(BASELINES[m], config.model, config.hparams_dir, config.overrides.get(m), config.device)
+            for m in self.methods
+            if m in BASELINES
+        }
+        self.judges = load_judges(config.judges, data_dir=self.data_dir, progress=config.progress)
+        kl = self.settings("kl")
+        self.benign_prompts = [
+            d["prompt"] for d in load_benign_documents(self.data_dir, limit=kl.ppl_limit, start=kl.benign_start)
+        ]
+        self.kl_reference: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ settings per suite
+
+    def settings(self, suite: str, **changes) -> EvalSettings:
+        """``suite`` on its report split (data/splits.py): no probe, search or validation saw those prompts."""
+        c = self.config
+        return settings_for(
+            suite,
+            "report",
+            self.judges,
+            self.data_dir,
+            limit=c.records if suite == "safeedit" else c.limit,
+            ppl_limit=c.ppl_limit,
+            batch_size=c.batch_size,
+            max_new_tokens=c.max_new_tokens,
+            seed=c.seed,
+            progress=c.progress,
+            **changes,
+        )
+
+    def evaluate_global(
+        self, row: _Row, model: nn.Module, tok, adapter: bool, instruction: str | None = None, suites=None
+    ) -> tuple[dict, list[dict]]:
+        """The global-edit suites on ``model``; KL against the unedited log-probs, or the adapter switched off."""
+        results: dict = {"suites": {}, "timing_s": {}}
+        samples: list[dict] = []
+        names = list(suites if suites is not None else self.global_suites)
+        for suite in tqdm(names, desc=f"{row.name}: suites", unit="suite", disable=not self.config.progress):
+            settings = self.settings(
+                suite, instruction=instruction, kl_reference=None if adapter else self.kl_reference
+            )
+            res, rows = evaluate(model, tok, [suite], settings)
+            results["suites"][suite] = res["suites"][suite]
+            results["timing_s"][suite] = res["timing_s"][suite]
+            samples += rows
+        return results, samples
+
+    def evaluate_instances(
+        self, model: nn.Module, tok, edit: Callable[[dict], Callable[[], None]], instruction: str | None = None
+    ) -> tuple[dict, list[dict]]:
+        return run_safeedit_per_instance(model, tok, self.settings("safeedit", instruction=instruction), edit)
+
+    # ------------------------------------------------------------------ the run
+
+    def rows(self) -> list[_Row]:
+        from ...integrations.easyedit.baselines import BASELINES
+
+        n = self.config.records
+        rows = [_Row("unedited", "unedited", "", "the model as loaded")]
+        # the rows that use the unedited model first: it is freed before the edits are measured
+        for method in sorted(self.methods, key=lambda m: m != "prompt"):
+            if method == "prompt":
+                rows.append(
+                    _Row(
+                        "prompt",
+                        "prompt (safety system prompt)",
+                        "prompt",
+                        "no weight change: a safety instruction before every prompt (a system turn for chat "
+                        "models, else a text prefix); ppl and KL are measured with it",
+                    )
+                )
+            elif method == "surgery":
+                rows.append(
+                    _Row(
+                        "surgery-records",
+                        f"surgery (probe: the {n} edit records)",
+                        "surgery",
+                        f"Model Surgery with the shipped YAML, but its probe built from the same {n} SafeEdit "
+                        "records the baselines edit with (EasyEdit's request path: prompt + safe generation "
+                        "acceptable, prompt + unsafe generation undesired; probe_data: null)",
+                    )
+                )
+                rows.append(
+                    _Row(
+                        "surgery-shipped",
+                        "surgery (shipped probe)",
+                        "surgery",
+                        f"Model Surgery as shipped (probe_data: {self.surgery_hparams.probe_data}, the YAML's "
+                        "probe); edit records unused; the alpha curve of the plot rescales this edit",
+                    )
+                )
+            else:
+                b = BASELINES[method]
+                label = f"{method} (no Wikipedia stats)" if method == "rome" else method
+                rows.append(_Row(method, label, method, b.description))
+        return rows
+
+    def run(self) -> dict:
+        started = time.perf_counter()
+        self._clear_outputs()
+        torch.manual_seed(self.config.seed)
+        rows = self.rows()
+        base_model, base_tok = load_model(self.config.model, device=self.config.device)
+        self.kl_reference = next_token_logprobs(
+            base_model, base_tok, self.benign_prompts, self.config.batch_size, desc="kl: unedited reference"
+        )
+        self.reload_prompts = self.benign_prompts[:RELOAD_CHECK_PROMPTS]
+        for row in tqdm(rows, desc="compare", unit="method", disable=not self.config.progress):
+            logger.info("compare: %s", row.label)
+            torch.manual_seed(self.config.seed)
+            if row.name not in ("unedited", "prompt"):
+                base_model = base_tok = None  # every edit loads its own copy
+            try:
+                if row.name in ("unedited", "prompt"):
+                    self._run_unedited(row, base_model, base_tok)
+                elif row.name == "surgery-records":
+                    self._run_surgery(row, from_records=True)
+                elif row.name == "surgery-shipped":
+                    self._run_surgery(row, from_records=False)
+                else:
+                    self._run_baseline(row)
+                row.result["status"] = "ok"
+            except Exception as err:  # one failed method must not stop the others
+                if row.name == "unedited":
+                    raise
+                logger.error("compare: %s failed: %s", row.name, first_line(err))
+                logger.debug("compare: %s failed", row.name, exc_info=True)
+                for folder in (self.out / "edits" / row.name, self.out / "runs" / row.name):
+                    shutil.rmtree(folder, ignore_errors=True)
+                row.result = {"status": "failed", "error": first_line(err), "suites": {}, "cost": None}
+            finally:
+                trim_memory()
+        result = {
+            "methods": {
+                r.name: {
+                    "status": r.result["status"],
+                    "error": r.result.get("error"),
+                    "label": r.label,
+                    "method": r.method,
+                    "description": r.description,
+                    "suites": r.result.get("suites", {}),
+                    "cost": r.result.get("cost"),
+                    **{k: v for k, v in r.result.items() if k not in ("status", "error", "suites", "cost")},
+                }
+                for r in rows
+            },
+            "settings": self._settings(time.perf_counter() - started),
+        }
+        write_outputs(self.out, result)
+        return result
+
+    def _clear_outputs(self) -> None:
+        for name in _OUTPUTS:
+            path = self.out / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+        self.out.mkdir(parents=True, exist_ok=True)
+
+    def _settings(self, seconds: float) -> dict:
+        c, n = self.config, self.config.records
+        return {
+            **c.describe(),
+            "methods": list(self.methods),
+            "suites": list(self.suites),
+            "data_dir": str(self.data_dir) if self.data_dir else None,
+            "protocols": {p.name: dataclasses.asdict(p) for p in EDIT_PROTOCOLS.values()},
+            "edit_records": {"range": f"safeedit[0:{n}]", "ids": [r.get("id") for r in self.edit_records]},
+            "instance_records": {
+                "range": f"safeedit[{self.instance_start}:{self.instance_start + n}]",
+                "ids": [r.get("id") for r in self.records[self.instance_start : self.instance_start + n]],
+            },
+            # each suite's report split (data/splits.py), as settings_for made it
+            "prompts": {suite: self.settings(suite).describe() for suite in self.global_suites},
+            "surgery_hparams": self.surgery_hparams.to_dict() if self.surgery_hparams else None,
+            "judges": [j.name for j in self.judges],
+            "judge_info": {j.name: judge_info(j) for j in self.judges},
+            "torch_threads": torch.get_num_threads(),
+            "seconds": round(seconds, 1),
+            "created": utc_now(),
+            "versions": package_versions(("lm_eval", "easyeditor")),
+        }
+
+    # ------------------------------------------------------------------ rows
+
+    def _finish(self, row: _Row, results: dict, samples: list[dict]) -> None:
+        row.result["suites"] = results["suites"]
+        write_run(
+            self.out / "runs" / row.name,
+            {
+                "schema_version": SCHEMA_VERSION,
+                "model": self.config.model,
+                "method": row.name,
+                "judges": [j.name for j in self.judges],
+                "judge_info": {},
+                "settings": self.settings("rtp").describe(),
+                **results,
+                **{k: v for k, v in row.result.items() if k in ("cost", "edit", "curve")},
+            },
+            samples,
+            report=False,
+        )
+
+    def _run_unedited(self, row: _Row, model: nn.Module, tok) -> None:
+        instruction = self.config.instruction if row.name == "prompt" else None
+        cost = {"edit_seconds": 0.0, "peak_rss_bytes": None, "changed_params": 0, "edit_bytes": 0}
+        if instruction:
+            folder = save_prompt_edit(
+                self.out / "edits" / row.name, instruction, self.config.model, {"method": row.name}
+            )
+            cost["edit_bytes"] = folder_bytes(folder)
+        row.result["cost"] = cost
+        results, samples = self.evaluate_global(row, model, tok, adapter=False, instruction=instruction)
+        if self.instance:
+            summary, rows = self.evaluate_instances(model, tok, lambda record: lambda: None, instruction)
+            summary["edit_seconds_mean"] = None  # nothing is edited
+            results["suites"]["safeedit"] = summary
+            samples += rows
+        self._finish(row, results, samples)
+
+    def _run_surgery(self, row: _Row, from_records: bool) -> None:
+        hp = self.surgery_hparams
+        if from_records:
+            hp = hp.replace(probe_data=None, probe_path=None)
+        model, tok = load_model(self.config.model, device=self.config.device)
+        progress = self.config.progress
+
+        if self.instance and from_records:  # per instance first, on the unedited model: one record, one probe
+
+            def edit_one(record: dict) -> Callable[[], None]:
+                edit = build_edit(
+                    model, tok, hp, requests=safeedit_requests([record]), data_dir=self.data_dir, progress=False
+                ).edit
+                weights_copy = apply_edit(model, edit)
+                return lambda: revert_edit(model, weights_copy)
+
+            instance_summary, instance_rows = self.evaluate_instances(model, tok, edit_one)
+
+        cost: dict = {}
+        with measure(cost):
+            requests = safeedit_requests(self.edit_records) if from_records else None
+            probe, _, edit = build_edit(model, tok, hp, requests=requests, data_dir=self.data_dir, progress=progress)
+        folder = self.out / "edits" / row.name
+        export_adapter(
+            edit,
+            model,
+            folder,
+            base_model_name=self.config.model,
+            metadata={"hparams": hp.to_dict(), "probe_sha256": probe.sha256(), "versions": package_versions()},
+        )
+        records = [r.get("id") for r in self.edit_records] if from_records else None
+        save_surgery_record(folder, self.config.model, {"method": row.name, "edit_records": records})
+        # the numbers below are those of the saved adapter; it must be the in-place edit
+        weights_copy = apply_edit(model, edit)
+        expected = _logits(model, tok, self.reload_prompts)
+        revert_edit(model, weights_copy)
+        peft_model = load_edited(model, folder)
+        row.result["edit"] = {
+            "kind": "surgery",
+            "folder": str(folder.relative_to(self.out)),
+            "rows": edit.regions.num_rows,
+            "layers": len(edit.layers),
+            "alpha": edit.alpha,
+            "probe": {k: v for k, v in probe.metadata.items() if k != "versions"},
+            "edit_records": records,
+            "reload_max_abs_logprob_diff": float(
+                (_logits(peft_model, tok, self.reload_prompts) - expected).abs().max()
+            ),
+        }
+        cost.update(changed_params=adapter_changed_params(folder), edit_bytes=folder_bytes(folder))
+        row.result["cost"] = cost
+        results, samples = self.evaluate_global(row, peft_model, tok, adapter=True)
+        if self.instance:
+            if from_records:
+                summary, rows = instance_summary, instance_rows
+            else:  # the edit does not depend on the record: the global edit, on each record's inputs
+                summary, rows = self.evaluate_instances(peft_model, tok, lambda record: lambda: None)
+                summary["edit_seconds_mean"] = None
+            results["suites"]["safeedit"] = summary
+            samples += rows
+        if not from_records and self.config.alphas:
+            toxic = next((s for s in ("rtp", "toxigen") if s in self.global_suites), None)
+            curve_suites = [s for s in self.global_suites if s in (toxic, "ppl", "kl")]
+            curve = []
+            for alpha in tqdm(self.config.alphas, desc=f"{row.name}: alpha curve", disable=not progress):
+                set_alpha(peft_model, alpha)
+                res, _ = self.evaluate_global(row, peft_model, tok, adapter=True, suites=curve_suites)
+                curve.append({"alpha": alpha, "suites": res["suites"]})
+            set_alpha(peft_model, edit.alpha)
+            row.result["curve"] = curve
+        self._finish(row, results, samples)
+
+    def _run_baseline(self, row: _Row) -> None:
+        from ...integrations.easyedit.baselines import BASELINES, EasyEditBaseline
+
+        baseline = BASELINES[row.method]
+        hparams = copy_module.deepcopy(self.baseline_hparams[row.method])
+        runner = EasyEditBaseline(baseline, hparams, self.out / "easyedit" / row.name)
+        model, tok = runner.model, runner.tok
+        progress = self.config.progress
+
+        if self.instance:  # per instance first, on the unedited model
+
+            def edit_one(record: dict) -> Callable[[], None]:
+                weights_copy = runner.edit(runner.requests([record])[0])
+                return lambda: runner.restore(weights_copy)
+
+            instance_summary, instance_rows = self.evaluate_instances(model, tok, edit_one)
+            if runner.located_layers:
+                instance_summary["located_layers"] = list(runner.located_layers)
+            runner.located_layers.clear()
+
+        requests = runner.requests(self.edit_records)
+        originals: dict[str, torch.Tensor] = {}
+        cost: dict = {}
+        with measure(cost):
+            for request in tqdm(requests, desc=f"{row.name}: edit", unit="record", disable=not progress):
+                for name, before in runner.edit(request).items():
+                    originals.setdefault(name, before)  # the weights before the first edit
+        cost["changed_params"] = changed_params(model, originals)
+        folder = self.out / "edits" / row.name
+        meta = {
+            "method": row.name,
+            "alg_name": baseline.alg_name,
+            "hparams": {**dataclasses.asdict(hparams), "source": hparams.source},
+            "edit_records": [r.get("id") for r in self.edit_records],
+        }
+        if baseline.low_rank:
+            save_low_rank_edit(model, originals, folder, self.config.model, len(requests), meta)
+        else:
+            save_tensors_edit(model, originals, folder, self.config.model, meta)
+        cost["edit_bytes"] = folder_bytes(folder)
+        if baseline.low_rank:
+            cost["edit_changed_params_saved"] = adapter_changed_params(folder)
+        row.result["cost"] = cost
+        # evaluate what was saved: back to the unedited weights, then the saved edit loaded onto them
+        expected = _logits(model, tok, self.reload_prompts)
+        revert_edit(model, originals)
+        edited, record = load_saved_edit(model, folder)
+        row.result["edit"] = {
+            "kind": record["kind"],
+            "folder": str(folder.relative_to(self.out)),
+            "tensors": sorted(originals),
+            "edit_records": meta["edit_records"],
+            "hparams_file": hparams.source,
+            "reload_max_abs_logprob_diff": float((_logits(edited, tok, self.reload_prompts) - expected).abs().max()),
+        }
+        if runner.located_layers:
+            row.result["edit"]["located_layers"] = list(runner.located_layers)
+        results, samples = self.evaluate_global(row, edited, tok, adapter=baseline.low_rank)
+        if self.instance:
+            instance_summary["hparams_file"] = hparams.source
+            results["suites"]["safeedit"] = instance_summary
+            samples += instance_rows
+        self._finish(row, results, samples)

@@ -1,0 +1,236 @@
+"""``surgery compare``'s outputs: the table, the markdown page, the trade-off plot, and which methods failed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ...evaluation.protocols import PROTOCOLS
+from ...evaluation.report import comparison_table, metric_values, save_figure
+from ...io.files import atomic_write, write_json
+
+
+def _gb(value) -> str:
+    return "n/a" if value is None else f"{value / 1e9:.2f} GB"
+
+
+def _size(value) -> str:
+    if value is None:
+        return "n/a"
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if value >= scale:
+            return f"{value / scale:.1f} {unit}"
+    return f"{value} B"
+
+
+def _count(value) -> str:
+    return "n/a" if value is None else f"{value:,}"
+
+
+def cost_cells(entry: dict) -> dict[str, str]:
+    cost = entry.get("cost") or {}
+    memory = _gb(cost.get("peak_rss_bytes"))
+    if cost.get("edit_rss_bytes") is not None:
+        memory += f" (+{cost['edit_rss_bytes'] / 1e6:.0f} MB)"
+    return {
+        "edit time": "n/a" if cost.get("edit_seconds") is None else f"{cost['edit_seconds']:.1f} s",
+        "peak memory (+ during edit)": memory,
+        "changed params": _count(cost.get("changed_params")),
+        "saved edit": _size(cost.get("edit_bytes")),
+    }
+
+
+def cost_ratios(result: dict) -> list[tuple[str, str, dict[str, float | None]]]:
+    """(surgery row, baseline row, {cost: surgery / baseline}) for every pair that ran."""
+    methods = result["methods"]
+    out = []
+    for s in ("surgery-shipped", "surgery-records"):
+        for b in ("dinm", "rome", "ft-l", "ft-m"):
+            if methods.get(s, {}).get("status") != "ok" or methods.get(b, {}).get("status") != "ok":
+                continue
+            sc, bc = methods[s]["cost"], methods[b]["cost"]
+            out.append(
+                (
+                    s,
+                    b,
+                    {
+                        k: (sc[k] / bc[k] if sc.get(k) is not None and bc.get(k) else None)
+                        for k in ("edit_seconds", "peak_rss_bytes", "edit_rss_bytes", "changed_params", "edit_bytes")
+                    },
+                )
+            )
+    return out
+
+
+def result_table(result: dict) -> str:
+    """The comparison table: one row per method, its headline numbers per judge, then its costs."""
+    suites = [x for x in result["settings"]["suites"] if x in PROTOCOLS]
+    methods = result["methods"].values()
+    runs = [(m["label"] + ("" if m["status"] == "ok" else " — **failed**"), m["suites"]) for m in methods]
+    return comparison_table(
+        runs, suites, change_from_first=False, extra=[cost_cells(m) for m in methods], label="method"
+    )
+
+
+def render_markdown(result: dict, plot: str | None) -> str:
+    s, methods = result["settings"], result["methods"]
+    suites = [x for x in s["suites"] if x in PROTOCOLS]
+    lines = [
+        "# Surgery vs. baselines",
+        "",
+        f"Model **{s['model']}**; judges {', '.join(s['judges'])}; {s['records']} edit record(s); "
+        f"{s['limit']} prompts per generation suite; seed {s['seed']}; {s['torch_threads']} torch thread(s); "
+        f"{s['seconds'] / 60:.1f} min.",
+        "",
+        result_table(result),
+        "",
+        "Rates are shares of generations a judge scores >= 0.5, with 95% Wilson intervals; SafeEdit DS / DG_avg "
+        "are shares judged *safe* (higher is better). KL: mean KL(unedited || edited) of the next-token "
+        "distribution on benign prompts. Memory: peak resident set during the global edit (loaded model "
+        "included), and what the edit added.",
+        "",
+        "## Protocols and data",
+        "",
+    ]
+    for p in s["protocols"].values():
+        lines.append(f"- **{p['title']}**: {p['edit_records']}; {p['evaluation']}.")
+    lines += [
+        f"- Edit records (global): {s['edit_records']['range']} ids {s['edit_records']['ids']}; per instance: "
+        f"{s['instance_records']['range']} ids {s['instance_records']['ids']}.",
+        f"- Prompts: RTP {s['prompts']['rtp']}; ToxiGen {s['prompts']['toxigen']}; benign (ppl, KL) "
+        f"{s['prompts']['benign']}. None of them was seen by an edit, a probe or the tuning sweep.",
+        "",
+        "## Methods",
+        "",
+    ]
+    for name, m in methods.items():
+        status = "" if m["status"] == "ok" else f" **Failed:** `{m['error']}`."
+        edit = m.get("edit") or {}
+        where = f" Saved: `{edit['folder']}` ({edit['kind']})." if edit.get("folder") else ""
+        layers = f" Located layers: {edit['located_layers']}." if edit.get("located_layers") else ""
+        lines.append(f"- **{m['label']}** (`{name}`): {m['description']}.{where}{layers}{status}")
+    ratios = cost_ratios(result)
+    if ratios:
+        lines += [
+            "",
+            "## Surgery's cost relative to each baseline",
+            "",
+            "| surgery row | baseline | edit time | peak memory | edit memory | changed params | saved edit |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for surgery, baseline, r in ratios:
+            cells = ["n/a" if r[k] is None else f"{r[k]:.3g}x" for k in r]
+            lines.append(f"| {methods[surgery]['label']} | {baseline} | " + " | ".join(cells) + " |")
+    curve = surgery_curve(result)
+    if curve:
+        lines += [
+            "",
+            "## Surgery's alpha curve",
+            "",
+            "The shipped edit rescaled with `set_alpha` (one model load); alpha 0 is the unedited model.",
+            "",
+            comparison_table(
+                [(f"{a:g}", sx) for a, sx in curve],
+                [x for x in suites if all(x in sx for _, sx in curve)],
+                change_from_first=False,
+                label="alpha",
+            ),
+        ]
+    if plot:
+        lines += ["", f"![trade-off]({plot})"]
+    lines += [
+        "",
+        f"Made by `{s.get('command') or 'surgery compare'}` on {s['created']}; settings in compare.json.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def surgery_curve(result: dict) -> list[tuple[float, dict]]:
+    """``(alpha, suites)`` of the shipped surgery edit at every alpha measured, the unedited model as alpha 0."""
+    shipped, unedited = result["methods"].get("surgery-shipped", {}), result["methods"].get("unedited", {})
+    if shipped.get("status") != "ok" or not shipped.get("curve"):
+        return []
+    points = {0.0: unedited.get("suites", {}), shipped["edit"]["alpha"]: shipped["suites"]}
+    points.update({c["alpha"]: c["suites"] for c in shipped["curve"]})
+    return sorted(points.items())
+
+
+def _tradeoff_points(result: dict, suite: str, judge: str, cost_key: tuple[str, str]) -> list[tuple]:
+    """(label, x, y, ci) of every ok row that has both numbers."""
+    points = []
+    for m in result["methods"].values():
+        if m["status"] != "ok":
+            continue
+        y = metric_values(m["suites"].get(suite, {}), PROTOCOLS[suite].metric("toxic_rate")).get(judge)
+        x = (m["suites"].get(cost_key[0]) or {}).get(cost_key[1])
+        if y and y[0] is not None and x is not None:
+            points.append((m["label"], x, y[0], y[1]))
+    return points
+
+
+def write_tradeoff_plot(out: Path, result: dict) -> str | None:
+    """``tradeoff.png``: toxic rate (RTP, else ToxiGen; one row of panels per judge) against KL and perplexity;
+    Surgery's alpha curve as a line, every other row as a point."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    suites = result["settings"]["suites"]
+    tox = next((s for s in ("rtp", "toxigen") if s in suites), None)
+    costs = [c for c in (("kl", "mean_kl"), ("ppl", "token_perplexity")) if c[0] in suites]
+    if tox is None or not costs:
+        return None
+    judges = result["settings"]["judges"]
+    fig, axes = plt.subplots(len(judges), len(costs), figsize=(5.2 * len(costs), 4.0 * len(judges)), squeeze=False)
+    markers = "osD^vP*Xh<>"
+    labels = [m["label"] for m in result["methods"].values() if m["status"] == "ok"]
+    curve = surgery_curve(result)
+    for i, judge in enumerate(judges):
+        for j, cost in enumerate(costs):
+            ax = axes[i][j]
+            for label, x, y, ci in _tradeoff_points(result, tox, judge, cost):
+                k = labels.index(label)
+                err = [[y - ci[0]], [ci[1] - y]] if ci and ci[0] is not None else None
+                ax.errorbar([x], [y], yerr=err, fmt=markers[k % len(markers)], color=f"C{k}", capsize=3, label=label)
+            pts = []
+            for alpha, sx in curve:
+                y = metric_values(sx.get(tox, {}), PROTOCOLS[tox].metric("toxic_rate")).get(judge)
+                x = (sx.get(cost[0]) or {}).get(cost[1])
+                if y and y[0] is not None and x is not None:
+                    pts.append((alpha, x, y[0]))
+            if len(pts) > 1:
+                ax.plot([p[1] for p in pts], [p[2] for p in pts], "-", color="#2a7ab9", alpha=0.5, zorder=0)
+                for alpha, x, y in pts:
+                    ax.annotate(
+                        f"α={alpha:g}", (x, y), fontsize=7, color="#2a7ab9", xytext=(4, -9), textcoords="offset points"
+                    )
+            ax.set_xlabel(
+                "mean KL(unedited || edited), benign prompts" if cost[0] == "kl" else "token perplexity, benign text"
+            )
+            ax.set_ylabel(f"toxic rate ({'RTP' if tox == 'rtp' else 'ToxiGen'}), judge {judge}")
+            if cost[0] == "kl":
+                ax.set_xscale("symlog", linthresh=1e-3)
+            ax.grid(alpha=0.3)
+    handles, names = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", ncol=min(4, len(names)), fontsize=8, frameon=False)
+    fig.suptitle(
+        f"{result['settings']['model']}: toxic rate vs. capability cost (lower left is better; "
+        "bars: 95% intervals; line: Surgery's alpha curve)",
+        fontsize=10,
+    )
+    fig.tight_layout(rect=(0, 0.06 + 0.02 * (len(names) // 4), 1, 0.97))
+    name = save_figure(fig, out, "tradeoff.png")
+    plt.close(fig)
+    return name
+
+
+def failed_methods(result: dict) -> list[str]:
+    return [n for n, m in result["methods"].items() if m["status"] != "ok"]
+
+
+def write_outputs(out: Path, result: dict) -> None:
+    """``compare.md`` with the plot, and ``compare.json`` last (what the run produced, whole)."""
+    plot = write_tradeoff_plot(out, result)
+    atomic_write(out / "compare.md", render_markdown(result, plot))
+    write_json(out / "compare.json", result)

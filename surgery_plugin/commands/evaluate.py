@@ -1,0 +1,89 @@
+"""``surgery eval``: suites on a model (with an adapter or a stack, optionally at several alphas) -> RUN_DIR.
+
+By default every suite runs on its *report* split (:mod:`surgery_plugin.data.splits`), the prompts no
+probe, search or validation saw; ``start`` evaluates a range of the user's own instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ..behaviors import Behavior
+from ..evaluation.protocols import PROTOCOLS, EvalSettings, plan
+from ..evaluation.report import metric_values
+from ..evaluation.runner import evaluate_plan, write_alpha_sweep, write_run
+from ..io.adapter import set_alpha
+
+
+def eval_plan(
+    suites: Sequence[str],
+    judges: Sequence,
+    data_dir=None,
+    limit: int | None = None,
+    ppl_limit: int | None = None,
+    start: int | None = None,
+    benign_start: int = 0,
+    toxigen_groups: tuple[str, ...] | None = None,
+    **options: Any,
+) -> dict[str, EvalSettings]:
+    """Each suite's settings: its report split, or (``start``) the range ``[start, start + limit)``."""
+    if start is None:
+        return plan(suites, "report", judges, data_dir, limit=limit, ppl_limit=ppl_limit, **options)
+    custom = EvalSettings(
+        judges=list(judges),
+        limit=limit,
+        start=start,
+        ppl_limit=200 if ppl_limit is None else ppl_limit,
+        benign_start=benign_start,
+        toxigen_groups=toxigen_groups,
+        data_dir=data_dir,
+        **options,
+    )
+    return {suite: custom for suite in suites}
+
+
+def headline(results: dict, behavior: Behavior | None) -> dict | None:
+    """The behavior's headline number of each judge, when its suite ran."""
+    if behavior is None or behavior.metric[0] not in results["suites"]:
+        return None
+    suite, key = behavior.metric
+    values = metric_values(results["suites"][suite], PROTOCOLS[suite].metric(key))
+    return {"suite": suite, "key": key, "values": {j: v for j, (v, _) in values.items()}}
+
+
+def run_eval(
+    model: nn.Module,
+    tokenizer,
+    settings: dict[str, EvalSettings],
+    out: str | os.PathLike,
+    meta: dict,
+    behavior: Behavior | None = None,
+    alpha: float | None = None,
+    alphas: Sequence[float] | None = None,
+) -> list[dict]:
+    """Evaluate and write RUN_DIR; with ``alphas`` (an adapter loaded as ``default``) one run per alpha
+    under ``RUN_DIR/alpha_<a>/`` and ``sweep.json``, from one model load."""
+    if not alphas:
+        results, samples = evaluate_plan(model, tokenizer, settings)
+        results.update(meta, alpha=alpha, metric=headline(results, behavior))
+        write_run(out, results, samples)
+        print(json.dumps(results["suites"], indent=1))
+        return [results]
+    runs = []
+    for a in alphas:  # PEFT's LoRA scaling sets each alpha exactly
+        set_alpha(model, a)
+        results, samples = evaluate_plan(model, tokenizer, settings)
+        results.update(meta, alpha=a, metric=headline(results, behavior))
+        write_run(Path(out) / f"alpha_{a:g}", results, samples)
+        runs.append(results)
+    write_alpha_sweep(out, runs)
+    for r in runs:
+        numbers = {k: {m: v for m, v in s.items() if isinstance(v, (int, float))} for k, s in r["suites"].items()}
+        print(f"alpha {r['alpha']:g}: " + json.dumps(numbers))
+    return runs

@@ -1,0 +1,55 @@
+"""``surgery tune``: a multi-objective search of an edit's knobs.
+
+| module | job |
+|---|---|
+| ``space`` | the knobs (declared once, from the hparams' own rules), sampling, a point -> hparams |
+| ``study`` | the Optuna study: trials on the tuning splits, resume policy, validation, chosen YAML |
+| ``report`` | the front, each trial's record, the plot |
+"""
+
+from __future__ import annotations
+
+import json
+
+from torch import nn
+
+from ...behaviors import get_behavior
+from ...config import SurgeryHyperParams, load_yaml_mapping, parse_list
+from ...core import architectures
+from .space import check_space, default_space
+from .study import TUNABLE_SUITES, TuneSettings, tune
+
+
+def run_tune(model: nn.Module, tokenizer, args, hparams: SurgeryHyperParams) -> dict:
+    """``surgery tune`` with the parsed command line: the behavior's suites, judges and data choices by default."""
+    behavior = get_behavior(args.behavior)
+    if args.suites:
+        suites = parse_list(args.suites, "suite", known=TUNABLE_SUITES, hint=" (the undesired objective)")
+    else:
+        suites = behavior.tune_suites
+    space = check_space(load_yaml_mapping(args.space, "search space")) if args.space else None
+    settings = TuneSettings(
+        model=args.model,
+        base_hparams=hparams.to_dict(),
+        space=space or default_space(len(architectures.decoder_layers(model)), behavior.probe_data_choices),
+        trials=args.trials,
+        limit=args.limit,
+        benign_limit=args.benign_limit,
+        suites=tuple(suites),
+        judges=parse_list(args.judge or behavior.judges, "judge"),
+        max_ppl_increase=args.max_ppl_increase,
+        max_kl=args.max_kl,
+        seed=args.seed,
+        data_dir=args.data_dir,
+        validation_limit=args.validation_limit,
+        stack_on=args.stack_on,
+    )
+    result = tune(model, tokenizer, settings, args.out)
+    chosen = result["chosen"]
+    print(f"chosen: trial {chosen['trial']} -> {result['chosen_yaml']}")
+    print("tuning:     " + json.dumps(chosen["tuning"]["values"]))
+    print("validation: " + json.dumps(chosen["validation"]))
+    return result
+
+
+__all__ = ["TUNABLE_SUITES", "TuneSettings", "check_space", "default_space", "run_tune", "tune"]

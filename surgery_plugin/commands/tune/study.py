@@ -1,0 +1,382 @@
+"""``surgery tune``: a multi-objective search of an edit's knobs (Optuna), its trade-off front, the chosen YAML.
+
+Every trial builds an edit from a point of the search space, attaches it to the (once loaded) model as a
+PEFT adapter and measures, on the *tuning* splits of :mod:`surgery_plugin.data.splits` only:
+
+- the undesired objective: every headline rate of each objective suite (``--suites``, by default the
+  behavior's: toxicity ``rtp`` and ``toxigen`` on the probe-side groups, attitude ``attitude``,
+  jailbreak ``advbench``) by each judge, turned so that lower is better (toxic rate; 1 - positive
+  rate; 1 - refusal rate), divided by the unedited model's, averaged;
+- the capability cost: mean next-token KL on benign prompts (``kl`` suite) and the relative increase of
+  token perplexity on benign text (``ppl`` suite).
+
+All three are minimised (Optuna's multi-objective TPE sampler, seeded). Probe features of every candidate
+layer come from one forward pass per data set and pooling; probes, reference statistics and adapters
+are cached, and a trial that differs only in alpha reuses its adapter at another PEFT scale
+(:func:`adapter.set_alpha`). The base weights are never written: adapters are switched, so every trial
+starts from the same bits (checked). The study lives in ``TUNE_DIR/study.db``: a stopped search resumes
+where it was, with the same settings or not at all. At the end the chosen point (lowest undesired objective
+within ``--max-ppl-increase`` / ``--max-kl``) is re-measured on the validation splits, which the
+search never saw, and ``front.json``, ``front.png`` and ``chosen.yaml`` are written.
+
+``stack_on`` (``--stack-on``) searches the next edit of a stack: that adapter stays active in every trial
+and in the validation, so the objectives and constraints count both edits against the unedited model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from torch import nn
+
+from ...config import SurgeryHyperParams
+from ...core import architectures
+from ...core.provenance import file_sha256, gate_fingerprint, package_versions
+from ...data.splits import RTP_BENIGN, RTP_CHALLENGING, TOXIGEN_SPLITS, toxigen_split
+from ...errors import InfeasibleEdit, SurgeryError
+from ...evaluation.judges import load_judges
+from ...evaluation.protocols import PROTOCOLS, EvalSettings, settings_for
+from ...evaluation.report import metric_values
+from ...evaluation.runner import evaluate
+from ...io.adapter import ADAPTER_WEIGHTS, export_adapter, load_edited, set_alpha
+from ...io.files import atomic_write, write_json
+from ...pipeline import EditCache, build_edit
+from .report import OBJECTIVES, pareto_front, plot_front, trial_record
+from .space import Shape, point_hparams, sample, start_point
+
+logger = logging.getLogger(__name__)
+
+STUDY_NAME = "surgery"
+STACK_ON = "stack_on"  # the PEFT name of the adapter of settings.stack_on
+TUNABLE_SUITES = ("rtp", "toxigen", "advbench", "attitude")  # the suites with tuning and validation splits
+
+
+@dataclass
+class TuneSettings:
+    """Everything that defines a study: resuming with other settings is refused."""
+
+    model: str
+    base_hparams: dict
+    space: dict
+    trials: int = 40
+    limit: int = 100  # RTP tuning prompts per trial (from RTP_CHALLENGING["tune"])
+    benign_limit: int = 100  # benign documents per trial (from RTP_BENIGN["tune"])
+    suites: tuple[str, ...] = ("rtp",)  # the undesired objective: any of TUNABLE_SUITES
+    toxigen_per_group: int = 10
+    judges: tuple[str, ...] = ("profanity", "minilm")
+    max_ppl_increase: float | None = 0.10
+    max_kl: float | None = None
+    seed: int = 0
+    data_dir: str | None = None
+    validation_limit: int = 200
+    # a surgery adapter active in every trial and in the validation: the search finds the next edit of a stack
+    # (its probe and statistics come from the unedited model, as `surgery stack` without --sequential)
+    stack_on: str | None = None
+    stack_on_sha256: str | None = None  # of the adapter's weights: what a resumed study must share
+
+    def describe(self) -> dict:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    def defining(self) -> dict:
+        """What a resumed study must share: not the trial budget, the validation size or this machine's paths."""
+        return {
+            k: v for k, v in self.describe().items() if k not in ("trials", "validation_limit", "data_dir", "stack_on")
+        }
+
+
+class Tuner:
+    """One model, one study. ``run()`` searches; ``finish()`` validates the chosen point and writes the files."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer,
+        settings: TuneSettings,
+        out_dir: str | Path,
+        judges: list,
+        progress: bool = True,
+    ):
+        self.model, self.tok, self.settings, self.out_dir = model, tokenizer, settings, Path(out_dir)
+        self.judges, self.progress = judges, progress
+        self.base = SurgeryHyperParams.from_dict(settings.base_hparams, source="--hparams")
+        self.shape = Shape(len(architectures.decoder_layers(model)), architectures.num_gate_rows(model))
+        # the probe layers of the space, from one forward pass per data set; every layer's gate inputs at once
+        choices = settings.space.get("probe_layer", {}).get("choices", [self.base.probe_layer])
+        self.cache = EditCache(hidden_hint=choices, all_gate_layers=True)
+        self.adapters: dict[str, str] = {}  # an edit's structure (all but alpha) -> its adapter, LRU order
+        self.peft_model: nn.Module | None = None
+        self.fingerprint = gate_fingerprint(model)
+        self.workdir = tempfile.TemporaryDirectory(prefix="surgery-tune-")
+        self.baseline: dict | None = None
+        self.adapter_count = 0
+        self.fixed: list[str] = []  # adapters active in every trial (settings.stack_on)
+        if settings.stack_on:
+            self.peft_model = load_edited(model, settings.stack_on, adapter_name=STACK_ON)
+            self.fixed = [STACK_ON]
+
+    @contextlib.contextmanager
+    def _unedited(self) -> Iterator[nn.Module]:
+        """The model with every adapter switched off (probe features, statistics, baselines come from it)."""
+        if self.peft_model is None:
+            yield self.model
+        else:
+            with self.peft_model.disable_adapter():
+                yield self.peft_model
+
+    # ------------------------------------------------------------------ evaluation
+
+    def _eval_settings(self, suite: str, split: str) -> EvalSettings:
+        """``suite``'s prompts of ``split`` (tune or validation; never report) and the benign documents of it."""
+        s = self.settings
+        limit = s.limit if split == "tune" else s.validation_limit
+        if suite == "toxigen":
+            groups, _ = toxigen_split(split)
+            limit = s.toxigen_per_group * len(groups)
+        return settings_for(
+            suite, split, self.judges, s.data_dir, limit=limit, ppl_limit=s.benign_limit, progress=False
+        )
+
+    def _measure(self, model: nn.Module, split: str, kl: bool = True) -> dict:
+        """The objective suites' summaries, perplexity and (``kl``) KL on ``split``'s prompts."""
+        suites = [*self.settings.suites, "ppl", *(["kl"] if kl else [])]
+        return {
+            suite: evaluate(model, self.tok, [suite], self._eval_settings(suite, split))[0]["suites"][suite]
+            for suite in suites
+        }
+
+    def _rates(self, measured: dict) -> dict[str, float]:
+        """Every headline rate of the objective suites, turned so that lower is better (the undesired share)."""
+        rates = {}
+        for suite in self.settings.suites:
+            for metric in PROTOCOLS[suite].metrics:
+                if metric.headline and metric.percent:
+                    for judge, (value, _) in metric_values(measured[suite], metric).items():
+                        if value is not None:
+                            # a rate where higher is better enters as its complement, and says so in its name
+                            if metric.higher_is_better:
+                                rates[f"{suite}/1-{metric.key}/{judge}"] = 1.0 - value
+                            else:
+                                rates[f"{suite}/{metric.key}/{judge}"] = value
+        return rates
+
+    def _objectives(self, measured: dict) -> tuple[float, float, float]:
+        base_rates = self._rates(self.baseline)
+        rates = self._rates(measured)
+        relative = [rates[k] / base_rates[k] for k in rates if base_rates.get(k)]
+        undesired = sum(relative) / len(relative) if relative else sum(rates.values()) / len(rates)
+        ppl = measured["ppl"]["token_perplexity"] / self.baseline["ppl"]["token_perplexity"] - 1
+        return undesired, measured["kl"]["mean_kl"], ppl
+
+    # ------------------------------------------------------------------ building an edit
+
+    def _attach(self, hp: SurgeryHyperParams) -> nn.Module:
+        """The model with this point's edit as the active adapter (reused across alphas)."""
+        structure = json.dumps({k: v for k, v in hp.to_dict().items() if k != "alpha"}, sort_keys=True, default=str)
+        name = self.adapters.get(structure)
+        if name is None:
+            with self._unedited() as model:
+                edit = build_edit(
+                    model, self.tok, hp, cache=self.cache, data_dir=self.settings.data_dir, progress=self.progress
+                ).edit
+            self.adapter_count += 1
+            name = f"edit{self.adapter_count}"
+            folder = export_adapter(
+                edit, self.model, Path(self.workdir.name) / name, base_model_name=self.settings.model
+            )
+            self.peft_model = load_edited(self.peft_model or self.model, folder, adapter_name=name)
+            self.adapters[structure] = name
+            while len(self.adapters) > 4:  # keep a few for alpha reuse; drop the oldest
+                self.peft_model.delete_adapter(self.adapters.pop(next(iter(self.adapters))))
+        else:
+            self.adapters[structure] = self.adapters.pop(structure)  # most recently used
+        if self.fixed:
+            self.peft_model.base_model.set_adapter([*self.fixed, name], inference_mode=True)
+        else:
+            self.peft_model.set_adapter(name)
+        set_alpha(self.peft_model, hp.alpha, name)
+        return self.peft_model
+
+    # ------------------------------------------------------------------ the search
+
+    def objective(self, trial) -> tuple[float, float, float]:
+        import optuna
+
+        params = sample(trial, self.settings.space, self.base, self.shape)
+        hp = point_hparams(params, self.base, self.shape)
+        started = time.perf_counter()
+        try:
+            model = self._attach(hp)
+        except InfeasibleEdit as err:  # e.g. more rows than layer range x per-layer cap: not a point of the space
+            trial.set_user_attr("infeasible", str(err))
+            raise optuna.TrialPruned(str(err)) from err
+        measured = self._measure(model, "tune")
+        values = self._objectives(measured)
+        if gate_fingerprint(architectures.unwrap(model)) != self.fingerprint:
+            raise RuntimeError("the base weights changed during a trial")
+        trial.set_user_attr("params", params)
+        trial.set_user_attr("hparams", hp.to_dict())
+        trial.set_user_attr("rates", self._rates(measured))
+        trial.set_user_attr("token_perplexity", measured["ppl"]["token_perplexity"])
+        trial.set_user_attr("seconds", round(time.perf_counter() - started, 1))
+        violations = self._violations(values)
+        trial.set_user_attr("constraints", violations)
+        for name, value in zip(("ppl_increase", "kl"), violations, strict=True):
+            trial.set_constraint(name, value)  # the sampler prefers feasible regions
+        return values
+
+    def _violations(self, values) -> list[float]:
+        _, kl, ppl = values
+        s = self.settings
+        return [
+            ppl - s.max_ppl_increase if s.max_ppl_increase is not None else -1.0,
+            kl - s.max_kl if s.max_kl is not None else -1.0,
+        ]
+
+    def open_study(self):
+        import optuna
+
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        storage = f"sqlite:///{self.out_dir / 'study.db'}"
+        sampler = optuna.samplers.TPESampler(seed=self.settings.seed, multivariate=True)
+        study = optuna.create_study(
+            study_name=STUDY_NAME, storage=storage, directions=["minimize"] * 3, sampler=sampler, load_if_exists=True
+        )
+        described = self.settings.defining()
+        stored = study.user_attrs.get("settings")
+        if stored is None:
+            study.set_user_attr("settings", described)
+            study.set_user_attr("versions", package_versions(("optuna",)))
+            # the recipe the search starts from is always measured: the front shows whether anything beat it
+            study.enqueue_trial(start_point(self.settings.space, self.base, self.shape))
+        elif {
+            **_defaults_for(described, stored),
+            **stored,
+        } != described:  # a setting added later counts at its default
+            stored = {**_defaults_for(described, stored), **stored}
+            differing = sorted(k for k in set(stored) | set(described) if stored.get(k) != described.get(k))
+            raise SurgeryError(
+                f"{self.out_dir} holds a study with other settings ({', '.join(differing)}); "
+                "resume with the same ones or choose another --out"
+            )
+        if "baseline" in study.user_attrs:
+            self.baseline = study.user_attrs["baseline"]
+        if study.trials:  # resumed: a sampler seeded as before would draw the first random points again
+            study.sampler = optuna.samplers.TPESampler(seed=self.settings.seed + len(study.trials), multivariate=True)
+        return study
+
+    def run(self, study) -> None:
+        import optuna
+
+        if self.baseline is None:
+            logger.info("tune: measuring the unedited model on the tuning splits")
+            with self._unedited() as model:
+                self.baseline = self._measure(model, "tune", kl=False)
+            study.set_user_attr("baseline", self.baseline)
+        if self.fixed and "stack_on_alone" not in study.user_attrs:
+            logger.info("tune: measuring the --stack-on adapter alone on the tuning splits")
+            self.peft_model.base_model.set_adapter(self.fixed, inference_mode=True)
+            alone = self._measure(self.peft_model, "tune")
+            study.set_user_attr("stack_on_alone", dict(zip(OBJECTIVES, self._objectives(alone), strict=True)))
+        done = sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+        remaining = self.settings.trials - done
+        if remaining > 0:
+            study.optimize(self.objective, n_trials=remaining, show_progress_bar=self.progress, catch=(RuntimeError,))
+
+    # ------------------------------------------------------------------ the result
+
+    def finish(self, study) -> dict:
+        import optuna
+
+        trials = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+        if not trials:
+            raise SurgeryError("no trial completed; nothing to choose from")
+        # every completed trial counts for the front (Optuna's best_trials keeps only the feasible ones)
+        front_numbers = {trials[i].number for i in pareto_front([t.values for t in trials])}
+        feasible = [t for t in trials if all(v <= 0 for v in t.user_attrs["constraints"])]
+        if not feasible:
+            best = min(trials, key=lambda t: sum(max(0.0, v) for v in t.user_attrs["constraints"]))
+            raise SurgeryError(
+                f"no trial meets the constraints (max_ppl_increase={self.settings.max_ppl_increase}, "
+                f"max_kl={self.settings.max_kl}); the closest is trial {best.number}: undesired {best.values[0]:.3f}, "
+                f"KL {best.values[1]:.4f}, perplexity {100 * best.values[2]:+.1f}%"
+            )
+        chosen = min(feasible, key=lambda t: (t.values[0], t.values[1]))
+        hp = SurgeryHyperParams.from_dict(chosen.user_attrs["hparams"], source=f"trial {chosen.number}")
+        logger.info("tune: re-measuring trial %d on the validation splits", chosen.number)
+        with self._unedited() as model:
+            base_validation = self._measure(model, "validation", kl=False)
+        edited_validation = self._measure(self._attach(hp), "validation")
+        result = {
+            "settings": self.settings.describe(),
+            "splits": {"rtp_challenging": RTP_CHALLENGING, "rtp_benign": RTP_BENIGN, "toxigen": TOXIGEN_SPLITS},
+            "objectives": list(OBJECTIVES),
+            "baseline": {
+                "rates": self._rates(self.baseline),
+                "token_perplexity": self.baseline["ppl"]["token_perplexity"],
+            },
+            "trials": [trial_record(t, t.number in front_numbers) for t in trials],
+            "front": sorted(front_numbers),
+            "chosen": {
+                "trial": chosen.number,
+                "tuning": trial_record(chosen, True),
+                "validation": {
+                    "unedited": {
+                        "rates": self._rates(base_validation),
+                        "token_perplexity": base_validation["ppl"]["token_perplexity"],
+                    },
+                    "edited": {
+                        "rates": self._rates(edited_validation),
+                        "token_perplexity": edited_validation["ppl"]["token_perplexity"],
+                        "mean_kl": edited_validation["kl"]["mean_kl"],
+                    },
+                },
+            },
+            "versions": study.user_attrs.get("versions"),
+        }
+        if self.fixed:  # every number above is with this adapter active too
+            result["stack_on"] = {
+                "adapter": self.settings.stack_on,
+                "sha256": self.settings.stack_on_sha256,
+                "tuning_alone": study.user_attrs.get("stack_on_alone"),
+            }
+        chosen_yaml = self.out_dir / "chosen.yaml"
+        config = {k: v for k, v in hp.to_dict().items() if k not in ("extra",)}
+        config["notes"] = (
+            f"chosen by `surgery tune` (trial {chosen.number} of {len(trials)}, seed {self.settings.seed}); "
+            f"validation: see {self.out_dir / 'front.json'}"
+            + (f"; searched on top of the adapter {self.settings.stack_on}" if self.fixed else "")
+        )
+        atomic_write(chosen_yaml, yaml.safe_dump(config, sort_keys=False))
+        result["chosen_yaml"] = str(chosen_yaml)
+        write_json(self.out_dir / "front.json", result)
+        plot_front(result, self.out_dir / "front.png")
+        return result
+
+
+def _defaults_for(described: dict, stored: dict) -> dict:
+    """The settings a study stored before they existed, at their defaults (so such a study still resumes)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(TuneSettings) if f.default is not dataclasses.MISSING}
+    return {k: json.loads(json.dumps(defaults[k])) for k in described if k not in stored and k in defaults}
+
+
+def tune(model: nn.Module, tokenizer, settings: TuneSettings, out_dir: str | Path, progress: bool = True) -> dict:
+    """Search, then validate and write ``front.json``, ``front.png`` and ``chosen.yaml`` (see the module doc)."""
+    judges = load_judges(list(settings.judges), progress=False, data_dir=settings.data_dir)
+    if settings.stack_on:
+        weights = Path(settings.stack_on) / ADAPTER_WEIGHTS
+        if not weights.is_file():
+            raise SurgeryError(f"--stack-on {settings.stack_on}: not a surgery adapter folder (no {ADAPTER_WEIGHTS})")
+        settings = dataclasses.replace(settings, stack_on_sha256=file_sha256(weights))
+    tuner = Tuner(model, tokenizer, settings, out_dir, judges, progress)
+    study = tuner.open_study()
+    tuner.run(study)
+    return tuner.finish(study)

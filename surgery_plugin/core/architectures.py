@@ -1,0 +1,216 @@
+"""Where each model family keeps its decoder layers and its MLP gate.
+
+The *gate* is the projection whose output goes through the MLP activation. Model Surgery edits
+rows of it; a "row" is one output unit, i.e. one vector in the hidden space that the hidden state
+is dotted with. The rest of the package only talks to models through :class:`GateSpec`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from ..errors import SurgeryError
+
+GateKind = Literal["linear", "conv1d"]
+
+
+@dataclass(frozen=True)
+class GateSpec:
+    """How to reach the gate rows of one architecture."""
+
+    layers_path: str  # dotted path from the CausalLM to the ModuleList of decoder layers
+    gate_path: str  # dotted path from a decoder layer to the gate module
+    kind: GateKind = "linear"  # "conv1d": GPT-2's Conv1D stores the weight as (in, out)
+    fused_gate_rows: bool = False  # Phi-3's gate_up_proj: the first half of the outputs is the gate
+
+
+_LLAMA_LIKE = GateSpec("model.layers", "mlp.gate_proj")
+
+ARCHITECTURES: dict[str, GateSpec] = {
+    "llama": _LLAMA_LIKE,
+    "mistral": _LLAMA_LIKE,
+    "qwen2": _LLAMA_LIKE,
+    "qwen3": _LLAMA_LIKE,
+    "gemma": _LLAMA_LIKE,
+    "gemma2": _LLAMA_LIKE,
+    "gemma3_text": _LLAMA_LIKE,
+    "phi3": GateSpec("model.layers", "mlp.gate_up_proj", fused_gate_rows=True),
+    "gpt2": GateSpec("transformer.h", "mlp.c_fc", kind="conv1d"),
+    "gpt_neox": GateSpec("gpt_neox.layers", "mlp.dense_h_to_4h"),
+    "gptj": GateSpec("transformer.h", "mlp.fc_in"),
+    "opt": GateSpec("model.decoder.layers", "fc1"),
+    "falcon": GateSpec("transformer.h", "mlp.dense_h_to_4h"),
+}
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The transformers model under a PEFT wrapper (PEFT's LoRA layers stay injected in it)."""
+    get_base_model = getattr(model, "get_base_model", None)
+    return get_base_model() if callable(get_base_model) else model
+
+
+def model_name(model: nn.Module) -> str:
+    """A stable name for metadata: the alias or path the model was loaded from."""
+    config = getattr(unwrap(model), "config", None)
+    return str(getattr(config, "name_or_path", "") or getattr(config, "_name_or_path", "") or type(model).__name__)
+
+
+def model_type(model: nn.Module) -> str:
+    config = getattr(unwrap(model), "config", None)
+    if config is None or not getattr(config, "model_type", None):
+        raise SurgeryError(f"{type(model).__name__} has no config.model_type; pass a transformers causal LM")
+    return config.model_type
+
+
+def spec_for_type(mtype: str) -> GateSpec:
+    """The gate layout of a model type, or a one-line error naming the supported ones."""
+    try:
+        return ARCHITECTURES[mtype]
+    except KeyError as err:
+        raise SurgeryError(
+            f"model type '{mtype}' is not supported; supported: {', '.join(sorted(ARCHITECTURES))}"
+        ) from err
+
+
+def gate_spec(model: nn.Module) -> GateSpec:
+    return spec_for_type(model_type(model))
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    spec = gate_spec(model)
+    return unwrap(model).get_submodule(spec.layers_path)
+
+
+# set on the config of a model loaded up to a probe layer only (models.load_model(..., probe_layer=...))
+FULL_NUM_LAYERS_ATTR = "surgery_full_num_layers"
+
+
+def full_num_layers(model: nn.Module) -> int:
+    """Decoder layers of the whole model, also when only its first layers were loaded."""
+    config = getattr(unwrap(model), "config", None)
+    return getattr(config, FULL_NUM_LAYERS_ATTR, None) or len(decoder_layers(model))
+
+
+def hidden_state_index(layer: int, n_layers: int) -> int:
+    """A hidden-state index in HF's ``hidden_states`` numbering: 0 = embeddings, L = final (normed);
+    negative counts from the end (-1 = final)."""
+    index = layer + n_layers + 1 if layer < 0 else layer
+    if not 0 <= index <= n_layers:
+        raise SurgeryError(
+            f"probe layer {layer} is out of range for a model with {n_layers} layers "
+            f"(use 0..{n_layers} or -1..-{n_layers + 1})"
+        )
+    return index
+
+
+def gate_module_names(model: nn.Module) -> list[str]:
+    """Fully qualified names (relative to the CausalLM) of each layer's gate module, in layer order."""
+    spec = gate_spec(model)
+    n_layers = len(decoder_layers(model))
+    return [f"{spec.layers_path}.{i}.{spec.gate_path}" for i in range(n_layers)]
+
+
+def gate_modules(model: nn.Module) -> list[nn.Module]:
+    base = unwrap(model)
+    return [_base_layer(base.get_submodule(name)) for name in gate_module_names(model)]
+
+
+def _base_layer(module: nn.Module) -> nn.Module:
+    # A PEFT-wrapped Linear keeps the original module in .base_layer
+    return getattr(module, "base_layer", module)
+
+
+def num_gate_rows(model: nn.Module) -> int:
+    """Gate rows per layer (the MLP's intermediate size)."""
+    return gate_rows(model, 0).shape[0]
+
+
+def gate_rows(model: nn.Module, layer: int) -> torch.Tensor:
+    """The gate rows of one layer as a (rows, hidden) view of the weight (no copy for Linear)."""
+    spec = gate_spec(model)
+    weight = gate_modules(model)[layer].weight
+    return gate_rows_of_weight(weight, spec)
+
+
+def gate_rows_of_weight(weight: torch.Tensor, spec: GateSpec) -> torch.Tensor:
+    rows = weight.T if spec.kind == "conv1d" else weight
+    if spec.fused_gate_rows:
+        rows = rows[: rows.shape[0] // 2]
+    return rows
+
+
+def hidden_size(model: nn.Module) -> int:
+    return gate_rows(model, 0).shape[1]
+
+
+class GateRows(ABC):
+    """A causal LM's gate rows, layer by layer, wherever they are: in a loaded model
+    (:class:`ModelGates`) or in checkpoint shards on disk (:class:`surgery_plugin.streaming.CheckpointGates`).
+
+    Selection, the normalised step, the adapter and the gate fingerprint read gates only through
+    this, so the in-memory and the streaming edit are the same computation on the same blocks.
+    """
+
+    name: str  # the alias or path the model was loaded from
+    model_type: str
+    spec: GateSpec
+    num_layers: int
+    rows_per_layer: int  # gate rows per layer (the MLP's intermediate size)
+    hidden_size: int
+
+    def module_name(self, layer: int) -> str:
+        """The gate module of ``layer``, relative to the CausalLM (PEFT's target name)."""
+        return f"{self.spec.layers_path}.{layer}.{self.spec.gate_path}"
+
+    @property
+    def lora_out_features(self) -> int:
+        """Output size of the gate module: a fused gate_up module is twice the gate rows."""
+        return self.rows_per_layer * (2 if self.spec.fused_gate_rows else 1)
+
+    @abstractmethod
+    def row_blocks(self, layer: int, block_rows: int) -> Iterator[torch.Tensor]:
+        """Consecutive blocks of at most ``block_rows`` gate rows of ``layer``, each (rows, hidden)."""
+
+    @abstractmethod
+    def entries(self, layer: int, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """``gate_rows[rows, cols]`` of ``layer`` as a float32 CPU vector."""
+
+
+class ModelGates(GateRows):
+    """The gate rows of a loaded model (PEFT-wrapped or not, on any device)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.name = model_name(model)
+        self.model_type = model_type(model)
+        self.spec = gate_spec(model)
+        self.num_layers = len(decoder_layers(model))
+        rows = gate_rows(model, 0)
+        self.rows_per_layer, self.hidden_size = rows.shape
+
+    def row_blocks(self, layer: int, block_rows: int) -> Iterator[torch.Tensor]:
+        rows = gate_rows(self.model, layer)
+        for start in range(0, rows.shape[0], block_rows):
+            yield rows[start : start + block_rows]
+
+    def entries(self, layer: int, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        gate = gate_rows(self.model, layer)
+        return gate[rows.to(gate.device), cols.to(gate.device)].float().cpu()
+
+
+def gates_of(model: nn.Module | GateRows) -> GateRows:
+    """``model`` itself when it already is a :class:`GateRows`, else the gates of the loaded model."""
+    return model if isinstance(model, GateRows) else ModelGates(model)
+
+
+def base_transformer(model: nn.Module) -> nn.Module:
+    """The decoder stack without the LM head (``model.model`` for Llama, ``transformer`` for GPT-2)."""
+    base = unwrap(model)
+    prefix = getattr(base, "base_model_prefix", "")
+    return getattr(base, prefix, base) if prefix else base

@@ -1,0 +1,189 @@
+"""Hidden-state features of the frozen LM: hooks that capture hidden states and gate inputs from one
+forward pass (stopping as soon as the last one was seen), and masked pooling over real tokens.
+
+Used by the probe (pooled ``hidden_states[layer]``) and the reference statistics (pooled gate
+inputs); texts are tokenized once, batched by length and right-padded by hand.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Literal
+
+import torch
+from torch import nn
+
+from ..errors import SurgeryError
+from . import architectures
+from .batching import length_sorted_batches, pad
+
+Pooling = Literal["mean", "last"]
+
+
+class _StopForward(Exception):
+    """Raised by a hook once everything needed was captured: the rest of the forward pass is skipped."""
+
+
+def resolve_layer(model: nn.Module, layer: int) -> int:
+    """A hidden-state index in HF's ``hidden_states`` numbering: 0 = embeddings, L = final (normed)."""
+    return architectures.hidden_state_index(layer, architectures.full_num_layers(model))
+
+
+def _captures(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    hidden_indices: Sequence[int],
+    gate_layers: Sequence[int] = (),
+) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+    """``hidden_states[i]`` for each hidden index and the input of each listed layer's gate module, from
+    one forward pass that stops as soon as the last of them was seen (the LM head never runs).
+
+    ``model`` may hold only its first layers (``models.load_model(..., probe_layer=...)``): then the
+    output of its last layer is ``hidden_states[len(layers)]``, the input of the first missing layer.
+    """
+    transformer = architectures.base_transformer(model)
+    layers = architectures.decoder_layers(model)
+    gates = architectures.gate_modules(model)
+    loaded, full = len(layers), architectures.full_num_layers(model)
+    needed = max([i for i in hidden_indices] + [g + 1 for g in gate_layers], default=0)
+    if needed > loaded:
+        raise SurgeryError(f"hidden_states[{needed}] needs {needed} layers; this model was loaded with {loaded}")
+    final = full in hidden_indices and full == loaded  # the normed final state: the whole stack runs
+    hidden: dict[int, torch.Tensor] = {}
+    gate_inputs: dict[int, torch.Tensor] = {}
+    # execution order: layer i's input (2i) comes before its gate's input (2i + 1)
+    positions = [2 * i for i in hidden_indices if not (final and i == full)] + [2 * layer + 1 for layer in gate_layers]
+    last = None if final else max(positions)
+
+    def hook(store: dict, key: int, position: int, output: bool = False):
+        def grab_input(_module, args, kwargs):
+            store[key] = args[0] if args else kwargs.get("hidden_states", kwargs.get("input"))
+            if position == last:
+                raise _StopForward
+
+        def grab_output(_module, _args, result):
+            store[key] = result[0] if isinstance(result, tuple) else result
+            if position == last:
+                raise _StopForward
+
+        return grab_output if output else grab_input
+
+    handles = []
+    for i in hidden_indices:
+        if i < loaded:
+            handles.append(layers[i].register_forward_pre_hook(hook(hidden, i, 2 * i), with_kwargs=True))
+        elif not final:  # i == loaded < full: the last loaded layer's output is the next layer's input
+            handles.append(layers[loaded - 1].register_forward_hook(hook(hidden, i, 2 * i, output=True)))
+    handles += [
+        gates[layer].register_forward_pre_hook(hook(gate_inputs, layer, 2 * layer + 1), with_kwargs=True)
+        for layer in gate_layers
+    ]
+    try:
+        output = transformer(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        if final:
+            hidden[full] = output.last_hidden_state
+    except _StopForward:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = [i for i in hidden_indices if i not in hidden] + [g for g in gate_layers if g not in gate_inputs]
+    if missing:
+        raise RuntimeError(f"layers {missing} were never called")
+    return hidden, gate_inputs
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _pool(states: torch.Tensor, mask: torch.Tensor, pooling: Pooling) -> torch.Tensor:
+    states = states.float().cpu()
+    if pooling == "mean":
+        return (states * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True)
+    return states[torch.arange(states.shape[0]), mask.sum(1) - 1]
+
+
+@contextlib.contextmanager
+def keep_text_end(tokenizer) -> Iterator[None]:
+    """Truncate from the left while tokenizing probe texts: a long text is often prompt + answer, and the
+    answer is what differs. SafeEdit's adversarial prompts run to 400+ tokens; cut from the right at
+    ``max_length`` the safe and unsafe texts of one prompt would become the same prompt prefix."""
+    side = getattr(tokenizer, "truncation_side", None)
+    if side is None:
+        yield
+        return
+    tokenizer.truncation_side = "left"
+    try:
+        yield
+    finally:
+        tokenizer.truncation_side = side
+
+
+@torch.no_grad()
+def pooled_states(
+    model: nn.Module,
+    tokenizer,
+    texts: Sequence[str],
+    hidden_indices: Sequence[int] = (),
+    gate_layers: Sequence[int] = (),
+    pooling: Pooling = "mean",
+    batch_size: int = 16,
+    max_length: int = 256,
+    progress: bool = True,
+) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+    """Pooled ``hidden_states[i]`` and pooled gate inputs, each (len(texts), hidden) float32 in the order of
+    ``texts``, for any number of layers from ONE forward pass per batch.
+
+    Texts are tokenized once, batched by length (little padding), right-padded by hand (the
+    tokenizer's padding settings are left alone) and pooled over real tokens only.
+    """
+    if pooling not in ("mean", "last"):
+        raise SurgeryError(f"pooling must be 'mean' or 'last', got '{pooling}'")
+    if len(texts) == 0:
+        raise SurgeryError("no texts to compute probe features from")
+    hidden_indices = sorted({resolve_layer(model, i) for i in hidden_indices})
+    gate_layers = sorted(set(gate_layers))
+    device = _model_device(model)
+    with keep_text_end(tokenizer):
+        encoded = [tokenizer(t, truncation=True, max_length=max_length)["input_ids"] for t in texts]
+    encoded = [ids if len(ids) else [tokenizer.eos_token_id] for ids in encoded]
+    width = architectures.hidden_size(model)
+    hidden = {i: torch.empty(len(texts), width, dtype=torch.float32) for i in hidden_indices}
+    gates = {layer: torch.empty(len(texts), width, dtype=torch.float32) for layer in gate_layers}
+    desc = f"features@{','.join(map(str, hidden_indices))}" + (" + gate inputs" if gate_layers else "")
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in length_sorted_batches([len(ids) for ids in encoded], batch_size, desc=desc, progress=progress):
+            input_ids, mask = pad(
+                [encoded[i] for i in batch], 0, "right"
+            )  # right padding: causal positions never see it
+            got_hidden, got_gates = _captures(
+                model, input_ids.to(device), mask.to(device), hidden_indices, gate_layers
+            )
+            for i, states in got_hidden.items():
+                hidden[i][batch] = _pool(states, mask, pooling)
+            for layer, states in got_gates.items():
+                gates[layer][batch] = _pool(states, mask, pooling)
+    finally:
+        model.train(was_training)
+    return hidden, gates
+
+
+def hidden_features(
+    model: nn.Module,
+    tokenizer,
+    texts: Sequence[str],
+    layer: int = -1,
+    pooling: Pooling = "mean",
+    batch_size: int = 16,
+    max_length: int = 256,
+    progress: bool = True,
+) -> torch.Tensor:
+    """Pooled ``hidden_states[layer]`` (HF numbering), (len(texts), hidden) in float32, in the order of ``texts``."""
+    index = resolve_layer(model, layer)
+    hidden, _ = pooled_states(model, tokenizer, texts, [index], (), pooling, batch_size, max_length, progress)
+    return hidden[index]

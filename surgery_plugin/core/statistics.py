@@ -1,0 +1,65 @@
+"""The package's statistics, pure functions over arrays: ranks and AUC, the one seeded stratified split,
+and the interval of a rate.
+
+Everything that turns numbers into a claim (a probe's held-out AUC, a judge's agreement, a toxic
+rate's error bar) uses these, so each statistic is computed one way.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable, Sequence
+
+import numpy as np
+
+
+def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Mann-Whitney AUC with average ranks for ties; NaN without both classes."""
+    scores = np.asarray(scores, dtype=np.float64)
+    labels = np.asarray(labels).astype(bool)
+    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(len(scores), dtype=np.float64)
+    sorted_scores = scores[order]
+    _, first, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
+    average = first + (counts + 1) / 2.0  # 1-based average rank of each tie group
+    ranks[order] = np.repeat(average, counts)
+    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def stratified_shuffle(keys: Sequence[Hashable], seed: int) -> dict[Hashable, np.ndarray]:
+    """Indices of each group of equal key, each group shuffled; groups drawn in sorted key order
+    from one generator seeded with ``seed``, so the result depends only on the keys and the seed."""
+    keys = list(keys)
+    rng = np.random.default_rng(seed)
+    groups = {}
+    for key in sorted(set(keys)):
+        idx = np.flatnonzero(np.fromiter((k == key for k in keys), dtype=bool, count=len(keys)))
+        rng.shuffle(idx)
+        groups[key] = idx
+    return groups
+
+
+def stratified_split(keys: Sequence[Hashable], test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(train, test)`` sorted indices: ``round(n * test_fraction)`` (at least one when the fraction is
+    positive) of every group of equal key held out, the same for the same keys and seed."""
+    train, test = [], []
+    for idx in stratified_shuffle(keys, seed).values():
+        n_test = max(1, int(round(len(idx) * test_fraction))) if test_fraction > 0 else 0
+        test.append(idx[:n_test])
+        train.append(idx[n_test:])
+    if not train:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a rate: small-sample honest error bars."""
+    if n == 0:
+        return (float("nan"), float("nan"))
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))

@@ -1,0 +1,1 @@
+"""The ecosystems this package plugs into: EasyEdit (``easyedit/``) and lm-eval (``lm_eval/``)."""

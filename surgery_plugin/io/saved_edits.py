@@ -1,0 +1,251 @@
+"""A compared method's edit on disk, and loading it back onto the base model (``surgery compare``'s
+``RUN_DIR/edits/<method>/``). Never a full checkpoint; every folder holds ``edit.json`` (how the edit
+was made, and what it needs from the base model) beside one of:
+
+- ``surgery``: a surgery adapter (:func:`surgery_plugin.adapter.export_adapter`), rank-1 LoRA on gate rows;
+- ``lora``: a low-rank change of a few weight matrices (ROME: rank one per edit) as an ordinary PEFT LoRA
+  folder, ``W + B A`` with ``B A`` the truncated SVD of the change at its numerical rank;
+- ``tensors``: the changed weight tensors as they are after the edit (``edited_tensors.safetensors``),
+  for dense changes (DINM, FT): only those tensors, the rest of the model is the base;
+- ``prompt``: no weights, the instruction the model reads first (``edit.json`` only).
+
+:func:`load_saved_edit` checks that the model is the base the edit was made for (sha256 of every
+weight it changes; an adapter's own fingerprint guard for ``surgery``) before applying it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..core.edit import revert_edit
+from ..core.provenance import package_versions, utc_now
+from ..errors import SurgeryError
+from .adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_edited, parse_peft_key, peft_key, read_adapter
+from .files import atomic_path, check_output_folder
+
+EDIT_RECORD = "edit.json"
+EDITED_TENSORS = "edited_tensors.safetensors"
+FORMAT = "surgery_plugin/saved_edit/1"
+KINDS = ("surgery", "lora", "tensors", "prompt")
+
+
+def tensor_sha256(tensor: torch.Tensor) -> str:
+    data = tensor.detach().to("cpu").contiguous()
+    return hashlib.sha256(memoryview(data.view(torch.uint8).numpy())).hexdigest()
+
+
+def changed_params(model: nn.Module, originals: dict[str, torch.Tensor]) -> int:
+    """How many weights differ from ``originals`` (``{param_name: tensor before the edit}``)."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        return int(
+            sum((params[name].detach() != before.to(params[name].device)).sum() for name, before in originals.items())
+        )
+
+
+def lora_changed_params(tensors: dict[str, torch.Tensor]) -> int:
+    """How many weights a LoRA (PEFT names) changes: the nonzero entries of every ``B @ A``."""
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        module_name, part = parse_peft_key(key)
+        pairs.setdefault(module_name, {})[part] = tensor.float()
+    return int(sum(int((p["lora_B"] @ p["lora_A"] != 0).sum()) for p in pairs.values()))
+
+
+def folder_bytes(path: str | os.PathLike) -> int:
+    """Bytes of every file under ``path``."""
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def _record(kind: str, base_model: str, metadata: dict | None, **fields: Any) -> str:
+    record = {
+        "format": FORMAT,
+        "kind": kind,
+        "base_model": base_model,
+        **fields,
+        **(metadata or {}),
+        "created": utc_now(),
+        "versions": package_versions(),
+    }
+    return json.dumps(record, indent=1, default=str) + "\n"
+
+
+def save_tensors_edit(
+    model: nn.Module,
+    originals: dict[str, torch.Tensor],
+    out_dir: str | os.PathLike,
+    base_model: str,
+    metadata: dict | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """``kind: tensors``: the edited values of every parameter in ``originals`` (the ones the edit changed)."""
+    from safetensors.torch import save_file
+
+    if not originals:
+        raise SurgeryError("the edit changed no weights; nothing to save")
+    params = dict(model.named_parameters())
+    out_dir = check_output_folder(out_dir, overwrite)
+    with atomic_path(out_dir) as tmp:
+        tmp.mkdir()
+        tensors = {name: params[name].detach().to("cpu").contiguous() for name in sorted(originals)}
+        save_file(tensors, str(tmp / EDITED_TENSORS), metadata={"format": "pt"})
+        base = {name: tensor_sha256(originals[name]) for name in sorted(originals)}
+        (tmp / EDIT_RECORD).write_text(
+            _record("tensors", base_model, metadata, tensors=sorted(originals), base_sha256=base)
+        )
+    return out_dir
+
+
+def low_rank_factors(delta: torch.Tensor, max_rank: int, rtol: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(B, A)`` with ``B @ A`` the SVD of ``delta`` cut at its numerical rank (at most ``max_rank``):
+    singular values above ``rtol`` times the largest."""
+    u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
+    rank = max(1, min(max_rank, int((s > rtol * s[0]).sum()) if s[0] > 0 else 1))
+    root = s[:rank].sqrt()
+    return (u[:, :rank] * root).float().contiguous(), (root[:, None] * vh[:rank]).float().contiguous()
+
+
+def save_low_rank_edit(
+    model: nn.Module,
+    originals: dict[str, torch.Tensor],
+    out_dir: str | os.PathLike,
+    base_model: str,
+    max_rank: int,
+    metadata: dict | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """``kind: lora``: the change of every matrix in ``originals`` as a PEFT LoRA of rank <= ``max_rank``.
+
+    Every edited parameter must be the weight of a Linear module (``<module>.weight``). All modules
+    share one rank ``r`` (the largest numerical rank found; a smaller one is padded with zeros), with
+    ``lora_alpha = r`` so PEFT's scaling is 1.
+    """
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    if not originals:
+        raise SurgeryError("the edit changed no weights; nothing to save")
+    params = dict(model.named_parameters())
+    factors = {}
+    for name in sorted(originals):
+        module_name, _, leaf = name.rpartition(".")
+        if leaf != "weight" or not isinstance(model.get_submodule(module_name), nn.Linear):
+            raise SurgeryError(f"'{name}' is not the weight of a Linear module; save the edit as tensors instead")
+        delta = params[name].detach().float().cpu() - originals[name].float().cpu()
+        factors[module_name] = low_rank_factors(delta, max_rank)
+    rank = max(b.shape[1] for b, _ in factors.values())
+    tensors = {}
+    for module_name, (b, a) in factors.items():
+        pad = rank - b.shape[1]
+        tensors[peft_key(module_name, "lora_B")] = torch.nn.functional.pad(b, (0, pad)).contiguous()
+        tensors[peft_key(module_name, "lora_A")] = torch.nn.functional.pad(a, (0, 0, 0, pad)).contiguous()
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=rank,
+        lora_dropout=0.0,
+        target_modules=sorted(factors),
+        bias="none",
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=base_model,
+        inference_mode=True,
+    )
+    out_dir = check_output_folder(out_dir, overwrite)
+    with atomic_path(out_dir) as tmp:
+        tmp.mkdir()
+        config.save_pretrained(str(tmp))
+        save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        base = {name: tensor_sha256(originals[name]) for name in sorted(originals)}
+        (tmp / EDIT_RECORD).write_text(
+            _record("lora", base_model, metadata, rank=rank, modules=sorted(factors), base_sha256=base)
+        )
+    return out_dir
+
+
+def save_surgery_record(adapter_dir: str | os.PathLike, base_model: str, metadata: dict | None = None) -> Path:
+    """``kind: surgery``: ``edit.json`` beside a surgery adapter written by ``export_adapter``."""
+    path = Path(adapter_dir) / EDIT_RECORD
+    with atomic_path(path) as tmp:
+        tmp.write_text(_record("surgery", base_model, metadata))
+    return path
+
+
+def save_prompt_edit(
+    out_dir: str | os.PathLike, instruction: str, base_model: str, metadata: dict | None = None, overwrite=False
+) -> Path:
+    """``kind: prompt``: no weights, the instruction."""
+    out_dir = check_output_folder(out_dir, overwrite)
+    with atomic_path(out_dir) as tmp:
+        tmp.mkdir()
+        (tmp / EDIT_RECORD).write_text(_record("prompt", base_model, metadata, instruction=instruction))
+    return out_dir
+
+
+def read_edit_record(edit_dir: str | os.PathLike) -> dict:
+    path = Path(edit_dir) / EDIT_RECORD
+    if not path.is_file():
+        raise SurgeryError(f"{edit_dir} has no {EDIT_RECORD}; it is not an edit saved by `surgery compare`")
+    try:
+        record = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise SurgeryError(f"{path} is corrupt: {err}") from err
+    if record.get("kind") not in KINDS:
+        raise SurgeryError(f"{path}: unknown kind {record.get('kind')!r}; known: {', '.join(KINDS)}")
+    return record
+
+
+def _check_base(model: nn.Module, record: dict, edit_dir, force: bool) -> None:
+    params = dict(model.named_parameters())
+    for name, digest in record.get("base_sha256", {}).items():
+        if name not in params:
+            raise SurgeryError(f"edit {edit_dir} changes '{name}', which this model does not have")
+        if not force and tensor_sha256(params[name]) != digest:
+            raise SurgeryError(
+                f"edit {edit_dir} was made for other weights of '{name}' (base '{record.get('base_model')}'); "
+                "pass force=True if you mean it"
+            )
+
+
+def load_saved_edit(model: nn.Module, edit_dir: str | os.PathLike, force: bool = False) -> tuple[nn.Module, dict]:
+    """Apply a saved edit to the base ``model``; returns ``(model, edit.json)``.
+
+    ``surgery`` and ``lora`` give a ``PeftModel`` (the adapter can be switched off); ``tensors`` writes
+    the saved tensors into ``model`` in place; ``prompt`` returns ``model`` unchanged (the instruction is
+    in the record, for the caller to prepend).
+    """
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    record = read_edit_record(edit_dir)
+    kind = record["kind"]
+    if kind == "surgery":
+        return load_edited(model, edit_dir, force=force), record
+    _check_base(model, record, edit_dir, force)
+    if kind == "lora":
+        for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+            if not (Path(edit_dir) / name).is_file():
+                raise SurgeryError(f"{edit_dir} has no {name}")
+        return PeftModel.from_pretrained(model, str(edit_dir), is_trainable=False), record
+    if kind == "tensors":
+        tensors = load_file(str(Path(edit_dir) / EDITED_TENSORS))
+        if sorted(tensors) != sorted(record.get("base_sha256", {})):
+            raise SurgeryError(f"{edit_dir}: {EDITED_TENSORS} does not hold the tensors {EDIT_RECORD} lists")
+        revert_edit(model, tensors)  # the one "write these values into the named parameters"
+        return model, record
+    return model, record
+
+
+def adapter_changed_params(adapter_dir: str | os.PathLike) -> int:
+    """Weights a saved adapter (``surgery`` or ``lora``) changes."""
+    weights = Path(adapter_dir) / ADAPTER_WEIGHTS
+    if (Path(adapter_dir) / "surgery.json").is_file():
+        return lora_changed_params(read_adapter(adapter_dir)[1])
+    from safetensors.torch import load_file
+
+    return lora_changed_params(load_file(str(weights)))
