@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from helpers import DATA_DIR, CharTokenizer
+from helpers import DATA_DIR, CharTokenizer, save_tiny_model, tiny_hf_tokenizer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -24,33 +24,21 @@ def data_dir():
     return DATA_DIR
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def smollm2():
-    """The real embedded model (dequantised once into the cache)."""
+    """The real embedded model (dequantised once into the cache), loaded once per test module. Tests that
+    edit it in place restore it (apply_edit / revert_edit) or load their own."""
     from surgery_plugin.models import load_model
 
     return load_model("smollm2-135m")
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory, smollm2):
-    """A tiny random Llama with SmolLM2's tokenizer, saved as an ordinary HF folder."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    return tiny_hf_tokenizer()
 
-    _, tok = smollm2
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=len(tok),
-        pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id,
-        bos_token_id=tok.bos_token_id,
-    )
-    folder = tmp_path_factory.mktemp("tiny") / "tiny-llama"
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random Llama with a tiny BPE tokenizer (chat template included), saved as an ordinary HF folder."""
+    return save_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-llama")

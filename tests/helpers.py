@@ -3,12 +3,15 @@ and the ``surgery`` command run as a user runs it. Fixtures live in ``conftest.p
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import json
 import os
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -78,11 +81,13 @@ FAMILIES = [
 ]
 
 
-def make_tiny(model_type: str, dtype=torch.float32, seed: int = 0):
+def make_tiny(model_type: str, dtype=torch.float32, seed: int = 0, vocab_size: int | None = None):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     config = tiny_config(model_type)
+    if vocab_size is not None:
+        config.vocab_size = vocab_size
     config.name_or_path = f"tiny-{model_type}"
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     with torch.no_grad():  # random init of this size gives near-zero gates; widen so edits are visible
@@ -114,6 +119,44 @@ class CharTokenizer:
         return "".join(chr(97 + int(i) % 26) for i in ids if not (skip_special_tokens and int(i) < 2))
 
 
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def tiny_hf_tokenizer(chat: bool = True):
+    """A real ``PreTrainedTokenizerFast`` (byte-level BPE, 300 tokens, trained in milliseconds on a few
+    sentences; pad 0, eos 1), with a chat template when ``chat``: what a tiny model folder needs."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE(unk_token=None))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<pad>", "<eos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(TEXTS * 3 + [" ".join(WORDS)] * 3, trainer=trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<pad>", eos_token="<eos>", bos_token="<eos>")
+    if chat:
+        tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def save_tiny_model(folder: Path, model_type: str = "llama", chat: bool = True, seed: int = 0) -> Path:
+    """A tiny random model of ``model_type`` with :func:`tiny_hf_tokenizer`, saved as an ordinary HF folder."""
+    tok = tiny_hf_tokenizer(chat)
+    model = make_tiny(model_type, seed=seed, vocab_size=len(tok))
+    model.config.name_or_path = str(folder)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
 WORDS = "you are a stupid idiot i love sunny days the weather is nice hate all people from there go home".split()
 TEXTS = ["you are a stupid idiot", "i love sunny days", "the weather is nice", "hate all people from there", ""]
 
@@ -142,11 +185,33 @@ def tiny_bert(num_labels: int, seed: int = 0, **config):
     return BertForSequenceClassification(cfg).eval()
 
 
-def surgery(*args, cwd=None, env=None):
-    """Run the ``surgery`` command in a subprocess; returns the CompletedProcess."""
+@dataclass
+class Ran:
+    """What a ``surgery`` command did: exit code and its output (as ``subprocess.CompletedProcess`` has them)."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_cli(*args) -> Ran:
+    """The ``surgery`` command run in this process (``main([...])``), its output captured."""
+    from surgery_plugin.commands.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as stop:  # argparse's own exits (usage errors, --help)
+            code = stop.code if isinstance(stop.code, int) else 1
+    return Ran(code, out.getvalue(), err.getvalue())
+
+
+def surgery_subprocess(*args, cwd=None, env=None):
+    """The ``surgery`` command in a fresh process, as a user runs it (for the few smoke tests that need one)."""
     full_env = dict(os.environ, **(env or {}))
     return subprocess.run(
-        [sys.executable, "-m", "surgery_plugin.cli", *map(str, args)],
+        [sys.executable, "-m", "surgery_plugin", *map(str, args)],
         cwd=cwd or REPO,
         env=full_env,
         capture_output=True,
