@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 
 import pytest
-import torch
 from helpers import DATA_DIR, CharTokenizer, save_tiny_model, tiny_hf_tokenizer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
