@@ -12,11 +12,13 @@ import pytest
 from helpers import REPO
 
 
-def test_every_subpackage_is_listed_for_setuptools():
-    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+def test_every_subpackage_and_shipped_yaml_folder_is_listed_for_setuptools():
+    setuptools = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(setuptools["packages"])
     on_disk = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "surgery_plugin").rglob("__init__.py")}
     assert on_disk <= listed, f"add {sorted(on_disk - listed)} to [tool.setuptools] packages in pyproject.toml"
-    assert "surgery_plugin.shipped_hparams" in listed
+    yaml_folders = {"surgery_plugin.shipped_hparams." + p.parent.name for p in (REPO / "hparams").glob("*/*.yaml")}
+    assert yaml_folders <= listed and yaml_folders <= set(setuptools["package-data"]), sorted(yaml_folders)
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +26,7 @@ def installed(tmp_path_factory):
     """The wheel, built from this checkout and installed into a plain folder (no checkout around it)."""
     root = tmp_path_factory.mktemp("wheel")
     build = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(root), str(REPO)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-v", "-w", str(root), str(REPO)],
         capture_output=True,
         text=True,
         timeout=600,
@@ -34,23 +36,28 @@ def installed(tmp_path_factory):
     target = root / "site"
     with zipfile.ZipFile(wheel) as archive:
         archive.extractall(target)
-    return wheel, target
+    return wheel, target, build.stdout + build.stderr
+
+
+def test_the_build_prints_no_setuptools_warnings(installed):
+    *_, log = installed
+    assert "BuildBackendWarning" not in log and "absent from the `packages`" not in log, log[-3000:]
 
 
 def test_wheel_ships_hparams_and_lm_eval_templates(installed):
-    wheel, _ = installed
+    wheel, _, _ = installed
     names = set(zipfile.ZipFile(wheel).namelist())
     assert "surgery_plugin/shipped_hparams/Surgery/smollm2-135m.yaml" in names
-    assert "surgery_plugin/lm_eval_tasks/_safeedit_template_yaml" in names
-    assert "surgery_plugin/lm_eval_tasks/surgery_rtp.yaml" in names
+    assert "surgery_plugin/integrations/lm_eval/_safeedit_template_yaml" in names
+    assert "surgery_plugin/integrations/lm_eval/surgery_rtp.yaml" in names
     shipped = {p.relative_to(REPO / "hparams").as_posix() for p in (REPO / "hparams").rglob("*.yaml")}
     assert {n.removeprefix("surgery_plugin/shipped_hparams/") for n in names if "shipped_hparams/" in n} == shipped
 
 
 def test_installed_package_finds_its_yamls_outside_a_checkout(installed, tmp_path):
-    _, site = installed
+    _, site, _ = installed
     code = (
-        "import surgery_plugin.hparams as h; p = h.shipped_hparams_path('smollm2-135m'); "
+        "import surgery_plugin.config as h; p = h.shipped_hparams_path('smollm2-135m'); "
         "print(p); print(h.SurgeryHyperParams.from_hparams(p).alpha)"
     )
     run = subprocess.run(
