@@ -29,7 +29,7 @@ from .core.dtypes import parse_dtype
 from .core.provenance import file_sha256
 from .errors import SurgeryError, first_line
 from .io.cache import cache_path
-from .io.files import atomic_path, check_output_folder
+from .io.files import atomic_path, check_free_space, output, write_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -135,11 +135,32 @@ def embedded_model_path(alias: str = "smollm2-135m") -> Path:
     return folder
 
 
+def _near_alias(name: str) -> str | None:
+    import difflib
+
+    close = difflib.get_close_matches(name, list(EMBEDDED_MODELS), n=1, cutoff=0.75)
+    return close[0] if close else None
+
+
 def resolve_model_path(name_or_path: str) -> str:
-    """Alias -> cached folder; local folder -> itself; anything else is passed on as a hub id."""
+    """Alias -> cached folder; local folder -> itself; anything else is passed on as a hub id (a misspelt
+    alias is an error, not a hub id)."""
     if name_or_path in EMBEDDED_MODELS:
         return str(embedded_model_path(name_or_path))
+    near = _near_alias(name_or_path)
+    if near and not Path(name_or_path).exists():
+        raise SurgeryError(f"unknown model '{name_or_path}'; did you mean the embedded '{near}'?")
     return name_or_path
+
+
+def local_model_path(name_or_path: str) -> Path:
+    """The local HF folder of an embedded alias or a folder; an error for anything else."""
+    resolved = Path(resolve_model_path(name_or_path))
+    if not resolved.is_dir():
+        raise SurgeryError(
+            f"'{name_or_path}' is neither an embedded model ({', '.join(EMBEDDED_MODELS)}) nor a local folder"
+        )
+    return resolved
 
 
 def resolve_device(device: int | str | torch.device | None) -> torch.device | None:
@@ -174,17 +195,21 @@ def load_model(
     ``probe.hidden_features`` needs for it is loaded: the embeddings and the layers before it
     (:func:`load_prefix_config`); the final normed state (-1) needs the whole model.
     """
+    import pickle
+
     from transformers import AutoTokenizer
 
     path = resolve_model_path(name_or_path)
     local = Path(path).is_dir()
-    if not local and (path.startswith(("/", ".", "~")) or path.count("/") > 1):
+    if not local and (path.startswith(("/", ".", "~")) or path.count("/") > 1 or Path(path).exists()):
         raise SurgeryError(f"model folder not found: {path}")
+    if local and not (Path(path) / "config.json").is_file():
+        raise SurgeryError(f"{path} has no config.json; it is not a Hugging Face model folder")
     target = resolve_device(device)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = load_causal_lm(path, dtype, device_map, probe_layer)
-    except OSError as err:
+    except (OSError, ValueError, pickle.UnpicklingError) as err:
         raise SurgeryError(f"cannot load model '{name_or_path}': {first_line(err)}") from err
     if target is not None and not device_map:
         model.to(target)
@@ -260,12 +285,16 @@ def _load_prefix(path: str, config, dtype: torch.dtype | None, kwargs: dict):
     return model
 
 
-def save_model(model, tokenizer, out_dir: str | os.PathLike, source: dict | None = None) -> Path:
-    """``save_pretrained`` into a temp folder, then rename: never a half-written model folder, files readable."""
-    out_dir = check_output_folder(out_dir)
-    with atomic_path(out_dir) as tmp:
+def save_model(
+    model, tokenizer, out_dir: str | os.PathLike, source: dict | None = None, overwrite: bool = False
+) -> Path:
+    """``save_pretrained`` into a temp folder, then swapped in (:func:`surgery_plugin.io.files.output`): never a
+    half-written model folder, never a folder that was not a merged model replaced; files readable."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    check_free_space(out_dir, int(weights * 1.05) + (64 << 20))
+    with output(out_dir, "merged_model", overwrite) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        if source:
-            (tmp / "surgery_source.json").write_text(json.dumps(source, indent=2))
-    return out_dir
+        (tmp / "surgery_source.json").write_text(json.dumps(source or {}, indent=2))
+        write_manifest(tmp, {"kind": "merged_model", **(source or {})}, names=[])
+    return Path(out_dir)

@@ -93,9 +93,9 @@ def _load(args, hparams=None, probe_layer=None):
 
 
 def cmd_model_path(args) -> None:
-    from ..models import resolve_model_path
+    from ..models import local_model_path
 
-    print(resolve_model_path(args.model))
+    print(local_model_path(args.model))
 
 
 def cmd_tasks_path(args) -> None:
@@ -106,6 +106,7 @@ def cmd_tasks_path(args) -> None:
 
 def cmd_probe(args) -> None:
     from ..behaviors import get_behavior
+    from ..io.files import check_target
     from .edit import needs_whole_model, run_probe
 
     behavior = get_behavior(args.behavior)
@@ -118,22 +119,25 @@ def cmd_probe(args) -> None:
         "seed": args.seed,
     }
     hp = hp.replace(**{k: v for k, v in changes.items() if v is not None})
+    check_target(args.out, "probe", args.overwrite, what="--out")  # before the work: bad targets fail at once
     if needs_whole_model(hp.probe_data):
         model, tok = _load(args, hp)
     else:
         model, tok = _load(args, hp, probe_layer=hp.probe_layer)
-    run_probe(model, tok, hp, behavior, args.out, args.data_dir)
+    run_probe(model, tok, hp, behavior, args.out, args.data_dir, args.overwrite)
 
 
 def cmd_edit(args) -> None:
     from ..behaviors import get_behavior
     from ..core.streaming import CheckpointGates, too_big_to_load
+    from ..io.files import check_target
     from ..models import resolve_model_path
     from .edit import run_edit
 
     behavior = get_behavior(args.behavior)
     hp = _hparams(args)
     hp = hp.replace(**{k: v for k, v in {"alpha": args.alpha, "top_k": args.top_k}.items() if v is not None})
+    check_target(args.out, "adapter", args.overwrite)
     path = resolve_model_path(args.model)
     if args.streaming or too_big_to_load(path, args.dtype):
         base, tok = CheckpointGates(path, dtype=args.dtype, name=args.model), None
@@ -148,6 +152,7 @@ def cmd_eval(args) -> None:
     from ..data.splits import toxigen_groups
     from ..evaluation.judges import load_judges
     from ..evaluation.runner import parse_suites
+    from ..io.files import check_target
     from .evaluate import eval_plan, run_eval
 
     behavior = get_behavior(args.behavior) if args.behavior else None
@@ -155,6 +160,7 @@ def cmd_eval(args) -> None:
     alphas = parse_list(args.alpha_sweep, "alpha", convert=FINITE) if args.alpha_sweep else None
     if alphas and not args.adapter:
         raise SurgeryError("--alpha-sweep needs --adapter (it rescales that adapter at run time)")
+    check_target(args.out, "sweep" if alphas else "run", args.overwrite)
     judges = load_judges(args.judge or (behavior.judges if behavior else "profanity"), data_dir=args.data_dir)
     settings = eval_plan(  # before the model loads: bad settings fail fast
         suites,
@@ -190,14 +196,16 @@ def cmd_eval(args) -> None:
         "judges": [j.name for j in judges],
         "behavior": behavior.name if behavior else None,
     }
-    run_eval(model, tok, settings, args.out, meta, behavior, alpha, alphas)
+    run_eval(model, tok, settings, args.out, meta, behavior, alpha, alphas, args.overwrite)
 
 
 def cmd_merge(args) -> None:
+    from ..io.files import check_target
     from .edit import run_merge
 
+    check_target(args.out, "merged_model", args.overwrite)
     model, tok = _load(args)
-    run_merge(model, tok, args.adapter, args.out, args.model, args.force)
+    run_merge(model, tok, args.adapter, args.out, args.model, args.force, args.overwrite)
 
 
 def cmd_tune(args) -> None:
@@ -252,6 +260,7 @@ def cmd_demo(args) -> None:
 def cmd_stack(args) -> None:
     from ..behaviors import BEHAVIORS, check_behavior, hparams_for
     from ..config import SurgeryHyperParams, parse_list
+    from ..io.files import check_target
     from .stack import run_stack
 
     names = parse_list(args.behaviors, "behavior", known=tuple(BEHAVIORS))
@@ -262,6 +271,7 @@ def cmd_stack(args) -> None:
         path = hparams_for(args.model, name)
         steps.append((name, SurgeryHyperParams.from_hparams(path)))
         check_behavior(steps[-1][1], name, str(path))
+    check_target(args.out, "stack", args.overwrite)
     model, tok = _load(args, steps[0][1])
     run_stack(model, tok, steps, args.out, args.model, args.sequential, args.overwrite, args.data_dir)
 
@@ -324,6 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pooling", choices=["mean", "last"], default=None)
     p.add_argument("--max-per-class", type=POSITIVE_INT, default=None)
     p.add_argument("--seed", type=NON_NEGATIVE_INT, default=None)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing probe file at --out")
     p.set_defaults(func=cmd_probe)
 
     p = sub.add_parser("edit", help="compute the surgery and write it as a PEFT LoRA adapter")
@@ -426,6 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--alpha-sweep", default=None, help="e.g. 0,0.5,1,2: evaluate the adapter at each alpha with one model load"
     )
     p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier eval run at --out")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("merge", help="write a standalone model folder with the adapter merged in")
@@ -433,6 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--force", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace a merged model written earlier at --out")
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("tune", help="multi-objective search of the edit's knobs (Optuna): front + chosen YAML")

@@ -15,14 +15,15 @@ from pathlib import Path
 
 from ..behaviors import check_behavior, hparams_for
 from ..config import SurgeryHyperParams
+from ..core.architectures import ModelGates
 from ..core.provenance import package_versions
 from ..errors import SurgeryError
 from ..evaluation.judges import load_judges
 from ..evaluation.protocols import PROTOCOLS, plan
 from ..evaluation.report import comparison_table, group_comparison, metric_values, save_figure
-from ..evaluation.runner import evaluate_plan, write_run
-from ..io.adapter import export_adapter, load_edited
-from ..io.files import atomic_write, write_json
+from ..evaluation.runner import evaluate_plan, write_run_files
+from ..io.adapter import load_edited, write_adapter
+from ..io.files import check_target, json_text, output, write_manifest
 from ..models import EMBEDDED_MODELS, load_model
 from ..pipeline import build_edit
 
@@ -77,30 +78,38 @@ def run_demo(
     path = hparams_path or hparams_for(model_name, behavior_name)
     hp = SurgeryHyperParams.from_hparams(path)
     spec = check_behavior(hp, behavior_name, str(path))
+    out = check_target(out_dir, "demo", overwrite=True)  # only an earlier demo there is replaced
     model, tok = load_model(model_name)
     if spec.applies_to_chat_models_only and not getattr(tok, "chat_template", None):
         raise SurgeryError(f"behavior '{behavior_name}' applies to chat models; {model_name} has no chat template")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    with output(out, "demo", overwrite=True) as tmp:  # written whole: a stopped demo leaves the last one
+        summary, _ = _run(model, tok, hp, spec, model_name, behavior_name, out, tmp, limit, ppl_limit, data_dir)
+        summary["seconds"] = round(time.perf_counter() - started, 1)
+        (tmp / "summary.json").write_text(json_text(summary), encoding="utf-8")
+        write_manifest(tmp, {"kind": "demo", "model": model_name, "behavior": behavior_name}, names=["summary.json"])
+    print(f"\nwritten to {out}/ in {summary['seconds']:.0f} s")
+    return summary
 
+
+def _run(model, tok, hp, spec, model_name, behavior_name, out: Path, tmp: Path, limit, ppl_limit, data_dir):
+    """Probe, edit, adapter, base and edited runs, summary table and plot, written into ``tmp`` (to become ``out``)."""
     logger.info("step 1/4: behavior probe (%s: %s, layer %s)", behavior_name, hp.probe_data, hp.probe_layer)
     logger.info("step 2/4: regions + surgery -> PEFT adapter")
     probe, _, edit = build_edit(model, tok, hp.replace(probe_data=hp.probe_data or spec.probe_data), data_dir=data_dir)
-    probe_path = probe.save(out / "probe.safetensors")
+    probe.save(tmp / "probe.safetensors")
     metadata = {
         "hparams": hp.to_dict(),
-        "probe_file": str(probe_path),
+        "probe_file": str(out / "probe.safetensors"),
         "probe_sha256": probe.sha256(),
         "behavior": behavior_name,
         "versions": package_versions(),
     }
-    adapter_dir = export_adapter(
-        edit, model, out / "adapter", base_model_name=model_name, overwrite=True, metadata=metadata
-    )
+    (tmp / "adapter").mkdir()
+    write_adapter(edit, ModelGates(model), tmp / "adapter", base_model_name=model_name, metadata=metadata)
 
     judges = load_judges(spec.judges, data_dir=data_dir)
     settings = plan(spec.suites, "report", judges, data_dir, limit=limit, ppl_limit=ppl_limit)
-    peft_model = load_edited(model, adapter_dir)
+    peft_model = load_edited(model, tmp / "adapter")
     logger.info("step 3/4: evaluate the base model (adapter off)")
     with peft_model.disable_adapter():
         base, base_samples = evaluate_plan(peft_model, tok, settings)
@@ -112,11 +121,11 @@ def run_demo(
                 "model": model_name,
                 "behavior": behavior_name,
                 "judges": [j.name for j in judges],
-                "adapter": None if name == "base" else str(adapter_dir),
+                "adapter": None if name == "base" else str(out / "adapter"),
             }
         )
-    write_run(out / "base", base, base_samples)
-    write_run(out / "edited", edited, edited_samples)
+    write_run_files(tmp / "base", base, base_samples)
+    write_run_files(tmp / "edited", edited, edited_samples)
 
     display = EMBEDDED_MODELS[model_name].name.split(" (")[0] if model_name in EMBEDDED_MODELS else model_name
     text = comparison_table([(display, base["suites"]), ("+ surgery", edited["suites"])], list(spec.suites))
@@ -140,17 +149,14 @@ def run_demo(
         "settings": base["settings"],
         "base": base["suites"],
         "edited": edited["suites"],
-        "seconds": round(time.perf_counter() - started, 1),
         "versions": package_versions(),
     }
-    write_json(out / "summary.json", summary)
-    atomic_write(out / "summary.md", text + "\n")
-    _plot(base, edited, out / "summary.png", f"Model Surgery on {display}: {behavior_name}", list(spec.suites))
+    (tmp / "summary.md").write_text(text + "\n", encoding="utf-8")
+    _plot(base, edited, tmp / "summary.png", f"Model Surgery on {display}: {behavior_name}", list(spec.suites))
     print(
         f"\nprobe: layer {probe.metadata['layer']}, held-out accuracy {probe.metadata['test_accuracy']:.3f}, "
         f"AUC {probe.metadata['test_auc']:.3f} ({hp.probe_data})"
     )
     print(f"edit: {edit.regions.num_rows} gate rows in {len(edit.layers)} layers, alpha {edit.alpha}\n")
     print(text)
-    print(f"\nwritten to {out}/ in {summary['seconds']:.0f} s")
-    return summary
+    return summary, text

@@ -30,12 +30,18 @@ def needs_whole_model(probe_data: str) -> bool:
 
 
 def run_probe(
-    model: nn.Module, tokenizer, hparams: SurgeryHyperParams, behavior: Behavior, out: str | os.PathLike, data_dir=None
+    model: nn.Module,
+    tokenizer,
+    hparams: SurgeryHyperParams,
+    behavior: Behavior,
+    out: str | os.PathLike,
+    data_dir=None,
+    overwrite: bool = False,
 ) -> Probe:
     """Train the probe ``hparams`` describe and save it to ``out`` (safetensors + how it was made)."""
     probe, _ = build_probe(model, tokenizer, hparams, data_dir=data_dir)
     probe.metadata["behavior"] = behavior.name
-    probe.save(out)
+    probe.save(out, overwrite)
     m = probe.metadata
     print(
         f"probe -> {out}  {behavior.name} ({hparams.probe_data})  layer {m['layer']}  held-out accuracy "
@@ -91,10 +97,17 @@ def run_edit(
 
 
 def run_merge(
-    model: nn.Module, tokenizer, adapter: str | os.PathLike, out: str | os.PathLike, model_name: str, force: bool
+    model: nn.Module,
+    tokenizer,
+    adapter: str | os.PathLike,
+    out: str | os.PathLike,
+    model_name: str,
+    force: bool,
+    overwrite: bool = False,
 ) -> Path:
     """The model with the adapter's edit added to its weights, saved as an ordinary HF folder."""
     merge_into(model, adapter, force=force)
-    folder = save_model(model, tokenizer, out, source={"base_model": model_name, "adapter": str(adapter)})
+    source = {"base_model": model_name, "adapter": str(adapter)}
+    folder = save_model(model, tokenizer, out, source=source, overwrite=overwrite)
     print(f"merged model -> {folder}")
     return folder

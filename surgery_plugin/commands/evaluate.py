@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -17,8 +16,9 @@ from torch import nn
 from ..behaviors import Behavior
 from ..evaluation.protocols import PROTOCOLS, EvalSettings, plan
 from ..evaluation.report import metric_values
-from ..evaluation.runner import evaluate_plan, write_alpha_sweep, write_run
+from ..evaluation.runner import evaluate_plan, write_alpha_sweep, write_run, write_run_files
 from ..io.adapter import set_alpha
+from ..io.files import output
 
 
 def eval_plan(
@@ -66,23 +66,27 @@ def run_eval(
     behavior: Behavior | None = None,
     alpha: float | None = None,
     alphas: Sequence[float] | None = None,
+    overwrite: bool = False,
 ) -> list[dict]:
     """Evaluate and write RUN_DIR; with ``alphas`` (an adapter loaded as ``default``) one run per alpha
-    under ``RUN_DIR/alpha_<a>/`` and ``sweep.json``, from one model load."""
+    under ``RUN_DIR/alpha_<a>/`` and ``sweep.json``, from one model load. RUN_DIR is written whole at the end."""
     if not alphas:
         results, samples = evaluate_plan(model, tokenizer, settings)
         results.update(meta, alpha=alpha, metric=headline(results, behavior))
-        write_run(out, results, samples)
+        write_run(out, results, samples, overwrite=overwrite)
         print(json.dumps(results["suites"], indent=1))
         return [results]
-    runs = []
+    runs, measured = [], []
     for a in alphas:  # PEFT's LoRA scaling sets each alpha exactly
         set_alpha(model, a)
         results, samples = evaluate_plan(model, tokenizer, settings)
         results.update(meta, alpha=a, metric=headline(results, behavior))
-        write_run(Path(out) / f"alpha_{a:g}", results, samples)
+        measured.append((a, results, samples))
         runs.append(results)
-    write_alpha_sweep(out, runs)
+    with output(out, "sweep", overwrite) as tmp:
+        for a, results, samples in measured:
+            write_run_files(tmp / f"alpha_{a:g}", results, samples)
+        write_alpha_sweep(tmp, runs)
     for r in runs:
         numbers = {k: {m: v for m, v in s.items() if isinstance(v, (int, float))} for k, s in r["suites"].items()}
         print(f"alpha {r['alpha']:g}: " + json.dumps(numbers))

@@ -181,6 +181,10 @@ class GateRows(ABC):
     def entries(self, layer: int, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         """``gate_rows[rows, cols]`` of ``layer`` as a float32 CPU vector."""
 
+    @abstractmethod
+    def rows_at(self, layer: int, rows: torch.Tensor) -> torch.Tensor:
+        """The gate rows ``rows`` of ``layer``, (len(rows), hidden) float32 on the CPU."""
+
 
 class ModelGates(GateRows):
     """The gate rows of a loaded model (PEFT-wrapped or not, on any device)."""
@@ -202,6 +206,10 @@ class ModelGates(GateRows):
     def entries(self, layer: int, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         gate = gate_rows(self.model, layer)
         return gate[rows.to(gate.device), cols.to(gate.device)].float().cpu()
+
+    def rows_at(self, layer: int, rows: torch.Tensor) -> torch.Tensor:
+        gate = gate_rows(self.model, layer)
+        return gate[rows.to(gate.device)].float().cpu()
 
 
 def gates_of(model: nn.Module | GateRows) -> GateRows:

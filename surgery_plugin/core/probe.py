@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from ..config import SurgeryHyperParams
 from ..errors import SurgeryError
-from ..io.files import atomic_path
+from ..io.files import is_temp_name, output
 from . import architectures
 from .features import resolve_layer
 from .provenance import gate_fingerprint, package_versions, utc_now
@@ -101,7 +101,9 @@ class Probe:
                     f"(probe made for '{self.metadata.get('model', '?')}')"
                 )
 
-    def save(self, path: str | os.PathLike) -> Path:
+    def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
+        """Write the probe (an existing probe file there is replaced only with ``overwrite``; anything else
+        there is refused: :func:`surgery_plugin.io.files.output`)."""
         from safetensors.torch import save_file
 
         path = Path(path)
@@ -111,7 +113,7 @@ class Probe:
             "bias": self.bias.contiguous(),
         }
         metadata = {k: v if isinstance(v, str) else json.dumps(v) for k, v in self.metadata.items()}
-        with atomic_path(path) as tmp:
+        with output(path, "probe", overwrite, folder=False, what="probe file") as tmp:
             save_file(tensors, str(tmp), metadata=metadata)
         return path
 
@@ -120,7 +122,7 @@ class Probe:
         from safetensors import SafetensorError, safe_open
 
         path = Path(path)
-        if not path.is_file():
+        if not path.is_file() or is_temp_name(path):
             raise SurgeryError(f"probe file not found: {path}")
         try:
             with safe_open(str(path), framework="pt") as f:

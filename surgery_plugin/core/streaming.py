@@ -220,6 +220,15 @@ class CheckpointGates(GateRows):
             raise SurgeryError(f"cannot read '{name}' from {path}: {first_line(err)}") from err
         self._fingerprint_seen[layer] = seen
 
+    def rows_at(self, layer: int, rows: torch.Tensor) -> torch.Tensor:
+        conv1d = self.spec.kind == "conv1d"
+
+        def read(stored):
+            out = [stored[:, r : r + 1].T if conv1d else stored[r : r + 1] for r in rows.tolist()]
+            return self._as_loaded(torch.cat(out)).float() if out else torch.empty(0, self.hidden_size)
+
+        return self._read(layer, read)
+
     def entries(self, layer: int, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         want_rows, want_cols = self._fingerprint[layer]
         if layer in self._fingerprint_seen and torch.equal(rows, want_rows) and torch.equal(cols, want_cols):

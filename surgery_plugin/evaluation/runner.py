@@ -16,7 +16,7 @@ from pathlib import Path
 from torch import nn
 
 from ..errors import SurgeryError
-from ..io.files import atomic_write, json_safe, write_json
+from ..io.files import json_safe, json_text, output, write_manifest
 from .judges import judge_info
 from .protocols import PROTOCOLS, EvalSettings
 from .suites import run_suite
@@ -97,28 +97,39 @@ def evaluate_plan(model: nn.Module, tokenizer, settings: dict[str, EvalSettings]
     return results, samples
 
 
-def write_run(run_dir: str | os.PathLike, results: dict, samples: list[dict], report: bool = True) -> Path:
-    """``results.json``, ``samples.jsonl`` and (``report=True``) ``report.md`` + plots, each written atomically."""
+def write_run_files(run_dir: Path, results: dict, samples: list[dict], report: bool = True) -> Path:
+    """``samples.jsonl``, (``report``) ``report.md`` + plots, then ``results.json`` into an existing folder that
+    is being written (inside an :func:`surgery_plugin.io.files.output`); its manifest last."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write(
-        run_dir / "samples.jsonl",
+    (run_dir / "samples.jsonl").write_text(
         "".join(json.dumps(json_safe(s), ensure_ascii=False, allow_nan=False) + "\n" for s in samples),
+        encoding="utf-8",
     )
     if report:
         from .report import render_report, write_plots
 
         plots = write_plots(run_dir, results)
-        atomic_write(run_dir / "report.md", render_report(results, plots))
-    write_json(run_dir / "results.json", results, indent=2)
+        (run_dir / "report.md").write_text(render_report(results, plots), encoding="utf-8")
+    (run_dir / "results.json").write_text(json_text(results, indent=2), encoding="utf-8")
+    write_manifest(run_dir, {"kind": "run", "schema_version": SCHEMA_VERSION})
     return run_dir
 
 
-def write_alpha_sweep(run_dir: str | os.PathLike, runs: list[dict]) -> Path:
-    """``sweep.json`` (one entry per alpha) and, when rtp and ppl ran, ``sweep.png``."""
+def write_run(
+    run_dir: str | os.PathLike, results: dict, samples: list[dict], report: bool = True, overwrite: bool = False
+) -> Path:
+    """An eval run folder (RUN_DIR), whole or not at all: an older run there is replaced only with ``overwrite``."""
+    with output(run_dir, "run", overwrite) as tmp:
+        write_run_files(tmp, results, samples, report)
+    return Path(run_dir)
+
+
+def write_alpha_sweep(run_dir: Path, runs: list[dict]) -> Path:
+    """``sweep.json`` (one entry per alpha) and, when rtp and ppl ran, ``sweep.png``, into a folder being written
+    (the runs of each alpha beside them, :func:`write_run_files`); the manifest last."""
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_json(run_dir / "sweep.json", {"runs": runs}, indent=2)
+    (run_dir / "sweep.json").write_text(json_text({"runs": runs}, indent=2), encoding="utf-8")
     if all({"rtp", "ppl"} <= set(r["suites"]) for r in runs):
         import matplotlib
 
@@ -139,4 +150,5 @@ def write_alpha_sweep(run_dir: str | os.PathLike, runs: list[dict]) -> Path:
 
         save_figure(fig, run_dir, "sweep.png")
         plt.close(fig)
+    write_manifest(run_dir, {"kind": "sweep", "alphas": [r["alpha"] for r in runs]})
     return run_dir

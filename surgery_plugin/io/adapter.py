@@ -4,14 +4,23 @@ Per layer the surgery changes the gate weight by ``step * row_mask ⊗ direction
 is exactly a rank-1 LoRA with ``lora_A = directionᵀ``, ``lora_B = step * row_mask`` and
 ``r = lora_alpha = 1``. The files are written directly from the computed edit (the model is not
 wrapped or touched) and are ordinary PEFT folders: ``PeftModel.from_pretrained``,
-``model.load_adapter``, lm-eval's ``peft=`` and vLLM load them. ``surgery.json`` beside them
-records how the edit was made and a fingerprint of the base model's gate weights.
+``model.load_adapter``, lm-eval's ``peft=`` and vLLM load them. ``surgery.json`` beside them, written
+last, records how the edit was made, the base model's gate fingerprint, a digest of the edited rows (so
+a double merge shows) and the sha256 of the two PEFT files; it is sealed (an edit of it shows).
+
+:func:`read_adapter` is the one loader (eval, merge, stack, tune and EasyEdit go through it): it refuses
+an ``adapter_config.json`` that disagrees with the edit's record (target modules, rank, ``lora_alpha``,
+DoRA and every other PEFT option that changes the forward pass), NaN or infinite tensors, tensors that
+are not the rank-1 edit the record describes (rows, step, alpha), and files that do not match their
+digests (changed, or half-replaced while being read).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,14 +31,25 @@ from ..core import architectures
 from ..core.edit import RowUpdate, SurgeryEdit, apply_row_updates
 from ..core.provenance import fingerprint_mismatch, gate_fingerprint
 from ..errors import SurgeryError
-from .files import atomic_path, check_free_space, check_output_folder
+from .files import MANIFEST, check_free_space, is_temp_name, output, read_manifest, verify_files, write_manifest
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-SURGERY_METADATA = "surgery.json"
+SURGERY_METADATA = MANIFEST
+FORMAT = "surgery_plugin/adapter/2"
 _PEFT_PREFIX = "base_model.model."
 LoraPart = Literal["lora_A", "lora_B"]
-_CONFIG_AND_HEADERS_BYTES = 1 << 20  # adapter_config.json and safetensors headers stay far below this
+_HEADER_BYTES = 1 << 14  # a safetensors header and adapter_config.json stay far below this
+# PEFT config keys that do not change what the adapter computes
+_CONFIG_FREE = {
+    "base_model_name_or_path",
+    "revision",
+    "inference_mode",
+    "peft_version",
+    "auto_mapping",
+    "lora_dropout",
+}
+_MERGED_RTOL = 0.05  # of the step's shift of a layer's row digest: far above float error, far below one row's step
 
 
 # ---------------------------------------------------------------------------- PEFT's tensor names
@@ -85,29 +105,75 @@ def row_updates_of(tensors: dict[str, torch.Tensor]) -> list[RowUpdate]:
     return updates
 
 
-def _peft_config(edit: SurgeryEdit, gates: architectures.GateRows, base_model_name: str):
+def _peft_config_dict(module_names: list[str], fan_in_fan_out: bool, base_model_name: str) -> dict:
+    """The ``adapter_config.json`` of a surgery adapter (``target_modules`` sorted: PEFT writes that set in hash
+    order, so the same edit would not give the same file twice)."""
     from peft import LoraConfig
 
-    spec = gates.spec
-    return LoraConfig(
+    config = LoraConfig(
         r=1,
         lora_alpha=1,
         lora_dropout=0.0,
-        target_modules=[edit.module_names[layer] for layer in edit.layers],
+        target_modules=sorted(module_names),
         bias="none",
         task_type="CAUSAL_LM",
-        fan_in_fan_out=spec.kind == "conv1d",
+        fan_in_fan_out=fan_in_fan_out,
         base_model_name_or_path=base_model_name,
         inference_mode=True,
-    )
+    ).to_dict()
+    return {key: sorted(value) if isinstance(value, set) else value for key, value in config.items()}
 
 
-def _peft_config_json(edit: SurgeryEdit, gates: architectures.GateRows, base_model_name: str) -> str:
-    """PEFT's ``adapter_config.json`` text, with ``target_modules`` sorted: PEFT itself writes that set in
-    hash order, so the same edit would not give the same file twice."""
-    config = _peft_config(edit, gates, base_model_name).to_dict()
-    config = {key: sorted(value) if isinstance(value, set) else value for key, value in config.items()}
-    return json.dumps(config, indent=2, sort_keys=True)
+def row_digests(gates: architectures.GateRows, updates: list[RowUpdate], layer_of: dict[str, int]) -> dict[str, float]:
+    """Per edited layer, the sum over its edited rows of ``row · direction`` (float64): merging the edit adds
+    ``step * |direction|²`` per row, so a second merge of any number of rows shows."""
+    digests = {}
+    with torch.no_grad():
+        for update in updates:
+            layer = layer_of[update.module_name]
+            rows = gates.rows_at(layer, update.rows).double()
+            digests[str(layer)] = float((rows @ update.direction.double()).sum())
+    return digests
+
+
+def _digest_shift(update: RowUpdate) -> float:
+    return float(update.scales.double().sum() * update.direction.double().square().sum())
+
+
+def write_adapter(
+    edit: SurgeryEdit,
+    gates: architectures.GateRows,
+    folder: Path,
+    base_model_name: str,
+    metadata: dict[str, Any] | None = None,
+) -> dict:
+    """Write the adapter's three files into ``folder`` (which exists), the manifest last; returns the record."""
+    from safetensors.torch import save_file
+
+    tensors = lora_tensors(edit, gates)
+    updates = edit.row_updates()
+    layer_of = {edit.module_names[layer]: layer for layer in edit.layers}
+    record = {
+        "format": FORMAT,
+        "kind": "adapter",
+        "base_model": base_model_name,
+        "model_type": gates.model_type,
+        "hidden_size": gates.hidden_size,
+        "num_layers": gates.num_layers,
+        "gate_rows_per_layer": gates.rows_per_layer,
+        "gate_fingerprint": gate_fingerprint(gates),
+        "edited_row_digests": row_digests(gates, updates, layer_of),
+        "alpha": edit.alpha,
+        "step": edit.step,
+        "step_per_alpha": edit.step / edit.alpha if edit.alpha else None,
+        "rows": {str(layer): edit.regions.rows[layer].tolist() for layer in edit.layers},
+        **edit.metadata,
+        **(metadata or {}),
+    }
+    config = _peft_config_dict(list(layer_of), gates.spec.kind == "conv1d", base_model_name)
+    (folder / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
+    save_file(tensors, str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    return write_manifest(folder, record, [ADAPTER_CONFIG, ADAPTER_WEIGHTS])
 
 
 def export_adapter(
@@ -118,125 +184,228 @@ def export_adapter(
     metadata: dict[str, Any] | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Write the edit as a PEFT LoRA folder (temp folder, then rename).
+    """Write the edit as a PEFT LoRA folder, whole or not at all (:func:`surgery_plugin.io.files.output`).
 
-    ``model`` is the loaded base model or its :class:`~surgery_plugin.architectures.GateRows`
-    (e.g. read from checkpoint shards by :mod:`surgery_plugin.streaming`); the files are the same.
+    ``model`` is the loaded base model or its :class:`~surgery_plugin.core.architectures.GateRows`
+    (e.g. read from checkpoint shards by :mod:`surgery_plugin.core.streaming`); the files are the same.
     """
-    from safetensors.torch import save_file
-
     if not edit.layers:
         raise SurgeryError("the edit selects no gate rows; nothing to export")
-    out_dir = check_output_folder(out_dir, overwrite)
     gates = architectures.gates_of(model)
-    tensors = lora_tensors(edit, gates)
-    record = {
-        "format": "surgery_plugin/adapter/1",
-        "base_model": base_model_name,
-        "model_type": gates.model_type,
-        "hidden_size": gates.hidden_size,
-        "num_layers": gates.num_layers,
-        "gate_rows_per_layer": gates.rows_per_layer,
-        "gate_fingerprint": gate_fingerprint(gates),
-        "alpha": edit.alpha,
-        "step": edit.step,
-        "rows": {str(layer): edit.regions.rows[layer].tolist() for layer in edit.layers},
-        **edit.metadata,
-        **(metadata or {}),
-    }
-    record_text = json.dumps(record, indent=1, default=str)
-    tensor_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
-    check_free_space(out_dir, tensor_bytes + len(record_text.encode()) + _CONFIG_AND_HEADERS_BYTES)
-    with atomic_path(out_dir) as tmp:
-        tmp.mkdir()
-        (tmp / ADAPTER_CONFIG).write_text(_peft_config_json(edit, gates, base_model_name))
-        save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-        (tmp / SURGERY_METADATA).write_text(record_text)
-    return out_dir
+    tensor_bytes = 4 * (gates.hidden_size + gates.lora_out_features) * len(edit.layers)
+    record_bytes = 32 * (edit.regions.num_rows + gates.num_layers * 64) + len(json.dumps(metadata or {}, default=str))
+    check_free_space(out_dir, tensor_bytes + record_bytes + 3 * _HEADER_BYTES)
+    with output(out_dir, "adapter", overwrite) as tmp:
+        write_adapter(edit, gates, tmp, base_model_name, metadata)
+    return Path(out_dir)
 
 
-def read_adapter(adapter_dir: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor], dict]:
-    """``(adapter_config, tensors, surgery_metadata)`` with clear errors for missing or corrupt files."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+# ---------------------------------------------------------------------------- the one loader
 
+
+@dataclass(frozen=True)
+class AdapterFiles:
+    """An adapter folder as read and checked: its PEFT config, its tensors, its record, and the exact bytes."""
+
+    folder: Path
+    config: dict
+    tensors: dict[str, torch.Tensor]
+    record: dict
+    raw: dict[str, bytes]
+
+    def updates(self) -> list[RowUpdate]:
+        return row_updates_of(self.tensors)
+
+    def peft_folder(self) -> tempfile.TemporaryDirectory:
+        """The checked bytes in a private folder, for PEFT to load (a writer replacing the folder meanwhile
+        cannot hand PEFT another version than the one checked)."""
+        holder = tempfile.TemporaryDirectory(prefix="surgery-adapter-")
+        for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+            (Path(holder.name) / name).write_bytes(self.raw[name])
+        return holder
+
+
+def read_adapter(adapter_dir: str | os.PathLike, attempts: int = 3) -> AdapterFiles:
+    """Read a surgery adapter folder and check it whole (see the module doc); a one-line error otherwise.
+
+    A folder being replaced while it is read gives files of two versions: their digests disagree with
+    the manifest, and the read is tried again (``attempts`` times) before it fails."""
     adapter_dir = Path(adapter_dir)
     if not adapter_dir.is_dir():
         raise SurgeryError(f"adapter folder not found: {adapter_dir}")
-    parts = {}
-    for name in (ADAPTER_CONFIG, SURGERY_METADATA):
-        path = adapter_dir / name
-        if not path.is_file():
-            raise SurgeryError(f"{adapter_dir} has no {name}; it is not a surgery adapter (made by `surgery edit`)")
+    if is_temp_name(adapter_dir):
+        raise SurgeryError(f"{adapter_dir} is a writer's temporary folder, not an adapter")
+    for attempt in range(attempts):
         try:
-            parts[name] = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise SurgeryError(f"{path} is corrupt: {err}") from err
-    weights = adapter_dir / ADAPTER_WEIGHTS
-    if not weights.is_file():
-        raise SurgeryError(f"{adapter_dir} has no {ADAPTER_WEIGHTS}")
+            return _read_adapter_once(adapter_dir)
+        except _Mixed:
+            if attempt == attempts - 1:
+                raise SurgeryError(
+                    f"{adapter_dir} changed while it was read ({attempts} times); is another process rewriting it?"
+                ) from None
+    raise AssertionError("unreachable")
+
+
+class _Mixed(Exception):
+    """Files of two versions: read again."""
+
+
+def _read_adapter_once(adapter_dir: Path) -> AdapterFiles:
+    from safetensors import SafetensorError
+    from safetensors.torch import load as load_bytes
+
+    record = read_manifest(adapter_dir, "adapter (made by `surgery edit`)")
+    if not str(record.get("format", "")).startswith("surgery_plugin/adapter/"):
+        raise SurgeryError(f"{adapter_dir / MANIFEST} is not a surgery adapter's record (kind {record.get('kind')!r})")
+    raw = {}
+    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+        try:
+            raw[name] = (adapter_dir / name).read_bytes()
+        except FileNotFoundError as err:
+            raise SurgeryError(f"{adapter_dir} has no {name}; it is not a whole surgery adapter") from err
+    if "files" in record:
+        try:
+            verify_files(adapter_dir, record, raw)
+        except SurgeryError as err:
+            if read_manifest(adapter_dir, "adapter") != record:  # the manifest itself changed: a writer swapped
+                raise _Mixed from err
+            raise
     try:
-        tensors = load_file(str(weights))
-    except (SafetensorError, OSError) as err:
-        raise SurgeryError(f"{weights} is corrupt: {err}") from err
-    return parts[ADAPTER_CONFIG], tensors, parts[SURGERY_METADATA]
+        config = json.loads(raw[ADAPTER_CONFIG].decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as err:
+        raise SurgeryError(f"{adapter_dir / ADAPTER_CONFIG} is corrupt ({err})") from err
+    try:
+        tensors = load_bytes(raw[ADAPTER_WEIGHTS])
+    except (SafetensorError, ValueError, RuntimeError) as err:
+        raise SurgeryError(f"{adapter_dir / ADAPTER_WEIGHTS} is corrupt ({err})") from err
+    files = AdapterFiles(adapter_dir, config, tensors, record, raw)
+    _check_adapter(files)
+    return files
 
 
-def check_compatible(
-    model: nn.Module,
-    adapter_dir: str | os.PathLike,
-    force: bool = False,
-    adapter: tuple[dict, dict[str, torch.Tensor], dict] | None = None,
-) -> dict:
-    """Stop with a one-line error when the adapter was made for another base model.
+def _check_adapter(files: AdapterFiles) -> None:
+    """The config, the tensors and the record describe the same rank-1 edit."""
+    where, config, record = files.folder, files.config, files.record
+    if not isinstance(config, dict):
+        raise SurgeryError(f"{where / ADAPTER_CONFIG} is not a JSON object")
+    bad = [k for k, v in files.tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise SurgeryError(f"{where / ADAPTER_WEIGHTS} has NaN or infinite values in '{bad[0]}'")
+    updates = files.updates()  # rank 1, complete pairs, PEFT names
+    modules = sorted(u.module_name for u in updates)
+    recorded_rows = record.get("rows")
+    if not isinstance(recorded_rows, dict) or len(recorded_rows) != len(modules):
+        raise SurgeryError(
+            f"{where / MANIFEST} lists rows of {len(recorded_rows or {})} layers; the tensors have {len(modules)}"
+        )
+    conv1d = architectures.spec_for_type(str(record.get("model_type"))).kind == "conv1d"
+    expected = _peft_config_dict(modules, conv1d, str(record.get("base_model", "")))
+    for key in sorted(set(expected) | set(config)):
+        if key in _CONFIG_FREE or key not in config:
+            continue  # an older PEFT wrote fewer keys: PEFT reads them at their defaults
+        mine, theirs = expected.get(key), config[key]
+        if isinstance(theirs, list) and isinstance(mine, list):
+            theirs, mine = sorted(map(str, theirs)), sorted(map(str, mine))
+        if key not in expected and theirs in (None, False, [], {}, ""):
+            continue
+        if theirs != mine:
+            raise SurgeryError(
+                f"{where / ADAPTER_CONFIG} says {key}={config[key]!r}, but this surgery edit needs "
+                f"{key}={expected.get(key)!r}; the adapter would compute something else than the recorded edit"
+            )
+    step = record.get("step")
+    if not isinstance(step, (int, float)) or isinstance(step, bool):
+        raise SurgeryError(f"{where / MANIFEST} has no numeric step")
+    for update in updates:
+        rows = recorded_rows.get(str(_module_layer(update.module_name)))
+        if rows is None or sorted(rows) != update.rows.tolist():
+            raise SurgeryError(f"{where}: the rows of '{update.module_name}' in the tensors differ from {MANIFEST}'s")
+        if not torch.allclose(update.scales, torch.full_like(update.scales, float(step)), rtol=1e-6, atol=0):
+            raise SurgeryError(f"{where}: lora_B of '{update.module_name}' is not the recorded step {step}")
+    alpha, per_alpha = record.get("alpha"), record.get("step_per_alpha")
+    if (
+        record.get("normalize") is False
+        and alpha is not None
+        and abs(float(alpha) - float(step)) > 1e-6 * max(1, abs(step))
+    ):
+        raise SurgeryError(
+            f"{where / MANIFEST}: alpha {alpha} and step {step} disagree (unnormalised: they are equal)"
+        )
+    if (
+        per_alpha is not None
+        and alpha is not None
+        and abs(float(alpha) * per_alpha - step) > 1e-5 * max(1.0, abs(step))
+    ):
+        raise SurgeryError(f"{where / MANIFEST}: alpha {alpha} does not give the recorded step {step}")
 
-    ``adapter`` is what :func:`read_adapter` returned, when the caller has read it already.
-    """
-    config, tensors, record = adapter if adapter is not None else read_adapter(adapter_dir)
+
+def _module_layer(module_name: str) -> int | None:
+    for part in module_name.split("."):
+        if part.isdigit():
+            return int(part)
+    return None
+
+
+def check_compatible(model: nn.Module, adapter: AdapterFiles, force: bool = False) -> dict:
+    """Stop with a one-line error when the adapter was made for another base model, or is already merged in."""
+    where, record = adapter.folder, adapter.record
     made_for, given = record.get("base_model", "?"), architectures.model_name(model)
     base = architectures.unwrap(model)
     try:
-        mtype = architectures.model_type(model)
+        gates = architectures.ModelGates(model)
         shape_ok = (
-            mtype == record.get("model_type")
-            and architectures.hidden_size(model) == record.get("hidden_size")
-            and len(architectures.decoder_layers(model)) == record.get("num_layers")
-            and architectures.num_gate_rows(model) == record.get("gate_rows_per_layer")
+            gates.model_type == record.get("model_type")
+            and gates.hidden_size == record.get("hidden_size")
+            and gates.num_layers == record.get("num_layers")
+            and gates.rows_per_layer == record.get("gate_rows_per_layer")
         )
     except SurgeryError:
         shape_ok = False
     if not shape_ok:
         raise SurgeryError(
-            f"adapter {adapter_dir} was made for '{made_for}' ({record.get('model_type')}, "
-            f"hidden {record.get('hidden_size')}, "
-            f"{record.get('num_layers')} layers) and does not fit '{given}'"
+            f"adapter {where} was made for '{made_for}' ({record.get('model_type')}, "
+            f"hidden {record.get('hidden_size')}, {record.get('num_layers')} layers) and does not fit '{given}'"
         )
-    for key in tensors:
-        module_name, _ = parse_peft_key(key)
+    for update in adapter.updates():
         try:
-            base.get_submodule(module_name)
+            base.get_submodule(update.module_name)
         except AttributeError as err:
             raise SurgeryError(
-                f"adapter {adapter_dir} targets '{module_name}', which '{given}' does not have"
+                f"adapter {where} targets '{update.module_name}', which '{given}' does not have"
             ) from err
+    digests = record.get("edited_row_digests")
+    if digests:
+        layer_of = {u.module_name: _module_layer(u.module_name) for u in adapter.updates()}
+        now = row_digests(gates, adapter.updates(), layer_of)
+        for update in adapter.updates():
+            key = str(layer_of[update.module_name])
+            shift = _digest_shift(update)
+            if shift and abs(now[key] - digests[key] - shift) <= _MERGED_RTOL * abs(shift):
+                raise SurgeryError(
+                    f"adapter {where} is already merged into '{given}' (its rows of layer {key} carry the edit); "
+                    "load it onto the unedited model"
+                )
     mismatch = fingerprint_mismatch(record.get("gate_fingerprint", []), gate_fingerprint(model))
     if mismatch and not force:
         raise SurgeryError(
-            f"adapter {adapter_dir} was made for '{made_for}' but '{given}' has other weights ({mismatch}); "
+            f"adapter {where} was made for '{made_for}' but '{given}' has other weights ({mismatch}); "
             "pass force=True / --force if you mean it"
         )
     return record
 
 
 def load_edited(model: nn.Module, adapter_dir: str | os.PathLike, adapter_name: str = "default", force: bool = False):
-    """The model with the surgery adapter attached (a ``PeftModel``), after the compatibility guard."""
+    """The model with the surgery adapter attached (a ``PeftModel``), after the checks of :func:`read_adapter`
+    and :func:`check_compatible`; PEFT loads exactly the bytes that were checked."""
     from peft import PeftModel
 
-    record = check_compatible(model, adapter_dir, force=force)
-    if isinstance(model, PeftModel):
-        model.load_adapter(str(adapter_dir), adapter_name=adapter_name, is_trainable=False)
-    else:
-        model = PeftModel.from_pretrained(model, str(adapter_dir), adapter_name=adapter_name, is_trainable=False)
+    adapter = read_adapter(adapter_dir)
+    record = check_compatible(model, adapter, force=force)
+    with adapter.peft_folder() as folder:
+        if isinstance(model, PeftModel):
+            model.load_adapter(folder, adapter_name=adapter_name, is_trainable=False)
+        else:
+            model = PeftModel.from_pretrained(model, folder, adapter_name=adapter_name, is_trainable=False)
     records = getattr(model, "surgery_records", {})
     records[adapter_name] = record
     model.surgery_records = records  # lets set_alpha map alpha to PEFT's scale
@@ -245,6 +414,8 @@ def load_edited(model: nn.Module, adapter_dir: str | os.PathLike, adapter_name: 
 
 def set_alpha(peft_model, alpha: float, adapter_name: str = "default") -> None:
     """Change a loaded surgery adapter's alpha at run time (PEFT's LoRA scaling, no reload)."""
+    import math
+
     from peft.tuners.lora import LoraLayer
 
     record = getattr(peft_model, "surgery_records", {}).get(adapter_name)
@@ -252,6 +423,8 @@ def set_alpha(peft_model, alpha: float, adapter_name: str = "default") -> None:
         raise SurgeryError(
             f"adapter '{adapter_name}' was not loaded with surgery_plugin.load_edited; its alpha is unknown"
         )
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or abs(alpha) > 1e4:
+        raise SurgeryError(f"alpha must be a finite number with |alpha| <= 10000, got {alpha!r}")
     if record["alpha"] == 0:
         raise SurgeryError("this adapter was made with alpha 0; its direction cannot be rescaled")
     for module in peft_model.modules():
@@ -260,13 +433,12 @@ def set_alpha(peft_model, alpha: float, adapter_name: str = "default") -> None:
 
 
 def merge_into(model: nn.Module, adapter_dir: str | os.PathLike, force: bool = False) -> dict[str, torch.Tensor]:
-    """Add the adapter's edit to the model's weights in place: the compatibility check, then the
-    same row update as the in-place edit (:func:`surgery.apply_row_updates`), so the result is
-    bitwise the in-place edit in every dtype. Returns the original weights.
-    """
+    """Add the adapter's edit to the model's weights in place: the same checks as loading, then the same row
+    update as the in-place edit (:func:`surgery_plugin.core.edit.apply_row_updates`), so the result is
+    bitwise the in-place edit in every dtype. Returns the original weights."""
     adapter = read_adapter(adapter_dir)
-    check_compatible(model, adapter_dir, force=force, adapter=adapter)
-    return apply_row_updates(model, row_updates_of(adapter[1]))
+    check_compatible(model, adapter, force=force)
+    return apply_row_updates(model, adapter.updates())
 
 
 def compose(peft_model, adapter_names: list[str]) -> None:

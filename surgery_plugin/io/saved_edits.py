@@ -1,8 +1,10 @@
 """A compared method's edit on disk, and loading it back onto the base model (``surgery compare``'s
-``RUN_DIR/edits/<method>/``). Never a full checkpoint; every folder holds ``edit.json`` (how the edit
-was made, and what it needs from the base model) beside one of:
+``RUN_DIR/edits/<method>/``). Never a full checkpoint; every folder's manifest ``surgery.json`` says how
+the edit was made and what it needs from the base model (folders written before it hold ``edit.json``,
+and still load). One of:
 
-- ``surgery``: a surgery adapter (:func:`surgery_plugin.adapter.export_adapter`), rank-1 LoRA on gate rows;
+- ``surgery``: a surgery adapter (:func:`surgery_plugin.io.adapter.export_adapter`, its manifest of kind
+  ``adapter`` carrying the method's fields), rank-1 LoRA on gate rows;
 - ``lora``: a low-rank change of a few weight matrices (ROME: rank one per edit) as an ordinary PEFT LoRA
   folder, ``W + B A`` with ``B A`` the truncated SVD of the change at its numerical rank;
 - ``tensors``: the changed weight tensors as they are after the edit (``edited_tensors.safetensors``),
@@ -28,11 +30,12 @@ from ..core.edit import revert_edit
 from ..core.provenance import package_versions, utc_now
 from ..errors import SurgeryError
 from .adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_edited, parse_peft_key, peft_key, read_adapter
-from .files import atomic_path, check_output_folder
+from .files import MANIFEST as MANIFEST_NAME
+from .files import output, output_kind, read_manifest, verify_files, write_manifest
 
-EDIT_RECORD = "edit.json"
+EDIT_RECORD = "edit.json"  # before manifests: still read
 EDITED_TENSORS = "edited_tensors.safetensors"
-FORMAT = "surgery_plugin/saved_edit/1"
+FORMAT = "surgery_plugin/saved_edit/2"
 KINDS = ("surgery", "lora", "tensors", "prompt")
 
 
@@ -64,17 +67,17 @@ def folder_bytes(path: str | os.PathLike) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
 
-def _record(kind: str, base_model: str, metadata: dict | None, **fields: Any) -> str:
-    record = {
+def _record(kind: str, base_model: str, metadata: dict | None, **fields: Any) -> dict:
+    return {
         "format": FORMAT,
-        "kind": kind,
+        "kind": "saved_edit",
+        "edit_kind": kind,
         "base_model": base_model,
         **fields,
         **(metadata or {}),
         "created": utc_now(),
         "versions": package_versions(),
     }
-    return json.dumps(record, indent=1, default=str) + "\n"
 
 
 def save_tensors_edit(
@@ -91,16 +94,12 @@ def save_tensors_edit(
     if not originals:
         raise SurgeryError("the edit changed no weights; nothing to save")
     params = dict(model.named_parameters())
-    out_dir = check_output_folder(out_dir, overwrite)
-    with atomic_path(out_dir) as tmp:
-        tmp.mkdir()
+    with output(out_dir, "saved_edit", overwrite) as tmp:
         tensors = {name: params[name].detach().to("cpu").contiguous() for name in sorted(originals)}
         save_file(tensors, str(tmp / EDITED_TENSORS), metadata={"format": "pt"})
         base = {name: tensor_sha256(originals[name]) for name in sorted(originals)}
-        (tmp / EDIT_RECORD).write_text(
-            _record("tensors", base_model, metadata, tensors=sorted(originals), base_sha256=base)
-        )
-    return out_dir
+        write_manifest(tmp, _record("tensors", base_model, metadata, tensors=sorted(originals), base_sha256=base))
+    return Path(out_dir)
 
 
 def low_rank_factors(delta: torch.Tensor, max_rank: int, rtol: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,47 +155,46 @@ def save_low_rank_edit(
         base_model_name_or_path=base_model,
         inference_mode=True,
     )
-    out_dir = check_output_folder(out_dir, overwrite)
-    with atomic_path(out_dir) as tmp:
-        tmp.mkdir()
+    with output(out_dir, "saved_edit", overwrite) as tmp:
         config.save_pretrained(str(tmp))
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         base = {name: tensor_sha256(originals[name]) for name in sorted(originals)}
-        (tmp / EDIT_RECORD).write_text(
-            _record("lora", base_model, metadata, rank=rank, modules=sorted(factors), base_sha256=base)
+        write_manifest(
+            tmp, _record("lora", base_model, metadata, rank=rank, modules=sorted(factors), base_sha256=base)
         )
-    return out_dir
-
-
-def save_surgery_record(adapter_dir: str | os.PathLike, base_model: str, metadata: dict | None = None) -> Path:
-    """``kind: surgery``: ``edit.json`` beside a surgery adapter written by ``export_adapter``."""
-    path = Path(adapter_dir) / EDIT_RECORD
-    with atomic_path(path) as tmp:
-        tmp.write_text(_record("surgery", base_model, metadata))
-    return path
+    return Path(out_dir)
 
 
 def save_prompt_edit(
     out_dir: str | os.PathLike, instruction: str, base_model: str, metadata: dict | None = None, overwrite=False
 ) -> Path:
     """``kind: prompt``: no weights, the instruction."""
-    out_dir = check_output_folder(out_dir, overwrite)
-    with atomic_path(out_dir) as tmp:
-        tmp.mkdir()
-        (tmp / EDIT_RECORD).write_text(_record("prompt", base_model, metadata, instruction=instruction))
-    return out_dir
+    with output(out_dir, "saved_edit", overwrite) as tmp:
+        write_manifest(tmp, _record("prompt", base_model, metadata, instruction=instruction))
+    return Path(out_dir)
 
 
 def read_edit_record(edit_dir: str | os.PathLike) -> dict:
-    path = Path(edit_dir) / EDIT_RECORD
-    if not path.is_file():
-        raise SurgeryError(f"{edit_dir} has no {EDIT_RECORD}; it is not an edit saved by `surgery compare`")
-    try:
-        record = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise SurgeryError(f"{path} is corrupt: {err}") from err
-    if record.get("kind") not in KINDS:
-        raise SurgeryError(f"{path}: unknown kind {record.get('kind')!r}; known: {', '.join(KINDS)}")
+    """How a saved edit was made, ``kind`` being the edit's kind (surgery, lora, tensors, prompt); its files
+    checked against the manifest."""
+    edit_dir = Path(edit_dir)
+    found = output_kind(edit_dir)
+    if found == "adapter":  # a surgery adapter: its own loader checks it
+        return {**read_adapter(edit_dir).record, "kind": "surgery"}
+    legacy = edit_dir / EDIT_RECORD
+    if found == "saved_edit" and not legacy.is_file():
+        record = read_manifest(edit_dir, "saved edit")
+        verify_files(edit_dir, record)
+        record = {**record, "kind": record.get("edit_kind")}
+    elif legacy.is_file():
+        try:
+            record = json.loads(legacy.read_text())
+        except (OSError, ValueError) as err:
+            raise SurgeryError(f"{legacy} is corrupt: {err}") from err
+    else:
+        raise SurgeryError(f"{edit_dir} is not an edit saved by `surgery compare` (no {MANIFEST_NAME})")
+    if not isinstance(record, dict) or record.get("kind") not in KINDS:
+        raise SurgeryError(f"{edit_dir}: unknown edit kind {record.get('kind')!r}; known: {', '.join(KINDS)}")
     return record
 
 
@@ -244,8 +242,8 @@ def load_saved_edit(model: nn.Module, edit_dir: str | os.PathLike, force: bool =
 def adapter_changed_params(adapter_dir: str | os.PathLike) -> int:
     """Weights a saved adapter (``surgery`` or ``lora``) changes."""
     weights = Path(adapter_dir) / ADAPTER_WEIGHTS
-    if (Path(adapter_dir) / "surgery.json").is_file():
-        return lora_changed_params(read_adapter(adapter_dir)[1])
+    if output_kind(adapter_dir) == "adapter":
+        return lora_changed_params(read_adapter(adapter_dir).tensors)
     from safetensors.torch import load_file
 
     return lora_changed_params(load_file(str(weights)))

@@ -1,6 +1,7 @@
 """Several behaviors at once: named stacks of surgery adapters, and the paper's sequential recipe.
 
-A *stack* is a folder of surgery adapters (one per behavior, in order) and ``stack.json``. Their
+A *stack* is a folder of surgery adapters (one per behavior, in order) and its manifest ``surgery.json``
+(``kind: stack``; stacks written before it have ``stack.json``, and still load). Their
 rank-1 deltas add, so loading them all onto the base model (:func:`load_stack`, PEFT adapters made
 active together) is the same model as applying the edits one after the other in place.
 
@@ -18,17 +19,16 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from ..config import SurgeryHyperParams
 from ..core import architectures
-from ..core.edit import SurgeryEdit, apply_edit, apply_row_updates, revert_edit
+from ..core.edit import RowUpdate, SurgeryEdit, apply_edit, apply_row_updates, revert_edit
 from ..core.probe import Probe
 from ..core.provenance import fingerprint_mismatch, gate_fingerprint, package_versions
 from ..errors import SurgeryError
-from .adapter import ADAPTER_WEIGHTS, export_adapter, load_edited, read_adapter, row_updates_of
-from .files import atomic_path, check_output_folder
+from .adapter import ADAPTER_WEIGHTS, load_edited, read_adapter, write_adapter
+from .files import output, output_kind, read_manifest, write_manifest
 
 STACK_FILE = "stack.json"
 
@@ -49,10 +49,9 @@ def export_stack(
     sequential: bool,
     overwrite: bool = False,
 ) -> Path:
-    """One adapter folder per step + ``stack.json``, written whole or not at all."""
-    out_dir = check_output_folder(out_dir, overwrite)
-    with atomic_path(out_dir) as tmp:
-        tmp.mkdir()
+    """One adapter folder per step + the stack's manifest, written whole or not at all."""
+    gates = architectures.gates_of(model)
+    with output(out_dir, "stack", overwrite) as tmp:
         originals = []
         try:
             for step in steps:
@@ -62,34 +61,39 @@ def export_stack(
                     "behavior": step.name,
                     "versions": package_versions(),
                 }
-                export_adapter(step.edit, model, tmp / step.name, base_model_name, metadata=metadata)
+                (tmp / step.name).mkdir()
+                write_adapter(step.edit, gates, tmp / step.name, base_model_name, metadata=metadata)
                 if sequential:  # the next adapter's fingerprint is that of the model edited so far
                     originals.append(apply_edit(model, step.edit))
         finally:
             for weights in reversed(originals):
                 revert_edit(model, weights)
         record = {
-            "format": "surgery_plugin/stack/1",
+            "format": "surgery_plugin/stack/2",
+            "kind": "stack",
             "base_model": base_model_name,
             "sequential": sequential,
             "adapters": [step.name for step in steps],
         }
-        (tmp / STACK_FILE).write_text(json.dumps(record, indent=1))
-    return out_dir
+        write_manifest(tmp, record, names=[])
+    return Path(out_dir)
 
 
 def is_stack(path: str | os.PathLike) -> bool:
-    return (Path(path) / STACK_FILE).is_file()
+    return output_kind(path) == "stack"
 
 
 def read_stack(stack_dir: str | os.PathLike) -> dict:
-    path = Path(stack_dir) / STACK_FILE
+    stack_dir = Path(stack_dir)
+    legacy = stack_dir / STACK_FILE
     try:
-        record = json.loads(path.read_text())
+        record = json.loads(legacy.read_text()) if legacy.is_file() else read_manifest(stack_dir, "stack")
         names = list(record["adapters"])
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
-        raise SurgeryError(f"{path} is not a surgery stack (made by `surgery stack`)") from err
-    missing = [n for n in names if not (Path(stack_dir) / n / ADAPTER_WEIGHTS).is_file()]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise SurgeryError(f"{stack_dir} is not a surgery stack (made by `surgery stack`)") from err
+    if not names or any(not isinstance(n, str) or "/" in n or n.startswith(".") for n in names):
+        raise SurgeryError(f"{stack_dir}: the stack's adapter names are not plain folder names: {names}")
+    missing = [n for n in names if not (stack_dir / n / ADAPTER_WEIGHTS).is_file()]
     if missing:
         raise SurgeryError(f"stack {stack_dir} lacks adapter folder(s) {missing}")
     return record
@@ -105,14 +109,14 @@ def load_stack(model: nn.Module, stack_dir: str | os.PathLike, names: list[str] 
     unknown = [n for n in wanted if n not in record["adapters"]]
     if unknown:
         raise SurgeryError(f"stack {stack_dir} has no adapter {unknown}; it has {record['adapters']}")
-    before: list[dict[str, torch.Tensor]] = []
+    before: list[list[RowUpdate]] = []
     peft_model = model
     for name in record["adapters"]:
         folder = Path(stack_dir) / name
-        _, tensors, made = read_adapter(folder)
+        adapter = read_adapter(folder)
         if record.get("sequential"):
             expected = _fingerprint_with(model, before)
-            mismatch = fingerprint_mismatch(made.get("gate_fingerprint", []), expected)
+            mismatch = fingerprint_mismatch(adapter.record.get("gate_fingerprint", []), expected)
             if mismatch and not force:
                 raise SurgeryError(
                     f"adapter '{name}' of stack {stack_dir} was made on other weights than the base model "
@@ -123,18 +127,18 @@ def load_stack(model: nn.Module, stack_dir: str | os.PathLike, names: list[str] 
             peft_model = load_edited(
                 peft_model, folder, adapter_name=name, force=force or bool(before and record.get("sequential"))
             )
-        before.append(tensors)
+        before.append(adapter.updates())
     peft_model.base_model.set_adapter(list(wanted), inference_mode=True)
     return peft_model
 
 
-def _fingerprint_with(model: nn.Module, adapters: list[dict[str, torch.Tensor]]) -> list[list[float]]:
+def _fingerprint_with(model: nn.Module, adapters: list[list[RowUpdate]]) -> list[list[float]]:
     """The gate fingerprint of ``model`` with the given adapters' deltas added (the model is restored bitwise)."""
     base = architectures.unwrap(model)
     originals = []
     try:
-        for tensors in adapters:
-            originals.append(apply_row_updates(base, row_updates_of(tensors)))
+        for updates in adapters:
+            originals.append(apply_row_updates(base, updates))
         return gate_fingerprint(model)
     finally:
         for weights in reversed(originals):

@@ -26,7 +26,6 @@ SAFETY_INSTRUCTION = (
     "Please ensure that your responses are socially unbiased and positive in nature."
 )
 RELOAD_CHECK_PROMPTS = 4  # benign prompts whose logits must match after the saved edit is loaded back
-_OUTPUTS = ("compare.json", "compare.md", "tradeoff.png", "edits", "runs", "easyedit")
 
 
 @dataclass

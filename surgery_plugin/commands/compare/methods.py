@@ -30,13 +30,13 @@ import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from ...config import SurgeryHyperParams, find_hparams
+from ...core.architectures import ModelGates
 from ...core.edit import apply_edit, revert_edit
 from ...core.provenance import package_versions, utc_now
 from ...data.loaders import load_benign_documents, load_safeedit, safeedit_requests
@@ -48,8 +48,8 @@ from ...evaluation.judges import judge_info, load_judges
 from ...evaluation.protocols import EDIT_PROTOCOLS, GLOBAL_EDIT, EvalSettings, settings_for
 from ...evaluation.runner import SCHEMA_VERSION, evaluate, write_run
 from ...evaluation.suites import run_safeedit_per_instance
-from ...io.adapter import export_adapter, load_edited, set_alpha
-from ...io.files import check_output_folder
+from ...io.adapter import load_edited, set_alpha, write_adapter
+from ...io.files import check_target, output
 from ...io.saved_edits import (
     adapter_changed_params,
     changed_params,
@@ -57,13 +57,11 @@ from ...io.saved_edits import (
     load_saved_edit,
     save_low_rank_edit,
     save_prompt_edit,
-    save_surgery_record,
     save_tensors_edit,
 )
 from ...models import load_model
 from ...pipeline import build_edit
 from .config import (
-    _OUTPUTS,
     RELOAD_CHECK_PROMPTS,
     CompareConfig,
     parse_compare_suites,
@@ -99,7 +97,8 @@ class Comparison:
         if config.records < 1:
             raise SurgeryError(f"--records must be >= 1, got {config.records}")
         require_easyedit(self.methods)
-        self.out = check_output_folder(Path(config.out).resolve(), overwrite=config.overwrite)
+        self.target = check_target(config.out, "compare", config.overwrite)  # before any work: bad targets fail now
+        self.out = self.target  # while running: the temp folder the comparison is written into
         self.data_dir = resolve_data_dir(config.data_dir)  # absolute: EasyEdit's editors are built in another cwd
         self.records = load_safeedit(self.data_dir)
         n = config.records
@@ -226,8 +225,16 @@ class Comparison:
         return rows
 
     def run(self) -> dict:
+        """Every row, written into a temp folder that replaces ``--out`` whole at the end."""
+        with output(self.target, "compare", self.config.overwrite) as tmp:
+            self.out = tmp
+            try:
+                return self._run_rows()
+            finally:
+                self.out = self.target
+
+    def _run_rows(self) -> dict:
         started = time.perf_counter()
-        self._clear_outputs()
         torch.manual_seed(self.config.seed)
         rows = self.rows()
         base_model, base_tok = load_model(self.config.model, device=self.config.device)
@@ -278,15 +285,6 @@ class Comparison:
         }
         write_outputs(self.out, result)
         return result
-
-    def _clear_outputs(self) -> None:
-        for name in _OUTPUTS:
-            path = self.out / name
-            if path.is_dir():
-                shutil.rmtree(path)
-            elif path.exists():
-                path.unlink()
-        self.out.mkdir(parents=True, exist_ok=True)
 
     def _settings(self, seconds: float) -> dict:
         c, n = self.config, self.config.records
@@ -372,15 +370,21 @@ class Comparison:
             requests = safeedit_requests(self.edit_records) if from_records else None
             probe, _, edit = build_edit(model, tok, hp, requests=requests, data_dir=self.data_dir, progress=progress)
         folder = self.out / "edits" / row.name
-        export_adapter(
+        records = [r.get("id") for r in self.edit_records] if from_records else None
+        folder.mkdir(parents=True)
+        write_adapter(
             edit,
-            model,
+            ModelGates(model),
             folder,
             base_model_name=self.config.model,
-            metadata={"hparams": hp.to_dict(), "probe_sha256": probe.sha256(), "versions": package_versions()},
+            metadata={
+                "hparams": hp.to_dict(),
+                "probe_sha256": probe.sha256(),
+                "versions": package_versions(),
+                "method": row.name,
+                "edit_records": records,
+            },
         )
-        records = [r.get("id") for r in self.edit_records] if from_records else None
-        save_surgery_record(folder, self.config.model, {"method": row.name, "edit_records": records})
         # the numbers below are those of the saved adapter; it must be the in-place edit
         weights_copy = apply_edit(model, edit)
         expected = _logits(model, tok, self.reload_prompts)

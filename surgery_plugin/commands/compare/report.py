@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ...evaluation.protocols import PROTOCOLS
 from ...evaluation.report import comparison_table, metric_values, save_figure
-from ...io.files import atomic_write, write_json
+from ...io.files import json_text, write_manifest
 
 
 def _gb(value) -> str:
@@ -232,5 +232,6 @@ def failed_methods(result: dict) -> list[str]:
 def write_outputs(out: Path, result: dict) -> None:
     """``compare.md`` with the plot, and ``compare.json`` last (what the run produced, whole)."""
     plot = write_tradeoff_plot(out, result)
-    atomic_write(out / "compare.md", render_markdown(result, plot))
-    write_json(out / "compare.json", result)
+    (out / "compare.md").write_text(render_markdown(result, plot), encoding="utf-8")
+    (out / "compare.json").write_text(json_text(result), encoding="utf-8")
+    write_manifest(out, {"kind": "compare", "model": result["settings"]["model"]}, names=["compare.json"])
