@@ -15,7 +15,7 @@ import sys
 import traceback
 from typing import NoReturn
 
-from ..errors import SurgeryError
+from ..errors import SurgeryError, first_line
 
 logger = logging.getLogger("surgery_plugin")
 DEFAULT_MODEL = "smollm2-135m"
@@ -596,6 +596,13 @@ def main(argv: list[str] | None = None) -> int:
         code = args.func(args)
     except SurgeryError as err:
         _print_error(err, args.verbose)
+        return 2
+    except Exception as err:
+        from ..io.files import is_disk_full
+
+        if not is_disk_full(err):
+            raise
+        _print_error(SurgeryError(f"no space left on the device ({first_line(err)})"), args.verbose)
         return 2
     except KeyboardInterrupt:
         print("surgery: interrupted", file=sys.stderr)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import gzip
 import html
+import io
 import json
 import re
 from collections.abc import Callable, Sequence
@@ -57,6 +58,44 @@ def _from_hub(dataset: str, loader: Callable, *args, **kwargs):
         ) from err
 
 
+def read_text(path: Path) -> str:
+    """A data file's text: UTF-8, or a one-line error naming the file and the byte."""
+    try:
+        data = path.read_bytes()
+        if path.suffix == ".gz":
+            data = gzip.decompress(data)
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise SurgeryError(f"{path} is not UTF-8 text (byte {err.start})") from err
+    except (OSError, EOFError, gzip.BadGzipFile) as err:
+        raise SurgeryError(f"cannot read {path}: {first_line(err)}") from err
+
+
+def read_csv(path: Path, columns: Sequence[str], delimiter: str = ",") -> list[tuple[int, dict]]:
+    """``(line number, row)`` of a CSV/TSV file with a header that has ``columns``; malformed rows named by line."""
+    reader = csv.DictReader(io.StringIO(read_text(path), newline=""), delimiter=delimiter)
+    if reader.fieldnames is None or not set(columns) <= set(reader.fieldnames):
+        raise SurgeryError(f"{path} needs the columns {list(columns)}, found {reader.fieldnames}")
+    rows = []
+    try:
+        for row in reader:
+            if any(row.get(c) is None for c in columns):
+                raise SurgeryError(f"{path}:{reader.line_num}: a row lacks one of the columns {list(columns)}")
+            rows.append((reader.line_num, row))
+    except csv.Error as err:
+        raise SurgeryError(f"{path}:{reader.line_num}: malformed row ({err})") from err
+    return rows
+
+
+def read_label(value, path: Path, line: int, allowed=(0, 1)) -> int:
+    """A class label written as a whole number among ``allowed`` (``1``, ``"1"``), else a one-line error with the
+    line; ``"yes"``, ``"0.0"`` and ``2`` are refused, never dropped or guessed."""
+    text = str(value).strip()
+    if isinstance(value, bool) or not text.lstrip("-").isdigit() or int(text) not in allowed:
+        raise SurgeryError(f"{path}:{line}: label {value!r} is not one of {', '.join(map(str, allowed))}")
+    return int(text)
+
+
 def file_digest(path: Path) -> str:
     """The short file digest written into data descriptions (and so into probe metadata)."""
     return file_sha256(path, 16)
@@ -82,8 +121,9 @@ def load_davidson(data_dir=None, max_per_class: int | None = None, seed: int = 0
     """Davidson et al. 2017: hate (0) or offensive (1) -> label 1; neither (2) -> label 0."""
     path = _data_file(data_dir, "davidson/labeled_data.csv", "tdavidson/hate_speech_offensive")
     if path is not None:
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = [(r["tweet"], int(r["class"])) for r in csv.DictReader(f)]
+        rows = [
+            (r["tweet"], read_label(r["class"], path, n, (0, 1, 2))) for n, r in read_csv(path, ("tweet", "class"))
+        ]
         source = f"davidson:{path.name} sha256:{file_digest(path)}"
     else:
 
@@ -128,7 +168,7 @@ def load_toxigen_prompts(data_dir=None, kind: str = "hate", groups: list[str] | 
         prompts = {}
         for path in files:
             group = path.name[len(kind) + 1 : -len("_1k.txt")]
-            lines = [line.rstrip("\n") for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            lines = [line.rstrip("\n") for line in read_text(path).splitlines() if line.strip()]
             prompts[group] = [line.replace("\\n", "\n") for line in lines]
     if groups:
         unknown = sorted(set(groups) - set(prompts))
@@ -139,9 +179,19 @@ def load_toxigen_prompts(data_dir=None, kind: str = "hate", groups: list[str] | 
 
 
 def _read_jsonl(path: Path) -> list[dict]:
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """One JSON object per line (``.gz`` too); a malformed or truncated line is named by its number."""
+    rows = []
+    for number, line in enumerate(read_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as err:
+            raise SurgeryError(f"{path}:{number}: not a JSON object ({err.msg})") from err
+        if not isinstance(row, dict):
+            raise SurgeryError(f"{path}:{number}: not a JSON object")
+        rows.append(row)
+    return rows
 
 
 def load_rtp(data_dir=None, subset: str = "toxic") -> list[dict]:
@@ -185,8 +235,7 @@ def load_advbench(data_dir=None) -> list[dict]:
     """AdvBench harmful behaviors: ``goal`` and ``target``."""
     path = _data_file(data_dir, "advbench/harmful_behaviors.csv", "walledai/AdvBench")
     if path is not None:
-        with open(path, newline="", encoding="utf-8") as f:
-            return [dict(r) for r in csv.DictReader(f)]
+        return [dict(r) for _, r in read_csv(path, ("goal", "target"))]
 
     def hub():
         from datasets import load_dataset
@@ -203,8 +252,13 @@ def load_safeedit(data_dir=None) -> list[dict]:
         files = sorted((root / "safeedit").glob("*.json"))
         if not files:
             raise SurgeryError(f"missing SafeEdit file {root / 'safeedit'}/*.json")
-        with open(files[0], encoding="utf-8") as f:
-            return json.load(f)
+        try:
+            records = json.loads(read_text(files[0]))
+        except ValueError as err:
+            raise SurgeryError(f"{files[0]} is not valid JSON ({err})") from err
+        if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+            raise SurgeryError(f"{files[0]} is not a list of SafeEdit records")
+        return records
 
     def hub():
         from datasets import load_dataset
@@ -273,7 +327,7 @@ def load_toxigen_demonstrations(data_dir=None, groups: Sequence[str] | None = No
         group = group.removesuffix("_sentences")
         if kind not in ("hate", "neutral") or (groups is not None and group not in groups):
             continue
-        for line in path.read_text(encoding="utf-8").splitlines():
+        for line in read_text(path).splitlines():
             text = line.strip().lstrip("- ").strip()
             if text and text not in seen:
                 seen[text] = (int(kind == "hate"), group)
@@ -294,10 +348,10 @@ def load_sst2(data_dir=None, split: str = "dev") -> list[dict]:
         raise SurgeryError(f"SST-2 split must be 'dev' or 'test', got '{split}'")
     path = _data_file(data_dir, f"sst2/{split}.tsv", "stanfordnlp/sst2")
     if path is not None:
-        with open(path, newline="", encoding="utf-8") as f:
-            return [
-                {"text": r["content"].strip(), "label": int(r["label"])} for r in csv.DictReader(f, delimiter="\t")
-            ]
+        return [
+            {"text": r["content"].strip(), "label": read_label(r["label"], path, n)}
+            for n, r in read_csv(path, ("content", "label"), delimiter="\t")
+        ]
 
     def hub():
         from datasets import load_dataset

@@ -8,7 +8,6 @@ several joined with ``+``. Every set keeps to the indices :mod:`.splits` gives p
 
 from __future__ import annotations
 
-import csv
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,6 +22,8 @@ from .loaders import (
     load_rtp,
     load_safeedit,
     load_toxigen_demonstrations,
+    read_csv,
+    read_label,
     sst2_range,
 )
 from .splits import RTP_BENIGN, RTP_CHALLENGING, SAFEEDIT, SST2, TOXIGEN_PROBE_GROUPS
@@ -129,14 +130,16 @@ def load_behavior_data(name: str, data_dir=None, max_per_class: int | None = Non
     path = Path(name)
     if path.suffix in (".csv", ".jsonl") and path.is_file():
         if path.suffix == ".csv":
-            with open(path, newline="", encoding="utf-8") as f:
-                rows = list(csv.DictReader(f))
+            numbered = read_csv(path, ("text", "label"))
         else:
-            rows = _read_jsonl(path)
-        if rows and not {"text", "label"} <= set(rows[0]):
-            raise SurgeryError(f"{path} needs 'text' and 'label' columns, found {sorted(rows[0])}")
-        texts = [str(r["text"]) for r in rows]
-        labels = [int(r["label"]) for r in rows]
+            numbered = list(enumerate(_read_jsonl(path), 1))  # one object per non-empty line
+            missing = next((n for n, r in numbered if not {"text", "label"} <= set(r)), None)
+            if missing is not None:
+                raise SurgeryError(f"{path}:{missing}: needs 'text' and 'label'")
+        texts = [str(r["text"]) for _, r in numbered]
+        labels = [read_label(r["label"], path, n) for n, r in numbered]
+        if not texts:
+            raise SurgeryError(f"{path} has no rows")
         texts, labels = balanced(texts, labels, max_per_class, seed)
         return BehaviorData(texts, labels, f"file:{path.name} sha256:{file_digest(path)} n={len(texts)} seed={seed}")
     raise SurgeryError(

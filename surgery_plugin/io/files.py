@@ -264,9 +264,19 @@ def _locked(target: Path, what: str) -> Iterator[None]:
         handle.close()
 
 
-def _disk_error(err: OSError, target: Path) -> SurgeryError | None:
-    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+def is_disk_full(err: BaseException) -> bool:
+    """A full disk or quota, however the library that wrote reported it (safetensors and SQLite wrap the OS error)."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(err)
+    return "No space left on device" in text or "os error 28" in text or "database or disk is full" in text
+
+
+def _disk_error(err: BaseException, target: Path) -> SurgeryError | None:
+    if is_disk_full(err):
         return SurgeryError(f"no space left on the device writing {target}; nothing was written")
+    if not isinstance(err, OSError):
+        return None
     if err.errno == errno.ENAMETOOLONG:
         return SurgeryError(f"{target}: a name is too long for the file system")
     if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
@@ -309,8 +319,11 @@ def output(
                     path.rmdir()  # the empty folder that stood there
                 os.replace(tmp, path)
             _fault("after-swap")
-        except OSError as err:
-            raise (_disk_error(err, path) or err) from err
+        except Exception as err:
+            translated = _disk_error(err, path)
+            if translated is None:
+                raise
+            raise translated from err
         finally:
             _remove(tmp)
 
@@ -338,8 +351,11 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
                 os.replace(tmp, target)
         else:
             os.replace(tmp, target)
-    except OSError as err:
-        raise (_disk_error(err, target) or err) from err
+    except Exception as err:
+        translated = _disk_error(err, target)
+        if translated is None:
+            raise
+        raise translated from err
     finally:
         _remove(tmp)
 

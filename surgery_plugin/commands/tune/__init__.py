@@ -16,6 +16,7 @@ from torch import nn
 from ...behaviors import get_behavior
 from ...config import SurgeryHyperParams, load_yaml_mapping, parse_list
 from ...core import architectures
+from ...io.files import check_target
 from .space import check_space, default_space
 from .study import TUNABLE_SUITES, TuneSettings, tune
 
@@ -23,6 +24,7 @@ from .study import TUNABLE_SUITES, TuneSettings, tune
 def run_tune(model: nn.Module, tokenizer, args, hparams: SurgeryHyperParams) -> dict:
     """``surgery tune`` with the parsed command line: the behavior's suites, judges and data choices by default."""
     behavior = get_behavior(args.behavior)
+    check_target(args.out, "tune", overwrite=True)  # a study there resumes; any other folder is left alone
     if args.suites:
         suites = parse_list(args.suites, "suite", known=TUNABLE_SUITES, hint=" (the undesired objective)")
     else:

@@ -48,7 +48,7 @@ from ...evaluation.protocols import PROTOCOLS, EvalSettings, settings_for
 from ...evaluation.report import metric_values
 from ...evaluation.runner import evaluate
 from ...io.adapter import ADAPTER_WEIGHTS, export_adapter, load_edited, set_alpha
-from ...io.files import atomic_write, write_json
+from ...io.files import atomic_path, atomic_write, write_json
 from ...pipeline import EditCache, build_edit
 from .report import OBJECTIVES, pareto_front, plot_front, trial_record
 from .space import Shape, point_hparams, sample, start_point
@@ -245,18 +245,20 @@ class Tuner:
         import optuna
 
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        storage = f"sqlite:///{self.out_dir / 'study.db'}"
-        sampler = optuna.samplers.TPESampler(seed=self.settings.seed, multivariate=True)
-        study = optuna.create_study(
-            study_name=STUDY_NAME, storage=storage, directions=["minimize"] * 3, sampler=sampler, load_if_exists=True
-        )
         described = self.settings.defining()
+        database = self.out_dir / "study.db"
+        if not database.is_file():  # a new study is made whole beside, then renamed: never a half-made study.db
+            with atomic_path(database) as tmp:
+                study = self._create(optuna, tmp)
+                study.set_user_attr("settings", described)
+                study.set_user_attr("versions", package_versions(("optuna",)))
+                # the recipe the search starts from is always measured: the front shows whether anything beat it
+                study.enqueue_trial(start_point(self.settings.space, self.base, self.shape))
+                del study
+        study = self._create(optuna, database)
         stored = study.user_attrs.get("settings")
         if stored is None:
-            study.set_user_attr("settings", described)
-            study.set_user_attr("versions", package_versions(("optuna",)))
-            # the recipe the search starts from is always measured: the front shows whether anything beat it
-            study.enqueue_trial(start_point(self.settings.space, self.base, self.shape))
+            raise SurgeryError(f"{database} is not a study made by `surgery tune`; choose another --out")
         elif {
             **_defaults_for(described, stored),
             **stored,
@@ -272,6 +274,16 @@ class Tuner:
         if study.trials:  # resumed: a sampler seeded as before would draw the first random points again
             study.sampler = optuna.samplers.TPESampler(seed=self.settings.seed + len(study.trials), multivariate=True)
         return study
+
+    def _create(self, optuna, database: Path):
+        sampler = optuna.samplers.TPESampler(seed=self.settings.seed, multivariate=True)
+        return optuna.create_study(
+            study_name=STUDY_NAME,
+            storage=f"sqlite:///{database}",
+            directions=["minimize"] * 3,
+            sampler=sampler,
+            load_if_exists=True,
+        )
 
     def run(self, study) -> None:
         import optuna
