@@ -243,17 +243,12 @@ class _StrictLoader(yaml.SafeLoader):
     """YAML without anchors/aliases (a billion-laughs file is refused, not expanded) and without duplicate keys."""
 
     def compose_node(self, parent, index):
-        if self.check_event(yaml.AliasEvent):
-            event = self.peek_event()
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
             raise yaml.constructor.ConstructorError(
                 None, None, "anchors and aliases are not allowed in an hparams file", event.start_mark
             )
-        node = super().compose_node(parent, index)
-        if getattr(node, "anchor", None):
-            raise yaml.constructor.ConstructorError(
-                None, None, "anchors and aliases are not allowed in an hparams file", node.start_mark
-            )
-        return node
+        return super().compose_node(parent, index)
 
     def construct_mapping(self, node, deep=False):
         seen = set()

@@ -43,11 +43,6 @@ def _scores_and_norms(rows: torch.Tensor, v: torch.Tensor, buffer: torch.Tensor)
     return -cos, norms
 
 
-def gate_row_scores(gate_rows: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
-    """``-cos(g, v)`` for every row of ``gate_rows`` (rows, hidden), computed in float32."""
-    return _scores_and_norms(gate_rows, direction.float(), _float_buffer(None, gate_rows))[0]
-
-
 def score_row_blocks(blocks: Iterable[torch.Tensor], direction: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(scores, norms)`` of gate rows that arrive as consecutive (rows, hidden) blocks, float32 on the CPU.
 
@@ -171,19 +166,6 @@ class RunningTopK:
             layer: torch.sort(self._row[self._layer == layer]).values for layer in sorted(set(self._layer.tolist()))
         }
         return RegionSelection(rows=rows, rows_per_layer_total=self.rows_per_layer)
-
-
-def select_top_k(scores: dict[int, torch.Tensor], k: int, max_rows_per_layer: int | None = None) -> RegionSelection:
-    """Global top-``k`` rows by score, optionally at most ``max_rows_per_layer`` from any one layer.
-
-    Ties break by (layer, row) so the selection is a function of the scores alone.
-    """
-    if not scores:
-        raise SurgeryError("no layers to select gate rows from")
-    top = RunningTopK(k, len(next(iter(scores.values()))), max_rows_per_layer)
-    for layer, layer_scores in sorted(scores.items()):
-        top.add(layer, layer_scores)
-    return top.selection()
 
 
 @dataclass(frozen=True)

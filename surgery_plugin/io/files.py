@@ -133,10 +133,10 @@ def check_target(target: str | os.PathLike, kind: str, overwrite: bool = False, 
             f"{what} {text} is the working folder, one of its parents, the home folder or the root; "
             "name a new file or folder"
         )
+    if len(path.name.encode()) + _NAME_ROOM > 255:
+        raise SurgeryError(f"{what} {text[:60]}...: the name is too long (at most {255 - _NAME_ROOM} bytes)")
     if path.is_symlink():
         raise SurgeryError(f"{what} {text} is a symbolic link; name a real file or folder (its target is left alone)")
-    if len(path.name.encode()) + _NAME_ROOM > 255:
-        raise SurgeryError(f"{what} {text}: the name is too long (at most {255 - _NAME_ROOM} bytes)")
     if path.exists() and not _is_empty_folder(path):
         found = output_kind(path)
         if found != kind:
