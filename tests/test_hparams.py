@@ -103,7 +103,9 @@ BAD_VALUES = [
 ]
 
 
-@pytest.mark.parametrize("text, message", BAD_VALUES, ids=[t.split(":")[0] + str(i) for i, (t, _) in enumerate(BAD_VALUES)])
+@pytest.mark.parametrize(
+    "text, message", BAD_VALUES, ids=[t.split(":")[0] + str(i) for i, (t, _) in enumerate(BAD_VALUES)]
+)
 def test_bad_value_is_a_one_line_error_naming_the_field(tmp_path, text, message):
     path = _yaml(tmp_path, text)
     with pytest.raises(SurgeryError) as err:

@@ -134,7 +134,9 @@ def test_build_probe_reuses_a_cached_probe(model, char_tokenizer):
     second, _ = build_probe(model, char_tokenizer, TRAIN, data=_toy_data(), cache=cache, progress=False)
     assert (cache.hits, cache.misses) == (0, 1), "a memoised probe needs no pooled states"
     assert torch.equal(first.weight, second.weight) and "mine" not in second.metadata
-    other_seed, _ = build_probe(model, char_tokenizer, TRAIN.replace(seed=4), data=_toy_data(), cache=cache, progress=False)
+    other_seed, _ = build_probe(
+        model, char_tokenizer, TRAIN.replace(seed=4), data=_toy_data(), cache=cache, progress=False
+    )
     assert (cache.hits, cache.misses) == (1, 1), "another recipe: the features are reused, the probe is not"
     assert not torch.equal(other_seed.weight, first.weight)
 

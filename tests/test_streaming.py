@@ -226,9 +226,7 @@ def test_not_enough_disk_is_one_line_and_writes_nothing(tmp_path, monkeypatch):
     full = shutil.disk_usage(tmp_path)
     monkeypatch.setattr("surgery_plugin.io.files.shutil.disk_usage", lambda _p: full._replace(free=20_000))
     hparams = _tiny_hparams(tmp_path)
-    result = run_cli(
-        "edit", "--model", folder, "--probe", probe, "--hparams", hparams, "--out", out, "--streaming"
-    )
+    result = run_cli("edit", "--model", folder, "--probe", probe, "--hparams", hparams, "--out", out, "--streaming")
     assert_one_line_error(result, "not enough disk space for", "0.0 MB free")
     _no_output(out)
 

@@ -151,7 +151,9 @@ def test_normalized_step_uses_only_the_selected_layers():
     model = make_tiny("llama")
     with torch.no_grad():  # layer 0's rows 10 x longer: the mean over layers 1, 2 must not see them
         model.model.layers[0].mlp.gate_proj.weight.mul_(10)
-    edit = execute_surgery(model, _probe(model), SurgeryHyperParams(top_k=5, alpha=0.5, normalize=True, layer_range=[1, 3]))
+    edit = execute_surgery(
+        model, _probe(model), SurgeryHyperParams(top_k=5, alpha=0.5, normalize=True, layer_range=[1, 3])
+    )
     state = _state(model)
     layer_means = [torch.linalg.vector_norm(_gate_rows(state, "llama", i), dim=1).mean() for i in (1, 2)]
     assert edit.step == pytest.approx(0.5 * float(torch.stack(layer_means).mean()), rel=1e-6)
@@ -165,7 +167,9 @@ def test_normalized_edit_does_not_depend_on_the_probes_length():
     edit = execute_surgery(model, probe, hp)
     longer = execute_surgery(model, Probe(weight=probe.weight * 7, bias=probe.bias), hp)
     assert longer.step == edit.step
-    assert {k: v.tolist() for k, v in longer.regions.rows.items()} == {k: v.tolist() for k, v in edit.regions.rows.items()}
+    assert {k: v.tolist() for k, v in longer.regions.rows.items()} == {
+        k: v.tolist() for k, v in edit.regions.rows.items()
+    }
     torch.testing.assert_close(longer.direction, edit.direction)
 
 

@@ -153,7 +153,9 @@ def test_project_out_removes_the_component_along_the_basis():
     assert project_out(v, torch.zeros(2)).tolist() == [1.0, 1.0], "a zero basis removes nothing"
 
 
-@pytest.mark.parametrize("key, value", [("probe_method", "svm"), ("probe_project_out", "all"), ("region_scoring", "random")])
+@pytest.mark.parametrize(
+    "key, value", [("probe_method", "svm"), ("probe_project_out", "all"), ("region_scoring", "random")]
+)
 def test_bad_variant_choices(key, value):
     with pytest.raises(SurgeryError, match=f"{key} must be one of"):
         SurgeryHyperParams(**{key: value})
@@ -235,7 +237,9 @@ def test_gate_contrast_scores_rows_against_the_gate_input_contrast(model, benign
 
 @pytest.fixture
 def probe_csv(tmp_path):
-    rows = [(f"have a lovely day number {i}", 0) for i in range(20)] + [(f"you idiot number {i}", 1) for i in range(20)]
+    rows = [(f"have a lovely day number {i}", 0) for i in range(20)] + [
+        (f"you idiot number {i}", 1) for i in range(20)
+    ]
     path = tmp_path / "probe.csv"
     path.write_text("text,label\n" + "".join(f"{t},{label}\n" for t, label in rows))
     return str(path)
@@ -255,7 +259,9 @@ def spies(monkeypatch):
         calls["pooled_states"].append(len(texts))
         return pooled(model, tokenizer, texts, *args, **kwargs)
 
-    monkeypatch.setattr(pipeline_module, "benign_reference_texts", lambda _data_dir=None: (list(BENIGN), "hand benign"))
+    monkeypatch.setattr(
+        pipeline_module, "benign_reference_texts", lambda _data_dir=None: (list(BENIGN), "hand benign")
+    )
     monkeypatch.setattr(pipeline_module, "load_probe_data", counted_load)
     monkeypatch.setattr(pipeline_module, "pooled_states", counted_pooled)
     return calls
@@ -300,7 +306,9 @@ def test_build_edit_gate_contrast_is_the_pure_edit_on_the_same_texts(model, char
 def test_build_edit_contrasts_with_the_data_it_is_given(model, char_tokenizer, probe_csv, spies):
     hp = CONTRAST.replace(probe_data=probe_csv)
     loaded = build_edit(model, char_tokenizer, hp, probe=_probe(model), progress=False)
-    given = build_edit(model, char_tokenizer, hp.replace(probe_data=None), loaded.data, probe=_probe(model), progress=False)
+    given = build_edit(
+        model, char_tokenizer, hp.replace(probe_data=None), loaded.data, probe=_probe(model), progress=False
+    )
     assert _chosen(given.edit) == _chosen(loaded.edit)
     other = build_edit(
         model, char_tokenizer, hp, BehaviorData(UNDESIRED[:1], [1], "one text"), probe=_probe(model), progress=False
