@@ -101,16 +101,18 @@ def test_peft_key_codec_round_trips_and_rejects_other_names():
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "phi3"])
-def test_adapter_tensors_decode_to_the_same_row_updates(family):
+def test_adapter_tensors_decode_to_the_edits_rows_step_and_direction(family):
     model = make_tiny(family)
     v = torch.randn(32, generator=torch.Generator().manual_seed(0))
     edit = execute_surgery(model, Probe(torch.stack([-v, v]), torch.zeros(2)), SurgeryHyperParams(top_k=17, alpha=0.9))
     decoded = {u.module_name: u for u in row_updates_of(lora_tensors(edit, model))}
-    for update in edit.row_updates():
-        got = decoded.pop(update.module_name)
-        assert torch.equal(got.rows, update.rows) and torch.equal(got.direction, update.direction)
-        assert torch.equal(got.scales, update.scales.float())
-    assert not decoded
+    assert set(decoded) == {edit.module_names[layer] for layer in edit.regions.rows}
+    for layer, rows in edit.regions.rows.items():
+        got = decoded[edit.module_names[layer]]
+        assert torch.equal(got.rows, rows), layer
+        assert torch.equal(got.scales, torch.full((len(rows),), 0.9)), layer  # raw mode: the step is alpha
+        assert torch.equal(got.direction, v), layer
+    assert sum(len(u.rows) for u in decoded.values()) == 17
 
 
 def test_resolve_device_passes_cpu_and_none():

@@ -17,20 +17,33 @@ def _n_params(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_prefix_features_equal_the_whole_models(family, tmp_path, char_tokenizer):
-    folder = tmp_path / family
-    make_tiny(family).save_pretrained(folder, max_shard_size="20KB")
-    whole = load_causal_lm(str(folder), dtype=torch.float32).eval()
-    for layer, kept in ((0, 1), (1, 1), (2, 2), (-2, 2)):
-        prefix = load_causal_lm(str(folder), dtype=torch.float32, probe_layer=layer).eval()
-        assert len(architectures.decoder_layers(prefix)) == kept and architectures.full_num_layers(prefix) == 3
-        assert _n_params(prefix) < _n_params(whole)
-        assert resolve_layer(prefix, layer) == resolve_layer(whole, layer)
-        for pooling in ("mean", "last"):
-            want = hidden_features(whole, char_tokenizer, TEXTS, layer, pooling, batch_size=2, progress=False)
-            got = hidden_features(prefix, char_tokenizer, TEXTS, layer, pooling, batch_size=2, progress=False)
-            assert torch.equal(got, want), (layer, pooling)
+@pytest.fixture(scope="module", params=FAMILIES)
+def sharded(request, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("prefix") / request.param
+    make_tiny(request.param).save_pretrained(folder, max_shard_size="20KB")
+    return str(folder), load_causal_lm(str(folder), dtype=torch.float32).eval()
+
+
+PREFIXES = [(0, 1), (1, 1), (2, 2), (-2, 2)]  # probe layer -> decoder layers a prefix needs
+
+
+@pytest.mark.parametrize("layer, kept", PREFIXES)
+def test_prefix_loads_only_the_layers_it_needs(sharded, layer, kept):
+    folder, whole = sharded
+    prefix = load_causal_lm(folder, dtype=torch.float32, probe_layer=layer)
+    assert len(architectures.decoder_layers(prefix)) == kept and architectures.full_num_layers(prefix) == 3
+    assert _n_params(prefix) < _n_params(whole)
+    assert resolve_layer(prefix, layer) == resolve_layer(whole, layer)
+
+
+@pytest.mark.parametrize("pooling", ["mean", "last"])
+@pytest.mark.parametrize("layer", [layer for layer, _ in PREFIXES])
+def test_prefix_features_equal_the_whole_models(sharded, layer, pooling, char_tokenizer):
+    folder, whole = sharded
+    prefix = load_causal_lm(folder, dtype=torch.float32, probe_layer=layer).eval()
+    want = hidden_features(whole, char_tokenizer, TEXTS, layer, pooling, batch_size=2, progress=False)
+    got = hidden_features(prefix, char_tokenizer, TEXTS, layer, pooling, batch_size=2, progress=False)
+    assert torch.equal(got, want)
 
 
 @pytest.mark.parametrize("layer", [-1, 3, 7, -9])
