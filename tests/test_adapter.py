@@ -34,10 +34,12 @@ def _logits(model):
         return model(IDS).logits.clone()
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2", "phi3"])
-def test_adapter_reproduces_in_place_edit(family, tmp_path):
+FAMILIES = ["llama", "gpt2", "phi3"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_adapter_config_is_a_rank_1_lora_of_the_edited_gates(family, tmp_path):
     model = make_tiny(family)
-    base = _logits(model)
     edit = _edit(model, layer_range=[1, 3])
     out = export_adapter(edit, model, tmp_path / "adapter", base_model_name=f"tiny-{family}")
     config = json.loads((out / "adapter_config.json").read_text())
@@ -46,12 +48,24 @@ def test_adapter_reproduces_in_place_edit(family, tmp_path):
     assert sorted(config["target_modules"]) == sorted(edit.module_names[layer] for layer in edit.layers)
     assert all(".0." not in name for name in config["target_modules"]), "only layers with selected rows get a LoRA"
 
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_adapter_reproduces_in_place_edit(family, tmp_path):
+    model = make_tiny(family)
+    edit = _edit(model, layer_range=[1, 3])
+    out = export_adapter(edit, model, tmp_path / "adapter", base_model_name=f"tiny-{family}")
     originals = apply_edit(model, edit)
     in_place = _logits(model)
     revert_edit(model, originals)
+    assert (_logits(load_edited(model, out)) - in_place).abs().max() <= 1e-5
 
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_disabled_adapter_is_the_base_model(family, tmp_path):
+    model = make_tiny(family)
+    base = _logits(model)
+    out = export_adapter(_edit(model), model, tmp_path / "adapter", base_model_name=f"tiny-{family}")
     peft_model = load_edited(model, out)
-    assert (_logits(peft_model) - in_place).abs().max() <= 1e-5
     with peft_model.disable_adapter():
         assert torch.equal(_logits(peft_model), base)
 
@@ -69,78 +83,110 @@ def test_merge_equals_in_place_bitwise(dtype, tmp_path):
         assert torch.equal(v, in_place[k]), k
 
 
-def test_peft_from_pretrained_and_transformers_load_adapter(tmp_path):
-    from peft import PeftModel
-
+@pytest.fixture
+def exported(tmp_path):
+    """An edit of a tiny llama, its adapter, and the logits of the edit applied in place."""
     model = make_tiny("llama")
     edit = _edit(model)
     out = export_adapter(edit, model, tmp_path / "a", base_model_name="tiny-llama")
     apply_edit(model, edit)
-    in_place = _logits(model)
-    plain = make_tiny("llama")
-    via_peft = PeftModel.from_pretrained(plain, str(out))
+    return edit, out, _logits(model)
+
+
+def test_peft_from_pretrained_loads_the_adapter(exported):
+    from peft import PeftModel
+
+    _, out, in_place = exported
+    via_peft = PeftModel.from_pretrained(make_tiny("llama"), str(out))
     assert (_logits(via_peft) - in_place).abs().max() <= 1e-5
-    plain2 = make_tiny("llama")
-    plain2.load_adapter(str(out))
-    assert (_logits(plain2) - in_place).abs().max() <= 1e-5
 
 
-def test_runtime_alpha_equals_fresh_edit(tmp_path):
+def test_transformers_load_adapter_loads_the_adapter(exported):
+    _, out, in_place = exported
+    plain = make_tiny("llama")
+    plain.load_adapter(str(out))
+    assert (_logits(plain) - in_place).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 2.0, -1.0])
+def test_runtime_alpha_equals_fresh_edit(tmp_path, alpha):
     model = make_tiny("llama")
     edit = _edit(model, alpha=1.0)
     peft_model = load_edited(model, export_adapter(edit, model, tmp_path / "a", base_model_name="tiny-llama"))
-    for alpha in (0.0, 0.5, 2.0, -1.0):
-        set_alpha(peft_model, alpha)
-        got = _logits(peft_model)
-        fresh = make_tiny("llama")
-        if alpha != 0:  # alpha 0 is the unedited model
-            apply_edit(fresh, edit.with_alpha(alpha))
-        assert (got - _logits(fresh)).abs().max() <= 1e-5, alpha
+    set_alpha(peft_model, alpha)
+    fresh = make_tiny("llama")
+    if alpha != 0:  # alpha 0 is the unedited model
+        apply_edit(fresh, edit.with_alpha(alpha))
+    assert (_logits(peft_model) - _logits(fresh)).abs().max() <= 1e-5
 
 
-def test_two_adapters_stack_like_two_in_place_edits(tmp_path):
+@pytest.fixture
+def two_adapters(tmp_path):
     model = make_tiny("llama")
     first, second = _edit(model, seed=1), _edit(model, seed=2, alpha=-0.8)
     a = export_adapter(first, model, tmp_path / "a", base_model_name="tiny-llama")
     b = export_adapter(second, model, tmp_path / "b", base_model_name="tiny-llama")
+    peft_model = load_edited(model, a, adapter_name="detox")
+    return load_edited(peft_model, b, adapter_name="other"), first, second
+
+
+def test_two_adapters_stack_like_two_in_place_edits(two_adapters):
+    peft_model, first, second = two_adapters
     reference = make_tiny("llama")
     apply_edit(reference, first)
     apply_edit(reference, second)
-    peft_model = load_edited(model, a, adapter_name="detox")
-    peft_model = load_edited(peft_model, b, adapter_name="other")
     compose(peft_model, ["detox", "other"])
     assert (_logits(peft_model) - _logits(reference)).abs().max() <= 1e-5
+
+
+def test_compose_refuses_an_adapter_not_loaded(two_adapters):
     with pytest.raises(SurgeryError, match="not loaded"):
-        compose(peft_model, ["detox", "nope"])
+        compose(two_adapters[0], ["detox", "nope"])
 
 
-def test_guards_other_base_shapes_and_corrupt_files(tmp_path):
+@pytest.fixture
+def adapter(tmp_path):
     model = make_tiny("llama")
-    out = export_adapter(_edit(model), model, tmp_path / "a", base_model_name="tiny-llama")
-    other_weights = make_tiny("llama", seed=7)
+    return export_adapter(_edit(model), model, tmp_path / "a", base_model_name="tiny-llama")
+
+
+def test_adapter_refuses_a_base_with_other_weights(adapter):
     with pytest.raises(SurgeryError, match="was made for 'tiny-llama' but 'tiny-llama' has other weights"):
-        load_edited(other_weights, out)
-    load_edited(other_weights, out, force=True)  # --force overrides the fingerprint check only
+        load_edited(make_tiny("llama", seed=7), adapter)
+
+
+def test_force_overrides_the_fingerprint_check_only(adapter):
+    load_edited(make_tiny("llama", seed=7), adapter, force=True)
     with pytest.raises(SurgeryError, match="does not fit 'tiny-gpt2'"):
-        load_edited(make_tiny("gpt2"), out, force=True)
-    (out / "adapter_model.safetensors").write_bytes(b"garbage")
+        load_edited(make_tiny("gpt2"), adapter, force=True)
+
+
+def test_corrupt_adapter_weights_are_named(adapter):
+    (adapter / "adapter_model.safetensors").write_bytes(b"garbage")
     with pytest.raises(SurgeryError, match="corrupt"):
-        load_edited(make_tiny("llama"), out)
+        load_edited(make_tiny("llama"), adapter)
+
+
+def test_a_folder_without_an_adapter_is_refused(tmp_path):
     with pytest.raises(SurgeryError, match="not a surgery adapter"):
         load_edited(make_tiny("llama"), tmp_path)
     with pytest.raises(SurgeryError, match="adapter folder not found"):
         load_edited(make_tiny("llama"), tmp_path / "missing")
 
 
-def test_export_is_atomic_and_refuses_to_clobber(tmp_path):
+def test_export_refuses_to_clobber_a_folder(tmp_path):
     model = make_tiny("llama")
-    edit = _edit(model)
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "keep.txt").write_text("mine")
     with pytest.raises(SurgeryError, match="not empty"):
-        export_adapter(edit, model, tmp_path / "busy", base_model_name="tiny-llama")
+        export_adapter(_edit(model), model, tmp_path / "busy", base_model_name="tiny-llama")
     assert (tmp_path / "busy" / "keep.txt").read_text() == "mine"
-    export_adapter(edit, model, tmp_path / "fresh", base_model_name="tiny-llama")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["busy", "fresh"], "no temp folders left"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["busy"], "no temp folders left"
+
+
+def test_export_records_the_edit(tmp_path):
+    model = make_tiny("llama")
+    export_adapter(_edit(model), model, tmp_path / "fresh", base_model_name="tiny-llama")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fresh"], "no temp folders left"
     record = json.loads((tmp_path / "fresh" / "surgery.json").read_text())
     assert record["alpha"] == 1.5 and record["num_rows"] == 25 and len(record["gate_fingerprint"]) == 3

@@ -8,20 +8,40 @@ from surgery_plugin.core.features import hidden_features
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_gate_rows_found_and_edit_changes_output(family, char_tokenizer):
+def test_gate_rows_found_in_every_layer(family):
     model = make_tiny(family)
-    rows = architectures.gate_rows(model, 0)
-    assert rows.shape == (architectures.num_gate_rows(model), architectures.hidden_size(model))
     assert len(architectures.gate_module_names(model)) == 3
+    width = 4 * 32 if family == "falcon" else 48  # falcon's MLP is 4 x hidden, the others' as configured
+    assert (architectures.num_gate_rows(model), architectures.hidden_size(model)) == (width, 32)
+    for layer in range(3):
+        assert architectures.gate_rows(model, layer).shape == (width, 32)
+
+
+def _edit_and_logits(family, char_tokenizer):
+    model = make_tiny(family)
     ids = torch.tensor([char_tokenizer("some text to edit")["input_ids"]])
-    before = model(ids).logits.clone()
-    direction = torch.randn(architectures.hidden_size(model))
+    with torch.no_grad():
+        before = model(ids).logits.clone()
+    direction = torch.randn(architectures.hidden_size(model), generator=torch.Generator().manual_seed(0))
     edit = execute_surgery(model, direction, SurgeryHyperParams(top_k=12, alpha=2.0))
     originals = apply_edit(model, edit)
-    after = model(ids).logits
+    with torch.no_grad():
+        after = model(ids).logits.clone()
+    return model, ids, before, after, originals
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_edit_changes_the_output(family, char_tokenizer):
+    _, _, before, after, _ = _edit_and_logits(family, char_tokenizer)
     assert not torch.allclose(before, after), "editing the gate rows must change the model's output"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_revert_restores_the_output(family, char_tokenizer):
+    model, ids, before, _, originals = _edit_and_logits(family, char_tokenizer)
     revert_edit(model, originals)
-    assert torch.equal(model(ids).logits, before)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, before)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -44,14 +44,26 @@ def test_atomic_path_leaves_nothing_behind_on_failure(tmp_path):
             (tmp / "half.bin").write_bytes(b"x")
             raise RuntimeError("boom")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_path_writes_a_folder_whole_with_readable_modes(tmp_path):
+    target = tmp_path / "folder"
+    target.mkdir()
     with atomic_path(target) as tmp:  # a folder, written whole, replaces an empty one
         tmp.mkdir()
         (tmp / "a.txt").write_text("a")
         os.chmod(tmp / "a.txt", 0o600)  # what safetensors does
     assert (target / "a.txt").read_text() == "a" and _mode(target / "a.txt") == 0o666 & ~_umask()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder"]
+
+
+def test_check_output_folder_refuses_a_non_empty_folder_unless_overwrite(tmp_path):
+    (tmp_path / "out").mkdir()
+    assert check_output_folder(tmp_path / "out") == tmp_path / "out", "an empty folder is fine"
+    (tmp_path / "out" / "a.txt").write_text("a")
     with pytest.raises(SurgeryError, match="not empty"):
-        check_output_folder(target)
-    assert check_output_folder(target, overwrite=True) == target
+        check_output_folder(tmp_path / "out")
+    assert check_output_folder(tmp_path / "out", overwrite=True) == tmp_path / "out"
 
 
 def test_length_sorted_batches_are_stable_and_complete():
@@ -89,26 +101,32 @@ def test_peft_key_codec_round_trips_and_rejects_other_names():
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "phi3"])
-def test_adapter_tensors_decode_to_the_same_row_updates(family):
+def test_adapter_tensors_decode_to_the_edits_rows_step_and_direction(family):
     model = make_tiny(family)
     v = torch.randn(32, generator=torch.Generator().manual_seed(0))
     edit = execute_surgery(model, Probe(torch.stack([-v, v]), torch.zeros(2)), SurgeryHyperParams(top_k=17, alpha=0.9))
     decoded = {u.module_name: u for u in row_updates_of(lora_tensors(edit, model))}
-    for update in edit.row_updates():
-        got = decoded.pop(update.module_name)
-        assert torch.equal(got.rows, update.rows) and torch.equal(got.direction, update.direction)
-        assert torch.equal(got.scales, update.scales.float())
-    assert not decoded
+    assert set(decoded) == {edit.module_names[layer] for layer in edit.regions.rows}
+    for layer, rows in edit.regions.rows.items():
+        got = decoded[edit.module_names[layer]]
+        assert torch.equal(got.rows, rows), layer
+        assert torch.equal(got.scales, torch.full((len(rows),), 0.9)), layer  # raw mode: the step is alpha
+        assert torch.equal(got.direction, v), layer
+    assert sum(len(u.rows) for u in decoded.values()) == 17
 
 
-def test_resolve_device_follows_easyedit_conventions():
+def test_resolve_device_passes_cpu_and_none():
     assert resolve_device("cpu") == torch.device("cpu") and resolve_device(None) is None
-    if not torch.cuda.is_available():
-        with pytest.raises(SurgeryError, match="CUDA"):
-            resolve_device(0)
-        with pytest.raises(SurgeryError, match="CUDA"):
-            resolve_device("cuda:1")
-    with pytest.raises(SurgeryError, match="unknown device 'gpu7'"):
-        resolve_device("gpu7")
-    with pytest.raises(SurgeryError, match="device must be"):
-        resolve_device(True)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error where CUDA is missing")
+@pytest.mark.parametrize("device", [0, "cuda:1"])
+def test_resolve_device_without_cuda_says_so(device):
+    with pytest.raises(SurgeryError, match="CUDA"):
+        resolve_device(device)
+
+
+@pytest.mark.parametrize("device, message", [("gpu7", "unknown device 'gpu7'"), (True, "device must be")])
+def test_resolve_device_refuses_other_values(device, message):
+    with pytest.raises(SurgeryError, match=message):
+        resolve_device(device)

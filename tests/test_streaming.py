@@ -3,15 +3,13 @@ built, and one-line errors for broken checkpoints."""
 
 import json
 import shutil
-from collections import namedtuple
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import FAMILIES, assert_one_line_error, make_tiny, surgery, write_probe
+from helpers import FAMILIES, assert_one_line_error, make_tiny, run_cli, write_probe
 
 from surgery_plugin import SurgeryHyperParams, execute_surgery, export_adapter
-from surgery_plugin.commands import cli
 from surgery_plugin.core import architectures, regions
 from surgery_plugin.core.probe import Probe
 from surgery_plugin.core.streaming import INDEX_FILE, CheckpointGates
@@ -21,7 +19,6 @@ HPARAMS = [
     SurgeryHyperParams(top_k=30, alpha=0.7, normalize=True),
     SurgeryHyperParams(top_k=0.05, alpha=-1.5, normalize=False, max_rows_per_layer=12, layer_range=[1, 3]),
 ]
-CliResult = namedtuple("CliResult", "returncode stderr")
 
 
 @pytest.fixture
@@ -45,18 +42,18 @@ def _files(folder: Path) -> dict[str, bytes]:
     return {name: (folder / name).read_bytes() for name in ADAPTER_FILES}
 
 
+@pytest.mark.parametrize("hp", HPARAMS, ids=["normalized", "raw-capped-range"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_streamed_adapter_is_bitwise_the_in_memory_adapter(family, tmp_path, small_blocks):
+def test_streamed_adapter_is_bitwise_the_in_memory_adapter(family, hp, tmp_path, small_blocks):
     model = make_tiny(family)
     gates = CheckpointGates(_sharded(model, tmp_path / "ckpt"), dtype="float32")
     assert (gates.num_layers, gates.rows_per_layer, gates.hidden_size) == (3, architectures.num_gate_rows(model), 32)
     probe = _probe(gates.hidden_size)
-    for i, hp in enumerate(HPARAMS):
-        in_memory, streamed = execute_surgery(model, probe, hp), execute_surgery(gates, probe, hp)
-        assert streamed.step == in_memory.step and streamed.regions.num_rows == in_memory.regions.num_rows
-        a = export_adapter(in_memory, model, tmp_path / f"memory{i}", base_model_name="tiny")
-        b = export_adapter(streamed, gates, tmp_path / f"streamed{i}", base_model_name="tiny")
-        assert _files(a) == _files(b)
+    in_memory, streamed = execute_surgery(model, probe, hp), execute_surgery(gates, probe, hp)
+    assert streamed.step == in_memory.step and streamed.regions.num_rows == in_memory.regions.num_rows
+    a = export_adapter(in_memory, model, tmp_path / "memory", base_model_name="tiny")
+    b = export_adapter(streamed, gates, tmp_path / "streamed", base_model_name="tiny")
+    assert _files(a) == _files(b)
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
@@ -111,49 +108,60 @@ def _tiny_hparams(folder: Path) -> Path:
     return path
 
 
-def _cli(capsys, *argv) -> CliResult:
-    """``surgery ARGV`` in this process (so monkeypatches apply); exit code and stderr like a subprocess."""
-    code = cli.main([str(a) for a in argv])
-    return CliResult(code, capsys.readouterr().err)
-
-
 def _no_output(out: Path) -> None:
     assert not out.exists()
     assert not list(out.parent.glob(f".{out.name}.tmp-*")), "a temp folder was left behind"
 
 
-@pytest.mark.real_model
-def test_smollm2_cli_streaming_edit_is_bitwise_the_in_memory_edit(tmp_path, capsys, monkeypatch):
-    probe = write_probe(tmp_path / "p.safetensors", torch.randn(2, 576, generator=torch.Generator().manual_seed(0)))
-    # the shipped rows and step with the paper's direction: a benign-mean projection needs the model's
-    # hidden states, which a streaming edit never computes (it refuses such hparams in one line)
+@pytest.fixture(scope="module")
+def smollm2_edits(tmp_path_factory):
+    """``surgery edit`` of SmolLM2 with the shipped rows and step and the paper's direction, loaded and
+    streamed (the streamed run may not load the model). A benign-mean projection needs the model's hidden
+    states, which a streaming edit never computes: the shipped YAML's projection is set to null here."""
+    tmp = tmp_path_factory.mktemp("smollm2-streaming")
+    probe = write_probe(tmp / "p.safetensors", torch.randn(2, 576, generator=torch.Generator().manual_seed(0)))
     shipped = (Path(__file__).resolve().parents[1] / "hparams" / "Surgery" / "smollm2-135m.yaml").read_text()
-    hparams = tmp_path / "paper-direction.yaml"
+    hparams = tmp / "paper-direction.yaml"
     hparams.write_text(shipped.replace("probe_project_out: benign_mean", "probe_project_out: null"))
     assert "probe_project_out: null" in hparams.read_text()
-    assert _cli(capsys, "edit", "--hparams", hparams, "--probe", probe, "--out", tmp_path / "memory").returncode == 0
+    memory = run_cli("edit", "--hparams", hparams, "--probe", probe, "--out", tmp / "memory")
+    assert memory.returncode == 0, memory.stderr[-2000:]
 
     def refuse(*_args, **_kwargs):
         raise AssertionError("the streaming edit loaded the model")
 
-    monkeypatch.setattr("surgery_plugin.models.load_model", refuse)
-    streamed = _cli(
-        capsys, "edit", "--hparams", hparams, "--probe", probe, "--out", tmp_path / "streamed", "--streaming"
-    )
-    assert streamed.returncode == 0
-    memory, streamed = _files(tmp_path / "memory"), _files(tmp_path / "streamed")
-    for name in ADAPTER_FILES[:2]:
-        assert memory[name] == streamed[name], name
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("surgery_plugin.models.load_model", refuse)
+        streamed = run_cli("edit", "--hparams", hparams, "--probe", probe, "--out", tmp / "streamed", "--streaming")
+    assert streamed.returncode == 0, streamed.stderr[-2000:]
+    return probe, _files(tmp / "memory"), _files(tmp / "streamed")
+
+
+@pytest.mark.real_model
+@pytest.mark.parametrize("name", ADAPTER_FILES[:2])
+def test_smollm2_streamed_adapter_is_bitwise_the_in_memory_adapter(smollm2_edits, name):
+    _, memory, streamed = smollm2_edits
+    assert memory[name] == streamed[name]
+
+
+@pytest.mark.real_model
+def test_smollm2_streamed_record_differs_only_in_the_streaming_flag(smollm2_edits):
+    _, memory, streamed = smollm2_edits
     memory_record, streamed_record = json.loads(memory["surgery.json"]), json.loads(streamed["surgery.json"])
     assert (memory_record.pop("streaming"), streamed_record.pop("streaming")) == (False, True)
     assert memory_record == streamed_record
     assert len(memory_record["rows_per_layer"]) == 20  # the shipped edit: layers 10-29, 3 row blocks per layer
-    refused = _cli(capsys, "edit", "--probe", probe, "--out", tmp_path / "shipped", "--streaming")  # benign_mean
+
+
+@pytest.mark.real_model
+def test_smollm2_shipped_benign_mean_edit_cannot_stream(smollm2_edits, tmp_path):
+    probe = smollm2_edits[0]
+    refused = run_cli("edit", "--probe", probe, "--out", tmp_path / "shipped", "--streaming")
     assert_one_line_error(refused, "cannot stream")
     _no_output(tmp_path / "shipped")
 
 
-def test_streams_by_itself_when_the_model_would_not_fit(tmp_path, capsys, monkeypatch):
+def test_streams_by_itself_when_the_model_would_not_fit(tmp_path, monkeypatch):
     folder = _sharded(make_tiny("llama"), tmp_path / "ckpt")
     probe = write_probe(tmp_path / "p.safetensors", torch.randn(2, 32))
 
@@ -161,9 +169,9 @@ def test_streams_by_itself_when_the_model_would_not_fit(tmp_path, capsys, monkey
         raise AssertionError("the model was loaded")
 
     monkeypatch.setattr("surgery_plugin.models.load_model", refuse)
-    monkeypatch.setattr("surgery_plugin.streaming.available_memory", lambda: 100_000)  # the model takes ~130 KB
+    monkeypatch.setattr("surgery_plugin.core.streaming.available_memory", lambda: 100_000)  # the model takes ~130 KB
     hparams = _tiny_hparams(tmp_path)
-    result = _cli(capsys, "edit", "--model", folder, "--probe", probe, "--hparams", hparams, "--out", tmp_path / "a")
+    result = run_cli("edit", "--model", folder, "--probe", probe, "--hparams", hparams, "--out", tmp_path / "a")
     assert result.returncode == 0, result.stderr
     assert json.loads((tmp_path / "a" / "surgery.json").read_text())["streaming"] is True
 
@@ -201,48 +209,25 @@ def _broken(kind: str, folder: Path) -> Path:
         ("bert", ["model type 'bert' is not supported", "llama"]),
     ],
 )
-def test_broken_checkpoints_are_one_line_errors(kind, fragments, tmp_path, capsys):
+def test_broken_checkpoints_are_one_line_errors(kind, fragments, tmp_path):
     folder = _broken(kind, tmp_path / "ckpt")
     probe, out = write_probe(tmp_path / "p.safetensors", torch.randn(2, 32)), tmp_path / "adapter"
     hparams = _tiny_hparams(tmp_path)
     assert_one_line_error(
-        _cli(capsys, "edit", "--model", folder, "--hparams", hparams, "--probe", probe, "--out", out, "--streaming"),
+        run_cli("edit", "--model", folder, "--hparams", hparams, "--probe", probe, "--out", out, "--streaming"),
         *fragments,
     )
     _no_output(out)
 
 
-def test_not_enough_disk_is_one_line_and_writes_nothing(tmp_path, capsys, monkeypatch):
+def test_not_enough_disk_is_one_line_and_writes_nothing(tmp_path, monkeypatch):
     folder = _sharded(make_tiny("llama"), tmp_path / "ckpt")
     probe, out = write_probe(tmp_path / "p.safetensors", torch.randn(2, 32)), tmp_path / "adapter"
     full = shutil.disk_usage(tmp_path)
-    monkeypatch.setattr("surgery_plugin.atomic.shutil.disk_usage", lambda _p: full._replace(free=20_000))
+    monkeypatch.setattr("surgery_plugin.io.files.shutil.disk_usage", lambda _p: full._replace(free=20_000))
     hparams = _tiny_hparams(tmp_path)
-    result = _cli(
-        capsys, "edit", "--model", folder, "--probe", probe, "--hparams", hparams, "--out", out, "--streaming"
-    )
+    result = run_cli("edit", "--model", folder, "--probe", probe, "--hparams", hparams, "--out", out, "--streaming")
     assert_one_line_error(result, "not enough disk space for", "0.0 MB free")
-    _no_output(out)
-
-
-def test_the_command_prints_one_line_for_a_truncated_shard(tmp_path):
-    folder = _broken("truncated", tmp_path / "ckpt")
-    probe, out = write_probe(tmp_path / "p.safetensors", torch.randn(2, 32)), tmp_path / "adapter"
-    assert_one_line_error(
-        surgery(
-            "edit",
-            "--model",
-            folder,
-            "--hparams",
-            _tiny_hparams(tmp_path),
-            "--probe",
-            probe,
-            "--out",
-            out,
-            "--streaming",
-        ),
-        "truncated",
-    )
     _no_output(out)
 
 
