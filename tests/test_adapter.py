@@ -178,8 +178,8 @@ def test_export_refuses_to_clobber_a_folder(tmp_path):
     model = make_tiny("llama")
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "keep.txt").write_text("mine")
-    with pytest.raises(SurgeryError, match="not empty"):
-        export_adapter(_edit(model), model, tmp_path / "busy", base_model_name="tiny-llama")
+    with pytest.raises(SurgeryError, match="not a surgery output"):
+        export_adapter(_edit(model), model, tmp_path / "busy", base_model_name="tiny-llama", overwrite=True)
     assert (tmp_path / "busy" / "keep.txt").read_text() == "mine"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["busy"], "no temp folders left"
 

@@ -14,7 +14,7 @@ from surgery_plugin.core.batching import length_sorted_batches, pad
 from surgery_plugin.core.probe import Probe
 from surgery_plugin.errors import SurgeryError, first_line
 from surgery_plugin.io.adapter import lora_tensors, parse_peft_key, peft_key, row_updates_of
-from surgery_plugin.io.files import atomic_path, atomic_write, check_output_folder
+from surgery_plugin.io.files import atomic_path, atomic_write, check_target
 from surgery_plugin.models import resolve_device
 
 
@@ -57,13 +57,19 @@ def test_atomic_path_writes_a_folder_whole_with_readable_modes(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["folder"]
 
 
-def test_check_output_folder_refuses_a_non_empty_folder_unless_overwrite(tmp_path):
+def test_check_target_refuses_what_is_not_an_output_of_the_kind_and_asks_for_overwrite(tmp_path):
     (tmp_path / "out").mkdir()
-    assert check_output_folder(tmp_path / "out") == tmp_path / "out", "an empty folder is fine"
-    (tmp_path / "out" / "a.txt").write_text("a")
-    with pytest.raises(SurgeryError, match="not empty"):
-        check_output_folder(tmp_path / "out")
-    assert check_output_folder(tmp_path / "out", overwrite=True) == tmp_path / "out"
+    assert check_target(tmp_path / "out", "adapter") == tmp_path / "out", "an empty folder is free"
+    (tmp_path / "out" / "x").write_text("mine")
+    with pytest.raises(SurgeryError, match="not a surgery output"):
+        check_target(tmp_path / "out", "adapter", overwrite=True)
+    (tmp_path / "out" / "x").unlink()
+    (tmp_path / "out" / "surgery.json").write_text('{"kind": "adapter"}')
+    with pytest.raises(SurgeryError, match="--overwrite"):
+        check_target(tmp_path / "out", "adapter")
+    assert check_target(tmp_path / "out", "adapter", overwrite=True) == tmp_path / "out"
+    with pytest.raises(SurgeryError, match="kind 'adapter'"):
+        check_target(tmp_path / "out", "stack", overwrite=True)
 
 
 def test_length_sorted_batches_are_stable_and_complete():
