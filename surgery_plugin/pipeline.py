@@ -24,7 +24,7 @@ from .config import SurgeryHyperParams
 from .core import architectures
 from .core.edit import SurgeryEdit, apply_edit, execute_surgery, revert_edit
 from .core.features import pooled_states, resolve_layer
-from .core.probe import BehaviorData, Probe, ProbeTraining, probe_from_features
+from .core.probe import BehaviorData, Probe, ProbeTraining, check_both_classes, probe_from_features
 from .core.provenance import fingerprint_mismatch, gate_fingerprint, labeled_texts_sha256
 from .core.reference import ReferenceStats, reference_needs, reference_stats
 from .core.regions import layer_range
@@ -264,6 +264,7 @@ def build_probe(
             "no probe: set probe_path or probe_data in the hparams, or pass requests with target_new/ground_truth"
         )
     joined = parts[0] if len(parts) == 1 else join(parts)
+    check_both_classes(joined)  # before any forward pass
     index = resolve_layer(model, hparams.probe_layer)
     training = ProbeTraining.from_hparams(hparams)
     key = (

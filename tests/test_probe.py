@@ -212,7 +212,7 @@ def test_load_nan_probe(tmp_path):
 
 @pytest.mark.parametrize(
     "labels, message",
-    [([], "no texts to compute probe features from"), ([1, 1, 1, 1], "single class"), ([0, 0, 0], "single class")],
+    [([], r"probe data is empty \(bad\)"), ([1, 1, 1, 1], "single class"), ([0, 0, 0], "single class")],
 )
 def test_empty_or_one_class_data(model, labels, message, char_tokenizer):
     data = BehaviorData(["text"] * len(labels), labels, "bad")

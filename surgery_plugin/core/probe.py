@@ -267,7 +267,7 @@ def difference_of_means(features: torch.Tensor, labels: Sequence[int], midpoint_
 MIN_PER_CLASS_FOR_CLASSIFIER = 16
 
 
-def _check_both_classes(data: BehaviorData) -> None:
+def check_both_classes(data: BehaviorData) -> None:
     labels = list(data.labels)
     if not labels:
         raise SurgeryError(f"probe data is empty ({data.description})")
@@ -294,7 +294,7 @@ def probe_from_features(
     held-out metrics, package versions and time.
     """
     training = training if training is not None else ProbeTraining()
-    _check_both_classes(data)
+    check_both_classes(data)
     labels = list(data.labels)
     if min(labels.count(0), labels.count(1)) < MIN_PER_CLASS_FOR_CLASSIFIER:
         probe = difference_of_means(features, labels)
