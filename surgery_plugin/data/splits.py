@@ -120,8 +120,9 @@ def toxigen_groups(spec: str | None) -> tuple[str, ...] | None:
     named = {"report": TOXIGEN_REPORT_GROUPS, "probe": TOXIGEN_PROBE_GROUPS}
     if spec in named:
         return named[spec]
-    groups = tuple(g.strip() for g in spec.split(",") if g.strip())
-    return groups or None
+    from ..config import parse_list
+
+    return parse_list(spec, "ToxiGen group")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+from ..config import parse_list
 from ..core.batching import length_sorted_batches
 from ..errors import SurgeryError, first_line
 
@@ -481,8 +482,7 @@ def load_judge(spec: str, progress: bool = True, **options: Any) -> Judge:
 
 def load_judges(specs: str | Sequence[str], progress: bool = True, **options: Any) -> list[Judge]:
     """Several judges from ``"profanity,minilm"`` or a list; names must be distinct."""
-    items = [s.strip() for s in (specs.split(",") if isinstance(specs, str) else specs) if s.strip()]
-    judges = [load_judge(s, progress=progress, **options) for s in items]
+    judges = [load_judge(s, progress=progress, **options) for s in parse_list(specs, "judge")]
     names = [j.name for j in judges]
     duplicate = next((n for n in names if names.count(n) > 1), None)
     if duplicate:

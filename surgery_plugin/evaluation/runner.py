@@ -15,6 +15,7 @@ from pathlib import Path
 
 from torch import nn
 
+from ..config import parse_list
 from ..errors import SurgeryError
 from ..io.files import json_safe, json_text, output, write_manifest
 from .judges import judge_info
@@ -26,9 +27,7 @@ SCHEMA_VERSION = 2
 
 def parse_suites(suites: str | Sequence[str]) -> list[str]:
     """Suite names, checked: built-in suites, else lm-eval task names (when lm-eval is installed)."""
-    names = [s.strip() for s in (suites.split(",") if isinstance(suites, str) else suites) if s.strip()]
-    if not names:
-        raise SurgeryError("no suite given; available: " + ", ".join(PROTOCOLS) + ", or an lm-eval task name")
+    names = list(parse_list(suites, "suite", hint=f" (available: {', '.join(PROTOCOLS)}, or an lm-eval task name)"))
     others = [s for s in names if s not in PROTOCOLS]
     if others:
         from ..integrations.lm_eval.suite import lm_eval_available, lm_eval_task_names
@@ -45,9 +44,6 @@ def parse_suites(suites: str | Sequence[str]) -> list[str]:
                 f"unknown suite '{unknown[0]}': not one of {', '.join(PROTOCOLS)} nor an lm-eval task "
                 f"(list them with `lm_eval --tasks list`)"
             )
-    duplicate = next((n for n in names if names.count(n) > 1), None)
-    if duplicate:
-        raise SurgeryError(f"suite '{duplicate}' given twice")
     return names
 
 
