@@ -71,3 +71,9 @@ def test_installed_package_finds_its_yamls_outside_a_checkout(installed, tmp_pat
     path, alpha = run.stdout.split()
     assert path.startswith(str(site)) and "shipped_hparams" in path
     assert float(alpha) > 0
+
+
+def test_the_readme_quotes_the_split_table_as_generated():
+    from surgery_plugin.data.splits import describe
+
+    assert describe() in (REPO / "README.md").read_text(), "regenerate: python -m surgery_plugin.data.splits"
