@@ -284,6 +284,53 @@ def _disk_error(err: BaseException, target: Path) -> SurgeryError | None:
     return None
 
 
+def _temp_beside(target: Path) -> Path:
+    return target.with_name(f".{target.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def _install(tmp: Path, target: Path) -> Path:
+    """Put ``tmp`` in ``target``'s place in one step; returns what is left at ``tmp`` to remove (the old output,
+    or nothing). A folder swaps with an existing one (``renameat2``); elsewhere: aside, in, then removed."""
+    make_readable(tmp)
+    _fault("before-swap")
+    if target.is_dir() and not target.is_symlink() and any(target.iterdir()):
+        if not tmp.is_dir() or not _exchange(tmp, target):
+            aside = target.with_name(f".{target.name}.old-{os.getpid()}-{secrets.token_hex(4)}")
+            os.replace(target, aside)
+            os.replace(tmp, target)
+            return aside
+    elif target.exists() and tmp.is_file() and target.is_file():
+        if not _exchange(tmp, target):
+            os.replace(tmp, target)
+    else:
+        if target.is_dir() and not target.is_symlink():
+            target.rmdir()  # the empty folder that stood there
+        os.replace(tmp, target)
+    _fault("after-swap")
+    return tmp
+
+
+@contextlib.contextmanager
+def _written_beside(target: Path, folder: bool) -> Iterator[Path]:
+    """A temp path beside ``target`` (a folder made when ``folder``) that replaces it whole when the block ends
+    well, and is removed when it does not; a full disk or a bad name is one line."""
+    tmp = _temp_beside(target)
+    try:
+        if folder:
+            tmp.mkdir()
+        yield tmp
+        if not tmp.exists() or (folder and not any(tmp.iterdir())):
+            raise RuntimeError(f"nothing was written to {tmp}")
+        tmp = _install(tmp, target)
+    except Exception as err:
+        translated = _disk_error(err, target)
+        if translated is None:
+            raise
+        raise translated from err
+    finally:
+        _remove(tmp)
+
+
 @contextlib.contextmanager
 def output(
     target: str | os.PathLike, kind: str, overwrite: bool = False, folder: bool = True, what: str = "--out"
@@ -299,33 +346,8 @@ def output(
     with _locked(path, what):
         remove_stale_temps(path)
         path = check_target(path, kind, overwrite, what)  # again, under the lock: another writer may have finished
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-        try:
-            if folder:
-                tmp.mkdir()
+        with _written_beside(path, folder) as tmp:
             yield tmp
-            if not tmp.exists() or (folder and not any(tmp.iterdir())):
-                raise RuntimeError(f"nothing was written to {tmp}")
-            make_readable(tmp)
-            _fault("before-swap")
-            if path.exists() and not _is_empty_folder(path):
-                if not _exchange(tmp, path):  # elsewhere: the old one aside, the new one in, the old one removed
-                    aside = path.with_name(f".{path.name}.old-{os.getpid()}-{secrets.token_hex(4)}")
-                    os.replace(path, aside)
-                    os.replace(tmp, path)
-                    tmp = aside
-            else:
-                if path.exists():
-                    path.rmdir()  # the empty folder that stood there
-                os.replace(tmp, path)
-            _fault("after-swap")
-        except Exception as err:
-            translated = _disk_error(err, path)
-            if translated is None:
-                raise
-            raise translated from err
-        finally:
-            _remove(tmp)
 
 
 @contextlib.contextmanager
@@ -339,25 +361,8 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     except OSError as err:
         raise (_disk_error(err, target) or err) from err
     remove_stale_temps(target)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-    try:
+    with _written_beside(target, folder=False) as tmp:
         yield tmp
-        if not tmp.exists():
-            raise RuntimeError(f"nothing was written to {tmp}")
-        make_readable(tmp)
-        if tmp.is_dir() and target.is_dir() and not target.is_symlink():
-            if not _exchange(tmp, target):
-                shutil.rmtree(target)
-                os.replace(tmp, target)
-        else:
-            os.replace(tmp, target)
-    except Exception as err:
-        translated = _disk_error(err, target)
-        if translated is None:
-            raise
-        raise translated from err
-    finally:
-        _remove(tmp)
 
 
 def atomic_write(target: str | os.PathLike, data: str | bytes) -> Path:
