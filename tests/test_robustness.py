@@ -137,6 +137,11 @@ def _cases(root: Path, model_dir: Path, hp: Path) -> list[tuple[str, list, tuple
             ("config.json",),
         ),
         (
+            "a model folder whose weights are a pickle",
+            ["eval", "--model", root / "pickled", "--suite", "ppl", "--out", root / "r4"],
+            ("cannot load model",),
+        ),
+        (
             "an adapter folder that is not one",
             ["eval", "--model", model_dir, "--adapter", keep, "--suite", "ppl", "--out", root / "r2"],
             ("surgery.json",),
@@ -221,6 +226,24 @@ def _cases(root: Path, model_dir: Path, hp: Path) -> list[tuple[str, list, tuple
     return cases
 
 
+class _NotWeights:
+    """Unpickling this would run code: a weights_only load must refuse it, never construct it."""
+
+    def __reduce__(self):
+        return (print, ("unpickled!",))
+
+
+def _pickled_model(model_dir: Path, folder: Path) -> None:
+    """A model folder whose weights file is a pickle of an arbitrary object (config and tokenizer are real)."""
+    import shutil
+
+    folder.mkdir()
+    for path in model_dir.iterdir():
+        if path.name != "model.safetensors":
+            shutil.copy(path, folder / path.name)
+    torch.save({"model.embed_tokens.weight": _NotWeights()}, folder / "pytorch_model.bin")
+
+
 CASE_NAMES = [name for name, _, _ in _cases(Path("/corpus"), Path("/corpus"), Path("/corpus"))]
 
 
@@ -232,6 +255,7 @@ def corpus(world):
     (keep / "notes.txt").write_text("mine")
     (root / "link").symlink_to(keep)
     (root / "dangling").symlink_to(root / "nowhere")
+    _pickled_model(model_dir, root / "pickled")
     cases = {name: (argv, fragments) for name, argv, fragments in _cases(root, model_dir, hp)}
     for name, data in _FILES.items():
         (root / name).write_bytes(data)
