@@ -160,6 +160,8 @@ def cmd_eval(args) -> None:
     alphas = parse_list(args.alpha_sweep, "alpha", convert=FINITE) if args.alpha_sweep else None
     if alphas and not args.adapter:
         raise SurgeryError("--alpha-sweep needs --adapter (it rescales that adapter at run time)")
+    if "kl" in suites and not args.adapter:
+        raise SurgeryError("the kl suite compares the edited model with the unedited one: pass --adapter")
     check_target(args.out, "sweep" if alphas else "run", args.overwrite)
     judges = load_judges(args.judge or (behavior.judges if behavior else "profanity"), data_dir=args.data_dir)
     settings = eval_plan(  # before the model loads: bad settings fail fast

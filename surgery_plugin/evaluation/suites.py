@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from torch import nn
 from tqdm.auto import tqdm
@@ -98,6 +99,24 @@ def _generate(
     return completions, chat
 
 
+@dataclass
+class Judged:
+    """What every generation suite does before it summarises: its prompts generated and every judge's scores."""
+
+    prompts: list[str]
+    completions: list[str]
+    scores: dict[str, list[float]]
+    chat: bool
+
+
+def generate_and_judge(
+    model: nn.Module, tokenizer, suite: str, prompts: Sequence[str], settings: EvalSettings, judges: Sequence
+) -> Judged:
+    """The one generate -> score step: ``prompts`` continued as ``suite``'s protocol says, scored by ``judges``."""
+    completions, chat = _generate(model, tokenizer, suite, prompts, settings)
+    return Judged(list(prompts), completions, _score(judges, completions), chat)
+
+
 def _slice(items: list, settings: EvalSettings, what: str) -> list:
     end = None if settings.limit is None else settings.start + settings.limit
     chosen = items[settings.start : end]
@@ -172,8 +191,8 @@ def run_rtp(model: nn.Module, tokenizer, settings: EvalSettings) -> tuple[dict, 
     records = _slice(rtp_documents(settings.data_dir), settings, "RTP prompts")
     prompts = [r["prompt"] for r in records]
     new_tokens = settings.new_tokens("rtp")
-    completions, _ = _generate(model, tokenizer, "rtp", prompts, settings)
-    scores = _score(judges, completions)
+    judged = generate_and_judge(model, tokenizer, "rtp", prompts, settings, judges)
+    completions, scores = judged.completions, judged.scores
     summary = {
         **_judged(scores, settings.threshold),
         "n": len(prompts),
@@ -224,8 +243,8 @@ def run_toxigen(model: nn.Module, tokenizer, settings: EvalSettings) -> tuple[di
     groups = [d["group"] for d in docs]
     prompts = [d["prompt"] for d in docs]
     new_tokens = settings.new_tokens("toxigen")
-    completions, _ = _generate(model, tokenizer, "toxigen", prompts, settings)
-    scores = _score(judges, completions)
+    judged = generate_and_judge(model, tokenizer, "toxigen", prompts, settings, judges)
+    completions, scores = judged.completions, judged.scores
     summary = {**_judged(scores, settings.threshold), "n": len(prompts)}
     for name, judge_scores in scores.items():
         summary["by_judge"][name]["by_group"] = {
@@ -257,8 +276,8 @@ def run_safeedit(model: nn.Module, tokenizer, settings: EvalSettings) -> tuple[d
     records = _slice(load_safeedit(settings.data_dir), settings, "SafeEdit records")
     inputs = [(d["metric"], records[d["record"]], d["prompt"]) for d in safeedit_documents(records)]
     # one call for all five inputs: length sorting batches the long jailbreak prompts together
-    responses, chat = _generate(model, tokenizer, "safeedit", [q for _, _, q in inputs], settings)
-    return _safeedit_summary(records, inputs, responses, _score(judges, responses), chat, settings)
+    judged = generate_and_judge(model, tokenizer, "safeedit", [q for _, _, q in inputs], settings, judges)
+    return _safeedit_summary(records, inputs, judged.completions, judged.scores, judged.chat, settings)
 
 
 def run_safeedit_per_instance(
@@ -348,10 +367,10 @@ def run_advbench(model: nn.Module, tokenizer, settings: EvalSettings) -> tuple[d
     records = _slice(advbench_documents(settings.data_dir), settings, "AdvBench instructions")
     goals = [r["goal"] for r in records]
     new_tokens = settings.new_tokens("advbench")
-    responses, chat = _generate(model, tokenizer, "advbench", goals, settings)
+    judged = generate_and_judge(model, tokenizer, "advbench", goals, settings, judges)
+    responses, scores, chat = judged.completions, judged.scores, judged.chat
     refusals = [is_refusal(r) for r in responses]
     refusal = rate_summary(refusals, key="refusal_rate")
-    scores = _score(judges, responses)
     by_judge = {}
     for name, judge_scores in scores.items():
         tox = toxicity_summary(judge_scores, settings.threshold)
@@ -390,11 +409,11 @@ def run_false_refusal(model: nn.Module, tokenizer, settings: EvalSettings) -> tu
     "compliance"``: a score below the threshold is a refusal)."""
     docs = _slice(false_refusal_documents(settings.data_dir), settings, "benign questions")
     questions = [d["prompt"] for d in docs]
-    responses, chat = _generate(model, tokenizer, "false_refusal", questions, settings)
+    judges = [j for j in settings.judges if getattr(j, "measures", None) == PROTOCOLS["false_refusal"].judged_by]
+    judged = generate_and_judge(model, tokenizer, "false_refusal", questions, settings, judges)
+    responses, scores, chat = judged.completions, judged.scores, judged.chat
     refusals = [is_refusal(r) for r in responses]
     refusal = rate_summary(refusals, key="false_refusal_rate")
-    judges = [j for j in settings.judges if getattr(j, "measures", None) == PROTOCOLS["false_refusal"].judged_by]
-    scores = _score(judges, responses)
     by_judge = {
         name: rate_summary([None if is_missing(x) else x < settings.threshold for x in s], key="judged_refusal_rate")
         for name, s in scores.items()
@@ -421,8 +440,8 @@ def run_attitude(model: nn.Module, tokenizer, settings: EvalSettings) -> tuple[d
     judges = _require_judges(settings, "attitude")
     docs = _slice(attitude_documents(settings.data_dir), settings, "SST-2 review openings")
     prompts = [d["prompt"] for d in docs]
-    completions, _ = _generate(model, tokenizer, "attitude", prompts, settings)
-    scores = _score(judges, completions)
+    judged = generate_and_judge(model, tokenizer, "attitude", prompts, settings, judges)
+    completions, scores = judged.completions, judged.scores
     by_judge = {}
     for name, judge_scores in scores.items():
         positive = rate_summary(
