@@ -132,7 +132,7 @@ def test_missing_model_folder_is_one_line(tmp_path):
     assert not (tmp_path / "a").exists()
 
 
-@pytest.mark.parametrize("command", ["edit", "probe"])
+@pytest.mark.parametrize("command", ["edit", "probe", "tune"])
 def test_hparams_of_another_behavior_is_one_line(command, tiny_model_dir, tmp_path):
     """The shipped toxicity YAML given with ``--behavior jailbreak``: refused before anything loads."""
     probe = write_probe(tmp_path / "ok.safetensors", torch.randn(2, 32))
@@ -203,6 +203,14 @@ def test_start_past_the_end_is_one_line(tiny_model_dir, tmp_path, data_dir):
     )
     assert_one_line_error(result, "no RTP prompts in range start=5000", "1000 available")
     assert not run.exists()
+
+
+@pytest.mark.parametrize("option", [["--toxigen-groups", "probe"], ["--benign-start", 300]])
+def test_custom_range_options_without_start_are_one_line(option, tiny_model_dir, tmp_path):
+    """Without --start every suite runs on its report split: a range option alone is refused, not ignored."""
+    result = run_cli("eval", "--model", tiny_model_dir, *option, "--out", tmp_path / "run")
+    assert_one_line_error(result, "pass --start too")
+    assert not (tmp_path / "run").exists()
 
 
 def test_alpha_sweep_without_an_adapter_is_one_line(tiny_model_dir, tmp_path):
