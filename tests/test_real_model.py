@@ -1,17 +1,13 @@
-"""The method on real weights: SmolLM2-135M-Instruct (embedded), the Davidson data, the CLI end to end."""
-
-import json
-import os
-import stat
+"""The method on real weights: SmolLM2-135M-Instruct (embedded, loaded once for this module) with the Davidson
+data, the demo end to end, and the second embedded model (Gemma 3 270M). The command line on a tiny model
+folder is tested in test_cli.py."""
 
 import pytest
 import torch
-from helpers import REPO, surgery
+from helpers import REPO
 
 from surgery_plugin import SurgeryHyperParams, apply_edit, execute_surgery, export_adapter, load_edited, revert_edit
-from surgery_plugin.core.probe import ProbeTraining
-from surgery_plugin.data.loaders import load_davidson
-from surgery_plugin.pipeline import edit_from_hparams, make_probe
+from surgery_plugin.pipeline import build_edit, build_probe
 
 pytestmark = pytest.mark.real_model
 HPARAMS = REPO / "hparams" / "Surgery" / "smollm2-135m.yaml"
@@ -24,192 +20,98 @@ def shipped():
 
 @pytest.fixture(scope="module")
 def davidson_probe(smollm2, shipped, data_dir):
+    """The shipped probe recipe (layer, pooling, training) on 1000 Davidson texts per class."""
     model, tok = smollm2
-    data = load_davidson(data_dir, max_per_class=1000, seed=0)
-    return make_probe(
-        model,
-        tok,
-        data,
-        shipped.probe_layer,
-        shipped.pooling,
-        ProbeTraining.from_hparams(shipped),
-        32,
-        128,
-        progress=False,
-    )
+    hp = shipped.replace(probe_data="davidson", probe_max_per_class=1000, feature_batch_size=32, max_length=128)
+    probe, data = build_probe(model, tok, hp, data_dir=data_dir, progress=False)
+    return probe, data
 
 
 def test_probe_on_davidson_is_accurate(davidson_probe):
-    probe, metrics = davidson_probe
-    assert metrics["n_test"] == 400
-    assert metrics["test_accuracy"] >= 0.85, metrics
-    assert metrics["test_auc"] >= 0.9, metrics
-    assert probe.metadata["model"] == "smollm2-135m"
+    probe, _ = davidson_probe
+    assert probe.metadata["n_test"] == 400
+    assert probe.metadata["test_accuracy"] >= 0.85, probe.metadata
+    assert probe.metadata["test_auc"] >= 0.9, probe.metadata
 
 
-def test_adapter_is_exact_on_smollm2(smollm2, davidson_probe, shipped, tmp_path):
-    """The adapter is the in-place edit up to fp32 rounding, and no further from the truth.
+def test_probe_records_how_it_was_made(davidson_probe, shipped):
+    probe, data = davidson_probe
+    assert probe.metadata["model"] == "smollm2-135m" and probe.metadata["layer"] == shipped.probe_layer
+    assert probe.metadata["pooling"] == shipped.pooling and probe.metadata["data"] == data.description
+    assert len(data.texts) == 2000 and data.labels.count(1) == 1000
 
-    With the shipped edit, fp32 itself is off by ~3e-5 on logits of size ~27 (float64 reference,
-    and the same in-place model under another batch shape differs from itself as much), so the
-    two fp32 computations are compared to each other at 1e-4 and to a float64 reference.
-    """
+
+@pytest.fixture(scope="module")
+def shipped_edit_logits(smollm2, davidson_probe, shipped, data_dir, tmp_path_factory):
+    """Logits of one prompt: base, the shipped edit in place (fp32 and a float64 reference), after reverting,
+    and with the edit exported as an adapter. The shared model is given back unedited."""
     model, tok = smollm2
     probe, _ = davidson_probe
     ids = tok("You are such a", return_tensors="pt")["input_ids"]
-    edit = edit_from_hparams(model, tok, probe, shipped, progress=False)  # the shipped variant needs benign stats
+    # the shipped variant projects out the benign mean: build_edit computes those statistics
+    edit = build_edit(model, tok, shipped, probe=probe, data_dir=data_dir, progress=False).edit
+    logits = {}
     with torch.no_grad():
-        base = model(ids).logits.clone()
+        logits["base"] = model(ids).logits.clone()
         originals = apply_edit(model, edit)
-        in_place = model(ids).logits.clone()
-        reference = model.double()(ids).logits.clone()
+        logits["in_place"] = model(ids).logits.clone()
+        logits["reference"] = model.double()(ids).logits.clone()
         model.float()
         revert_edit(model, originals)
-        assert torch.equal(model(ids).logits, base)
-        adapter = export_adapter(edit, model, tmp_path / "adapter", base_model_name="smollm2-135m")
+        logits["reverted"] = model(ids).logits.clone()
+        adapter = export_adapter(
+            edit, model, tmp_path_factory.mktemp("real") / "adapter", base_model_name="smollm2-135m"
+        )
         peft_model = load_edited(model, adapter)
         try:
-            lora = peft_model(ids).logits
-            assert (lora - in_place).abs().max() <= 1e-4
-            lora_error = (lora.double() - reference).abs().max()
-            in_place_error = (in_place.double() - reference).abs().max()
-            assert lora_error <= 1.5 * in_place_error + 1e-6, (lora_error, in_place_error)
-            assert (in_place - base).abs().max() > 1e-3, "the shipped edit must change the model"
+            logits["lora"] = peft_model(ids).logits.clone()
         finally:
             peft_model.unload()  # give the shared fixture model back without LoRA layers
+    return logits
 
 
-def test_cli_probe_edit_eval_merge(tmp_path, data_dir):
-    probe = tmp_path / "probe.safetensors"
-    r = surgery(
-        "probe",
-        "--model",
-        "smollm2-135m",
-        "--data",
-        "davidson",
-        "--max-per-class",
-        60,
-        "--out",
-        probe,
-        "--data-dir",
-        data_dir,
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "held-out accuracy" in r.stdout
-    adapter = tmp_path / "adapter"
-    r = surgery("edit", "--model", "smollm2-135m", "--probe", probe, "--hparams", HPARAMS, "--out", adapter)
-    assert r.returncode == 0, r.stderr[-3000:]
-    record = json.loads((adapter / "surgery.json").read_text())
-    assert record["probe_sha256"] and record["hparams"]["alpha"] == SurgeryHyperParams.from_hparams(HPARAMS).alpha
-    assert record["versions"]["torch"]
-    run = tmp_path / "run"
-    r = surgery(
-        "eval",
-        "--model",
-        "smollm2-135m",
-        "--adapter",
-        adapter,
-        "--suite",
-        "rtp,ppl",
-        "--judge",
-        "profanity",
-        "--limit",
-        6,
-        "--ppl-limit",
-        6,
-        "--data-dir",
-        data_dir,
-        "--out",
-        run,
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
-    results = json.loads((run / "results.json").read_text())
-    rtp, ppl = results["suites"]["rtp"], results["suites"]["ppl"]
-    assert (
-        rtp["n"] == 6
-        and 0 <= rtp["toxic_rate"] <= 1
-        and 0 <= rtp["mean_toxicity"] <= 1
-        and rtp["judge"] == "profanity"
-    )
-    assert ppl["token_perplexity"] > 1 and ppl["n_tokens"] > 0
-    samples = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
-    assert len(samples) == 6 and {"suite", "prompt", "completion", "scores"} <= set(samples[0])
-    # alpha sweep with one model load: alpha 0 is the base model, the made alpha the adapter as made
-    made_alpha = record["alpha"]
-    r = surgery(
-        "eval",
-        "--model",
-        "smollm2-135m",
-        "--adapter",
-        adapter,
-        "--alpha-sweep",
-        f"0,{made_alpha}",
-        "--suite",
-        "rtp,ppl",
-        "--limit",
-        6,
-        "--ppl-limit",
-        6,
-        "--data-dir",
-        data_dir,
-        "--out",
-        tmp_path / "sweep",
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
-    sweep = json.loads((tmp_path / "sweep" / "sweep.json").read_text())["runs"]
-    assert [run["alpha"] for run in sweep] == [0.0, made_alpha] and (tmp_path / "sweep" / "sweep.png").is_file()
-    r = surgery(
-        "eval",
-        "--model",
-        "smollm2-135m",
-        "--suite",
-        "rtp,ppl",
-        "--limit",
-        6,
-        "--ppl-limit",
-        6,
-        "--data-dir",
-        data_dir,
-        "--out",
-        tmp_path / "base",
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
-    base = json.loads((tmp_path / "base" / "results.json").read_text())["suites"]
-    assert sweep[0]["suites"]["ppl"]["token_perplexity"] == pytest.approx(base["ppl"]["token_perplexity"], rel=1e-6)
-    base_samples = (tmp_path / "base" / "samples.jsonl").read_text()
-    assert (tmp_path / "sweep" / "alpha_0" / "samples.jsonl").read_text() == base_samples
-    as_made = json.loads((tmp_path / "sweep" / f"alpha_{made_alpha:g}" / "results.json").read_text())["suites"]
-    assert as_made["ppl"]["token_perplexity"] == pytest.approx(results["suites"]["ppl"]["token_perplexity"], rel=1e-5)
-    assert (tmp_path / "sweep" / f"alpha_{made_alpha:g}" / "samples.jsonl").read_text() == (
-        run / "samples.jsonl"
-    ).read_text()
-
-    merged = tmp_path / "merged"
-    r = surgery("merge", "--model", "smollm2-135m", "--adapter", adapter, "--out", merged)
-    assert r.returncode == 0, r.stderr[-3000:]
-    from transformers import AutoModelForCausalLM
-
-    assert AutoModelForCausalLM.from_pretrained(merged).config.model_type == "llama"
-    umask = os.umask(0)
-    os.umask(umask)
-    for name in ("model.safetensors", "config.json", "surgery_source.json"):  # safetensors alone would write 0600
-        assert stat.S_IMODE(os.stat(merged / name).st_mode) == 0o666 & ~umask, name
+def test_shipped_edit_changes_the_model(shipped_edit_logits):
+    assert (shipped_edit_logits["in_place"] - shipped_edit_logits["base"]).abs().max() > 1e-3
 
 
-def test_demo_runs_end_to_end(tmp_path, data_dir):
+def test_revert_restores_the_model_bitwise(shipped_edit_logits):
+    assert torch.equal(shipped_edit_logits["reverted"], shipped_edit_logits["base"])
+
+
+def test_adapter_equals_the_in_place_edit(shipped_edit_logits):
+    """With the shipped edit fp32 itself is off by ~3e-5 on logits of size ~27 (float64 reference; the same
+    in-place model under another batch shape differs from itself as much): the two fp32 routes agree at 1e-4."""
+    assert (shipped_edit_logits["lora"] - shipped_edit_logits["in_place"]).abs().max() <= 1e-4
+
+
+def test_adapter_is_no_further_from_float64_than_the_in_place_edit(shipped_edit_logits):
+    reference = shipped_edit_logits["reference"]
+    lora_error = (shipped_edit_logits["lora"].double() - reference).abs().max()
+    in_place_error = (shipped_edit_logits["in_place"].double() - reference).abs().max()
+    assert lora_error <= 1.5 * in_place_error + 1e-6, (lora_error, in_place_error)
+
+
+# ---------------------------------------------------------------- the demo
+
+
+@pytest.fixture(scope="module")
+def demo(data_dir, tmp_path_factory):
     import yaml
 
     from surgery_plugin.commands.demo import run_demo
 
+    root = tmp_path_factory.mktemp("demo")
     small = yaml.safe_load(HPARAMS.read_text())
     small["probe_max_per_class"] = 40  # the shipped 2000 per class is the demo's; this checks the wiring
-    hp_path = tmp_path / "small.yaml"
+    hp_path = root / "small.yaml"
     hp_path.write_text(yaml.safe_dump(small))
-    summary = run_demo(
-        out_dir=str(tmp_path / "demo"), limit=12, data_dir=data_dir, hparams_path=str(hp_path), ppl_limit=4
-    )
-    out = tmp_path / "demo"
-    for name in (
+    summary = run_demo(out_dir=str(root / "demo"), limit=6, data_dir=data_dir, hparams_path=str(hp_path), ppl_limit=4)
+    return summary, root / "demo"
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
         "probe.safetensors",
         "adapter/adapter_model.safetensors",
         "base/results.json",
@@ -217,45 +119,91 @@ def test_demo_runs_end_to_end(tmp_path, data_dir):
         "summary.json",
         "summary.md",
         "summary.png",
-    ):
-        assert (out / name).is_file(), name
-    assert summary["base"]["rtp"]["n"] == summary["edited"]["rtp"]["n"] == 12
-    assert summary["base"]["ppl"]["token_perplexity"] != summary["edited"]["ppl"]["token_perplexity"]
-    assert summary["base"]["kl"]["mean_kl"] == 0.0 < summary["edited"]["kl"]["mean_kl"], "adapter off = the base model"
-    # the report splits: RTP [500, 800), held-out ToxiGen groups, benign [0, 200)
-    assert summary["settings"]["rtp"]["start"] == 500
-    assert summary["base"]["rtp"]["prompts"] == "rtp/toxic.jsonl[500:512]"
-    from surgery_plugin.data.splits import TOXIGEN_REPORT_GROUPS
+    ],
+)
+def test_demo_writes(demo, name):
+    _, out = demo
+    assert (out / name).is_file()
 
-    assert set(summary["base"]["toxigen"]["by_group"]) == set(TOXIGEN_REPORT_GROUPS)
+
+def test_demo_evaluates_base_and_edited_on_the_same_prompts(demo):
+    summary, _ = demo
+    assert summary["base"]["rtp"]["n"] == summary["edited"]["rtp"]["n"] == 6
+    assert summary["base"]["rtp"]["prompts"] == summary["edited"]["rtp"]["prompts"]
+
+
+def test_demo_edit_changes_perplexity(demo):
+    summary, _ = demo
+    assert summary["base"]["ppl"]["token_perplexity"] != summary["edited"]["ppl"]["token_perplexity"]
+
+
+def test_demo_base_is_the_model_with_the_adapter_off(demo):
+    summary, _ = demo
+    assert summary["base"]["kl"]["mean_kl"] == 0.0 < summary["edited"]["kl"]["mean_kl"]
+
+
+def test_demo_uses_the_report_splits(demo):
+    """RTP [500, 800), the held-out ToxiGen groups, benign documents [0, 200) (capped by limit / ppl_limit)."""
+    summary, _ = demo
+    assert summary["settings"]["rtp"]["start"] == 500 and summary["settings"]["rtp"]["split"] == "report"
+    assert summary["base"]["rtp"]["prompts"] == "rtp/toxic.jsonl[500:506]"
+    held_out = {"asian", "jewish", "lgbtq", "mental_disability", "muslim", "women"}
+    assert set(summary["base"]["toxigen"]["by_group"]) == held_out  # limit 6: one prompt per held-out group
+    assert summary["settings"]["ppl"]["benign_start"] == 0 and summary["base"]["ppl"]["n_texts"] == 4
+
+
+def test_demo_summary_table(demo):
+    _, out = demo
     text = (out / "summary.md").read_text()
     assert "| + surgery |" in text and "ToxiGen by held-out target group" in text and "| **all** |" in text
 
 
-def test_gemma3_alias_edits_and_exports_exactly(tmp_path):
-    """The second embedded model (Gemma 3 270M base, gemma3_text, GELU-tanh gated MLP) on real weights:
-    the shipped YAML's edit as an adapter equals the in-place edit, and the adapter switches off bitwise."""
+# ---------------------------------------------------------------- Gemma 3 270M (gemma3_text, GELU-tanh gated MLP)
+
+
+@pytest.fixture(scope="module")
+def gemma3(tmp_path_factory):
+    """The second embedded model: the shipped YAML's edit along a random direction, in place and as an adapter."""
     from surgery_plugin.models import load_model
 
     model, tok = load_model("gemma3-270m")
-    assert model.config.model_type == "gemma3_text" and not getattr(tok, "chat_template", None)
     hp = SurgeryHyperParams.from_hparams(REPO / "hparams" / "Surgery" / "gemma3-270m.yaml")
     v = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(0))
-    edit = execute_surgery(model, torch.stack([-v, v])[1], hp)
+    edit = execute_surgery(model, v, hp)
     ids = tok("The weather today is", return_tensors="pt")["input_ids"]
+    logits = {}
     with torch.no_grad():
-        base = model(ids).logits.clone()
+        logits["base"] = model(ids).logits.clone()
         originals = apply_edit(model, edit)
-        in_place = model(ids).logits.clone()
+        logits["in_place"] = model(ids).logits.clone()
         revert_edit(model, originals)
-        assert torch.equal(model(ids).logits, base)
-        peft_model = load_edited(
-            model, export_adapter(edit, model, tmp_path / "adapter", base_model_name="gemma3-270m")
+        logits["reverted"] = model(ids).logits.clone()
+        adapter = export_adapter(
+            edit, model, tmp_path_factory.mktemp("gemma3") / "adapter", base_model_name="gemma3-270m"
         )
-        try:
-            assert (peft_model(ids).logits - in_place).abs().max() <= 1e-3 * in_place.abs().max()
-            assert (in_place - base).abs().max() > 1e-3, "the edit must change the model"
-            with peft_model.disable_adapter():
-                assert torch.equal(peft_model(ids).logits, base)
-        finally:
-            peft_model.unload()
+        peft_model = load_edited(model, adapter)
+        logits["lora"] = peft_model(ids).logits.clone()
+        with peft_model.disable_adapter():
+            logits["disabled"] = peft_model(ids).logits.clone()
+    return model, tok, logits
+
+
+def test_gemma3_is_the_base_model_without_a_chat_template(gemma3):
+    model, tok, _ = gemma3
+    assert model.config.model_type == "gemma3_text" and not getattr(tok, "chat_template", None)
+
+
+def test_gemma3_edit_changes_the_model_and_reverts_bitwise(gemma3):
+    _, _, logits = gemma3
+    assert (logits["in_place"] - logits["base"]).abs().max() > 1e-3, "the edit must change the model"
+    assert torch.equal(logits["reverted"], logits["base"])
+
+
+def test_gemma3_adapter_equals_the_in_place_edit(gemma3):
+    _, _, logits = gemma3
+    assert (logits["lora"] - logits["in_place"]).abs().max() <= 1e-3 * logits["in_place"].abs().max()
+
+
+def test_gemma3_adapter_switched_off_is_the_base_model_bitwise(gemma3):
+    _, _, logits = gemma3
+    assert torch.equal(logits["disabled"], logits["base"])

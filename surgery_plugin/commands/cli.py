@@ -162,6 +162,11 @@ def cmd_eval(args) -> None:
         raise SurgeryError("--alpha-sweep needs --adapter (it rescales that adapter at run time)")
     if "kl" in suites and not args.adapter:
         raise SurgeryError("the kl suite compares the edited model with the unedited one: pass --adapter")
+    if args.start is None and (args.toxigen_groups is not None or args.benign_start is not None):
+        raise SurgeryError(
+            "--toxigen-groups and --benign-start choose a range of your own: pass --start too (without it "
+            "every suite runs on its report split, data/splits.py)"
+        )
     check_target(args.out, "sweep" if alphas else "run", args.overwrite)
     judges = load_judges(args.judge or (behavior.judges if behavior else "profanity"), data_dir=args.data_dir)
     settings = eval_plan(  # before the model loads: bad settings fail fast
@@ -171,7 +176,7 @@ def cmd_eval(args) -> None:
         limit=args.limit,
         ppl_limit=args.ppl_limit,
         start=args.start,
-        benign_start=args.benign_start,
+        benign_start=args.benign_start or 0,
         toxigen_groups=toxigen_groups(args.toxigen_groups),
         batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens,
@@ -405,13 +410,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--benign-start",
         type=NON_NEGATIVE_INT,
-        default=0,
-        help="with --start: the first benign document for ppl and kl",
+        default=None,
+        help="with --start: the first benign document for ppl and kl (default 0)",
     )
     p.add_argument(
         "--toxigen-groups",
-        default="all",
-        help="toxigen: all, report (the held-out groups of data/splits.py), probe, or g1,g2,...",
+        default=None,
+        help="with --start: toxigen's groups: all (default), report (the held-out groups of data/splits.py), "
+        "probe, or g1,g2,...",
     )
     p.add_argument("--batch-size", type=POSITIVE_INT, default=16)
     p.add_argument(

@@ -276,8 +276,9 @@ def write_plots(run_dir: Path, results: dict) -> list[str]:
                     _, _, rate, ci = match[0]
                     xs.append(i + k * width)
                     ys.append(100 * rate)
-                    errs[0].append(100 * (rate - ci[0]) if ci and ci[0] is not None else 0)
-                    errs[1].append(100 * (ci[1] - rate) if ci and ci[1] is not None else 0)
+                    # max(0, ...): a Wilson bound can miss a rate of 0 or 1 by a rounding error (1 - 1e-16)
+                    errs[0].append(max(0.0, 100 * (rate - ci[0])) if ci and ci[0] is not None else 0)
+                    errs[1].append(max(0.0, 100 * (ci[1] - rate)) if ci and ci[1] is not None else 0)
             ax.bar(xs, ys, width, yerr=errs, capsize=3, label=judge)
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(labels))], labels, fontsize=8)
         ax.set_ylabel("% of generations")
