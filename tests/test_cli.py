@@ -95,14 +95,9 @@ def test_empty_probe_data_is_one_line(tiny_model_dir, tmp_path):
     assert not out.exists()
 
 
-@pytest.mark.xfail(
-    reason="pipeline.build_probe pools features before checking the data (core.probe._check_both_classes runs in "
-    "probe_from_features): an empty file is 'no texts to compute probe features from', not 'probe data is empty'",
-    strict=True,
-)
 def test_empty_probe_data_says_the_data_is_empty(tiny_model_dir, tmp_path):
     result, _ = _probe_empty_csv(tiny_model_dir, tmp_path)
-    assert_one_line_error(result, "probe data is empty", "empty.csv")
+    assert_one_line_error(result, "empty.csv has no rows")
 
 
 def test_missing_data_folder_is_one_line(tiny_model_dir, tmp_path):

@@ -52,7 +52,10 @@ def _plot(base: dict, edited: dict, png: Path, title: str, suites: list[str]) ->
     for ax, (suite, metric, judge) in zip(axes[:-1], panels, strict=True):
         values = [metric_values(r["suites"][suite], metric)[judge] for r in (base, edited)]
         rates = [v for v, _ in values]
-        errs = [[v - ci[0] if ci else 0 for v, ci in values], [ci[1] - v if ci else 0 for v, ci in values]]
+        errs = [
+            [max(0, v - ci[0]) if ci else 0 for v, ci in values],
+            [max(0, ci[1] - v) if ci else 0 for v, ci in values],
+        ]
         ax.bar(names, rates, yerr=errs, color=colors, capsize=4)
         who = "" if judge == "-" else f", {judge}"
         ax.set_title(f"{suite} {metric.key}{who}\n(n={base['suites'][suite].get('n')})", fontsize=7)

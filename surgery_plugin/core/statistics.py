@@ -62,4 +62,5 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
     p = successes / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return (max(0.0, centre - half), min(1.0, centre + half))
+    # at 0 and n the bound equals the rate in exact arithmetic; rounding must not leave the rate outside
+    return (min(p, max(0.0, centre - half)), max(p, min(1.0, centre + half)))

@@ -4,8 +4,8 @@ Everything else follows from :data:`PROTOCOLS`:
 
 - the suites (``surgery eval --suite NAME``, :mod:`.suites`) run the protocol's documents with its
   generation settings and report its metrics;
-- the lm-eval task YAMLs in ``surgery_plugin/lm_eval_tasks/`` are generated from it
-  (``python -m surgery_plugin.lm_eval_tasks.generate``; a test checks the shipped files);
+- the lm-eval task YAMLs in ``surgery_plugin/integrations/lm_eval/`` are generated from it
+  (``python -m surgery_plugin.integrations.lm_eval.generate``; a test checks the shipped files);
 - the report tables (:mod:`.report`) and the demo table list each protocol's metrics with their
   labels and direction.
 
@@ -54,8 +54,8 @@ class LmEvalTask:
     """One lm-eval task of a protocol; the YAML is generated from this and the protocol."""
 
     name: str
-    dataset_hook: str  # function in lm_eval_tasks/hooks.py that builds the dataset
-    results_hook: str  # function in lm_eval_tasks/hooks.py that scores one document
+    dataset_hook: str  # function in integrations/lm_eval/hooks.py that builds the dataset
+    results_hook: str  # function in integrations/lm_eval/hooks.py that scores one document
     metrics: tuple[tuple[str, bool], ...]  # (lm-eval metric name, higher_is_better)
     comment: str
     dataset_kwargs: dict[str, Any] = field(default_factory=dict)

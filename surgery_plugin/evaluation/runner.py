@@ -8,6 +8,7 @@ renamed into place, so a crash never leaves a half-written result.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from collections.abc import Sequence
@@ -16,11 +17,13 @@ from pathlib import Path
 from torch import nn
 
 from ..config import parse_list
-from ..errors import SurgeryError
+from ..errors import SurgeryError, first_line
 from ..io.files import json_safe, json_text, output, write_manifest
 from .judges import judge_info
 from .protocols import PROTOCOLS, EvalSettings
 from .suites import run_suite
+
+logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 2
 
@@ -94,20 +97,24 @@ def evaluate_plan(model: nn.Module, tokenizer, settings: dict[str, EvalSettings]
 
 
 def write_run_files(run_dir: Path, results: dict, samples: list[dict], report: bool = True) -> Path:
-    """``samples.jsonl``, (``report``) ``report.md`` + plots, then ``results.json`` into an existing folder that
-    is being written (inside an :func:`surgery_plugin.io.files.output`); its manifest last."""
+    """``samples.jsonl``, ``results.json``, then (``report``) ``report.md`` + plots into a folder being written
+    (inside an :func:`surgery_plugin.io.files.output`); its manifest last."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "samples.jsonl").write_text(
         "".join(json.dumps(json_safe(s), ensure_ascii=False, allow_nan=False) + "\n" for s in samples),
         encoding="utf-8",
     )
+    (run_dir / "results.json").write_text(json_text(results, indent=2), encoding="utf-8")
     if report:
         from .report import render_report, write_plots
 
-        plots = write_plots(run_dir, results)
+        try:
+            plots = write_plots(run_dir, results)
+        except Exception as err:  # a plot is a view of the numbers: losing it must not lose the run
+            logger.warning("the run's plots failed (%s); report.md without them", first_line(err))
+            plots = []
         (run_dir / "report.md").write_text(render_report(results, plots), encoding="utf-8")
-    (run_dir / "results.json").write_text(json_text(results, indent=2), encoding="utf-8")
     write_manifest(run_dir, {"kind": "run", "schema_version": SCHEMA_VERSION})
     return run_dir
 

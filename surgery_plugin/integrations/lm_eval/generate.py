@@ -1,7 +1,7 @@
 """Write the lm-eval task YAMLs of this folder from :data:`surgery_plugin.evaluation.protocols.PROTOCOLS`.
 
-    python -m surgery_plugin.lm_eval_tasks.generate          # rewrite the YAMLs
-    python -m surgery_plugin.lm_eval_tasks.generate --check  # exit 1 when a shipped file differs
+    python -m surgery_plugin.integrations.lm_eval.generate          # rewrite the YAMLs
+    python -m surgery_plugin.integrations.lm_eval.generate --check  # exit 1 when a shipped file differs
 
 The YAMLs are generated so that a protocol's documents, generation length and metrics are written
 down once; ``tests/test_lm_eval_tasks.py`` fails when a shipped file differs from what this writes.
@@ -18,8 +18,8 @@ from ...io.files import atomic_write
 
 FOLDER = Path(__file__).resolve().parent
 _HEADER = (
-    "# Generated from surgery_plugin/evaluation/protocols.py by `python -m surgery_plugin.lm_eval_tasks.generate`; "
-    "do not edit."
+    "# Generated from surgery_plugin/evaluation/protocols.py by "
+    "`python -m surgery_plugin.integrations.lm_eval.generate`; do not edit."
 )
 _DOC_TO_TEXT = {"advbench": "{{goal}}"}
 
