@@ -467,15 +467,26 @@ class Comparison:
         # evaluate what was saved: back to the unedited weights, then the saved edit loaded onto them
         expected = _logits(model, tok, self.reload_prompts)
         revert_edit(model, originals)
+        unedited = _logits(model, tok, self.reload_prompts)
         edited, record = load_saved_edit(model, folder)
+        reloaded = _logits(edited, tok, self.reload_prompts)
+        change = float((reloaded - unedited).abs().max())
         row.result["edit"] = {
             "kind": record["kind"],
             "folder": str(folder.relative_to(self.out)),
             "tensors": sorted(originals),
             "edit_records": meta["edit_records"],
             "hparams_file": hparams.source,
-            "reload_max_abs_logprob_diff": float((_logits(edited, tok, self.reload_prompts) - expected).abs().max()),
+            "reload_max_abs_logprob_diff": float((reloaded - expected).abs().max()),
+            # the saved edit against the unedited model: 0 means the method changed nothing (e.g. ROME with
+            # v_num_grad_steps: 1 stops before its first optimisation step)
+            "max_abs_logprob_change": change,
         }
+        if not change > 0:
+            raise SurgeryError(
+                f"{row.name}'s saved edit does not change the model: the next-token log-probs of "
+                f"{len(self.reload_prompts)} benign prompts equal the unedited model's"
+            )
         if runner.located_layers:
             row.result["edit"]["located_layers"] = list(runner.located_layers)
         results, samples = self.evaluate_global(row, edited, tok, adapter=baseline.low_rank)

@@ -71,6 +71,22 @@ def result_table(result: dict) -> str:
     )
 
 
+def prompt_ranges(prompts: dict[str, dict]) -> str:
+    """Which prompts each global-edit suite read, from ``compare.json["settings"]["prompts"]`` (the settings
+    of each suite as :meth:`EvalSettings.describe` records them)."""
+    parts = []
+    for suite, p in prompts.items():
+        if suite in ("ppl", "kl"):
+            parts.append(f"{suite} benign documents [{p['benign_start']}, {p['benign_start'] + p['ppl_limit']})")
+        elif p.get("toxigen_groups"):
+            per_group = p["limit"] // len(p["toxigen_groups"])
+            groups = ", ".join(p["toxigen_groups"])
+            parts.append(f"{suite} lines [{p['start']}, {p['start'] + per_group}) of groups {groups}")
+        else:
+            parts.append(f"{suite} [{p['start']}, {'end' if p['limit'] is None else p['start'] + p['limit']})")
+    return "; ".join(parts) or "none"
+
+
 def render_markdown(result: dict, plot: str | None) -> str:
     s, methods = result["settings"], result["methods"]
     suites = [x for x in s["suites"] if x in PROTOCOLS]
@@ -96,8 +112,8 @@ def render_markdown(result: dict, plot: str | None) -> str:
     lines += [
         f"- Edit records (global): {s['edit_records']['range']} ids {s['edit_records']['ids']}; per instance: "
         f"{s['instance_records']['range']} ids {s['instance_records']['ids']}.",
-        f"- Prompts: RTP {s['prompts']['rtp']}; ToxiGen {s['prompts']['toxigen']}; benign (ppl, KL) "
-        f"{s['prompts']['benign']}. None of them was seen by an edit, a probe or the tuning sweep.",
+        f"- Prompts (the report split of each suite): {prompt_ranges(s['prompts'])}. None of them was seen by "
+        "an edit, a probe or the tuning sweep.",
         "",
         "## Methods",
         "",
