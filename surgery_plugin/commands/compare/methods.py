@@ -64,6 +64,7 @@ from ...models import load_model
 from ...pipeline import build_edit
 from .config import (
     _OUTPUTS,
+    NO_CHANGE_BELOW,
     RELOAD_CHECK_PROMPTS,
     CompareConfig,
     parse_compare_suites,
@@ -478,14 +479,13 @@ class Comparison:
             "edit_records": meta["edit_records"],
             "hparams_file": hparams.source,
             "reload_max_abs_logprob_diff": float((reloaded - expected).abs().max()),
-            # the saved edit against the unedited model: 0 means the method changed nothing (e.g. ROME with
-            # v_num_grad_steps: 1 stops before its first optimisation step)
+            # the saved edit against the unedited model (config.NO_CHANGE_BELOW: what counts as no change)
             "max_abs_logprob_change": change,
         }
-        if not change > 0:
+        if not change >= NO_CHANGE_BELOW:
             raise SurgeryError(
-                f"{row.name}'s saved edit does not change the model: the next-token log-probs of "
-                f"{len(self.reload_prompts)} benign prompts equal the unedited model's"
+                f"{row.name}'s saved edit does not change the model: it moves the next-token log-probs of "
+                f"{len(self.reload_prompts)} benign prompts by at most {change:.2g} (< {NO_CHANGE_BELOW:g})"
             )
         if runner.located_layers:
             row.result["edit"]["located_layers"] = list(runner.located_layers)
