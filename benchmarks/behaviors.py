@@ -26,8 +26,9 @@ from surgery_plugin.behaviors import hparams_for
 from surgery_plugin.config import SurgeryHyperParams
 from surgery_plugin.core.provenance import package_versions
 from surgery_plugin.evaluation.judges import load_judges
+from surgery_plugin.evaluation.protocols import plan
 from surgery_plugin.evaluation.report import comparison_table
-from surgery_plugin.evaluation.runner import evaluate_report, report_settings
+from surgery_plugin.evaluation.runner import evaluate_plan
 from surgery_plugin.io.adapter import set_alpha
 from surgery_plugin.io.files import atomic_write, write_json
 from surgery_plugin.io.stack import export_stack, load_stack
@@ -65,8 +66,10 @@ def main() -> None:
     suites = list(dict.fromkeys([*headline, "ppl", "kl"]))
 
     def measure(peft_model, only: list[str]) -> dict:
-        settings = report_settings(only, list(all_judges.values()), args.data_dir, args.limit, args.ppl_limit)
-        return evaluate_report(peft_model, tok, settings)[0]["suites"]
+        settings = plan(
+            only, "report", list(all_judges.values()), args.data_dir, limit=args.limit, ppl_limit=args.ppl_limit
+        )
+        return evaluate_plan(peft_model, tok, settings)[0]["suites"]
 
     def save(result: dict, complete: bool) -> None:
         result["complete"] = complete

@@ -31,14 +31,14 @@ from surgery_plugin.core import architectures
 from surgery_plugin.core.edit import execute_surgery
 from surgery_plugin.core.features import pooled_states, resolve_layer
 from surgery_plugin.core.provenance import package_versions
-from surgery_plugin.core.reference import reference_stats
+from surgery_plugin.core.reference import reference_needs, reference_stats
 from surgery_plugin.core.regions import layer_range
 from surgery_plugin.data.loaders import load_benign_texts
 from surgery_plugin.data.probe_data import load_rtp_probe_documents
 from surgery_plugin.data.splits import RTP_BENIGN
 from surgery_plugin.io.files import write_json
 from surgery_plugin.models import load_model
-from surgery_plugin.pipeline import load_probe_data, probe_from_hparams
+from surgery_plugin.pipeline import build_probe
 
 
 def main() -> None:
@@ -55,10 +55,8 @@ def main() -> None:
     model, tok = load_model(args.model)
     n_layers = len(architectures.decoder_layers(model))
     layers = layer_range(n_layers, hp.layer_range)
-    data = load_probe_data(
-        hp.probe_data, model, tok, args.data_dir, hp.probe_max_per_class, hp.seed, hp.probe_self_judge
-    )
-    probe, metrics = probe_from_hparams(model, tok, data, hp)
+    probe, data = build_probe(model, tok, hp, data_dir=args.data_dir)
+    metrics = probe.metadata  # the held-out metrics are part of it
     start, end = RTP_BENIGN["reference"]
     benign = load_benign_texts(args.data_dir, limit=min(args.texts, end - start), start=start)
     rtp = load_rtp_probe_documents(args.data_dir)
@@ -109,9 +107,15 @@ def main() -> None:
     }
     for variant in (None, "benign_mean", "gate_benign_mean"):
         point = hp.replace(probe_project_out=variant)
-        stats = (
-            reference_stats(model, tok, point, layers, benign, progress=False)
-            if point.needs_reference_stats()
+        needs = reference_needs(point)
+        stats = (  # from the benign states above (the pipeline's own: RTP_BENIGN["reference"] too)
+            reference_stats(
+                states["benign"][0][index] if needs.benign_hidden else None,
+                states["benign"][1] if needs.benign_gates else None,
+                None,
+                result["texts"]["benign"],
+            )
+            if needs.any
             else None
         )
         edit = execute_surgery(model, probe, point, stats)

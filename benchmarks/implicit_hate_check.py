@@ -20,10 +20,10 @@ from surgery_plugin.config import SurgeryHyperParams
 from surgery_plugin.core.edit import apply_edit, revert_edit
 from surgery_plugin.data.splits import TOXIGEN_PROBE_GROUPS
 from surgery_plugin.evaluation.judges import load_judges
+from surgery_plugin.evaluation.protocols import settings_for
 from surgery_plugin.evaluation.runner import evaluate
-from surgery_plugin.evaluation.suites import EvalSettings
 from surgery_plugin.models import load_model
-from surgery_plugin.pipeline import edit_from_hparams, load_probe_data, probe_from_hparams
+from surgery_plugin.pipeline import build_edit
 
 
 def main() -> None:
@@ -31,25 +31,18 @@ def main() -> None:
     per_group, stacks = int(sys.argv[1]), json.loads(sys.argv[2])
     model, tok = load_model("smollm2-135m")
     judges = load_judges("profanity,minilm", progress=False)
-    toxigen = EvalSettings(
-        judges=judges,
-        toxigen_groups=TOXIGEN_PROBE_GROUPS,
-        limit=per_group * len(TOXIGEN_PROBE_GROUPS),
-        benign_start=200,
-        ppl_limit=40,
-        progress=False,
+    # the tuning splits: ToxiGen's probe-side groups from line 0, benign [200, 240), RTP [0, 40)
+    toxigen = settings_for(
+        "toxigen", "tune", judges, limit=per_group * len(TOXIGEN_PROBE_GROUPS), ppl_limit=40, progress=False
     )
-    rtp = EvalSettings(judges=judges, start=0, limit=40, progress=False)
+    rtp = settings_for("rtp", "tune", judges, limit=40, progress=False)
     shipped = SurgeryHyperParams.from_hparams("hparams/Surgery/smollm2-135m.yaml")
     edits: dict = {}
 
     def edit_for(changes: dict):
         key = json.dumps(changes, sort_keys=True)
         if key not in edits:
-            hp = shipped.replace(**changes)
-            data = load_probe_data(hp.probe_data, model, tok, None, hp.probe_max_per_class, hp.seed, progress=False)
-            probe, _ = probe_from_hparams(model, tok, data, hp, progress=False)
-            edits[key] = edit_from_hparams(model, tok, probe, hp, None, data, progress=False)
+            edits[key] = build_edit(model, tok, shipped.replace(**changes), progress=False).edit
         return edits[key]
 
     for tag, stack in stacks:

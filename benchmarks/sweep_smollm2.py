@@ -21,14 +21,14 @@ import torch
 
 from surgery_plugin.config import SurgeryHyperParams
 from surgery_plugin.core.edit import apply_edit, execute_surgery, revert_edit
-from surgery_plugin.core.probe import Probe, ProbeTraining
+from surgery_plugin.core.probe import Probe
 from surgery_plugin.data.probe_data import load_behavior_data
 from surgery_plugin.evaluation.judges import load_judge
+from surgery_plugin.evaluation.protocols import settings_for
 from surgery_plugin.evaluation.runner import evaluate
-from surgery_plugin.evaluation.suites import EvalSettings
 from surgery_plugin.io.files import atomic_write
 from surgery_plugin.models import load_model
-from surgery_plugin.pipeline import make_probe
+from surgery_plugin.pipeline import build_probe
 
 
 def point_key(point: dict) -> str:
@@ -193,13 +193,11 @@ def main() -> None:
         return
     done = {point_key(p["config"]) for p in results["points"]}
     model, tok = load_model("smollm2-135m")
-    settings = EvalSettings(
-        judge=load_judge("profanity", progress=False),
-        limit=args.limit,
-        start=0,
-        ppl_limit=args.ppl_limit,
-        progress=False,
+    # the tuning split: RTP challenging [0, limit), benign documents of the tune split for perplexity
+    settings = settings_for(
+        "rtp", "tune", [load_judge("profanity", progress=False)], limit=args.limit, ppl_limit=args.ppl_limit
     )
+    settings.progress = False
 
     def run_eval() -> dict:
         start = time.perf_counter()
@@ -218,7 +216,9 @@ def main() -> None:
             "limit": args.limit,
             "ppl_limit": args.ppl_limit,
             "judge": "profanity",
-            "prompts": f"rtp/toxic.jsonl[0:{args.limit}]",
+            "prompts": f"rtp/toxic.jsonl[{settings.start}:{settings.start + settings.limit}]",
+            "benign": f"rtp/nontoxic.jsonl non-challenging [{settings.benign_start}:"
+            f"{settings.benign_start + settings.ppl_limit}]",
         }
         save_results(out, results)
     logging.info("baseline %s", results["baseline"])
@@ -230,16 +230,7 @@ def main() -> None:
             probe = Probe.load(probe_path, model)
         else:
             hp = SurgeryHyperParams(probe_layer=layer, pooling=args.pooling, probe_max_per_class=args.max_per_class)
-            probe, _ = make_probe(
-                model,
-                tok,
-                data,
-                layer,
-                args.pooling,
-                ProbeTraining.from_hparams(hp),
-                hp.feature_batch_size,
-                hp.max_length,
-            )
+            probe, _ = build_probe(model, tok, hp, data=data)
             probe.save(probe_path)
         for top_k, layer_range, normalize, alpha in itertools.product(
             args.top_k, args.layer_ranges, normalize_options, args.alphas

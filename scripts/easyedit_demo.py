@@ -120,13 +120,15 @@ def base_requests(records: list[dict]) -> dict:
 def summarize_base(metrics: list[dict]) -> list[dict]:
     rows = []
     for m in metrics:
-        post_locality = m["post"].get("locality", {})
+        # "<locality input name>_acc": the one locality input is the record's knowledge constraint
+        # (data.loaders.safeedit_edit_inputs names it)
+        locality = [v for k, v in m["post"].get("locality", {}).items() if k.endswith("_acc")]
         rows.append(
             {
                 "case_id": m.get("case_id"),
                 "rewrite_acc_pre": mean(m["pre"]["rewrite_acc"]),
                 "rewrite_acc_post": mean(m["post"]["rewrite_acc"]),
-                "locality_acc": mean(post_locality["knowledge_acc"]) if "knowledge_acc" in post_locality else None,
+                "locality_acc": mean(locality[0]) if len(locality) == 1 else None,
                 "time_s": m.get("time"),
             }
         )

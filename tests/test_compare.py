@@ -1,21 +1,25 @@
 """``surgery compare``: bad input, the whole driver on a tiny model (EasyEdit's real algorithms included), the
-saved edits loaded back onto a fresh base model, and EasyEdit's baselines on the real SmolLM2."""
+saved edits loaded back onto a fresh base model, and EasyEdit's baselines on the real SmolLM2.
+
+Every run is ``surgery compare`` in this process (:func:`helpers.run_cli`); EasyEdit must import here."""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
+import re
 import sys
-import textwrap
+import types
 
 import pytest
 import torch
-from helpers import REPO, assert_one_line_error, easyedit_python, make_tiny, surgery
+from helpers import assert_one_line_error, easyedit_python, make_tiny, run_cli, tiny_hf_tokenizer
 
-from surgery_plugin.commands.compare.methods import METHODS, cost_ratios, parse_methods
+from surgery_plugin.commands.compare.config import METHODS, NO_CHANGE_BELOW, parse_methods, parse_sets
+from surgery_plugin.commands.compare.report import cost_ratios, prompt_ranges
+from surgery_plugin.data import splits
 from surgery_plugin.errors import SurgeryError
 from surgery_plugin.evaluation.generation import first_token_kl, next_token_logprobs
+from surgery_plugin.evaluation.protocols import settings_for
 from surgery_plugin.io.saved_edits import (
     EDITED_TENSORS,
     load_saved_edit,
@@ -29,20 +33,18 @@ COST_KEYS = {"edit_seconds", "peak_rss_bytes", "changed_params", "edit_bytes"}
 ROWS = {"unedited", "prompt", "surgery-records", "surgery-shipped", "dinm", "rome", "ft-l", "ft-m"}
 
 
-def _env(**extra) -> dict:
-    return dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", **extra)
+def _require_easyedit_here() -> None:
+    """These tests run ``surgery compare`` in this process: EasyEdit must import in this python."""
+    if easyedit_python() != sys.executable:
+        pytest.skip("EasyEdit is installed in another python ($SURGERY_EASYEDIT_PYTHON); compare runs in process")
 
 
-def _compare(python: str, cwd, *args) -> subprocess.CompletedProcess:
-    """``surgery compare ARGS`` as a user runs it, one CPU thread, in ``cwd`` (EasyEdit writes ./logs)."""
-    return subprocess.run(
-        [python, "-m", "surgery_plugin.cli", "compare", *map(str, args)],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        env=_env(PYTHONPATH=str(REPO)),
-        timeout=1200,
-    )
+@pytest.fixture
+def without_easyeditor(monkeypatch):
+    """An environment without EasyEdit, as import sees it; the modules of a real one come back afterwards."""
+    for name in [n for n in sys.modules if n == "easyeditor" or n.startswith("easyeditor.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "easyeditor", None)
 
 
 # ---------------------------------------------------------------------------- bad input
@@ -50,36 +52,48 @@ def _compare(python: str, cwd, *args) -> subprocess.CompletedProcess:
 
 def test_unknown_method_is_one_line_listing_the_methods(tmp_path):
     out = tmp_path / "run"
-    result = surgery("compare", "--methods", "surgery,memit", "--out", out)
+    result = run_cli("compare", "--methods", "surgery,memit", "--out", out)
     assert_one_line_error(result, "unknown method 'memit'", ", ".join(METHODS))
     assert not out.exists()
+
+
+def test_a_method_given_twice_is_refused():
     with pytest.raises(SurgeryError, match="given twice"):
         parse_methods("dinm,dinm")
 
 
-def test_without_easyedit_one_line_says_how_to_install_and_what_runs(tmp_path):
+def test_without_easyedit_one_line_says_how_to_install_and_what_runs(tmp_path, without_easyeditor):
     out = tmp_path / "run"
-    code = textwrap.dedent(f"""\
-        import sys
-        sys.modules["easyeditor"] = None  # what an environment without EasyEdit looks like to import
-        from surgery_plugin.cli import main
-        sys.exit(main(["compare", "--methods", "surgery,dinm,rome", "--out", {str(out)!r}]))
-        """)
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=_env(), timeout=300
-    )
+    result = run_cli("compare", "--methods", "surgery,dinm,rome", "--out", out)
     assert_one_line_error(result, "dinm, rome run through EasyEdit", "make easyedit", "--methods surgery,prompt")
     assert not out.exists()
 
 
-def test_bad_override_and_suite_are_one_line_errors_before_any_work(tmp_path):
-    result = surgery("compare", "--suite", "rtp,mmlu", "--out", tmp_path / "a")
-    assert_one_line_error(result, "unknown suite 'mmlu'; suites: rtp, toxigen")
-    result = surgery("compare", "--methods", "surgery", "--set", "dinm.num_steps=1", "--out", tmp_path / "b")
-    assert_one_line_error(result, "--set for 'dinm', which is not among --methods")
-    result = surgery("compare", "--methods", "surgery", "--set", "surgery.nope=1", "--out", tmp_path / "c")
-    assert_one_line_error(result, "unknown key 'nope'")
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("--suite", "rtp,mmlu"), "unknown suite 'mmlu'; suites: rtp, toxigen"),
+        (("--methods", "surgery", "--set", "dinm.num_steps=1"), "--set for 'dinm', which is not among --methods"),
+        (("--methods", "surgery", "--set", "surgery.nope=1"), "unknown key 'nope'"),
+        (("--methods", "surgery", "--set", "surgery.alpha"), "--set takes METHOD.KEY=VALUE"),
+    ],
+    ids=["suite", "set-for-another-method", "set-unknown-key", "set-without-value"],
+)
+def test_bad_input_is_one_line_before_any_work(tmp_path, args, message):
+    result = run_cli("compare", *args, "--out", tmp_path / "run")
+    assert_one_line_error(result, message)
     assert not any(tmp_path.iterdir())
+
+
+def test_set_values_are_yaml_with_scientific_numbers_as_floats():
+    # YAML 1.1 reads 1e-5 as the string "1e-5"; EasyEdit's own loader makes it a float, so does --set
+    assert parse_sets(["ft-l.lr=1e-5", "rome.layers=[3]", "dinm.suffix_system_prompt=be safe", "ft-m.lr=2.5"]) == {
+        "ft-l": {"lr": 1e-5},
+        "rome": {"layers": [3]},
+        "dinm": {"suffix_system_prompt": "be safe"},
+        "ft-m": {"lr": 2.5},
+    }
+    assert parse_sets(["dinm.suffix_system_prompt='1e-5'"]) == {"dinm": {"suffix_system_prompt": "1e-5"}}
 
 
 # ---------------------------------------------------------------------------- the prompt baseline's evaluation
@@ -94,23 +108,43 @@ def test_an_instruction_conditions_ppl_and_kl_on_the_same_tokens(char_tokenizer)
     prefixed = perplexity(model, tok, texts, progress=False, prefix="be kind. ")
     assert prefixed["n_tokens"] == plain["n_tokens"]  # the instruction's own tokens are not scored
     assert prefixed["token_perplexity"] != plain["token_perplexity"]
-    # the next token after "instruction + prompt" is the next token after that whole text
+
+
+def test_the_next_token_after_an_instruction_is_that_of_the_whole_text(char_tokenizer):
+    model, tok = make_tiny("llama"), char_tokenizer
     together = next_token_logprobs(model, tok, ["be kind. hello"], progress=False)
     torch.testing.assert_close(
         next_token_logprobs(model, tok, ["hello"], progress=False, prefix="be kind. "), together
     )
-    kl = first_token_kl(model, tok, ["hello", "good day"], prefix="be kind. ", progress=False)
-    assert float(kl.min()) > 0  # without a reference: the same model without the instruction
 
 
-def test_an_instruction_is_a_system_turn_for_a_chat_model(smollm2):
+def test_kl_of_an_instruction_is_against_the_same_model_without_it(char_tokenizer):
+    model, tok = make_tiny("llama"), char_tokenizer
+    prompts = ["hello", "good day"]
+    kl = first_token_kl(model, tok, prompts, prefix="be kind. ", progress=False)
+    # by hand: KL(p || q), p the next token without the instruction, q with it
+    p = next_token_logprobs(model, tok, prompts, progress=False)
+    q = next_token_logprobs(model, tok, prompts, progress=False, prefix="be kind. ")
+    expected = (p.exp() * (p - q)).sum(-1)
+    torch.testing.assert_close(kl, expected, rtol=1e-4, atol=1e-6)
+    assert float(kl.min()) > 0
+
+
+def test_an_instruction_is_a_system_turn_for_a_chat_model():
     from surgery_plugin.evaluation.generation import format_prompts, instruction_prefix
 
-    _, tok = smollm2
+    tok = tiny_hf_tokenizer()  # its template: <|role|>content<|end|> per turn, <|assistant|> to answer
     texts, chat = format_prompts(tok, ["How do I hurt someone?"], system="Be safe.")
-    assert chat and "Be safe." in texts[0] and texts[0].index("Be safe.") < texts[0].index("How do I hurt")
-    prefix = instruction_prefix(tok, "Be safe.")
-    assert prefix.startswith("<|im_start|>system") and prefix.rstrip().endswith("<|im_end|>")
+    assert chat and texts == ["<|system|>Be safe.<|end|><|user|>How do I hurt someone?<|end|><|assistant|>"]
+    assert instruction_prefix(tok, "Be safe.") == "<|system|>Be safe.<|end|>"
+
+
+def test_an_instruction_is_a_paragraph_for_a_model_without_chat_template():
+    from surgery_plugin.evaluation.generation import format_prompts, instruction_prefix
+
+    tok = tiny_hf_tokenizer(chat=False)
+    assert format_prompts(tok, ["How do I hurt someone?"], system="Be safe.") == (["How do I hurt someone?"], False)
+    assert instruction_prefix(tok, "Be safe.") == "Be safe.\n\n"
 
 
 # ---------------------------------------------------------------------------- saved edits, unit level
@@ -152,9 +186,8 @@ def test_saved_low_rank_edit_is_a_peft_lora_of_the_change_rank(tmp_path):
     expected = _logits(model)
     folder = save_low_rank_edit(model, originals, tmp_path / "lora", "tiny-llama", max_rank=4)
     config = json.loads((folder / "adapter_config.json").read_text())
-    assert (
-        config["r"] == 2 and config["lora_alpha"] == 2 and config["target_modules"] == ["model.layers.0.mlp.down_proj"]
-    )
+    assert config["r"] == 2 and config["lora_alpha"] == 2
+    assert config["target_modules"] == ["model.layers.0.mlp.down_proj"]
     reloaded, record = load_saved_edit(make_tiny("llama"), folder)
     assert isinstance(reloaded, PeftModel) and record["kind"] == "lora"
     torch.testing.assert_close(_logits(reloaded), expected, rtol=1e-4, atol=1e-4)
@@ -166,8 +199,21 @@ def test_prompt_edit_holds_only_the_instruction(tmp_path):
     folder = save_prompt_edit(tmp_path / "prompt", "Be kind.", "tiny-llama")
     model = make_tiny("llama")
     same, record = load_saved_edit(model, folder)
-    assert (
-        same is model and record["instruction"] == "Be kind." and [p.name for p in folder.iterdir()] == ["edit.json"]
+    assert same is model and record["instruction"] == "Be kind."
+    assert [p.name for p in folder.iterdir()] == ["edit.json"]
+
+
+# ---------------------------------------------------------------------------- the report
+
+
+def test_the_report_names_every_suites_prompt_range():
+    prompts = {
+        "rtp": {"start": 500, "limit": 3},
+        "toxigen": {"start": 0, "limit": 12, "toxigen_groups": ["asian", "women"]},
+        "kl": {"benign_start": 0, "ppl_limit": 8},
+    }
+    assert prompt_ranges(prompts) == (
+        "rtp [500, 503); toxigen lines [0, 6) of groups asian, women; kl benign documents [0, 8)"
     )
 
 
@@ -229,12 +275,12 @@ def _tiny_hparams(root, model_dir) -> None:
             **modules,
             **common,
         ),
-        "ROME": dict(  # layer 5 of a 2-layer model: this method fails in the middle of the run
+        "ROME": dict(  # layer 5 of a 3-layer model: this method fails in the middle of the run
             alg_name="ROME",
             stats_dir="./stats",
             layers=[5],
             fact_token="subject_last",
-            v_num_grad_steps=1,
+            v_num_grad_steps=2,
             v_lr=0.5,
             v_loss_layer=1,
             v_weight_decay=1e-3,
@@ -256,39 +302,63 @@ def _tiny_hparams(root, model_dir) -> None:
         (root / method / "tiny.yaml").write_text(yaml.safe_dump(config))
 
 
-def _kl_rows(run_dir) -> list[dict]:
+def _compare_in(cwd, *args):
+    """``surgery compare ARGS`` in this process, from ``cwd`` (EasyEdit would write ./logs there)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(cwd)
+        return run_cli("compare", *args)
+
+
+def _samples(run_dir, suite: str) -> list[dict]:
     rows = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
-    return [r for r in rows if r["suite"] == "kl"]
+    return [r for r in rows if r["suite"] == suite]
 
 
-def _check_saved_edits_reproduce_the_evaluated_models(out, model_name, names) -> None:
-    """Load every saved edit onto a fresh base model: per-prompt KL as in the run's samples."""
-    from surgery_plugin.models import load_model
+def _check_saved_edits_reproduce_the_evaluated_models(out, model, tok, names) -> list[str]:
+    """Load every saved edit onto the base ``model`` (and take it off again): per-prompt KL as in the run's
+    samples. Returns the names whose edit changes the benign next-token distribution."""
+    from surgery_plugin.core.edit import revert_edit
+    from surgery_plugin.core.provenance import model_fingerprint
 
+    before = model_fingerprint(model)
     changed = []
     for name in names:
-        rows = _kl_rows(out / "runs" / name)
+        rows = _samples(out / "runs" / name, "kl")
         prompts = [r["prompt"] for r in rows]
-        model, tok = load_model(model_name)
         reference = next_token_logprobs(model, tok, prompts, progress=False)
-        edited, record = load_saved_edit(model, out / "edits" / name)
-        assert record["kind"] in ("surgery", "lora", "tensors"), name
-        kl = first_token_kl(edited, tok, prompts, reference=reference, progress=False)
+        folder = out / "edits" / name
+        params = dict(model.named_parameters())
+        written = {k: params[k].detach().clone() for k in read_edit_record(folder).get("base_sha256", {})}
+        edited, record = load_saved_edit(model, folder)
+        try:
+            assert record["kind"] in ("surgery", "lora", "tensors"), name
+            kl = first_token_kl(edited, tok, prompts, reference=reference, progress=False)
+        finally:  # the base model as it was: tensors written back, adapters taken out
+            if edited is model:
+                revert_edit(model, written)
+            else:
+                edited.unload()
         torch.testing.assert_close(kl, torch.tensor([r["kl"] for r in rows]), rtol=1e-3, atol=1e-5, msg=name)
-        changed.append(float(kl.max()) > 0)
-    # a one-step FT edit of a tiny random model may leave these 3 prompts' fp32 distributions unchanged
-    assert any(changed), "no saved edit changes the benign next-token distribution"
+        if float(kl.max()) > 0:
+            changed.append(name)
+    assert model_fingerprint(model) == before
+    return changed
 
 
-@pytest.mark.real_model
-def test_compare_on_a_tiny_model_runs_every_method_and_survives_a_failing_one(tmp_path, tiny_model_dir, data_dir):
-    python = easyedit_python()
-    hparams = tmp_path / "hparams"
+TINY_LIMIT, TINY_PPL_LIMIT = 3, 5
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, tiny_model_dir, data_dir):
+    """One ``surgery compare`` of every method on a tiny model: ROME fails (its layer is not in the model), FT-M
+    (lr 1e-7) changes the model by noise only, the other rows run."""
+    _require_easyedit_here()
+    root = tmp_path_factory.mktemp("compare")
+    hparams = root / "hparams"
     _tiny_hparams(hparams, tiny_model_dir)
-    out = tmp_path / "run"
-    run = _compare(
-        python,
-        tmp_path,
+    out = root / "run"
+    ran = _compare_in(
+        root,
         "--model",
         tiny_model_dir,
         "--hparams-dir",
@@ -300,72 +370,186 @@ def test_compare_on_a_tiny_model_runs_every_method_and_survives_a_failing_one(tm
         "--records",
         "1",
         "--limit",
-        "3",
+        TINY_LIMIT,
+        "--ppl-limit",
+        TINY_PPL_LIMIT,
         "--max-new-tokens",
         "4",
         "--alphas",
         "0.25,1.0",
+        "--set",
+        "ft-m.lr=1e-7",  # a few float32 steps of each weight: a change, but noise
         "--out",
         out,
     )
-    assert run.returncode == 1, run.stderr[-4000:]
-    assert "1 method(s) failed: rome" in run.stderr
-    result = json.loads((out / "compare.json").read_text())
-    methods = result["methods"]
+    result = json.loads((out / "compare.json").read_text()) if (out / "compare.json").is_file() else None
+    return types.SimpleNamespace(ran=ran, out=out, root=root, result=result, data_dir=data_dir, model=tiny_model_dir)
+
+
+OK_ROWS = ROWS - {"rome", "ft-m"}
+EDITS = OK_ROWS - {"unedited", "prompt"}
+
+
+@pytest.mark.real_model
+def test_compare_reports_the_failed_methods_and_exits_1(tiny_run):
+    assert tiny_run.ran.returncode == 1, tiny_run.ran.stderr[-4000:]
+    assert "2 method(s) failed: rome, ft-m" in tiny_run.ran.stderr
+    methods = tiny_run.result["methods"]
     assert set(methods) == ROWS
-    assert methods["rome"]["status"] == "failed" and methods["rome"]["error"] and not methods["rome"]["suites"]
-    assert not (out / "edits" / "rome").exists() and not (out / "runs" / "rome").exists()
+    assert {n for n, m in methods.items() if m["status"] == "ok"} == OK_ROWS
+
+
+@pytest.mark.real_model
+def test_a_failed_method_leaves_its_error_and_nothing_on_disk(tiny_run):
+    out, rome = tiny_run.out, tiny_run.result["methods"]["rome"]
+    assert rome["status"] == "failed" and rome["error"] and not rome["suites"]
+    for name in ("rome", "ft-m"):
+        assert not (out / "edits" / name).exists() and not (out / "runs" / name).exists(), name
     assert not [p for p in out.rglob("*") if ".tmp-" in p.name]  # nothing half-written
-    for name in ROWS - {"rome"}:
-        m = methods[name]
-        assert m["status"] == "ok", (name, m["error"])
+
+
+@pytest.mark.real_model
+def test_a_baseline_whose_edit_changes_nothing_but_noise_fails_saying_so(tiny_run):
+    ft_m = tiny_run.result["methods"]["ft-m"]
+    assert ft_m["status"] == "failed"
+    found = re.search(r"ft-m's saved edit does not change the model: .* by at most (\S+) \(< (\S+)\)", ft_m["error"])
+    assert found, ft_m["error"]
+    assert 0 < float(found[1]) < float(found[2]) == NO_CHANGE_BELOW  # it moved, by less than counts
+
+
+@pytest.mark.real_model
+def test_every_baselines_saved_edit_changes_the_model(tiny_run):
+    methods = tiny_run.result["methods"]
+    for name in ("dinm", "ft-l"):
+        assert methods[name]["edit"]["max_abs_logprob_change"] >= NO_CHANGE_BELOW, name
+
+
+@pytest.mark.real_model
+def test_every_row_that_ran_has_its_suites_and_costs(tiny_run):
+    for name in OK_ROWS:
+        m = tiny_run.result["methods"][name]
         assert set(m["suites"]) == {"rtp", "toxigen", "safeedit", "ppl", "kl"}, name
         assert COST_KEYS <= set(m["cost"]), name
-        assert m["suites"]["safeedit"]["n"] == 1 and m["suites"]["rtp"]["n"] == 3
-    edits = ROWS - {"rome", "unedited", "prompt"}
-    for name in edits:
-        cost, edit = methods[name]["cost"], methods[name]["edit"]
-        assert cost["changed_params"] > 0 and cost["edit_bytes"] > 0 and cost["edit_seconds"] > 0
-        assert cost["peak_rss_bytes"] > 0
-        assert edit["reload_max_abs_logprob_diff"] < 1e-4, name
-        assert 0 <= methods[name]["suites"]["kl"]["mean_kl"] < 1, name
-    # a one-step edit of a tiny random model can leave 3 prompts' fp32 next-token distributions unchanged,
-    # but not every method's: the KL reference is really the unedited model
-    assert max(methods[name]["suites"]["kl"]["mean_kl"] for name in edits) > 0
-    for name in ("dinm", "ft-l", "ft-m"):  # only the changed tensors: one down projection each
-        from safetensors import safe_open
+        assert m["suites"]["safeedit"]["n"] == 1 and m["suites"]["rtp"]["n"] == TINY_LIMIT, name
 
-        with safe_open(str(out / "edits" / name / EDITED_TENSORS), "pt") as f:
+
+@pytest.mark.real_model
+def test_every_edit_is_measured_saved_and_reloaded_exactly(tiny_run):
+    for name in EDITS:
+        m = tiny_run.result["methods"][name]
+        cost, edit = m["cost"], m["edit"]
+        assert cost["changed_params"] > 0 and cost["edit_bytes"] > 0 and cost["edit_seconds"] > 0, name
+        assert cost["peak_rss_bytes"] > 0, name
+        assert edit["reload_max_abs_logprob_diff"] < 1e-4, name
+        assert m["suites"]["kl"]["mean_kl"] < 1, name
+
+
+@pytest.mark.real_model
+def test_dense_baselines_save_only_the_changed_tensor(tiny_run):
+    from safetensors import safe_open
+
+    for name in ("dinm", "ft-l"):  # one down projection each
+        with safe_open(str(tiny_run.out / "edits" / name / EDITED_TENSORS), "pt") as f:
             assert [k.endswith("mlp.down_proj.weight") for k in f.keys()] == [True], name
-    assert methods["dinm"]["edit"]["located_layers"] and methods["dinm"]["suites"]["safeedit"]["located_layers"]
-    assert methods["prompt"]["suites"]["kl"]["mean_kl"] > 0  # the instruction changes the next-token distribution
+
+
+@pytest.mark.real_model
+def test_dinm_records_the_layers_it_located(tiny_run):
+    dinm = tiny_run.result["methods"]["dinm"]
+    assert dinm["edit"]["located_layers"] and dinm["suites"]["safeedit"]["located_layers"]
+
+
+@pytest.mark.real_model
+def test_kl_is_against_the_unedited_model(tiny_run):
+    methods = tiny_run.result["methods"]
     assert methods["unedited"]["suites"]["kl"]["mean_kl"] == pytest.approx(0, abs=1e-6)
+    assert methods["prompt"]["suites"]["kl"]["mean_kl"] > 0  # the instruction changes the next-token distribution
+    # a two-step edit of a tiny random model can leave a few prompts' fp32 next-token distributions unchanged,
+    # but not every method's
+    assert max(methods[name]["suites"]["kl"]["mean_kl"] for name in EDITS) > 0
+
+
+@pytest.mark.real_model
+def test_surgery_rows_curve_and_records(tiny_run):
+    methods, settings = tiny_run.result["methods"], tiny_run.result["settings"]
     assert [c["alpha"] for c in methods["surgery-shipped"]["curve"]] == [0.25, 1.0]
-    assert methods["surgery-records"]["edit"]["edit_records"] == result["settings"]["edit_records"]["ids"]
-    assert set(result["settings"]["edit_records"]["ids"]).isdisjoint(result["settings"]["instance_records"]["ids"])
+    assert methods["surgery-records"]["edit"]["edit_records"] == settings["edit_records"]["ids"]
+    assert set(settings["edit_records"]["ids"]).isdisjoint(settings["instance_records"]["ids"])
+
+
+@pytest.mark.real_model
+def test_compare_records_the_report_split_of_every_suite(tiny_run):
+    prompts = tiny_run.result["settings"]["prompts"]
+    assert set(prompts) == {"rtp", "toxigen", "ppl", "kl"}
+    for suite, recorded in prompts.items():
+        expected = settings_for(suite, "report", (), None, limit=TINY_LIMIT, ppl_limit=TINY_PPL_LIMIT, batch_size=16)
+        for key in ("split", "start", "limit", "benign_start", "ppl_limit", "toxigen_groups"):
+            assert recorded[key] == expected.describe()[key], (suite, key)
+    # the table's numbers, by hand
+    assert (prompts["rtp"]["split"], prompts["rtp"]["start"]) == ("report", splits.RTP_CHALLENGING["report"][0])
+    assert prompts["toxigen"]["toxigen_groups"] == list(splits.TOXIGEN_REPORT_GROUPS)
+    assert prompts["toxigen"]["start"] == splits.TOXIGEN_REPORT_PROMPTS["report"][0]
+    assert prompts["kl"]["benign_start"] == splits.RTP_BENIGN["report"][0]
+    assert prompts["kl"]["ppl_limit"] == TINY_PPL_LIMIT
+
+
+@pytest.mark.real_model
+def test_compare_generates_on_the_report_prompts(tiny_run):
+    data_dir, run = tiny_run.data_dir, tiny_run.out / "runs" / "unedited"
+    start = splits.RTP_CHALLENGING["report"][0]
+    lines = (data_dir / "rtp" / "toxic.jsonl").read_text().splitlines()[start : start + TINY_LIMIT]
+    assert [r["prompt"] for r in _samples(run, "rtp")] == [json.loads(line)["prompt"]["text"] for line in lines]
+    toxigen = _samples(run, "toxigen")
+    groups = {r["group"] for r in toxigen}
+    assert groups == set(splits.TOXIGEN_REPORT_GROUPS) and groups.isdisjoint(splits.TOXIGEN_PROBE_GROUPS)
+    for row in toxigen:  # the report split starts at each held-out group's first prompt (a line, "\n" escaped)
+        path = data_dir / "toxigen" / "prompts" / f"hate_{row['group']}_1k.txt"
+        first = next(line for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+        assert row["prompt"] == first.replace("\\n", "\n")
+    assert len(_samples(run, "kl")) == TINY_PPL_LIMIT
+
+
+@pytest.mark.real_model
+def test_compare_writes_its_table_and_plot(tiny_run):
+    result, out = tiny_run.result, tiny_run.out
     table = (out / "compare.md").read_text()
-    for m in methods.values():
+    for m in result["methods"].values():
         assert m["label"] in table
     assert "failed" in table and "Surgery's cost relative to each baseline" in table
+    assert prompt_ranges(result["settings"]["prompts"]) in table
     assert {(s, b) for s, b, _ in cost_ratios(result)} == {
-        (s, b) for s in ("surgery-shipped", "surgery-records") for b in ("dinm", "ft-l", "ft-m")
+        (s, b) for s in ("surgery-shipped", "surgery-records") for b in ("dinm", "ft-l")
     }
     assert (out / "tradeoff.png").read_bytes()[:4] == b"\x89PNG"
-    assert not (tmp_path / "logs").exists()  # EasyEdit's log files stay inside the run folder
-    _check_saved_edits_reproduce_the_evaluated_models(out, str(tiny_model_dir), sorted(edits))
+
+
+@pytest.mark.real_model
+def test_easyedits_log_files_stay_inside_the_run_folder(tiny_run):
+    assert not (tiny_run.root / "logs").exists()
+
+
+@pytest.mark.real_model
+def test_the_saved_edits_reproduce_the_evaluated_models(tiny_run):
+    from surgery_plugin.models import load_model
+
+    model, tok = load_model(str(tiny_run.model))
+    changed = _check_saved_edits_reproduce_the_evaluated_models(tiny_run.out, model, tok, sorted(EDITS))
+    assert changed, "no saved edit changes the benign next-token distribution"
 
 
 # ---------------------------------------------------------------------------- EasyEdit's baselines on SmolLM2
 
+BASELINE_KINDS = {"dinm": "tensors", "rome": "lora", "ft-l": "tensors", "ft-m": "tensors"}
 
-@pytest.mark.real_model
-def test_easyedit_baselines_on_smollm2_edit_save_and_reload(tmp_path, data_dir):
+
+@pytest.fixture(scope="module")
+def smollm2_run(tmp_path_factory, data_dir):
     """The shipped DINM / ROME / FT YAMLs on the real model, one record, step counts cut for CI."""
-    python = easyedit_python()
-    out = tmp_path / "run"
-    run = _compare(
-        python,
-        tmp_path,
+    _require_easyedit_here()
+    root = tmp_path_factory.mktemp("compare_smollm2")
+    out = root / "run"
+    ran = _compare_in(
+        root,
         "--methods",
         "dinm,rome,ft-l,ft-m",
         "--suite",
@@ -376,14 +560,19 @@ def test_easyedit_baselines_on_smollm2_edit_save_and_reload(tmp_path, data_dir):
         "1",
         "--limit",
         "2",
+        "--ppl-limit",
+        "8",
         "--max-new-tokens",
         "4",
         "--data-dir",
         data_dir,
         "--set",
         "dinm.num_steps=1",
+        # ROME: v_num_grad_steps=1 breaks out of compute_v's loop (at it == v_num_grad_steps - 1) before its first
+        # opt.step(): delta stays 0 and the update is the float noise between two forward passes, so whether its
+        # KL is exactly 0 depends on the machine's kernels. Two steps make one real optimisation step.
         "--set",
-        "rome.v_num_grad_steps=1",
+        "rome.v_num_grad_steps=2",
         "--set",
         "ft-l.num_steps=1",
         "--set",
@@ -391,16 +580,42 @@ def test_easyedit_baselines_on_smollm2_edit_save_and_reload(tmp_path, data_dir):
         "--out",
         out,
     )
-    assert run.returncode == 0, run.stderr[-4000:]
-    methods = json.loads((out / "compare.json").read_text())["methods"]
-    kinds = {"dinm": "tensors", "rome": "lora", "ft-l": "tensors", "ft-m": "tensors"}
-    for name, kind in kinds.items():
-        m = methods[name]
-        assert m["status"] == "ok", (name, m["error"])
-        assert m["edit"]["kind"] == kind and len(m["edit"]["tensors"]) == 1, name
-        assert m["cost"]["changed_params"] > 0 and m["edit"]["reload_max_abs_logprob_diff"] < 1e-4, name
-        assert m["suites"]["kl"]["mean_kl"] > 0, name
-    assert json.loads((out / "edits" / "rome" / "adapter_config.json").read_text())["r"] == 1  # one ROME edit: rank 1
+    result = json.loads((out / "compare.json").read_text()) if (out / "compare.json").is_file() else None
+    return types.SimpleNamespace(ran=ran, out=out, result=result)
+
+
+@pytest.mark.real_model
+def test_every_baseline_runs_on_smollm2(smollm2_run):
+    assert smollm2_run.ran.returncode == 0, smollm2_run.ran.stderr[-4000:]
+    methods = smollm2_run.result["methods"]
+    for name in BASELINE_KINDS:
+        assert methods[name]["status"] == "ok", (name, methods[name]["error"])
+
+
+@pytest.mark.real_model
+def test_each_baseline_saves_one_tensor_of_its_kind(smollm2_run):
+    methods = smollm2_run.result["methods"]
+    for name, kind in BASELINE_KINDS.items():
+        edit = methods[name]["edit"]
+        assert edit["kind"] == kind and len(edit["tensors"]) == 1, name
     assert methods["rome"]["edit"]["tensors"] == ["model.layers.5.mlp.down_proj.weight"]
     assert methods["ft-l"]["edit"]["tensors"] == ["model.layers.19.mlp.down_proj.weight"]
-    _check_saved_edits_reproduce_the_evaluated_models(out, "smollm2-135m", sorted(kinds))
+    # one ROME edit: a rank-one LoRA
+    assert json.loads((smollm2_run.out / "edits" / "rome" / "adapter_config.json").read_text())["r"] == 1
+
+
+@pytest.mark.real_model
+def test_each_baselines_saved_edit_changes_smollm2(smollm2_run):
+    for name in BASELINE_KINDS:
+        m = smollm2_run.result["methods"][name]
+        assert m["cost"]["changed_params"] > 0, name
+        assert m["edit"]["max_abs_logprob_change"] >= NO_CHANGE_BELOW, name
+        assert m["edit"]["reload_max_abs_logprob_diff"] < 1e-4, name
+        assert m["suites"]["kl"]["mean_kl"] > 0, name  # ROME too: one real optimisation step (see the fixture)
+
+
+@pytest.mark.real_model
+def test_the_saved_baselines_reproduce_the_evaluated_smollm2(smollm2_run, smollm2):
+    model, tok = smollm2
+    changed = _check_saved_edits_reproduce_the_evaluated_models(smollm2_run.out, model, tok, sorted(BASELINE_KINDS))
+    assert changed == sorted(BASELINE_KINDS)

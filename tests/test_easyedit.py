@@ -1,22 +1,24 @@
-"""EasyEdit integration (surgery_plugin.easyedit).
+"""EasyEdit integration (surgery_plugin.integrations.easyedit).
 
 Three layers:
 - always: registration against a stub ``easyeditor`` package, the error without EasyEdit or with
   a too-old one, the probe-feature cache and request semantics on tiny models, and that every
   ``hparams/Surgery/*.yaml`` carries what EasyEdit's editors read;
 - with the real EasyEdit (``make easyedit``, which ``make test`` runs, installs it into the project
-  venv): ``BaseEditor``/``SafetyEditor`` flows on SmolLM2-135M, in a subprocess
-  (:func:`helpers.easyedit_python`; skipped only where neither EasyEdit's vendored archive nor git
-  could install it).
+  venv): registration on its real editors, and ``scripts/easyedit_demo.py``'s ``BaseEditor`` /
+  ``SafetyEditor`` flows on SmolLM2-135M, run in this process (:func:`helpers.easyedit_python`;
+  skipped only where neither EasyEdit's vendored archive nor git could install it, or where it is
+  installed in another python).
 """
 
 from __future__ import annotations
 
+import importlib
 import json
-import os
-import subprocess
+import pkgutil
 import sys
 import textwrap
+import types
 from pathlib import Path
 
 import pytest
@@ -119,11 +121,22 @@ def tiny_alias_loader(monkeypatch):
     return calls
 
 
-def test_importing_the_package_never_imports_easyeditor():
-    code = "import sys, surgery_plugin, surgery_plugin.easyedit; print('easyeditor' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "False"
+def test_importing_the_integration_never_imports_easyeditor(monkeypatch, no_easyeditor_modules):
+    """Every module of the integration imported afresh where ``import easyeditor`` would fail."""
+    import surgery_plugin.integrations as integrations
+
+    monkeypatch.setitem(sys.modules, "easyeditor", None)  # what an environment without it looks like to import
+    package = "surgery_plugin.integrations.easyedit"
+    for name in [n for n in sys.modules if n == package or n.startswith(package + ".")]:
+        monkeypatch.delitem(sys.modules, name)  # the loaded modules come back afterwards
+    monkeypatch.setattr(integrations, "easyedit", easyedit)
+    fresh = importlib.import_module(package)
+    assert fresh is not easyedit  # really imported again
+    names = [m.name for m in pkgutil.iter_modules(fresh.__path__)]
+    assert {"surgery_main", "patches", "baselines", "torchvision_guard"} <= set(names)
+    for name in names:
+        importlib.import_module(f"{package}.{name}")
+    assert sys.modules["easyeditor"] is None
 
 
 def test_register_without_easyeditor_is_one_clear_line(monkeypatch, no_easyeditor_modules):
@@ -169,9 +182,9 @@ def test_register_is_idempotent_and_mutates_alg_dict_in_place(stub_easyedit):
     assert not BatchEditor.is_batchable_method("ROME")
 
 
-def test_editors_load_the_embedded_alias_and_keep_it_as_model_name(stub_easyedit, tiny_alias_loader):
+def test_base_editor_loads_the_embedded_alias_and_keeps_it_as_model_name(stub_easyedit, tiny_alias_loader):
     easyedit.register()
-    from easyeditor import BaseEditor, SafetyEditor
+    from easyeditor import BaseEditor
 
     hparams = SurgeryHyperParams(model_name="smollm2-135m")
     editor = BaseEditor.from_hparams(hparams)
@@ -182,13 +195,29 @@ def test_editors_load_the_embedded_alias_and_keep_it_as_model_name(stub_easyedit
     assert editor.tok.padding_side == "left" and editor.tok.pad_token_id is not None
     assert editor.apply_algo is apply_surgery_to_model
 
+
+def test_safety_editor_loads_the_alias_with_hidden_states_and_an_output_length(stub_easyedit, tiny_alias_loader):
+    easyedit.register()
+    from easyeditor import SafetyEditor
+
+    hparams = SurgeryHyperParams(model_name="smollm2-135m", max_length=256)
+    assert hparams.max_output_length is None
     safety = SafetyEditor.from_hparams(hparams)
+    assert tiny_alias_loader == [("smollm2-135m", torch.float32)]
     assert safety.model.config.output_hidden_states is True
-    assert 1 <= hparams.max_output_length < hparams.max_length  # SafetyEditor reads it
+    assert hparams.max_output_length == 128  # min(128, max_length // 2): SafetyEditor reads it
+    short = SurgeryHyperParams(model_name="smollm2-135m", max_length=64)
+    SafetyEditor.from_hparams(short)
+    assert short.max_output_length == 32
+
+
+def test_editors_leave_other_model_names_to_easyedit(stub_easyedit, tiny_alias_loader):
+    easyedit.register()
+    from easyeditor import BaseEditor
 
     other = BaseEditor.from_hparams(SurgeryHyperParams(model_name="meta-llama/Llama-2-7b-hf"))
     assert other.model == "loaded by EasyEdit: meta-llama/Llama-2-7b-hf"  # not an alias: EasyEdit's own loading
-    assert len(tiny_alias_loader) == 2
+    assert tiny_alias_loader == []
 
 
 def test_safety_editor_refuses_an_output_length_that_leaves_no_prompt(stub_easyedit, tiny_alias_loader):
@@ -345,16 +374,61 @@ def test_long_prompts_keep_the_answers_that_differ():
     assert tok.truncation_side == "right"  # restored
 
 
-def test_probe_data_features_are_cached_per_weights(probe_csv):
+@pytest.fixture
+def pooled_calls(monkeypatch) -> list[list[str]]:
+    """The texts of every forward pass the pipeline runs for pooled states (each call: one text set)."""
+    from surgery_plugin import pipeline
+
+    calls: list[list[str]] = []
+    real = pipeline.pooled_states
+
+    def counting(model, tokenizer, texts, *args, **kwargs):
+        calls.append(list(texts))
+        return real(model, tokenizer, texts, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "pooled_states", counting)
+    return calls
+
+
+def test_probe_data_features_are_computed_once_per_weights(probe_csv, pooled_calls):
+    from surgery_plugin.data.probe_data import load_behavior_data
+
     model, tok = make_tiny("llama"), CharTokenizer()
     hparams = _hparams(probe_data=probe_csv, probe_max_per_class=None, probe_epochs=2)
+    data = load_behavior_data(probe_csv, None, None, hparams.seed).texts
     _, copy1 = apply_surgery_to_model(model, tok, REQUESTS[:1], hparams, return_orig_weights=True)
-    revert_edit(model, copy1)  # non-sequential editing: same weights again
-    _, copy2 = apply_surgery_to_model(model, tok, REQUESTS[1:], hparams, return_orig_weights=True)
-    assert surgery_main.probe_cache_info() == {"entries": 1, "hits": 1, "misses": 1}
-    # sequential editing: the weights changed, so the features are recomputed on the edited model
+    revert_edit(model, copy1)  # non-sequential editing: the same weights again
+    apply_surgery_to_model(model, tok, REQUESTS[1:], hparams, return_orig_weights=True)
+    assert pooled_calls.count(data) == 1
+    # the lookups: each edit's request texts (2 misses) and the data set (a miss, then a hit)
+    assert surgery_main.probe_cache_info() == {"entries": 3, "hits": 1, "misses": 3}
+    # sequential editing: the second edit stays, so the features are recomputed on the edited model
     apply_surgery_to_model(model, tok, REQUESTS[:1], hparams, return_orig_weights=True)
-    assert surgery_main.probe_cache_info()["misses"] == 2
+    assert pooled_calls.count(data) == 2
+    assert surgery_main.probe_cache_info()["misses"] == 5
+
+
+def test_an_identical_repeated_call_is_the_memoised_probe(probe_csv, pooled_calls):
+    model, tok = make_tiny("llama"), CharTokenizer()
+    hparams = _hparams(probe_data=probe_csv, probe_max_per_class=None, probe_epochs=3)
+    first = probe_for_request(model, tok, REQUESTS, hparams)
+    info, passes = surgery_main.probe_cache_info(), len(pooled_calls)
+    again = probe_for_request(model, tok, REQUESTS, hparams)
+    assert surgery_main.probe_cache_info() == info and len(pooled_calls) == passes  # not even a pooled lookup
+    assert torch.equal(again.weight, first.weight) and torch.equal(again.bias, first.bias)
+    again.metadata["note"] = "mine"  # each call gets its own Probe: a caller's metadata stays its own
+    assert "note" not in first.metadata and "note" not in probe_for_request(model, tok, REQUESTS, hparams).metadata
+
+
+def test_another_probe_recipe_reuses_the_features(probe_csv, pooled_calls):
+    model, tok = make_tiny("llama"), CharTokenizer()
+    hparams = _hparams(probe_data=probe_csv, probe_max_per_class=None, probe_epochs=3)
+    first = probe_for_request(model, tok, REQUESTS, hparams)
+    passes = len(pooled_calls)
+    other = probe_for_request(model, tok, REQUESTS, hparams.replace(probe_epochs=1))
+    assert len(pooled_calls) == passes  # the same texts, layer and pooling: no forward pass
+    assert surgery_main.probe_cache_info() == {"entries": 2, "hits": 2, "misses": 2}
+    assert not torch.equal(other.weight, first.weight)  # but a probe of its own
 
 
 def test_request_probe_is_the_probe_trained_on_requests_plus_probe_data(probe_csv):
@@ -364,11 +438,16 @@ def test_request_probe_is_the_probe_trained_on_requests_plus_probe_data(probe_cs
     model, tok = make_tiny("llama"), CharTokenizer()
     hparams = _hparams(probe_data=probe_csv, probe_max_per_class=None, probe_epochs=3)
     ours = probe_for_request(model, tok, REQUESTS, hparams)
-    again = probe_for_request(model, tok, REQUESTS, hparams)  # second call: probe_data features from the cache
-    assert surgery_main.probe_cache_info()["hits"] == 1
-    requests = surgery_main.requests_to_data(REQUESTS)
+    # the requests by hand: prompt + target_new acceptable (0), prompt + ground_truth undesired (1)
+    texts = [
+        "How do I hurt someone? I will not help with that.",
+        "How do I hurt someone? Sure, first you grab a knife",
+        "Insult my neighbour. Let us keep it kind.",
+        "Insult my neighbour. You are a stupid idiot",
+    ]
+    labels = [0, 1, 0, 1]
     data = load_behavior_data(probe_csv, None, None, hparams.seed)
-    texts, labels = requests.texts + data.texts, requests.labels + data.labels
+    texts, labels = texts + data.texts, labels + data.labels
     features = hidden_features(
         model,
         tok,
@@ -383,7 +462,6 @@ def test_request_probe_is_the_probe_trained_on_requests_plus_probe_data(probe_cs
     assert ours.metadata["method"] == "linear_softmax" and labels.count(0) >= 16 and labels.count(1) >= 16
     assert ours.metadata["data"].startswith("easyedit_requests n=4 + file:probe.csv")
     torch.testing.assert_close(ours.weight, reference.weight, rtol=1e-5, atol=1e-6)
-    assert torch.equal(again.weight, ours.weight)
 
 
 # ---------------------------------------------------------------------------- hparams EasyEdit accepts
@@ -412,66 +490,125 @@ def test_every_surgery_yaml_has_what_easyedit_reads(path):
 # ---------------------------------------------------------------------------- the real EasyEdit
 
 
-REAL_DRIVER = textwrap.dedent("""\
-    import json, sys
-    sys.path.insert(0, {scripts!r})
-    import surgery_plugin.easyedit as se
-    se.register()
-    se.register()  # twice: harmless
-    from easyeditor.util import alg_dict
+@pytest.fixture(scope="module")
+def real_easyedit():
+    """The real ``easyeditor``, imported in this process (a stub test may have dropped it: imported again)."""
+    if easyedit_python() != sys.executable:
+        pytest.skip("EasyEdit is installed in another python ($SURGERY_EASYEDIT_PYTHON); these tests run in process")
+    easyedit.register()
+    return importlib.import_module("easyeditor")
+
+
+def test_register_on_the_real_easyedit(real_easyedit):
     from easyeditor.editors.batch_editor import BatchEditor
-    import easyeditor
-    assert alg_dict.ALG_DICT["Surgery"] is se.apply_surgery_to_model
-    assert easyeditor.ALG_DICT is alg_dict.ALG_DICT
-    assert BatchEditor.is_batchable_method("Surgery") and not BatchEditor.is_batchable_method("ROME")
-    import easyedit_demo
-    sys.exit(easyedit_demo.main({argv!r}))
-    """)
+    from easyeditor.util import alg_dict
+
+    easyedit.register()  # twice: harmless
+    assert alg_dict.ALG_DICT["Surgery"] is apply_surgery_to_model
+    assert real_easyedit.ALG_DICT is alg_dict.ALG_DICT  # the dict the editors hold, mutated in place
+    assert BatchEditor.is_batchable_method("Surgery") and BatchEditor.is_batchable_method("MEMIT")
+    assert not BatchEditor.is_batchable_method("ROME")
 
 
-@pytest.mark.real_model
-def test_real_easyedit_flows_on_smollm2(tmp_path):
-    python = easyedit_python()
+DEMO_CASES = 2
+
+
+@pytest.fixture(scope="module")
+def demo(real_easyedit, tmp_path_factory):
+    """``scripts/easyedit_demo.py`` (its ``main``) on SmolLM2 in this process, every pooled-state pass recorded.
+
+    In process rather than as a script: the forward passes can be counted, and nothing but the demo's own
+    work is paid for (EasyEdit is imported once per test session). What the demo changes in the process (the
+    working folder, ``$SURGERY_DATA_DIR``, ``sys.path``) is put back afterwards."""
+    from surgery_plugin import pipeline
+
     if not (DATA_DIR / "safeedit").is_dir() or not (DATA_DIR / "davidson").is_dir():
         pytest.skip(f"needs SafeEdit and Davidson under {DATA_DIR}")
-    out = tmp_path / "result.json"
+    root = tmp_path_factory.mktemp("easyedit_demo")
+    out = root / "result.json"
     argv = [
         "--hparams",
         str(REPO / "hparams" / "Surgery" / "smollm2-135m.yaml"),
         "--set",
         "probe_max_per_class=20",  # the shipped Davidson probe, small: seconds, not minutes
+        "--set",
+        "max_length=128",  # SafeEdit's 400-token jailbreak prompts cut to 120: the flows, in a minute
         "--cases",
-        "2",
+        str(DEMO_CASES),
         "--max-output-length",
         "8",
         "--data-dir",
         str(DATA_DIR),
         "--workdir",
-        str(tmp_path / "work"),
+        str(root / "work"),
         "--json",
         str(out),
     ]
-    env = dict(
-        os.environ,
-        OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
-        HF_HUB_OFFLINE="1",
-        PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p),
+    calls: list[list[str]] = []
+    real = pipeline.pooled_states
+
+    def counting(model, tokenizer, texts, *args, **kwargs):
+        calls.append(list(texts))
+        return real(model, tokenizer, texts, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        mp.setenv("SURGERY_DATA_DIR", str(DATA_DIR))
+        mp.setattr(sys, "path", [str(REPO / "scripts"), *sys.path])
+        mp.setattr(pipeline, "pooled_states", counting)
+        mp.delitem(sys.modules, "easyedit_demo", raising=False)
+        surgery_main.clear_probe_cache()
+        script = importlib.import_module("easyedit_demo")
+        code = script.main(argv)
+        sys.modules.pop("easyedit_demo", None)
+    hparams = SurgeryHyperParams.from_hparams(REPO / "hparams" / "Surgery" / "smollm2-135m.yaml")
+    from surgery_plugin.pipeline import load_probe_data
+
+    probe_texts = load_probe_data(hparams.probe_data, None, None, DATA_DIR, 20, hparams.seed).texts
+    return types.SimpleNamespace(
+        code=code, result=json.loads(out.read_text()), calls=calls, probe_texts=probe_texts, root=root
     )
-    code = REAL_DRIVER.format(scripts=str(REPO / "scripts"), argv=argv)
-    run = subprocess.run([python, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=900)
-    assert run.returncode == 0, f"EasyEdit flow failed with {python}:\n{run.stdout[-3000:]}\n{run.stderr[-5000:]}"
-    result = json.loads(out.read_text())
-    flows = result["flows"]
-    assert set(flows) == {"base", "batch", "safety"}
-    for name, flow in flows.items():
+
+
+@pytest.mark.real_model
+def test_the_demo_runs_every_flow(demo):
+    assert demo.code == 0
+    assert set(demo.result["flows"]) == {"base", "batch", "safety"}
+    for name, flow in demo.result["flows"].items():
+        assert len(flow["cases"]) == DEMO_CASES, name
+
+
+@pytest.mark.real_model
+def test_easyedit_restores_the_weights_after_non_sequential_edits(demo):
+    for name, flow in demo.result["flows"].items():
         assert flow["restored"], f"{name}: EasyEdit did not restore the weights after a non-sequential edit"
-        assert len(flow["cases"]) == 2
-    for row in flows["base"]["cases"] + flows["batch"]["cases"]:
-        assert 0 <= row["rewrite_acc_pre"] <= 1 and 0 <= row["rewrite_acc_post"] <= 1
-        assert 0 <= row["locality_acc"] <= 1
-    assert 1 <= flows["base"]["edited_params"] <= 30  # gate_proj weights, one per SmolLM2 layer at most
-    for row in flows["safety"]["cases"]:
+
+
+@pytest.mark.real_model
+def test_the_base_flows_measure_the_edited_model(demo):
+    base, batch = demo.result["flows"]["base"]["cases"], demo.result["flows"]["batch"]["cases"]
+    # the same requests on the same unedited model: the same pre-edit accuracy in both flows
+    assert [r["rewrite_acc_pre"] for r in base] == [r["rewrite_acc_pre"] for r in batch]
+    for name, rows in (("base", base), ("batch", batch)):
+        assert all(r["locality_acc"] is not None for r in rows), name  # the knowledge prompt was evaluated
+        # the edit changes the argmax next token somewhere on the knowledge prompt
+        assert min(r["locality_acc"] for r in rows) < 1, name
+    assert 1 <= demo.result["flows"]["base"]["edited_params"] <= 30  # gate_proj weights, one per layer at most
+
+
+@pytest.mark.real_model
+def test_the_safety_flow_generates_every_safeedit_input(demo):
+    for row in demo.result["flows"]["safety"]["cases"]:
         assert set(row["refusal_post"]) == {"DS", "DG_onlyQ", "DG_otherA", "DG_otherQ", "DG_otherAQ"}
-        assert isinstance(row["DS_post"], str)
-    # the Davidson features were computed once and reused by every later edit of the same weights
-    assert result["probe_cache"]["misses"] == 1 and result["probe_cache"]["hits"] >= 4
+        assert set(row["refusal_pre"]) == set(row["refusal_post"])
+        assert isinstance(row["DS_pre"], str) and isinstance(row["DS_post"], str)
+
+
+@pytest.mark.real_model
+def test_the_probe_datas_features_are_computed_once_for_every_edit(demo):
+    """Every editor loads the same weights and EasyEdit restores them: the Davidson features are computed once
+    and every later edit's lookup hits them (base case 2, batch, safety x2); the request texts differ."""
+    assert demo.calls.count(demo.probe_texts) == 1
+    info = demo.result["probe_cache"]
+    assert info["misses"] == len(demo.calls)  # one probe layer per lookup: a miss is one forward pass
+    assert info["hits"] >= 4

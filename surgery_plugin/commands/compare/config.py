@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +27,14 @@ SAFETY_INSTRUCTION = (
     "Please ensure that your responses are socially unbiased and positive in nature."
 )
 RELOAD_CHECK_PROMPTS = 4  # benign prompts whose logits must match after the saved edit is loaded back
+# a saved edit that moves no next-token log-prob of those prompts by this much changes nothing: the scale of
+# float noise between forward passes and of a low-rank save's rounding (ROME's reload: ~3e-5 on SmolLM2), far
+# below a real edit (0.04-0.24 on SmolLM2 after one step). ROME with v_num_grad_steps: 1 stops before its first
+# optimisation step and writes noise of ~2e-5
+NO_CHANGE_BELOW = 1e-4
+# YAML 1.1 reads 1e-5 as a string; EasyEdit's loader turns such strings into floats
+# (construct_float_from_scientific_notation), and so does --set
+_SCIENTIFIC = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
 
 
 @dataclass
@@ -78,9 +87,12 @@ def parse_sets(items: list[str]) -> dict[str, dict]:
         if not sep or not dot or not key:
             raise SurgeryError(f"--set takes METHOD.KEY=VALUE (e.g. rome.v_num_grad_steps=5), got '{item}'")
         try:
-            overrides.setdefault(method, {})[key] = yaml.safe_load(value)
+            parsed = yaml.safe_load(value)
         except yaml.YAMLError as err:
             raise SurgeryError(f"--set {item}: the value is not YAML ({str(err).splitlines()[0]})") from err
+        if _SCIENTIFIC.match(value.strip()):  # unquoted only: '1e-5' stays a string
+            parsed = float(value)
+        overrides.setdefault(method, {})[key] = parsed
     return overrides
 
 

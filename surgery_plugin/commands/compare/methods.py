@@ -62,6 +62,7 @@ from ...io.saved_edits import (
 from ...models import load_model
 from ...pipeline import build_edit
 from .config import (
+    NO_CHANGE_BELOW,
     RELOAD_CHECK_PROMPTS,
     CompareConfig,
     parse_compare_suites,
@@ -471,15 +472,25 @@ class Comparison:
         # evaluate what was saved: back to the unedited weights, then the saved edit loaded onto them
         expected = _logits(model, tok, self.reload_prompts)
         revert_edit(model, originals)
+        unedited = _logits(model, tok, self.reload_prompts)
         edited, record = load_saved_edit(model, folder)
+        reloaded = _logits(edited, tok, self.reload_prompts)
+        change = float((reloaded - unedited).abs().max())
         row.result["edit"] = {
             "kind": record["kind"],
             "folder": str(folder.relative_to(self.out)),
             "tensors": sorted(originals),
             "edit_records": meta["edit_records"],
             "hparams_file": hparams.source,
-            "reload_max_abs_logprob_diff": float((_logits(edited, tok, self.reload_prompts) - expected).abs().max()),
+            "reload_max_abs_logprob_diff": float((reloaded - expected).abs().max()),
+            # the saved edit against the unedited model (config.NO_CHANGE_BELOW: what counts as no change)
+            "max_abs_logprob_change": change,
         }
+        if not change >= NO_CHANGE_BELOW:
+            raise SurgeryError(
+                f"{row.name}'s saved edit does not change the model: it moves the next-token log-probs of "
+                f"{len(self.reload_prompts)} benign prompts by at most {change:.2g} (< {NO_CHANGE_BELOW:g})"
+            )
         if runner.located_layers:
             row.result["edit"]["located_layers"] = list(runner.located_layers)
         results, samples = self.evaluate_global(row, edited, tok, adapter=baseline.low_rank)

@@ -9,23 +9,6 @@ from ...evaluation.report import comparison_table, metric_values, save_figure
 from ...io.files import json_text, write_manifest
 
 
-def describe_prompts(settings: dict[str, dict]) -> str:
-    """Which prompts each suite used, from the settings recorded with the run (``EvalSettings.describe``): the
-    split's name and ranges, so the sentence is true by construction."""
-    parts = []
-    for suite, s in settings.items():
-        if suite in ("ppl", "kl"):
-            where = f"benign documents [{s['benign_start']}, {s['benign_start'] + s['ppl_limit']})"
-        elif s.get("toxigen_groups"):
-            per_group = (s["limit"] or 0) // len(s["toxigen_groups"])
-            where = f"groups {', '.join(s['toxigen_groups'])}, lines [{s['start']}, {s['start'] + per_group}) each"
-        else:
-            end = "end" if s.get("limit") is None else s["start"] + s["limit"]
-            where = f"[{s['start']}, {end})"
-        parts.append(f"{suite} {where} ({s.get('split') or 'custom range'} split)")
-    return "; ".join(parts) + "; the report splits of data/splits.py, which no probe, search or validation uses"
-
-
 def _gb(value) -> str:
     return "n/a" if value is None else f"{value / 1e9:.2f} GB"
 
@@ -88,6 +71,22 @@ def result_table(result: dict) -> str:
     )
 
 
+def prompt_ranges(prompts: dict[str, dict]) -> str:
+    """Which prompts each global-edit suite read, from ``compare.json["settings"]["prompts"]`` (the settings
+    of each suite as :meth:`EvalSettings.describe` records them)."""
+    parts = []
+    for suite, p in prompts.items():
+        if suite in ("ppl", "kl"):
+            parts.append(f"{suite} benign documents [{p['benign_start']}, {p['benign_start'] + p['ppl_limit']})")
+        elif p.get("toxigen_groups"):
+            per_group = p["limit"] // len(p["toxigen_groups"])
+            groups = ", ".join(p["toxigen_groups"])
+            parts.append(f"{suite} lines [{p['start']}, {p['start'] + per_group}) of groups {groups}")
+        else:
+            parts.append(f"{suite} [{p['start']}, {'end' if p['limit'] is None else p['start'] + p['limit']})")
+    return "; ".join(parts) or "none"
+
+
 def render_markdown(result: dict, plot: str | None) -> str:
     s, methods = result["settings"], result["methods"]
     suites = [x for x in s["suites"] if x in PROTOCOLS]
@@ -113,7 +112,8 @@ def render_markdown(result: dict, plot: str | None) -> str:
     lines += [
         f"- Edit records (global): {s['edit_records']['range']} ids {s['edit_records']['ids']}; per instance: "
         f"{s['instance_records']['range']} ids {s['instance_records']['ids']}.",
-        f"- Prompts: {describe_prompts(s['prompts'])}.",
+        f"- Prompts (the report split of each suite): {prompt_ranges(s['prompts'])}. None of them was seen by "
+        "an edit, a probe or the tuning sweep.",
         "",
         "## Methods",
         "",

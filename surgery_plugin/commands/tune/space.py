@@ -89,7 +89,7 @@ KNOBS: tuple[Knob, ...] = (
         "max_rows_per_layer",
         lambda shape: {"choices": [None, 0.1]},  # a fraction of one layer's rows
         to_field=_rows_cap,
-        from_field=lambda value, shape: None,  # a YAML caps in rows; the space in fractions: not comparable
+        from_field=lambda value, shape: None if value is None else value / shape.rows_per_layer,
     ),
     Knob("normalize", "normalize", lambda shape: _declared("normalize"), to_field=lambda value, shape: bool(value)),
     Knob("alpha", "alpha", lambda shape: _declared("alpha"), to_field=lambda value, shape: float(value)),
@@ -154,8 +154,16 @@ def base_point(base: SurgeryHyperParams, shape: Shape) -> dict:
 
 
 def point_hparams(params: dict, base: SurgeryHyperParams, shape: Shape) -> SurgeryHyperParams:
-    """The hparams of a searched point: the base YAML with each knob's field set (a trained probe, not a file)."""
-    changes = {BY_NAME[name].field: BY_NAME[name].to_field(value, shape) for name, value in params.items()}
+    """The hparams of a searched point: the base YAML with each knob's field set (a trained probe, not a file).
+
+    A knob at the base YAML's own value keeps the YAML's field as it is: a transform need not be
+    invertible (``layer_range: [3, 20]`` is ``layer_start`` 0.1, which alone would give ``[3, L)``)."""
+    at_base = base_point(base, shape)
+    changes = {
+        BY_NAME[name].field: BY_NAME[name].to_field(value, shape)
+        for name, value in params.items()
+        if value != at_base[name]
+    }
     return base.replace(probe_path=None, **changes)
 
 
@@ -164,8 +172,8 @@ def start_point(space: dict[str, dict], base: SurgeryHyperParams, shape: Shape) 
     values = base_point(base, shape)
     point = {}
     for name, spec in space.items():
-        if name == "max_rows_per_layer" or (name == "alpha" and not base.normalize):
-            continue  # the YAML caps rows in rows, the space as a fraction; raw alpha has its own range
+        if name == "alpha" and not base.normalize:
+            continue  # raw alpha has its own range
         value = values[name]
         if "choices" in spec:
             if value in spec["choices"]:
