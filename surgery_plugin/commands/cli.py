@@ -216,11 +216,12 @@ def cmd_merge(args) -> None:
 
 
 def cmd_tune(args) -> None:
-    from .tune import run_tune
+    from .tune import run_tune, tune_inputs
 
     hp = _hparams(args)
+    inputs = tune_inputs(args)  # the space, suites and judges checked before the model loads
     model, tok = _load(args, hp)
-    run_tune(model, tok, args, hp)
+    run_tune(model, tok, args, hp, inputs)
 
 
 def cmd_compare(args) -> int:
@@ -245,7 +246,7 @@ def cmd_compare(args) -> int:
         max_new_tokens=args.max_new_tokens,
         seed=args.seed,
         overwrite=args.overwrite,
-        command="surgery " + shlex.join(sys.argv[1:]),
+        command="surgery " + shlex.join(args.argv),
         **({"instruction": args.instruction} if args.instruction else {}),
     )
     return run_compare_and_report(config)
@@ -535,7 +536,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--limit", type=POSITIVE_INT, default=50, help="prompts per generation suite")
     p.add_argument(
-        "--ppl-limit", type=POSITIVE_INT, default=None, help="benign documents for ppl and kl (default: --limit)"
+        "--ppl-limit",
+        type=POSITIVE_INT,
+        default=None,
+        help="benign documents for ppl and kl (default: the split's 200)",
     )
     p.add_argument(
         "--alphas", default="0.25,0.5,1.0", help="Surgery's alpha curve (set_alpha on the shipped edit); '' for none"
@@ -591,7 +595,9 @@ def _print_error(err: BaseException, verbose: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # how it was run, recorded by the commands that record it
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )

@@ -21,8 +21,9 @@ from .space import check_space, default_space
 from .study import TUNABLE_SUITES, TuneSettings, tune
 
 
-def run_tune(model: nn.Module, tokenizer, args, hparams: SurgeryHyperParams) -> dict:
-    """``surgery tune`` with the parsed command line: the behavior's suites, judges and data choices by default."""
+def tune_inputs(args) -> dict:
+    """The behavior, the check of ``--out``, the objective suites, the judges and the space of ``surgery tune``,
+    checked before any model loads (the default space, which needs the model's depth, comes later)."""
     behavior = get_behavior(args.behavior)
     check_target(args.out, "tune", overwrite=True)  # a study there resumes; any other folder is left alone
     if args.suites:
@@ -30,6 +31,18 @@ def run_tune(model: nn.Module, tokenizer, args, hparams: SurgeryHyperParams) -> 
     else:
         suites = behavior.tune_suites
     space = check_space(load_yaml_mapping(args.space, "search space")) if args.space else None
+    return {
+        "behavior": behavior,
+        "suites": tuple(suites),
+        "space": space,
+        "judges": parse_list(args.judge or behavior.judges, "judge"),
+    }
+
+
+def run_tune(model: nn.Module, tokenizer, args, hparams: SurgeryHyperParams, inputs: dict | None = None) -> dict:
+    """``surgery tune`` with the parsed command line: the behavior's suites, judges and data choices by default."""
+    inputs = inputs or tune_inputs(args)
+    behavior, space = inputs["behavior"], inputs["space"]
     settings = TuneSettings(
         model=args.model,
         base_hparams=hparams.to_dict(),
@@ -37,8 +50,8 @@ def run_tune(model: nn.Module, tokenizer, args, hparams: SurgeryHyperParams) -> 
         trials=args.trials,
         limit=args.limit,
         benign_limit=args.benign_limit,
-        suites=tuple(suites),
-        judges=parse_list(args.judge or behavior.judges, "judge"),
+        suites=inputs["suites"],
+        judges=inputs["judges"],
         max_ppl_increase=args.max_ppl_increase,
         max_kl=args.max_kl,
         seed=args.seed,
@@ -54,4 +67,4 @@ def run_tune(model: nn.Module, tokenizer, args, hparams: SurgeryHyperParams) -> 
     return result
 
 
-__all__ = ["TUNABLE_SUITES", "TuneSettings", "check_space", "default_space", "run_tune", "tune"]
+__all__ = ["TUNABLE_SUITES", "TuneSettings", "check_space", "default_space", "run_tune", "tune", "tune_inputs"]
