@@ -200,7 +200,7 @@ def test_prompt_edit_holds_only_the_instruction(tmp_path):
     model = make_tiny("llama")
     same, record = load_saved_edit(model, folder)
     assert same is model and record["instruction"] == "Be kind."
-    assert [p.name for p in folder.iterdir()] == ["edit.json"]
+    assert [p.name for p in folder.iterdir()] == ["surgery.json"]  # the manifest alone
 
 
 # ---------------------------------------------------------------------------- the report
