@@ -7,6 +7,7 @@ import subprocess
 import sys
 import tomllib
 import zipfile
+from pathlib import Path
 
 import pytest
 from helpers import REPO
@@ -77,3 +78,18 @@ def test_the_readme_quotes_the_split_table_as_generated():
     from surgery_plugin.data.splits import describe
 
     assert describe() in (REPO / "README.md").read_text(), "regenerate: python -m surgery_plugin.data.splits"
+
+
+def test_the_surgery_command_runs_as_a_user_runs_it(tmp_path):
+    """The one smoke test of the real entry points, in fresh processes: the console script make installs and
+    ``python -m surgery_plugin``; a usage error is one line and exit code 2."""
+    from helpers import surgery_subprocess
+
+    script = Path(sys.executable).parent / "surgery"
+    assert script.is_file(), f"{script}: the console script is not installed (make setup)"
+    ran = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert ran.returncode == 0 and "probe" in ran.stdout and "compare" in ran.stdout, ran.stderr[-2000:]
+    bad = surgery_subprocess("edit", "--model", "smollm2-135m", cwd=tmp_path)
+    lines = [line for line in bad.stderr.splitlines() if line.startswith("surgery: error:")]
+    assert bad.returncode == 2 and len(lines) == 1 and "--probe" in lines[0], bad.stderr[-2000:]
+    assert not any(tmp_path.iterdir()), "a usage error writes nothing"
