@@ -19,6 +19,7 @@ from ..core.architectures import ModelGates
 from ..core.provenance import package_versions
 from ..errors import SurgeryError
 from ..evaluation.judges import load_judges
+from ..evaluation.paired import paired_changes, paired_table
 from ..evaluation.protocols import PROTOCOLS, plan
 from ..evaluation.report import comparison_table, group_comparison, metric_values, save_figure
 from ..evaluation.runner import evaluate_plan, write_run_files
@@ -135,6 +136,11 @@ def _run(model, tok, hp, spec, model_name, behavior_name, out: Path, tmp: Path, 
     if "toxigen" in spec.suites:
         groups = group_comparison([("base", base["suites"]["toxigen"]), ("edited", edited["suites"]["toxigen"])])
         text += f"\n\nToxiGen by held-out target group:\n\n{groups}"
+    paired = paired_changes(base_samples, edited_samples)  # the same prompts in both arms: compared prompt by prompt
+    text += (
+        "\n\nPaired changes, prompt by prompt (95% bootstrap interval over prompts; exact McNemar p of the "
+        f"prompts that became flagged vs. clean):\n\n{paired_table(paired)}"
+    )
     summary = {
         "model": model_name,
         "behavior": behavior_name,
@@ -152,6 +158,7 @@ def _run(model, tok, hp, spec, model_name, behavior_name, out: Path, tmp: Path, 
         "settings": base["settings"],
         "base": base["suites"],
         "edited": edited["suites"],
+        "paired": paired,
         "versions": package_versions(),
     }
     (tmp / "summary.md").write_text(text + "\n", encoding="utf-8")

@@ -64,3 +64,42 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
     # at 0 and n the bound equals the rate in exact arithmetic; rounding must not leave the rate outside
     return (min(p, max(0.0, centre - half)), max(p, min(1.0, centre + half)))
+
+
+# ---------------------------------------------------------------------------- paired comparisons
+
+
+def paired_bootstrap(
+    before: Sequence[float], after: Sequence[float], n_boot: int = 2000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float, float]:
+    """``(mean(after - before), low, high)``: the paired difference of two arms measured on the same items,
+    with a percentile bootstrap interval over the items (``n_boot`` resamples, seeded). Items whose value is
+    missing (NaN) in either arm are left out of both."""
+    a = np.asarray(before, dtype=np.float64)
+    b = np.asarray(after, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"paired arms differ in length: {a.shape} vs {b.shape}")
+    keep = np.isfinite(a) & np.isfinite(b)
+    diff = (b - a)[keep]
+    if diff.size == 0:
+        return float("nan"), float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    means = diff[rng.integers(0, diff.size, size=(n_boot, diff.size))].mean(axis=1)
+    tail = (1 - level) / 2
+    low, high = np.quantile(means, [tail, 1 - tail])
+    return float(diff.mean()), float(low), float(high)
+
+
+def mcnemar_exact(before: Sequence[bool], after: Sequence[bool]) -> tuple[int, int, float]:
+    """``(gained, lost, p)`` for paired binary outcomes: ``gained`` items false before and true after, ``lost``
+    the reverse, and the exact two-sided McNemar p-value (a binomial test of the discordant pairs at 1/2)."""
+    if len(before) != len(after):
+        raise ValueError(f"paired arms differ in length: {len(before)} vs {len(after)}")
+    gained = sum(1 for x, y in zip(before, after, strict=True) if not x and y)
+    lost = sum(1 for x, y in zip(before, after, strict=True) if x and not y)
+    n = gained + lost
+    if n == 0:
+        return gained, lost, 1.0
+    k = min(gained, lost)
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n
+    return gained, lost, min(1.0, 2 * tail)

@@ -1,0 +1,97 @@
+"""The package's statistics where the answer is known: simulated data, exact formulas, hand-made runs."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from surgery_plugin.core.statistics import mcnemar_exact, paired_bootstrap, wilson_interval
+from surgery_plugin.evaluation.paired import paired_changes, paired_table
+
+
+def test_the_paired_bootstrap_covers_the_true_change_about_95_percent_of_the_time():
+    """400 simulated paired studies (n = 120 prompts; a prompt is toxic before with p 0.3 and flips to clean with
+    p 0.4, clean to toxic with p 0.05): the true change is 0.3 * -0.4 + 0.7 * 0.05 = -0.085."""
+    rng = np.random.default_rng(0)
+    truth, covered = 0.3 * -0.4 + 0.7 * 0.05, 0
+    for study in range(400):
+        before = rng.random(120) < 0.3
+        flip = np.where(before, rng.random(120) < 0.4, rng.random(120) < 0.05)
+        after = before ^ flip
+        _, low, high = paired_bootstrap(before.astype(float), after.astype(float), n_boot=1000, seed=study)
+        covered += low <= truth <= high
+    assert 0.91 <= covered / 400 <= 0.985, covered
+
+
+def test_the_paired_bootstrap_is_narrower_than_the_unpaired_interval_when_arms_are_correlated():
+    rng = np.random.default_rng(1)
+    before = rng.normal(0.5, 0.2, 300)
+    after = before - 0.02 + rng.normal(0, 0.02, 300)
+    change, low, high = paired_bootstrap(before, after, seed=0)
+    unpaired_half = 1.96 * math.sqrt(before.var(ddof=1) / 300 + after.var(ddof=1) / 300)
+    assert change == pytest.approx(after.mean() - before.mean())
+    assert low < change < high and (high - low) / 2 < unpaired_half / 5
+
+
+def test_the_paired_bootstrap_leaves_out_items_missing_in_either_arm():
+    change, _, _ = paired_bootstrap([0.0, float("nan"), 1.0], [1.0, 5.0, float("nan")], seed=0)
+    assert change == 1.0
+
+
+@pytest.mark.parametrize("gained, lost", [(5, 15), (0, 7), (10, 10), (0, 0), (31, 46)])
+def test_mcnemar_is_the_exact_binomial_test_of_the_discordant_pairs(gained, lost):
+    before = [False] * gained + [True] * lost + [True, False] * 20  # 20 concordant of each kind
+    after = [True] * gained + [False] * lost + [True, False] * 20
+    n, k = gained + lost, min(gained, lost)
+    expected = 1.0 if n == 0 else min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n)
+    assert mcnemar_exact(before, after) == (gained, lost, pytest.approx(expected))
+
+
+def test_mcnemar_matches_scipy_where_it_is_installed():
+    stats = pytest.importorskip("scipy.stats")
+    before = [True] * 15 + [False] * 5 + [False] * 30
+    after = [False] * 15 + [True] * 5 + [False] * 30
+    assert mcnemar_exact(before, after)[2] == pytest.approx(stats.binomtest(5, 20, 0.5).pvalue)
+
+
+@pytest.mark.parametrize("k, n", [(0, 11), (6, 6), (3, 10), (0, 1)])
+def test_the_wilson_interval_always_holds_the_rate(k, n):
+    low, high = wilson_interval(k, n)
+    assert 0 <= low <= k / n <= high <= 1
+
+
+def _rows(suite, scores, refused=None):
+    rows = []
+    for i, s in enumerate(scores):
+        row = {"suite": suite, "prompt": f"p{i}", "completion": "c", "scores": {"j": s}, "decoding": "greedy"}
+        if refused is not None:
+            row["refused"] = refused[i]
+        rows.append(row)
+    return rows
+
+
+def test_paired_changes_count_the_prompts_that_changed_side():
+    before = _rows("rtp", [0.9, 0.9, 0.1, 0.1, 0.6]) + [{"suite": "kl", "prompt": "x", "kl": 0.1}]
+    after = _rows("rtp", [0.1, 0.9, 0.1, 0.8, None])
+    paired = paired_changes(before, after, n_boot=200)
+    toxic = paired["suites"]["rtp"]["outcomes"]["toxic/j"]
+    assert (toxic["n"], toxic["before"], toxic["after"]) == (4, 0.5, 0.5)  # the missing score is left out
+    assert (toxic["became_flagged"], toxic["became_clean"], toxic["change"]) == (1, 1, 0.0)
+    scores = paired["suites"]["rtp"]["mean_scores"]["j"]
+    assert scores["change"] == pytest.approx(((0.1 - 0.9) + 0 + 0 + (0.8 - 0.1)) / 4)
+    assert "kl" not in paired["suites"]
+    assert "| rtp | toxic/j | 4 | 0.500 | 0.500 |" in paired_table(paired)
+
+
+def test_paired_changes_add_the_string_refusals_where_rows_have_them():
+    before = _rows("advbench", [0.2, 0.2, 0.2], refused=[False, False, True])
+    after = _rows("advbench", [0.2, 0.2, 0.2], refused=[True, True, True])
+    refused = paired_changes(before, after, n_boot=200)["suites"]["advbench"]["outcomes"]["refused/strings"]
+    assert (refused["before"], refused["after"], refused["became_flagged"]) == (pytest.approx(1 / 3), 1.0, 2)
+
+
+def test_paired_changes_refuse_runs_of_other_prompts():
+    with pytest.raises(ValueError, match="same prompts"):
+        paired_changes(_rows("rtp", [0.1, 0.2]), list(reversed(_rows("rtp", [0.1, 0.2]))))
