@@ -95,3 +95,59 @@ def test_paired_changes_add_the_string_refusals_where_rows_have_them():
 def test_paired_changes_refuse_runs_of_other_prompts():
     with pytest.raises(ValueError, match="same prompts"):
         paired_changes(_rows("rtp", [0.1, 0.2]), list(reversed(_rows("rtp", [0.1, 0.2]))))
+
+
+def test_eval_paired_runs_both_arms_on_the_same_prompts(tiny_model_dir, tmp_path, data_dir):
+    import json
+
+    import torch
+    from helpers import run_cli
+
+    from surgery_plugin import SurgeryHyperParams, execute_surgery, export_adapter
+    from surgery_plugin.models import load_model
+
+    model, _ = load_model(str(tiny_model_dir))
+    torch.manual_seed(3)
+    edit = execute_surgery(model, torch.randn(32), SurgeryHyperParams(top_k=8, alpha=2.0, normalize=True))
+    adapter = export_adapter(edit, model, tmp_path / "adapter", str(tiny_model_dir))
+    out = tmp_path / "paired"
+    ran = run_cli(
+        "eval",
+        "--model",
+        tiny_model_dir,
+        "--adapter",
+        adapter,
+        "--paired",
+        "--suite",
+        "rtp,advbench",
+        "--judge",
+        "profanity",
+        "--limit",
+        "5",
+        "--max-new-tokens",
+        "4",
+        "--data-dir",
+        data_dir,
+        "--out",
+        out,
+    )
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    rows = {
+        arm: [json.loads(x) for x in (out / arm / "samples.jsonl").read_text().splitlines()]
+        for arm in ("base", "edited")
+    }
+    assert [r["prompt"] for r in rows["base"]] == [r["prompt"] for r in rows["edited"]]
+    assert json.loads((out / "base" / "results.json").read_text())["adapter"] is None
+    paired = json.loads((out / "paired.json").read_text())
+    toxic = paired["suites"]["rtp"]["outcomes"]["toxic/profanity"]
+    flags = {arm: [r["scores"]["profanity"] >= 0.5 for r in rows[arm] if r["suite"] == "rtp"] for arm in rows}
+    assert toxic["became_flagged"] == sum(not a and b for a, b in zip(flags["base"], flags["edited"], strict=True))
+    assert "refused/strings" in paired["suites"]["advbench"]["outcomes"]
+    assert (out / "paired.md").read_text().startswith("| suite | outcome / judge |")
+
+
+def test_eval_paired_needs_an_adapter(tiny_model_dir, tmp_path):
+    from helpers import assert_one_line_error, run_cli
+
+    ran = run_cli("eval", "--model", tiny_model_dir, "--paired", "--suite", "rtp", "--out", tmp_path / "x")
+    assert_one_line_error(ran, "--paired")

@@ -160,6 +160,10 @@ def cmd_eval(args) -> None:
     alphas = parse_list(args.alpha_sweep, "alpha", convert=FINITE) if args.alpha_sweep else None
     if alphas and not args.adapter:
         raise SurgeryError("--alpha-sweep needs --adapter (it rescales that adapter at run time)")
+    if args.paired and (not args.adapter or alphas):
+        raise SurgeryError(
+            "--paired compares the model with --adapter off and on; pass --adapter (and no --alpha-sweep)"
+        )
     if "kl" in suites and not args.adapter:
         raise SurgeryError("the kl suite compares the edited model with the unedited one: pass --adapter")
     if args.start is None and (args.toxigen_groups is not None or args.benign_start is not None):
@@ -167,7 +171,7 @@ def cmd_eval(args) -> None:
             "--toxigen-groups and --benign-start choose a range of your own: pass --start too (without it "
             "every suite runs on its report split, data/splits.py)"
         )
-    check_target(args.out, "sweep" if alphas else "run", args.overwrite)
+    check_target(args.out, "paired_run" if args.paired else "sweep" if alphas else "run", args.overwrite)
     judges = load_judges(args.judge or (behavior.judges if behavior else "profanity"), data_dir=args.data_dir)
     settings = eval_plan(  # before the model loads: bad settings fail fast
         suites,
@@ -203,7 +207,7 @@ def cmd_eval(args) -> None:
         "judges": [j.name for j in judges],
         "behavior": behavior.name if behavior else None,
     }
-    run_eval(model, tok, settings, args.out, meta, behavior, alpha, alphas, args.overwrite)
+    run_eval(model, tok, settings, args.out, meta, behavior, alpha, alphas, args.overwrite, args.paired)
 
 
 def cmd_merge(args) -> None:
@@ -447,6 +451,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true", help="replace an earlier eval run at --out")
+    p.add_argument(
+        "--paired",
+        action="store_true",
+        help="with --adapter: also the adapter off, on the same prompts and seeds; writes base/, edited/ and the "
+        "prompt-by-prompt comparison (paired.json, paired.md: changes with 95%% intervals, McNemar p)",
+    )
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("merge", help="write a standalone model folder with the adapter merged in")

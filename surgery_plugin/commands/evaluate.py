@@ -14,11 +14,12 @@ from typing import Any
 from torch import nn
 
 from ..behaviors import Behavior
+from ..evaluation.paired import paired_changes, paired_table
 from ..evaluation.protocols import PROTOCOLS, EvalSettings, plan
 from ..evaluation.report import metric_values
 from ..evaluation.runner import evaluate_plan, write_alpha_sweep, write_run, write_run_files
 from ..io.adapter import set_alpha
-from ..io.files import output
+from ..io.files import json_text, output, write_manifest
 
 
 def eval_plan(
@@ -67,9 +68,27 @@ def run_eval(
     alpha: float | None = None,
     alphas: Sequence[float] | None = None,
     overwrite: bool = False,
+    paired: bool = False,
 ) -> list[dict]:
     """Evaluate and write RUN_DIR; with ``alphas`` (an adapter loaded as ``default``) one run per alpha
-    under ``RUN_DIR/alpha_<a>/`` and ``sweep.json``, from one model load. RUN_DIR is written whole at the end."""
+    under ``RUN_DIR/alpha_<a>/`` and ``sweep.json``, from one model load; with ``paired`` the adapter(s)
+    off and on, on the same prompts and seeds, under ``RUN_DIR/base/`` and ``RUN_DIR/edited/``, and their
+    prompt-by-prompt comparison in ``paired.json`` / ``paired.md``. RUN_DIR is written whole at the end."""
+    if paired:
+        with model.disable_adapter():
+            base, base_samples = evaluate_plan(model, tokenizer, settings)
+        edited, edited_samples = evaluate_plan(model, tokenizer, settings)
+        for results, arm_alpha, adapter in ((base, None, None), (edited, alpha, meta.get("adapter"))):
+            results.update(meta, adapter=adapter, alpha=arm_alpha, metric=headline(results, behavior))
+        comparison = paired_changes(base_samples, edited_samples)
+        with output(out, "paired_run", overwrite) as tmp:
+            write_run_files(tmp / "base", base, base_samples)
+            write_run_files(tmp / "edited", edited, edited_samples)
+            (tmp / "paired.json").write_text(json_text(comparison), encoding="utf-8")
+            (tmp / "paired.md").write_text(paired_table(comparison) + "\n", encoding="utf-8")
+            write_manifest(tmp, {"kind": "paired_run", "adapter": meta.get("adapter")})
+        print(paired_table(comparison))
+        return [base, edited]
     if not alphas:
         results, samples = evaluate_plan(model, tokenizer, settings)
         results.update(meta, alpha=alpha, metric=headline(results, behavior))
