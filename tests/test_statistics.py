@@ -151,3 +151,89 @@ def test_eval_paired_needs_an_adapter(tiny_model_dir, tmp_path):
 
     ran = run_cli("eval", "--model", tiny_model_dir, "--paired", "--suite", "rtp", "--out", tmp_path / "x")
     assert_one_line_error(ran, "--paired")
+
+
+# ------------------------------------------------------------------------------------------ random-direction controls
+
+
+def _edit(per_layer: bool = False):
+    import torch
+    from helpers import make_tiny
+
+    from surgery_plugin import SurgeryHyperParams, execute_surgery
+    from surgery_plugin.core.edit import SurgeryEdit
+
+    torch.manual_seed(0)
+    edit = execute_surgery(make_tiny("llama"), torch.randn(32), SurgeryHyperParams(top_k=6, alpha=0.5, normalize=True))
+    if per_layer:
+        dirs = {layer: torch.randn(32) for layer in edit.layers}
+        edit = SurgeryEdit(edit.direction, edit.step, edit.alpha, edit.regions, edit.module_names, {}, dirs)
+    return edit
+
+
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_a_control_has_the_edits_rows_step_and_lengths_and_a_direction_orthogonal_to_it(per_layer):
+    from surgery_plugin.core.edit import control_edit
+
+    edit = _edit(per_layer)
+    control = control_edit(edit, seed=3)
+    assert control.regions is edit.regions and control.step == edit.step and control.layers == edit.layers
+    for layer in edit.layers:
+        d, c = edit.direction_of(layer), control.direction_of(layer)
+        assert float(c.norm()) == pytest.approx(float(d.norm()), rel=1e-5)
+        assert abs(float(c @ d)) < 1e-4 * float(d.norm()) ** 2
+        assert abs(float(c @ edit.direction)) < 1e-4 * float(d.norm() * edit.direction.norm())
+    assert control.metadata["control_seed"] == 3
+
+
+def test_controls_are_reproducible_from_their_seeds_and_differ_between_seeds():
+    import torch
+
+    from surgery_plugin.core.edit import control_edit
+
+    edit = _edit()
+    assert torch.equal(control_edit(edit, 5).direction, control_edit(edit, 5).direction)
+    assert not torch.allclose(control_edit(edit, 5).direction, control_edit(edit, 6).direction)
+
+
+def test_eval_controls_add_the_band_of_null_edits(tiny_model_dir, tmp_path, data_dir):
+    import json
+
+    import torch
+    from helpers import run_cli
+
+    from surgery_plugin import SurgeryHyperParams, execute_surgery, export_adapter
+    from surgery_plugin.models import load_model
+
+    model, _ = load_model(str(tiny_model_dir))
+    torch.manual_seed(3)
+    edit = execute_surgery(model, torch.randn(32), SurgeryHyperParams(top_k=8, alpha=2.0, normalize=True))
+    adapter = export_adapter(edit, model, tmp_path / "adapter", str(tiny_model_dir))
+    out = tmp_path / "paired"
+    ran = run_cli(
+        "eval",
+        "--model",
+        tiny_model_dir,
+        "--adapter",
+        adapter,
+        "--paired",
+        "--controls",
+        "2",
+        "--suite",
+        "rtp",
+        "--judge",
+        "profanity",
+        "--limit",
+        "4",
+        "--max-new-tokens",
+        "3",
+        "--data-dir",
+        data_dir,
+        "--out",
+        out,
+    )
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    band = json.loads((out / "paired.json").read_text())["controls"]["rtp"]["toxic/profanity"]
+    assert band["seeds"] == [0, 1] and band["range"] == [min(band["changes"]), max(band["changes"])]
+    assert (out / "control_0" / "samples.jsonl").is_file() and (out / "control_1" / "results.json").is_file()
+    assert "control band" in (out / "paired.md").read_text().splitlines()[0]

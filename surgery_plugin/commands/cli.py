@@ -164,6 +164,8 @@ def cmd_eval(args) -> None:
         raise SurgeryError(
             "--paired compares the model with --adapter off and on; pass --adapter (and no --alpha-sweep)"
         )
+    if args.controls and not args.paired:
+        raise SurgeryError("--controls are measured against the unedited arm: pass --paired")
     if "kl" in suites and not args.adapter:
         raise SurgeryError("the kl suite compares the edited model with the unedited one: pass --adapter")
     if args.start is None and (args.toxigen_groups is not None or args.benign_start is not None):
@@ -207,7 +209,7 @@ def cmd_eval(args) -> None:
         "judges": [j.name for j in judges],
         "behavior": behavior.name if behavior else None,
     }
-    run_eval(model, tok, settings, args.out, meta, behavior, alpha, alphas, args.overwrite, args.paired)
+    run_eval(model, tok, settings, args.out, meta, behavior, alpha, alphas, args.overwrite, args.paired, args.controls)
 
 
 def cmd_merge(args) -> None:
@@ -456,6 +458,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="with --adapter: also the adapter off, on the same prompts and seeds; writes base/, edited/ and the "
         "prompt-by-prompt comparison (paired.json, paired.md: changes with 95%% intervals, McNemar p)",
+    )
+    p.add_argument(
+        "--controls",
+        type=NON_NEGATIVE_INT,
+        default=0,
+        help="with --paired: N null edits of the adapter's size (same rows and step, random directions orthogonal "
+        "to it, seeds 0..N-1), on the same prompts; the table gets the band of changes they make",
     )
     p.set_defaults(func=cmd_eval)
 

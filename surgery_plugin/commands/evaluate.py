@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -58,6 +59,51 @@ def headline(results: dict, behavior: Behavior | None) -> dict | None:
     return {"suite": suite, "key": key, "values": {j: v for j, (v, _) in values.items()}}
 
 
+def evaluate_controls(
+    peft_model: nn.Module, tokenizer, settings: dict[str, EvalSettings], adapter_dir, n: int, seed: int = 0
+) -> list[tuple[int, dict, list[dict]]]:
+    """``n`` null edits of the adapter's size (:func:`surgery_plugin.core.edit.control_edit`: same rows, layers and
+    step, random directions orthogonal to the edit's, seeds ``seed .. seed + n - 1``), each evaluated on the same
+    prompts and seeds as the edit; the adapter ``default`` is active again afterwards."""
+    import tempfile
+
+    from ..core.architectures import ModelGates
+    from ..core.edit import control_edit
+    from ..io.adapter import edit_of, load_edited, read_adapter, write_adapter
+
+    edit = edit_of(read_adapter(adapter_dir))
+    gates = ModelGates(peft_model)
+    base_name = edit.metadata.get("base_model", "")
+    out = []
+    with tempfile.TemporaryDirectory(prefix="surgery-controls-") as work:
+        for i in range(n):
+            folder = Path(work) / f"control{i}"
+            folder.mkdir()
+            write_adapter(control_edit(edit, seed + i), gates, folder, base_name, {"control": True})
+            load_edited(peft_model, folder, adapter_name=f"control{i}")
+            peft_model.set_adapter(f"control{i}")
+            results, samples = evaluate_plan(peft_model, tokenizer, settings)
+            out.append((seed + i, results, samples))
+            peft_model.set_adapter("default")
+            peft_model.delete_adapter(f"control{i}")
+    return out
+
+
+def control_band(base_samples: list[dict], controls: list[tuple[int, dict, list[dict]]]) -> dict:
+    """Per suite and outcome, the changes the controls made (paired, on the same prompts) and their range."""
+    band: dict = {}
+    for seed, _, samples in controls:
+        for suite, entry in paired_changes(base_samples, samples)["suites"].items():
+            for name, o in entry["outcomes"].items():
+                band.setdefault(suite, {}).setdefault(name, {"seeds": [], "changes": []})
+                band[suite][name]["seeds"].append(seed)
+                band[suite][name]["changes"].append(o["change"])
+    for outcomes in band.values():
+        for o in outcomes.values():
+            o["range"] = [min(o["changes"]), max(o["changes"])]
+    return band
+
+
 def run_eval(
     model: nn.Module,
     tokenizer,
@@ -69,6 +115,7 @@ def run_eval(
     alphas: Sequence[float] | None = None,
     overwrite: bool = False,
     paired: bool = False,
+    controls: int = 0,
 ) -> list[dict]:
     """Evaluate and write RUN_DIR; with ``alphas`` (an adapter loaded as ``default``) one run per alpha
     under ``RUN_DIR/alpha_<a>/`` and ``sweep.json``, from one model load; with ``paired`` the adapter(s)
@@ -81,11 +128,16 @@ def run_eval(
         for results, arm_alpha, adapter in ((base, None, None), (edited, alpha, meta.get("adapter"))):
             results.update(meta, adapter=adapter, alpha=arm_alpha, metric=headline(results, behavior))
         comparison = paired_changes(base_samples, edited_samples)
+        if controls:
+            measured = evaluate_controls(model, tokenizer, settings, meta["adapter"], controls)
+            comparison["controls"] = control_band(base_samples, measured)
         with output(out, "paired_run", overwrite) as tmp:
             write_run_files(tmp / "base", base, base_samples)
             write_run_files(tmp / "edited", edited, edited_samples)
             (tmp / "paired.json").write_text(json_text(comparison), encoding="utf-8")
             (tmp / "paired.md").write_text(paired_table(comparison) + "\n", encoding="utf-8")
+            for seed, results, samples in measured if controls else []:
+                write_run_files(tmp / f"control_{seed}", results, samples)
             write_manifest(tmp, {"kind": "paired_run", "adapter": meta.get("adapter")})
         print(paired_table(comparison))
         return [base, edited]

@@ -89,6 +89,35 @@ class SurgeryEdit:
         )
 
 
+def control_edit(edit: SurgeryEdit, seed: int) -> SurgeryEdit:
+    """The null edit of the same size: the same rows, layers and step, each layer's direction replaced by a
+    random unit direction orthogonal to it (and to the shared probe direction), scaled to its length.
+
+    Any change a control makes is what "some perturbation of this size" does; an edit's effect is worth
+    reporting against the band several controls give. The direction is a function of ``seed`` alone."""
+    generator = torch.Generator().manual_seed(seed)
+    shared = edit.direction.float()
+
+    def random_like(direction: torch.Tensor) -> torch.Tensor:
+        basis: list[torch.Tensor] = []
+        for v in (shared, direction.float()):  # an orthonormal basis of the edit's own directions
+            for b in basis:
+                v = v - (v @ b) * b
+            if float(v.norm()) > 1e-6 * float(shared.norm()):
+                basis.append(v / v.norm())
+        r = torch.randn(direction.shape, generator=generator, dtype=torch.float32)
+        for b in basis:
+            r = r - (r @ b) * b
+        return r * (direction.norm() / r.norm().clamp_min(1e-12))
+
+    direction = random_like(shared)
+    layer_directions = None
+    if edit.layer_directions is not None:
+        layer_directions = {layer: random_like(d.float()) for layer, d in sorted(edit.layer_directions.items())}
+    metadata = dict(edit.metadata, control_seed=seed, control_of=edit.metadata.get("probe", {}).get("data"))
+    return SurgeryEdit(direction, edit.step, edit.alpha, edit.regions, edit.module_names, metadata, layer_directions)
+
+
 def mean_gate_row_norm(model: nn.Module | architectures.GateRows, layers: Sequence[int]) -> float:
     """The mean over ``layers`` of each layer's mean gate-row norm (float32), as the edit computes it."""
     gates = architectures.gates_of(model)

@@ -99,17 +99,24 @@ def _fmt(value: float | None, digits: int = 3) -> str:
 
 
 def paired_table(paired: dict) -> str:
-    """Markdown: one row per suite and outcome, ``before -> after``, the change with its interval, McNemar."""
+    """Markdown: one row per suite and outcome, ``before -> after``, the change with its interval, McNemar, and
+    (when random-direction controls ran) the range of the changes they made."""
+    controls = paired.get("controls")
+    head = "| suite | outcome / judge | n | before | after | change [95% CI] | became flagged / clean | McNemar p |"
     lines = [
-        "| suite | outcome / judge | n | before | after | change [95% CI] | became flagged / clean | McNemar p |",
-        "|---|---|---|---|---|---|---|---|",
+        head + (" control band |" if controls else ""),
+        "|---|---|---|---|---|---|---|---|" + ("---|" if controls else ""),
     ]
     for suite, entry in sorted(paired["suites"].items()):
         for name, o in sorted(entry["outcomes"].items()):
             low, high = o["ci95"]
-            lines.append(
+            row = (
                 f"| {suite} | {name} | {o['n']} | {o['before']:.3f} | {o['after']:.3f} | "
                 f"{_fmt(o['change'])} [{_fmt(low)}, {_fmt(high)}] | {o['became_flagged']} / {o['became_clean']} | "
                 f"{o['mcnemar_p']:.2g} |"
             )
+            if controls:
+                band = controls.get(suite, {}).get(name)
+                row += f" [{_fmt(band['range'][0])}, {_fmt(band['range'][1])}] |" if band else " n/a |"
+            lines.append(row)
     return "\n".join(lines)

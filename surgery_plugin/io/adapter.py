@@ -339,6 +339,28 @@ def _check_adapter(files: AdapterFiles) -> None:
         raise SurgeryError(f"{where / MANIFEST}: alpha {alpha} does not give the recorded step {step}")
 
 
+def edit_of(adapter: AdapterFiles) -> SurgeryEdit:
+    """The :class:`~surgery_plugin.core.edit.SurgeryEdit` an adapter holds (each layer's direction, rows, step)."""
+    from ..core.regions import RegionSelection
+
+    updates = adapter.updates()
+    record = adapter.record
+    layers = {_module_layer(u.module_name): u for u in updates}
+    first = layers[min(layers)]
+    regions = RegionSelection(
+        {layer: u.rows for layer, u in sorted(layers.items())}, int(record.get("gate_rows_per_layer", 0))
+    )
+    return SurgeryEdit(
+        direction=first.direction.float(),
+        step=float(record["step"]),
+        alpha=float(record["alpha"]),
+        regions=regions,
+        module_names={layer: u.module_name for layer, u in layers.items()},
+        metadata={k: v for k, v in record.items() if k not in ("files", "record_sha256", "rows")},
+        layer_directions={layer: u.direction.float() for layer, u in layers.items()},
+    )
+
+
 def _module_layer(module_name: str) -> int | None:
     for part in module_name.split("."):
         if part.isdigit():
