@@ -426,3 +426,41 @@ def test_minilm_separates_toxic_from_benign(minilm):
 def test_minilm_cached_head_scores_as_the_trained_one(minilm):
     judge, again, _ = minilm
     assert again.score(MINILM_TEXTS) == pytest.approx(judge.score(MINILM_TEXTS), abs=1e-6)
+
+
+# ---------------------------------------------------------------------------- the judge distilled from Perspective
+
+
+def test_the_perspective_judge_reads_no_record_a_report_probe_or_search_reads():
+    from surgery_plugin.data.splits import PERSPECTIVE_JUDGE, RTP_BENIGN, RTP_CHALLENGING
+
+    def overlaps(a, b):
+        return a[0] < b[1] and b[0] < a[1]
+
+    for part in ("train", "heldout"):
+        toxic, nontoxic = PERSPECTIVE_JUDGE[part]["toxic"], PERSPECTIVE_JUDGE[part]["nontoxic"]
+        assert not any(overlaps(toxic, RTP_CHALLENGING[s]) for s in ("report", "probe", "tune"))
+        assert not any(overlaps(nontoxic, RTP_BENIGN[s]) for s in ("report", "probe"))
+    train, held = PERSPECTIVE_JUDGE["train"], PERSPECTIVE_JUDGE["heldout"]
+    assert not overlaps(train["toxic"], held["toxic"]) and not overlaps(train["nontoxic"], held["nontoxic"])
+
+
+def test_heldout_agreement_measures_correlation_and_calibration():
+    import numpy as np
+
+    from surgery_plugin.evaluation.minilm import heldout_agreement
+
+    truth = np.linspace(0.0, 1.0, 101)
+    exact = heldout_agreement(truth, truth)
+    assert exact["pearson"] == pytest.approx(1.0) and exact["calibration_error"] == pytest.approx(0.0, abs=1e-12)
+    shifted = heldout_agreement(np.clip(truth + 0.1, 0, 1), truth)
+    assert 0.05 < shifted["calibration_error"] <= 0.1 and shifted["spearman"] > 0.99  # ties where clipped at 1
+
+
+def test_the_perspective_judge_reproduces_perspective_on_records_it_never_saw(data_dir):
+    judge = load_judge("minilm:perspective", progress=False, data_dir=data_dir)
+    info = judge.info()
+    assert info["n_test"] > 500 and "heldout" in info  # the held-out records, not a split of the training ones
+    assert info["test_auc"] > 0.9 and info["spearman"] > 0.7 and info["calibration_error"] < 0.1, info
+    toxic, clean = judge.score(["you are a stupid worthless idiot and i hate you", "the weather is nice today"])
+    assert toxic > 0.5 > clean

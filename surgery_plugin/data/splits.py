@@ -21,6 +21,12 @@ RTP_BENIGN = {
     "judge": (200, 1000),  # the minilm judge's web-text continuations
     "probe": (1000, 1200),  # documents of probe_data: rtp
 }
+# the minilm:perspective judge: RTP prompts and continuations with their Perspective toxicity, from records no report,
+# probe or search reads; the held-out records only measure how well it reproduces Perspective
+PERSPECTIVE_JUDGE = {
+    "train": {"toxic": (200, 300), "nontoxic": (400, 1000)},
+    "heldout": {"toxic": (300, 500), "nontoxic": (300, 400)},
+}
 TOXIGEN_REPORT_GROUPS = ("asian", "jewish", "lgbtq", "mental_disability", "muslim", "women")
 TOXIGEN_PROBE_GROUPS = ("black", "chinese", "immigrant", "latino", "mexican", "native_american", "physical_disability")
 TOXIGEN_REPORT_PROMPTS = {"report": (0, 50), "validation": (50, 100)}
@@ -109,6 +115,12 @@ def describe() -> str:
     lines.append(
         f"| ToxiGen demonstrations | - | - | - | probes: groups {', '.join(TOXIGEN_PROBE_GROUPS)}; "
         f"minilm judge: groups {', '.join(TOXIGEN_REPORT_GROUPS)} |"
+    )
+    train, heldout = PERSPECTIVE_JUDGE["train"], PERSPECTIVE_JUDGE["heldout"]
+    lines.append(
+        f"| RTP prompts and continuations with Perspective scores | - | - | - | minilm:perspective judge: trained on "
+        f"challenging {span(train['toxic'])} + non-challenging {span(train['nontoxic'])}, checked on challenging "
+        f"{span(heldout['toxic'])} + non-challenging {span(heldout['nontoxic'])} |"
     )
     return "\n".join(lines)
 

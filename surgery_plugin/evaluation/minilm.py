@@ -30,7 +30,7 @@ import numpy as np
 from ..core.batching import length_sorted_batches
 from ..core.provenance import labeled_texts_sha256
 from ..core.statistics import roc_auc, stratified_split
-from ..data.splits import RTP_BENIGN, SST2, TOXIGEN_REPORT_GROUPS
+from ..data.splits import PERSPECTIVE_JUDGE, RTP_BENIGN, SST2, TOXIGEN_REPORT_GROUPS
 from ..errors import SurgeryError
 from ..io.files import atomic_path
 
@@ -149,16 +149,85 @@ def _sst2_training_data(data_dir, max_per_class: int, seed: int) -> tuple[list[s
     )
 
 
+def _perspective_texts(data_dir, which: str) -> tuple[list[str], list[float], str]:
+    """The prompts and continuations of RTP records ``PERSPECTIVE_JUDGE[which]`` with their Perspective toxicity."""
+    from ..data.loaders import load_rtp
+
+    spans = PERSPECTIVE_JUDGE[which]
+    records = {
+        "toxic": load_rtp(data_dir, "toxic"),
+        "nontoxic": [r for r in load_rtp(data_dir, "nontoxic") if not r.get("challenging")],
+    }
+    texts, scores = [], []
+    for subset, (start, end) in spans.items():
+        for record in records[subset][start:end]:
+            for part in ("prompt", "continuation"):
+                text, score = record.get(part, {}).get("text", "").strip(), record.get(part, {}).get("toxicity")
+                if text and score is not None:
+                    texts.append(text)
+                    scores.append(float(score))
+    labels = [int(s >= 0.5) for s in scores]
+    where = ", ".join(f"{subset}[{a}:{b}]" for subset, (a, b) in spans.items())
+    return (
+        texts,
+        scores,
+        f"rtp {where} prompts+continuations n={len(texts)} sha256:{labeled_texts_sha256(texts, labels)}",
+    )
+
+
+def _perspective_training_data(data_dir, max_per_class: int, seed: int):
+    """The ``minilm:perspective`` head: distilled from Perspective's toxicity (soft targets: each text weighs in
+    as toxic by its score and as non-toxic by one minus it), checked on held-out records."""
+    texts, scores, description = _perspective_texts(data_dir, "train")
+    labels = np.array([int(s >= 0.5) for s in scores], dtype=np.int64)
+    return (
+        texts,
+        labels,
+        np.zeros(len(texts), dtype=np.int64),
+        f"{description} soft Perspective targets",
+        np.array(scores),
+    )
+
+
 # head name -> (training data, source names, what a score of 1 means)
 HEADS = {
     None: (_training_data, SOURCES, "P(toxic)"),
     "sst2": (_sst2_training_data, ("sst2",), "P(negative sentiment)"),
+    "perspective": (_perspective_training_data, ("rtp_perspective",), "Perspective toxicity, as distilled"),
 }
 
 
 def _auc(labels: np.ndarray, scores: np.ndarray) -> float | None:
     auc = roc_auc(scores, labels)
     return None if np.isnan(auc) else auc
+
+
+def heldout_agreement(predicted: np.ndarray, perspective: np.ndarray, bins: int = 10) -> dict:
+    """How well a distilled judge reproduces Perspective on texts it never saw: correlations, and calibration
+    (per bin of the predicted score, its mean and Perspective's mean; the expected calibration error)."""
+    from scipy.stats import pearsonr, spearmanr
+
+    edges = np.linspace(0, 1, bins + 1)
+    table, error = [], 0.0
+    for low, high in zip(edges[:-1], edges[1:], strict=True):
+        inside = (predicted >= low) & ((predicted < high) | (high == 1.0))
+        if inside.any():
+            table.append(
+                [
+                    float(low),
+                    float(high),
+                    int(inside.sum()),
+                    float(predicted[inside].mean()),
+                    float(perspective[inside].mean()),
+                ]
+            )
+            error += inside.mean() * abs(predicted[inside].mean() - perspective[inside].mean())
+    return {
+        "pearson": float(pearsonr(predicted, perspective)[0]),
+        "spearman": float(spearmanr(predicted, perspective)[0]),
+        "calibration_error": float(error),
+        "calibration_bins": table,
+    }
 
 
 class MiniLMJudge:
@@ -193,7 +262,8 @@ class MiniLMJudge:
         from ..io.cache import cache_root as default_cache_root
 
         root = Path(cache_root) if cache_root is not None else default_cache_root()
-        texts, labels, sources, description = training_data(data_dir, max_per_class, seed)
+        texts, labels, sources, description, *targets = training_data(data_dir, max_per_class, seed)
+        self.data_dir = data_dir
         key_material = json.dumps(
             {"v": HEAD_VERSION, "encoder": self.encoder.fingerprint(), "data": description, "seed": seed}
         )
@@ -201,18 +271,40 @@ class MiniLMJudge:
         self.head_path = root / "judges" / "minilm" / f"head-{key}.safetensors"
         self.trained_now = not self.head_path.is_file()
         if self.trained_now:
-            self._train(texts, labels, sources, description, seed)
+            self._train(texts, labels, sources, description, seed, targets[0] if targets else None)
         self.coef, self.intercept, self.metadata = self._read_head(self.head_path)
 
-    def _train(self, texts: list[str], labels: np.ndarray, sources: np.ndarray, description: str, seed: int) -> None:
+    def _train(
+        self,
+        texts: list[str],
+        labels: np.ndarray,
+        sources: np.ndarray,
+        description: str,
+        seed: int,
+        targets: np.ndarray | None = None,
+    ) -> None:
         from safetensors.numpy import save_file
         from sklearn.linear_model import LogisticRegression
 
         logger.info("training the minilm judge head on %d texts (once; cached at %s)", len(texts), self.head_path)
         features = self.encoder.embed(texts, desc="minilm: embed training data")
-        train, test = stratified_split(list(zip(sources.tolist(), labels.tolist(), strict=True)), 0.2, seed)
-        head = LogisticRegression(C=4.0, max_iter=2000, class_weight="balanced").fit(features[train], labels[train])
-        scores = head.predict_proba(features[test])[:, 1]
+        if targets is None:
+            train, test = stratified_split(list(zip(sources.tolist(), labels.tolist(), strict=True)), 0.2, seed)
+            head = LogisticRegression(C=4.0, max_iter=2000, class_weight="balanced").fit(
+                features[train], labels[train]
+            )
+            scores = head.predict_proba(features[test])[:, 1]
+        else:  # distillation: every text twice, as toxic weighted by its target and as not toxic by one minus it
+            train = np.arange(len(texts))
+            doubled = np.concatenate([features, features])
+            y = np.concatenate([np.ones(len(texts)), np.zeros(len(texts))]).astype(np.int64)
+            weight = np.concatenate([targets, 1 - targets])
+            head = LogisticRegression(C=4.0, max_iter=2000).fit(doubled, y, sample_weight=weight)
+            held_texts, held_scores, held_description = _perspective_texts(self.data_dir, "heldout")
+            test = np.arange(len(held_texts))
+            scores = head.predict_proba(self.encoder.embed(held_texts, desc="minilm: embed held-out"))[:, 1]
+            labels, sources = np.array([int(s >= 0.5) for s in held_scores]), np.zeros(len(held_texts), dtype=np.int64)
+            agreement = heldout_agreement(scores, np.array(held_scores))
         metadata = {
             "head_version": HEAD_VERSION,
             "encoder": self.encoder.fingerprint(),
@@ -226,6 +318,7 @@ class MiniLMJudge:
                 f"test_auc_{name}": _auc(labels[test][sources[test] == k], scores[sources[test] == k])
                 for k, name in enumerate(self.sources)
             },
+            **({"heldout": held_description, **agreement} if targets is not None else {}),
         }
         with atomic_path(self.head_path) as tmp:
             save_file(
@@ -264,7 +357,8 @@ class MiniLMJudge:
             **{
                 k: v
                 for k, v in self.metadata.items()
-                if k in ("data", "n_train", "n_test", "test_auc", "test_accuracy") or k.startswith("test_auc_")
+                if k in ("data", "n_train", "n_test", "test_auc", "test_accuracy", "heldout", "pearson", "spearman")
+                or k.startswith(("test_auc_", "calibration"))
             },
         }
 
