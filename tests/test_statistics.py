@@ -97,11 +97,10 @@ def test_paired_changes_refuse_runs_of_other_prompts():
         paired_changes(_rows("rtp", [0.1, 0.2]), list(reversed(_rows("rtp", [0.1, 0.2]))))
 
 
-def test_eval_paired_runs_both_arms_on_the_same_prompts(tiny_model_dir, tmp_path, data_dir):
-    import json
-
+@pytest.fixture
+def tiny_adapter(tiny_model_dir, tmp_path):
+    """A surgery adapter for the tiny model folder: large enough a step to change its continuations."""
     import torch
-    from helpers import run_cli
 
     from surgery_plugin import SurgeryHyperParams, execute_surgery, export_adapter
     from surgery_plugin.models import load_model
@@ -109,7 +108,15 @@ def test_eval_paired_runs_both_arms_on_the_same_prompts(tiny_model_dir, tmp_path
     model, _ = load_model(str(tiny_model_dir))
     torch.manual_seed(3)
     edit = execute_surgery(model, torch.randn(32), SurgeryHyperParams(top_k=8, alpha=2.0, normalize=True))
-    adapter = export_adapter(edit, model, tmp_path / "adapter", str(tiny_model_dir))
+    return export_adapter(edit, model, tmp_path / "adapter", str(tiny_model_dir))
+
+
+def test_eval_paired_runs_both_arms_on_the_same_prompts(tiny_model_dir, tiny_adapter, tmp_path, data_dir):
+    import json
+
+    from helpers import run_cli
+
+    adapter = tiny_adapter
     out = tmp_path / "paired"
     ran = run_cli(
         "eval",
@@ -196,19 +203,12 @@ def test_controls_are_reproducible_from_their_seeds_and_differ_between_seeds():
     assert not torch.allclose(control_edit(edit, 5).direction, control_edit(edit, 6).direction)
 
 
-def test_eval_controls_add_the_band_of_null_edits(tiny_model_dir, tmp_path, data_dir):
+def test_eval_controls_add_the_band_of_null_edits(tiny_model_dir, tiny_adapter, tmp_path, data_dir):
     import json
 
-    import torch
     from helpers import run_cli
 
-    from surgery_plugin import SurgeryHyperParams, execute_surgery, export_adapter
-    from surgery_plugin.models import load_model
-
-    model, _ = load_model(str(tiny_model_dir))
-    torch.manual_seed(3)
-    edit = execute_surgery(model, torch.randn(32), SurgeryHyperParams(top_k=8, alpha=2.0, normalize=True))
-    adapter = export_adapter(edit, model, tmp_path / "adapter", str(tiny_model_dir))
+    adapter = tiny_adapter
     out = tmp_path / "paired"
     ran = run_cli(
         "eval",
