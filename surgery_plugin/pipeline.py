@@ -12,9 +12,10 @@ and it is the caller's to apply it in place or export it as an adapter.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from typing import NamedTuple
 
 import torch
@@ -129,10 +130,28 @@ class EditCache:
         self.data: dict[tuple, BehaviorData] = {}
         self.probes: dict[tuple, tuple[Probe, dict]] = {}
         self._states: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self._pinned: tuple[int, Hashable] | None = None
         self.hits = self.misses = 0
 
     def _weights(self, model: nn.Module) -> Hashable:
-        return self.fingerprint(model) if self.fingerprint is not None else None
+        if self.fingerprint is None:
+            return None
+        if self._pinned is not None and self._pinned[0] == id(model):
+            return self._pinned[1]
+        return self.fingerprint(model)
+
+    @contextlib.contextmanager
+    def pinned(self, model: nn.Module) -> Iterator[None]:
+        """The weights' key computed once for a block that does not change them (one edit being built): a
+        fingerprint over every parameter is seconds on a real model, and an edit looks it up several times."""
+        if self.fingerprint is None or self._pinned is not None:
+            yield
+            return
+        self._pinned = (id(model), self.fingerprint(model))
+        try:
+            yield
+        finally:
+            self._pinned = None
 
     def probe_data(self, hparams: SurgeryHyperParams, model, tokenizer, data_dir, progress: bool) -> BehaviorData:
         key = (
@@ -256,6 +275,11 @@ def build_probe(
     """The probe ``hparams`` describes, trained on ``requests`` (EasyEdit's) and ``data`` (else
     ``hparams.probe_data``); ``probe.metadata`` records how (model, layer, data, recipe, held-out metrics)."""
     cache = cache if cache is not None else EditCache()
+    with cache.pinned(model):
+        return _build_probe(model, tokenizer, hparams, data, requests, cache, data_dir, progress)
+
+
+def _build_probe(model, tokenizer, hparams, data, requests, cache: EditCache, data_dir, progress: bool):
     parts = _probe_parts(
         hparams, requests, data, lambda: cache.probe_data(hparams, model, tokenizer, data_dir, progress)
     )
@@ -350,6 +374,11 @@ def build_edit(
     table when ``hparams`` needs them (and of the probe data's undesired texts for ``gate_contrast``).
     """
     cache = cache if cache is not None else EditCache()
+    with cache.pinned(model):
+        return _build_edit(model, tokenizer, hparams, data, requests, cache, probe, data_dir, progress)
+
+
+def _build_edit(model, tokenizer, hparams, data, requests, cache: EditCache, probe, data_dir, progress: bool):
     if probe is None and hparams.probe_path:
         probe = Probe.load(hparams.probe_path, model)
     if probe is None:
