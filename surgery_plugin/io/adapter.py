@@ -388,7 +388,8 @@ def check_compatible(model: nn.Module, adapter: AdapterFiles, force: bool = Fals
             f"adapter {where} was made for '{made_for}' ({record.get('model_type')}, "
             f"hidden {record.get('hidden_size')}, {record.get('num_layers')} layers) and does not fit '{given}'"
         )
-    for update in adapter.updates():
+    updates = adapter.updates()
+    for update in updates:
         try:
             base.get_submodule(update.module_name)
         except AttributeError as err:
@@ -397,9 +398,9 @@ def check_compatible(model: nn.Module, adapter: AdapterFiles, force: bool = Fals
             ) from err
     digests = record.get("edited_row_digests")
     if digests:
-        layer_of = {u.module_name: _module_layer(u.module_name) for u in adapter.updates()}
-        now = row_digests(gates, adapter.updates(), layer_of)
-        for update in adapter.updates():
+        layer_of = {u.module_name: _module_layer(u.module_name) for u in updates}
+        now = row_digests(gates, updates, layer_of)
+        for update in updates:
             key = str(layer_of[update.module_name])
             shift = _digest_shift(update)
             if shift and abs(now[key] - digests[key] - shift) <= _MERGED_RTOL * abs(shift):
