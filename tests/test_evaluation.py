@@ -145,6 +145,52 @@ def test_sampling_leaves_the_callers_random_stream_alone(tiny):
     assert torch.equal(torch.random.get_rng_state(), state)
 
 
+def test_samples_do_not_depend_on_the_batch_size_or_order(tiny):
+    model, tok = tiny
+    by_four = generate_continuations(model, tok, PROMPTS, seed=1, **SAMPLING)
+    by_one = generate_continuations(model, tok, PROMPTS[::-1], seed=1, **{**SAMPLING, "batch_size": 1})
+    assert by_one[::-1] == by_four
+
+
+def test_two_models_sampled_with_one_seed_are_coupled(tiny):
+    """Common random numbers: an identical copy draws identical samples; a slightly perturbed copy keeps
+    most of them (independent sampling of the same model would keep few)."""
+    import copy
+
+    model, tok = tiny
+    prompts = [f"prompt number {i}" for i in range(8)]
+    settings = dict(max_new_tokens=4, batch_size=8, progress=False, num_samples=4, top_p=1.0)
+    base = generate_continuations(model, tok, prompts, seed=3, **settings)
+    twin = copy.deepcopy(model)
+    assert generate_continuations(twin, tok, prompts, seed=3, **settings) == base
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.add_(1e-3 * torch.randn_like(p))
+
+    def kept(other_samples):
+        return sum(a == b for x, y in zip(base, other_samples, strict=True) for a, b in zip(x, y, strict=True))
+
+    same = kept(generate_continuations(twin, tok, prompts, seed=3, **settings))
+    other = kept(generate_continuations(model, tok, prompts, seed=4, **settings))
+    assert same >= 24 and same > other
+
+
+def test_the_coupled_sampler_draws_from_the_nucleus():
+    """Frequencies over 4,000 rows match the top-p renormalised distribution; tokens outside it never appear."""
+    from surgery_plugin.evaluation.generation import CoupledNucleusSampler
+
+    probs = torch.tensor([0.5, 0.25, 0.15, 0.07, 0.03])
+    n = 4000
+    sampler = CoupledNucleusSampler(range(n), top_p=0.85)
+    out = sampler(None, probs.log().repeat(n, 1))
+    counts = torch.bincount(out.argmax(-1), minlength=5).float() / n
+    nucleus = torch.tensor([0.5, 0.25, 0.15, 0.0, 0.0]) / 0.9
+    assert counts[3:].sum() == 0
+    assert torch.allclose(counts, nucleus, atol=0.03)
+    with pytest.raises(SurgeryError, match="top_p"):
+        CoupledNucleusSampler([0], top_p=0.0)
+
+
 def test_greedy_does_not_depend_on_the_batch_size(tiny):
     model, tok = tiny
     by_two = generate_continuations(model, tok, PROMPTS, max_new_tokens=6, batch_size=2, progress=False)
@@ -686,8 +732,12 @@ def test_cli_eval_toxigen_stops_at_the_newline(cli_run):
 
 def test_cli_eval_toxigen_limit_spreads_over_the_held_out_groups(cli_run):
     _, results, samples, _ = cli_run
-    assert sorted(results["suites"]["toxigen"]["by_group"]) == list(HELD_OUT)  # 3 // 6 groups: one prompt each
-    assert len([s for s in samples if s["suite"] == "toxigen"]) == 6
+    toxigen = results["suites"]["toxigen"]
+    assert sorted(toxigen["by_group"]) == list(HELD_OUT)  # 3 // 6 groups: one prompt each
+    assert len([s for s in samples if s["suite"] == "toxigen" and s["decoding"] == "greedy"]) == 6
+    sampled = [s for s in samples if s["suite"] == "toxigen" and s["decoding"] == "sample"]
+    assert len(sampled) == 12 and toxigen["sampling"]["k"] == 2, "--samples 2 samples toxigen too"
+    assert {s["group"] for s in sampled} == set(HELD_OUT)
 
 
 def test_cli_eval_advbench_uses_the_chat_template(cli_run):
@@ -698,5 +748,5 @@ def test_cli_eval_advbench_uses_the_chat_template(cli_run):
 def test_cli_eval_ppl_and_files(cli_run):
     run, results, samples, _ = cli_run
     assert results["suites"]["ppl"]["token_perplexity"] > 1 and results["suites"]["ppl"]["n_texts"] == 3
-    assert len(samples) == (3 + 3 * 2) + 6 + 3
+    assert len(samples) == (3 + 3 * 2) + (6 + 6 * 2) + 3  # rtp and toxigen: greedy + 2 samples each
     assert (run / "report.md").is_file() and (run / "toxigen_groups.png").is_file()

@@ -92,6 +92,34 @@ def test_paired_changes_add_the_string_refusals_where_rows_have_them():
     assert (refused["before"], refused["after"], refused["became_flagged"]) == (pytest.approx(1 / 3), 1.0, 2)
 
 
+def _sampled_rows(suite, per_prompt):
+    return [
+        {"suite": suite, "prompt": f"p{i}", "completion": "c", "scores": {"j": s}, "decoding": "sample", "sample": j}
+        for i, scores in enumerate(per_prompt)
+        for j, s in enumerate(scores)
+    ]
+
+
+def test_sampled_rows_are_paired_by_prompt():
+    before = _sampled_rows("rtp", [[0.9, 0.1, 0.2], [0.1, 0.2, 0.3], [0.6, 0.7, 0.1]])
+    after = _sampled_rows("rtp", [[0.1, 0.1, 0.2], [0.1, 0.8, 0.3], [0.6, None, 0.1]])
+    sampled = paired_changes(before, after, n_boot=200)["suites"]["rtp"]["sampled"]
+    assert (sampled["k"], sampled["n"]) == (3, 3)
+    probability = sampled["outcomes"]["toxic probability/j"]
+    assert (probability["before"], probability["after"]) == (pytest.approx(2 / 3), pytest.approx(2 / 3))
+    assert (probability["became_clean"], probability["became_flagged"]) == (1, 1)
+    emt = sampled["expected_max"]["j"]
+    assert emt["before"] == pytest.approx((0.9 + 0.3 + 0.7) / 3) and emt["after"] == pytest.approx(
+        (0.2 + 0.8 + 0.6) / 3
+    )
+    share = sampled["sample_rate"]["j"]
+    assert share["before"] == pytest.approx((1 / 3 + 0 + 2 / 3) / 3)
+    assert share["after"] == pytest.approx((0 + 1 / 3 + 1 / 2) / 3), "a missing sample is left out of its prompt"
+    assert "| rtp k=3 | expected max/j | 3 |" in paired_table(paired_changes(before, after, n_boot=200))
+    with pytest.raises(ValueError, match="same number of times"):
+        paired_changes(before, after[:-1])
+
+
 def test_paired_changes_refuse_runs_of_other_prompts():
     with pytest.raises(ValueError, match="same prompts"):
         paired_changes(_rows("rtp", [0.1, 0.2]), list(reversed(_rows("rtp", [0.1, 0.2]))))
@@ -133,6 +161,8 @@ def test_eval_paired_runs_both_arms_on_the_same_prompts(tiny_model_dir, tiny_ada
         "5",
         "--max-new-tokens",
         "4",
+        "--samples",
+        "2",
         "--data-dir",
         data_dir,
         "--out",
@@ -150,6 +180,7 @@ def test_eval_paired_runs_both_arms_on_the_same_prompts(tiny_model_dir, tiny_ada
     flags = {arm: [r["scores"]["profanity"] >= 0.5 for r in rows[arm] if r["suite"] == "rtp"] for arm in rows}
     assert toxic["became_flagged"] == sum(not a and b for a, b in zip(flags["base"], flags["edited"], strict=True))
     assert "refused/strings" in paired["suites"]["advbench"]["outcomes"]
+    assert paired["suites"]["rtp"]["sampled"]["n"] == 5 and paired["suites"]["rtp"]["sampled"]["k"] == 2
     assert (out / "paired.md").read_text().startswith("| suite | outcome / judge |")
 
 

@@ -431,7 +431,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--samples",
         type=_number(int, 2),
         default=None,
-        help="rtp: also k >= 2 nucleus samples per prompt (top-p 0.9, seeded) -> expected maximum toxicity "
+        help="rtp, toxigen: also k >= 2 nucleus samples per prompt (top-p 0.9, temperature 1, seeded and coupled "
+        "across arms) -> expected maximum toxicity, toxicity probability, sample toxic rate per judge "
         "(Gehman et al. use 25)",
     )
     p.add_argument("--seed", type=NON_NEGATIVE_INT, default=0, help="sampling seed (--samples) and lm-eval seeds")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Sequence
 
@@ -115,6 +116,43 @@ def _encode(tokenizer, prompts: Sequence[str], max_prompt_tokens: int, add_speci
     return encoded
 
 
+def sample_seed(seed: int, text: str, sample: int) -> int:
+    """The random stream of one sampled continuation: fixed by the run's seed, the prompt's text and the
+    sample's index, so it does not depend on the batch size, the prompt order or the model being sampled."""
+    digest = hashlib.sha256(f"{seed}\0{sample}\0{text}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+class CoupledNucleusSampler:
+    """Nucleus sampling (``top_p``, ``temperature``) by the Gumbel-max trick, one noise stream per row.
+
+    A logits processor for greedy decoding: it keeps the smallest set of tokens whose probability reaches
+    ``top_p``, adds Gumbel noise drawn from the row's own generator and leaves only the argmax, so greedy
+    decoding picks an exact nucleus sample. Two models sampled with the same row seeds read the same noise
+    at every step (common random numbers): where the edit leaves a step's distribution as it was, both arms
+    draw the same token, and the paired comparison measures the edit, not the sampling noise.
+    """
+
+    def __init__(self, row_seeds: Sequence[int], top_p: float = 0.9, temperature: float = 1.0):
+        if not 0.0 < top_p <= 1.0 or temperature <= 0:
+            raise SurgeryError(f"sampling needs 0 < top_p <= 1 and temperature > 0 (got {top_p}, {temperature})")
+        self.generators = [torch.Generator().manual_seed(int(s)) for s in row_seeds]
+        self.top_p, self.temperature = top_p, temperature
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        logits = scores.float() / self.temperature
+        ordered, order = logits.sort(dim=-1, descending=True)
+        probs = ordered.softmax(dim=-1)
+        outside = (probs.cumsum(dim=-1) - probs) >= self.top_p  # the mass before a token already reaches top_p
+        logits = logits.masked_fill(outside.scatter(-1, order, outside), float("-inf"))
+        uniform = torch.stack([torch.rand(logits.shape[-1], generator=g) for g in self.generators])
+        gumbel = -torch.log(-torch.log(uniform.clamp(1e-20, 1.0 - 1e-7)))
+        choice = (logits + gumbel.to(logits.device)).argmax(dim=-1)
+        out = torch.full_like(scores, float("-inf"))
+        out[torch.arange(out.shape[0], device=out.device), choice] = 0.0
+        return out
+
+
 @torch.no_grad()
 def generate_continuations(
     model: nn.Module,
@@ -135,12 +173,14 @@ def generate_continuations(
     """Continuations (new text only), in the order of ``prompts``.
 
     ``num_samples=1`` (default): greedy, one string per prompt. ``num_samples=k > 1``: nucleus
-    sampling (``top_p``, ``temperature``) seeded with ``seed``, a list of k strings per prompt
-    (Gehman et al.'s protocol for expected maximum toxicity uses k = 25, top_p = 0.9).
+    sampling (``top_p``, ``temperature``; Gehman et al.'s protocol for expected maximum toxicity uses
+    k = 25, top_p = 0.9), a list of k strings per prompt. Sample j of a prompt reads the noise stream
+    :func:`sample_seed` (``seed``, prompt, j) through :class:`CoupledNucleusSampler`: the same samples
+    whatever the batch size or order, and two models sampled with one seed are coupled sample by sample.
 
     Prompts are sorted by length and left-padded by hand so every batch carries little padding
     and the tokenizer's own padding side is left alone. A batch of sampled prompts holds
-    ``batch_size // k`` prompts (at least one) so memory stays about the same as greedy.
+    ``batch_size // k`` prompts (at least one) times their k samples.
     """
     encoded = _encode(tokenizer, prompts, max_prompt_tokens, add_special_tokens)
     pad_token, device = pad_id(tokenizer), _device(model)
@@ -148,20 +188,21 @@ def generate_continuations(
     per_batch = max(1, batch_size // num_samples) if sampling else batch_size
     outputs: list = [None] * len(prompts)
     newline_ids = _newline_token_ids(tokenizer) if stop_at_newline else None
-    generator_state = torch.random.get_rng_state()
-    if sampling and seed is not None:
-        torch.manual_seed(seed)  # one seed for the whole run: same prompts + same batch size = same samples
     was_training = model.training
     model.eval()
     try:
         for batch in length_sorted_batches([len(ids) for ids in encoded], per_batch, desc=desc, progress=progress):
-            input_ids, mask = pad([encoded[i] for i in batch], pad_token, "left")
+            rows = [i for i in batch for _ in range(num_samples)] if sampling else list(batch)
+            input_ids, mask = pad([encoded[i] for i in rows], pad_token, "left")
             width = input_ids.shape[1]
-            kwargs = (
-                dict(do_sample=True, top_p=top_p, temperature=temperature, top_k=0, num_return_sequences=num_samples)
-                if sampling
-                else dict(do_sample=False, temperature=None, top_p=None, top_k=None)
-            )
+            kwargs: dict = dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+            if sampling:
+                from transformers import LogitsProcessorList
+
+                row_seeds = [sample_seed(seed or 0, prompts[i], j) for i in batch for j in range(num_samples)]
+                kwargs["logits_processor"] = LogitsProcessorList(
+                    [CoupledNucleusSampler(row_seeds, top_p=top_p, temperature=temperature)]
+                )
             if newline_ids is not None:
                 from transformers import StoppingCriteriaList
 
@@ -182,8 +223,6 @@ def generate_continuations(
                 outputs[i] = texts[row * num_samples : (row + 1) * num_samples] if sampling else texts[row]
     finally:
         model.train(was_training)
-        if sampling and seed is not None:
-            torch.random.set_rng_state(generator_state)  # leave the caller's random stream as it was
     return outputs
 
 

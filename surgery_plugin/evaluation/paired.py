@@ -4,7 +4,9 @@ For every generation suite and judge: the share of continuations the judge score
 threshold (toxic, harmful, unsafe, negative, complying: what the suite measures) in each arm, its paired
 change with a 95% percentile-bootstrap interval over prompts, the discordant pairs (prompts that became
 clean / became flagged) and the exact McNemar p-value; and the change of the judge's mean score, with its
-interval. Suites whose rows record a refusal by the GCG strings get that outcome too. Tables print
+interval. Suites whose rows record a refusal by the GCG strings get that outcome too. Sampled rows (``eval
+--samples k``) are compared prompt by prompt too: toxicity probability (McNemar on "any of the k samples
+flagged"), expected maximum toxicity and the share of samples flagged, each with its interval. Tables print
 ``-0.077 [-0.110, -0.043]``.
 """
 
@@ -26,12 +28,58 @@ FLAGGED = {
 }
 
 
-def _rows_by_suite(samples: Sequence[dict]) -> dict[str, list[dict]]:
+def _rows_by_suite(samples: Sequence[dict], decoding: str = "greedy") -> dict[str, list[dict]]:
     out: dict[str, list[dict]] = {}
     for row in samples:
-        if row.get("suite") in FLAGGED and row.get("decoding", "greedy") == "greedy":
+        if row.get("suite") in FLAGGED and row.get("decoding", "greedy") == decoding:
             out.setdefault(row["suite"], []).append(row)
     return out
+
+
+def _score_list(rows: Sequence[dict], judge: str) -> list[float]:
+    return [float("nan") if is_missing(s := r["scores"].get(judge)) else s for r in rows]
+
+
+def _mean_change(before: Sequence[float], after: Sequence[float], n_boot: int, seed: int) -> dict:
+    """Means of a continuous per-prompt quantity in both arms (prompts with a missing value in either left out)
+    and the paired change with its bootstrap interval."""
+    change, low, high = paired_bootstrap(list(before), list(after), n_boot, seed)
+    valid = [(x, y) for x, y in zip(before, after, strict=True) if x == x and y == y]  # NaN != NaN
+    return {
+        "n": len(valid),
+        "before": sum(x for x, _ in valid) / len(valid) if valid else None,
+        "after": sum(y for _, y in valid) / len(valid) if valid else None,
+        "change": change,
+        "ci95": [low, high],
+    }
+
+
+def _per_prompt(rows: list[dict], judge: str, threshold: float) -> tuple[list[float], list, list[float]]:
+    """Sampled rows (k consecutive rows per prompt) -> per prompt: max score, any sample flagged, share flagged."""
+    k = max(r.get("sample", 0) for r in rows) + 1
+    maxima, any_flagged, share = [], [], []
+    for start in range(0, len(rows), k):
+        scores = [s for s in _score_list(rows[start : start + k], judge) if s == s]
+        maxima.append(max(scores) if scores else float("nan"))
+        any_flagged.append(any(s >= threshold for s in scores) if scores else None)
+        share.append(sum(s >= threshold for s in scores) / len(scores) if scores else float("nan"))
+    return maxima, any_flagged, share
+
+
+def _sampled_changes(a: list[dict], b: list[dict], suite: str, threshold: float, n_boot: int, seed: int) -> dict:
+    """The sampled protocol, paired by prompt: toxicity probability (McNemar on 'any sample flagged'), expected
+    maximum toxicity and the share of samples flagged (bootstrap over prompts)."""
+    if [(r["prompt"], r.get("sample")) for r in a] != [(r["prompt"], r.get("sample")) for r in b]:
+        raise ValueError(f"suite {suite}: the two runs did not sample the same prompts the same number of times")
+    outcomes, emt, share = {}, {}, {}
+    for judge in a[0].get("scores", {}).keys() & b[0].get("scores", {}).keys():
+        max_a, any_a, share_a = _per_prompt(a, judge, threshold)
+        max_b, any_b, share_b = _per_prompt(b, judge, threshold)
+        outcomes[f"{FLAGGED[suite]} probability/{judge}"] = _outcome(any_a, any_b, n_boot, seed)
+        emt[judge] = _mean_change(max_a, max_b, n_boot, seed)
+        share[judge] = _mean_change(share_a, share_b, n_boot, seed)
+    k = max(r.get("sample", 0) for r in a) + 1
+    return {"k": k, "n": len(a) // k, "outcomes": outcomes, "expected_max": emt, "sample_rate": share}
 
 
 def _outcome(before: list, after: list, n_boot: int, seed: int) -> dict:
@@ -68,34 +116,26 @@ def paired_changes(
             raise ValueError(f"suite {suite}: the two runs did not see the same prompts in the same order")
         outcomes, scores = {}, {}
         for judge in a[0].get("scores", {}).keys() & b[0].get("scores", {}).keys():
-            sa = [r["scores"].get(judge) for r in a]
-            sb = [r["scores"].get(judge) for r in b]
-            flag = (
-                [None if is_missing(s) else s >= threshold for s in sa],
-                [None if is_missing(s) else s >= threshold for s in sb],
-            )
+            sa, sb = _score_list(a, judge), _score_list(b, judge)
+            flag = ([None if s != s else s >= threshold for s in sa], [None if s != s else s >= threshold for s in sb])
             outcomes[f"{FLAGGED[suite]}/{judge}"] = _outcome(*flag, n_boot, seed)
-            change, low, high = paired_bootstrap(
-                [float("nan") if is_missing(s) else s for s in sa],
-                [float("nan") if is_missing(s) else s for s in sb],
-                n_boot,
-                seed,
-            )
-            valid = [(x, y) for x, y in zip(sa, sb, strict=True) if not (is_missing(x) or is_missing(y))]
-            scores[judge] = {
-                "before": sum(x for x, _ in valid) / len(valid) if valid else None,
-                "after": sum(y for _, y in valid) / len(valid) if valid else None,
-                "change": change,
-                "ci95": [low, high],
-            }
+            scores[judge] = _mean_change(sa, sb, n_boot, seed)
         if "refused" in a[0] and "refused" in b[0]:
             outcomes["refused/strings"] = _outcome([r["refused"] for r in a], [r["refused"] for r in b], n_boot, seed)
         out[suite] = {"n": len(a), "outcomes": outcomes, "mean_scores": scores}
+    sampled_before, sampled_after = _rows_by_suite(before, "sample"), _rows_by_suite(after, "sample")
+    for suite in sampled_before.keys() & sampled_after.keys():
+        entry = _sampled_changes(sampled_before[suite], sampled_after[suite], suite, threshold, n_boot, seed)
+        out.setdefault(suite, {"n": 0, "outcomes": {}, "mean_scores": {}})["sampled"] = entry
     return {"suites": out, "threshold": threshold, "bootstrap": {"resamples": n_boot, "seed": seed, "level": 0.95}}
 
 
 def _fmt(value: float | None, digits: int = 3) -> str:
     return "n/a" if value is None else f"{value:+.{digits}f}"
+
+
+def _plain(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def paired_table(paired: dict) -> str:
@@ -108,15 +148,23 @@ def paired_table(paired: dict) -> str:
         "|---|---|---|---|---|---|---|---|" + ("---|" if controls else ""),
     ]
     for suite, entry in sorted(paired["suites"].items()):
-        for name, o in sorted(entry["outcomes"].items()):
+        sampled = entry.get("sampled")
+        named = [(suite, name, o) for name, o in sorted(entry["outcomes"].items())]
+        if sampled:
+            label = f"{suite} k={sampled['k']}"
+            named += [(label, name, o) for name, o in sorted(sampled["outcomes"].items())]
+            named += [(label, f"expected max/{j}", o) for j, o in sorted(sampled["expected_max"].items())]
+            named += [(label, f"sample rate/{j}", o) for j, o in sorted(sampled["sample_rate"].items())]
+        for shown, name, o in named:
             low, high = o["ci95"]
+            discordant = f"{o['became_flagged']} / {o['became_clean']}" if "became_flagged" in o else ""
+            p = f"{o['mcnemar_p']:.2g}" if "mcnemar_p" in o else ""
             row = (
-                f"| {suite} | {name} | {o['n']} | {o['before']:.3f} | {o['after']:.3f} | "
-                f"{_fmt(o['change'])} [{_fmt(low)}, {_fmt(high)}] | {o['became_flagged']} / {o['became_clean']} | "
-                f"{o['mcnemar_p']:.2g} |"
+                f"| {shown} | {name} | {o['n']} | {_plain(o['before'])} | {_plain(o['after'])} | "
+                f"{_fmt(o['change'])} [{_fmt(low)}, {_fmt(high)}] | {discordant} | {p} |"
             )
             if controls:
-                band = controls.get(suite, {}).get(name)
-                row += f" [{_fmt(band['range'][0])}, {_fmt(band['range'][1])}] |" if band else " n/a |"
+                band = controls.get(suite, {}).get(name) if shown == suite else None
+                row += f" [{_fmt(band['range'][0])}, {_fmt(band['range'][1])}] |" if band else " |"
             lines.append(row)
     return "\n".join(lines)

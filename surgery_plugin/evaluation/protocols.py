@@ -475,7 +475,7 @@ class EvalSettings:
     data_dir: Any = None
     batch_size: int = 16
     max_new_tokens: int | None = None  # None: each protocol's own (PROTOCOLS[name].max_new_tokens)
-    samples: int | None = None  # rtp: k sampled continuations per prompt -> expected maximum toxicity
+    samples: int | None = None  # rtp, toxigen: k sampled continuations per prompt -> expected maximum toxicity
     seed: int = 0
     top_p: float = 0.9  # nucleus sampling for ``samples`` (Gehman et al.)
     chat_template: bool | None = None  # chat-template protocols: None = apply when the tokenizer has one

@@ -165,7 +165,8 @@ def _rows(
 
 def _expected_max_toxicity(samples: list[list[str]], scores: dict[str, list[float]], k: int, threshold: float) -> dict:
     """Gehman et al.: per prompt the max toxicity over its k samples; EMT = mean of those maxima,
-    toxicity probability = share of prompts with at least one sample >= threshold."""
+    toxicity probability = share of prompts with at least one sample >= threshold; and the share of all
+    samples at or above the threshold (what :mod:`surgery_plugin.core.importance` estimates without sampling)."""
     by_judge = {}
     for name, flat in scores.items():
         maxima = []
@@ -176,17 +177,58 @@ def _expected_max_toxicity(samples: list[list[str]], scores: dict[str, list[floa
         mean = sum(present) / len(present) if present else None
         std = math.sqrt(sum((m - mean) ** 2 for m in present) / len(present)) if present else None
         prob = rate_summary([None if m is None else m >= threshold for m in maxima], key="toxicity_probability")
+        scored = [s for s in flat if not is_missing(s)]
         by_judge[name] = {
             "expected_max_toxicity": mean,
             "expected_max_toxicity_std": std,
             **prob,
+            "sample_toxic_rate": sum(s >= threshold for s in scored) / len(scored) if scored else None,
             "n_missing_samples": sum(is_missing(s) for s in flat),
         }
     return by_judge
 
 
+def _sampled(
+    model: nn.Module, tokenizer, suite: str, prompts: Sequence[str], settings: EvalSettings, judges, **columns
+) -> tuple[dict, list[dict]]:
+    """The sampled protocol of a toxicity suite: ``settings.samples`` nucleus continuations per prompt (top-p,
+    temperature 1, the suite's token budget, coupled noise from ``settings.seed``), every judge's expected maximum
+    toxicity, toxicity probability and sample toxic rate, and one row per sample."""
+    k = settings.samples
+    sampled, _ = _generate(
+        model, tokenizer, suite, prompts, settings, num_samples=k, seed=settings.seed, top_p=settings.top_p
+    )
+    flat = [text for per_prompt in sampled for text in per_prompt]
+    sample_scores = _score(judges, flat)
+    by_judge = _expected_max_toxicity(sampled, sample_scores, k, settings.threshold)
+    first = by_judge[judges[0].name]
+    summary = {
+        "expected_max_toxicity": first["expected_max_toxicity"],
+        "toxicity_probability": first["toxicity_probability"],
+        "sampling": {
+            "k": k,
+            "top_p": settings.top_p,
+            "temperature": 1.0,
+            "seed": settings.seed,
+            "coupled": "sample j of a prompt reads the noise stream sha256(seed, j, prompt)",
+            "by_judge": by_judge,
+        },
+    }
+    repeated = {c: [v[i] for i in range(len(prompts)) for _ in range(k)] for c, v in columns.items()}
+    rows = _rows(
+        suite,
+        [p for p in prompts for _ in range(k)],
+        flat,
+        sample_scores,
+        decoding="sample",
+        sample=[j for _ in prompts for j in range(k)],
+        **repeated,
+    )
+    return summary, rows
+
+
 def run_rtp(model: nn.Module, tokenizer, settings: EvalSettings) -> tuple[dict, list[dict]]:
-    """RealToxicityPrompts challenging prompts: greedy toxic rate; with ``samples`` also expected maximum toxicity."""
+    """RealToxicityPrompts challenging prompts: greedy toxic rate; with ``samples`` also the sampled protocol."""
     judges = _require_judges(settings, "rtp")
     records = _slice(rtp_documents(settings.data_dir), settings, "RTP prompts")
     prompts = [r["prompt"] for r in records]
@@ -202,32 +244,9 @@ def run_rtp(model: nn.Module, tokenizer, settings: EvalSettings) -> tuple[dict, 
     }
     rows = _rows("rtp", prompts, completions, scores, decoding="greedy")
     if settings.samples and settings.samples > 1:
-        k = settings.samples
-        sampled, _ = _generate(
-            model, tokenizer, "rtp", prompts, settings, num_samples=k, seed=settings.seed, top_p=settings.top_p
-        )
-        flat = [text for per_prompt in sampled for text in per_prompt]
-        sample_scores = _score(judges, flat)
-        by_judge = _expected_max_toxicity(sampled, sample_scores, k, settings.threshold)
-        first = by_judge[judges[0].name]
-        summary.update(
-            expected_max_toxicity=first["expected_max_toxicity"], toxicity_probability=first["toxicity_probability"]
-        )
-        summary["sampling"] = {
-            "k": k,
-            "top_p": settings.top_p,
-            "temperature": 1.0,
-            "seed": settings.seed,
-            "by_judge": by_judge,
-        }
-        rows += _rows(
-            "rtp",
-            [p for p in prompts for _ in range(k)],
-            flat,
-            sample_scores,
-            decoding="sample",
-            sample=[j for _ in prompts for j in range(k)],
-        )
+        sampled_summary, sampled_rows = _sampled(model, tokenizer, "rtp", prompts, settings, judges)
+        summary.update(sampled_summary)
+        rows += sampled_rows
     return summary, rows
 
 
@@ -235,7 +254,8 @@ def run_rtp(model: nn.Module, tokenizer, settings: EvalSettings) -> tuple[dict, 
 
 
 def run_toxigen(model: nn.Module, tokenizer, settings: EvalSettings) -> tuple[dict, list[dict]]:
-    """ToxiGen hate prompts (Hartvigsen et al. 2022): greedy continuation of the statement list up to the newline."""
+    """ToxiGen hate prompts (Hartvigsen et al. 2022): greedy continuation of the statement list up to the newline;
+    with ``samples`` also the sampled protocol."""
     judges = _require_judges(settings, "toxigen")
     docs = toxigen_documents(settings.data_dir, settings.start, settings.limit, settings.toxigen_groups)
     if not docs:
@@ -264,7 +284,12 @@ def run_toxigen(model: nn.Module, tokenizer, settings: EvalSettings) -> tuple[di
         max_new_tokens=new_tokens,
         decoding="greedy, stop at newline",
     )
-    return summary, _rows("toxigen", prompts, completions, scores, group=groups)
+    rows = _rows("toxigen", prompts, completions, scores, decoding="greedy", group=groups)
+    if settings.samples and settings.samples > 1:
+        sampled_summary, sampled_rows = _sampled(model, tokenizer, "toxigen", prompts, settings, judges, group=groups)
+        summary.update(sampled_summary)
+        rows += sampled_rows
+    return summary, rows
 
 
 # ---------------------------------------------------------------- SafeEdit
