@@ -33,7 +33,7 @@ BEHAVIORS: dict[str, Behavior] = {
             "toxicity",
             probe_data="davidson",
             suites=("rtp", "toxigen", "ppl", "kl"),
-            judges="profanity,minilm",
+            judges="minilm:perspective,profanity,minilm",  # the first: Perspective distilled (the paper's judge)
             metric=("rtp", "toxic_rate"),
             tune_suites=("rtp", "toxigen"),
             probe_data_choices=("davidson", "rtp", "self", "davidson+toxigen", "toxigen+rtp"),

@@ -270,9 +270,40 @@ def test_the_chosen_yaml_is_the_chosen_trials_point(searched, tmp_path):
 
 def test_the_chosen_point_is_validated_against_the_unedited_model(searched):
     validation = searched.first["chosen"]["validation"]
-    assert set(validation) == {"unedited", "edited"}
+    assert set(validation) == {"unedited", "edited", "paired"}
     assert validation["edited"]["mean_kl"] > 0  # an edit of a random model moves its next-token distribution
     assert validation["edited"]["token_perplexity"] != validation["unedited"]["token_perplexity"]
+    toxic = validation["paired"]["suites"]["rtp"]["outcomes"]["toxic/profanity"]
+    assert toxic["n"] == 3 and len(toxic["ci95"]) == 2, "the validation is paired, prompt by prompt"
+
+
+def test_trials_carry_standard_errors_and_the_choice_says_why(searched):
+    result = searched.first
+    assert result["objective"]["kind"] == "likelihood" and result["objective"]["judge"] == "profanity"
+    assert all(t["undesired_se"] is not None and t["undesired_se"] >= 0 for t in result["trials"])
+    choice = result["choice"]
+    close = {c["trial"] for c in choice["indistinguishable"]}
+    assert choice["best"] in close and choice["chosen"] in close and choice["chosen"] == result["chosen"]["trial"]
+    kl = {t["number"]: t["values"]["kl"] for t in result["trials"]}
+    assert kl[choice["chosen"]] == min(kl[n] for n in close), "the cheapest of the indistinguishable trials"
+    best = min(result["trials"], key=lambda t: (t["values"]["undesired"], t["values"]["kl"]))
+    assert choice["best"] == best["number"]
+
+
+def test_the_likelihood_objectives_base_samples_are_judged_once_and_reused(searched):
+    stored = json.loads((searched.out / "base_samples.json").read_text())
+    assert len(stored["rtp"]) == 3 and all(len(r["ids"]) == 8 for r in stored["rtp"])
+    assert searched.resumed["objective"]["base_means"] == searched.first["objective"]["base_means"]
+
+
+@pytest.mark.parametrize("objective", ["greedy", "sampled"])
+def test_the_other_objectives_run_and_say_which_they_were(objective, tmp_path, data_dir):
+    model, tok = make_tiny("llama"), CharTokenizer()
+    settings = _settings(data_dir, trials=2, objective=objective, samples=2)
+    result = tune(model, tok, settings, tmp_path / "tune", progress=False)
+    assert result["objective"]["kind"] == objective and len(result["trials"]) == 2
+    assert all(t["undesired_se"] is not None for t in result["trials"])
+    assert not (tmp_path / "tune" / "base_samples.json").exists()
 
 
 def test_resuming_adds_trials_to_the_same_study(searched):

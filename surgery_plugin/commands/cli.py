@@ -493,7 +493,28 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: toxicity rtp,toxigen; jailbreak advbench; attitude attitude)",
     )
     p.add_argument(
-        "--judge", default=None, help="judges of the undesired objective (averaged; default: the behavior's)"
+        "--judge",
+        default=None,
+        help="judges (default: the behavior's); the first is the undesired objective's, the others are recorded",
+    )
+    p.add_argument(
+        "--objective",
+        choices=("likelihood", "sampled", "greedy"),
+        default="likelihood",
+        help="likelihood (default): base samples judged once, each trial re-weights them by teacher forcing; "
+        "sampled: --samples coupled samples per prompt per trial; greedy: one greedy continuation per prompt",
+    )
+    p.add_argument(
+        "--samples",
+        type=_number(int, 2),
+        default=8,
+        help="samples per tuning prompt (likelihood: of the unedited model, once; sampled: per trial)",
+    )
+    p.add_argument(
+        "--validation-samples",
+        type=_number(int, 2),
+        default=None,
+        help="the chosen point's paired validation also runs the sampled protocol with k samples per prompt",
     )
     p.add_argument(
         "--max-ppl-increase",
@@ -547,7 +568,9 @@ def build_parser() -> argparse.ArgumentParser:
         default="rtp,toxigen,safeedit,ppl,kl",
         help="rtp, toxigen, advbench, ppl, kl judge the global edit; safeedit is the per-instance protocol",
     )
-    p.add_argument("--judge", default="profanity,minilm", help="comma-separated judges, as in `surgery eval`")
+    p.add_argument(
+        "--judge", default="minilm:perspective,profanity,minilm", help="comma-separated judges, as in `surgery eval`"
+    )
     p.add_argument(
         "--records",
         type=POSITIVE_INT,

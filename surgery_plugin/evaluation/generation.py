@@ -169,8 +169,10 @@ def generate_continuations(
     top_p: float = 0.9,
     temperature: float = 1.0,
     add_special_tokens: bool | None = None,
-) -> list[str] | list[list[str]]:
-    """Continuations (new text only), in the order of ``prompts``.
+    return_ids: bool = False,
+) -> list[str] | list[list[str]] | tuple[list, list]:
+    """Continuations (new text only), in the order of ``prompts``; with ``return_ids`` also the token ids of
+    each (up to and including an end-of-sequence token, or the newline token where the run stops at one).
 
     ``num_samples=1`` (default): greedy, one string per prompt. ``num_samples=k > 1``: nucleus
     sampling (``top_p``, ``temperature``; Gehman et al.'s protocol for expected maximum toxicity uses
@@ -187,6 +189,7 @@ def generate_continuations(
     sampling = num_samples > 1
     per_batch = max(1, batch_size // num_samples) if sampling else batch_size
     outputs: list = [None] * len(prompts)
+    id_outputs: list = [None] * len(prompts)
     newline_ids = _newline_token_ids(tokenizer) if stop_at_newline else None
     was_training = model.training
     model.eval()
@@ -219,11 +222,23 @@ def generate_continuations(
             ]
             if stop_at_newline:
                 texts = [t.split("\n")[0] for t in texts]
+            new_ids = [_sample_ids(generated[r, width:].tolist(), tokenizer, newline_ids) for r in range(len(texts))]
             for row, i in enumerate(batch):
                 outputs[i] = texts[row * num_samples : (row + 1) * num_samples] if sampling else texts[row]
+                id_outputs[i] = new_ids[row * num_samples : (row + 1) * num_samples] if sampling else new_ids[row]
     finally:
         model.train(was_training)
-    return outputs
+    return (outputs, id_outputs) if return_ids else outputs
+
+
+def _sample_ids(ids: list[int], tokenizer, newline_ids: torch.Tensor | None) -> list[int]:
+    """A generated row's own tokens: up to and including the first end-of-sequence (or newline) token."""
+    eos = getattr(tokenizer, "eos_token_id", None)
+    newlines = set(newline_ids.tolist()) if newline_ids is not None else set()
+    for n, token in enumerate(ids):
+        if token == eos or token in newlines:
+            return ids[: n + 1]
+    return ids
 
 
 @torch.no_grad()
@@ -314,6 +329,52 @@ def next_token_logprobs(
     finally:
         model.train(was_training)
     return out if out is not None else torch.empty(0, 0)
+
+
+@torch.no_grad()
+def continuation_logprobs(
+    model: nn.Module,
+    tokenizer,
+    prompts: Sequence[str],
+    continuations: Sequence[str | Sequence[int]],
+    batch_size: int = 16,
+    max_prompt_tokens: int = 2048,
+    add_special_tokens: bool | None = None,
+    progress: bool = True,
+    desc: str = "teacher-forced",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher forcing: ``log p(continuation | prompt)`` (summed over its tokens) and its number of tokens, per
+    pair, in order. Prompts are encoded as :func:`generate_continuations` encodes them (same truncation, same
+    special tokens); a continuation is its token ids (``return_ids``: exactly what was sampled) or a text,
+    encoded without special tokens."""
+    if len(prompts) != len(continuations):
+        raise SurgeryError(f"{len(prompts)} prompts for {len(continuations)} continuations")
+    encoded_prompts = _encode(tokenizer, prompts, max_prompt_tokens, add_special_tokens)
+    tails = [
+        (list(tokenizer(c, add_special_tokens=False)["input_ids"]) if c else []) if isinstance(c, str) else list(c)
+        for c in continuations
+    ]
+    sequences = [p + c for p, c in zip(encoded_prompts, tails, strict=True)]
+    logp = torch.zeros(len(prompts), dtype=torch.float64)
+    counts = torch.tensor([len(c) for c in tails], dtype=torch.long)
+    device = _device(model)
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in length_sorted_batches([len(s) for s in sequences], batch_size, desc=desc, progress=progress):
+            scored = [i for i in batch if tails[i]]
+            if not scored:
+                continue
+            input_ids, mask = pad([sequences[i] for i in scored], pad_id(tokenizer), "right")
+            logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+            logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+            token_logp = logprobs.gather(-1, input_ids[:, 1:].to(device).unsqueeze(-1)).squeeze(-1).cpu()
+            for row, i in enumerate(scored):
+                first = len(encoded_prompts[i]) - 1  # the position whose logits predict the first new token
+                logp[i] = token_logp[row, first : first + len(tails[i])].double().sum()
+    finally:
+        model.train(was_training)
+    return logp, counts
 
 
 def kl_divergence(reference: torch.Tensor, edited: torch.Tensor) -> torch.Tensor:

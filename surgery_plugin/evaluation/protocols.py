@@ -90,7 +90,12 @@ class Protocol:
 def rtp_documents(data_dir=None) -> list[dict]:
     """RealToxicityPrompts challenging prompts, in file order."""
     return [
-        {"prompt": r["prompt"]["text"], "prompt_toxicity": r["prompt"].get("toxicity")}
+        {
+            "prompt": r["prompt"]["text"],
+            "prompt_toxicity": r["prompt"].get("toxicity"),
+            "continuation": r.get("continuation", {}).get("text"),  # the human one, with its Perspective score
+            "continuation_toxicity": r.get("continuation", {}).get("toxicity"),
+        }
         for r in load_rtp(data_dir, "toxic")
     ]
 

@@ -69,20 +69,24 @@ def _score(judges: Sequence[Judge], texts: Sequence[str]) -> dict[str, list[floa
     return {j.name: list(j.score(list(texts))) for j in judges}
 
 
-def _generate(
-    model: nn.Module, tokenizer, suite: str, prompts: Sequence[str], settings: EvalSettings, **sampling
-) -> tuple[list, bool]:
-    """Continuations of ``prompts`` as the suite's protocol says: chat template (when the protocol
-    uses one and the tokenizer has one), generation length, stop at newline. Returns them and
-    whether the chat template was applied."""
-    protocol = PROTOCOLS[suite]
-    if protocol.chat_template:
+def format_for(tokenizer, suite: str, prompts: Sequence[str], settings: EvalSettings) -> tuple[list[str], bool]:
+    """The texts a suite's model reads: chat template (when the protocol uses one and the tokenizer has one)
+    or the instruction prefix; and whether the chat template was applied."""
+    if PROTOCOLS[suite].chat_template:
         texts, chat = format_prompts(tokenizer, prompts, settings.chat_template, system=settings.instruction)
         if settings.instruction and not chat:
             texts = [_prefix(tokenizer, settings) + t for t in texts]
-    else:
-        prefix = _prefix(tokenizer, settings) or ""
-        texts, chat = [prefix + p for p in prompts], False
+        return texts, chat
+    prefix = _prefix(tokenizer, settings) or ""
+    return [prefix + p for p in prompts], False
+
+
+def generate_for_suite(
+    model: nn.Module, tokenizer, suite: str, prompts: Sequence[str], settings: EvalSettings, **sampling
+) -> tuple[list, bool]:
+    """Continuations of ``prompts`` as the suite's protocol says (:func:`format_for`, generation length, stop at
+    newline). Returns them and whether the chat template was applied."""
+    texts, chat = format_for(tokenizer, suite, prompts, settings)
     desc = f"{suite} sample k={sampling['num_samples']}" if sampling else f"{suite} generate"
     completions = generate_continuations(
         model,
@@ -90,7 +94,7 @@ def _generate(
         texts,
         settings.new_tokens(suite),
         settings.batch_size,
-        stop_at_newline=protocol.stop_at_newline,
+        stop_at_newline=PROTOCOLS[suite].stop_at_newline,
         progress=settings.progress,
         desc=desc,
         add_special_tokens=False if chat else None,
@@ -113,7 +117,7 @@ def generate_and_judge(
     model: nn.Module, tokenizer, suite: str, prompts: Sequence[str], settings: EvalSettings, judges: Sequence
 ) -> Judged:
     """The one generate -> score step: ``prompts`` continued as ``suite``'s protocol says, scored by ``judges``."""
-    completions, chat = _generate(model, tokenizer, suite, prompts, settings)
+    completions, chat = generate_for_suite(model, tokenizer, suite, prompts, settings)
     return Judged(list(prompts), completions, _score(judges, completions), chat)
 
 
@@ -195,7 +199,7 @@ def _sampled(
     temperature 1, the suite's token budget, coupled noise from ``settings.seed``), every judge's expected maximum
     toxicity, toxicity probability and sample toxic rate, and one row per sample."""
     k = settings.samples
-    sampled, _ = _generate(
+    sampled, _ = generate_for_suite(
         model, tokenizer, suite, prompts, settings, num_samples=k, seed=settings.seed, top_p=settings.top_p
     )
     flat = [text for per_prompt in sampled for text in per_prompt]
@@ -320,7 +324,7 @@ def run_safeedit_per_instance(
         seconds.append(time.perf_counter() - started)
         record_inputs = [(d["metric"], record, d["prompt"]) for d in safeedit_documents([record])]
         try:
-            out, chat = _generate(model, tokenizer, "safeedit", [q for _, _, q in record_inputs], settings)
+            out, chat = generate_for_suite(model, tokenizer, "safeedit", [q for _, _, q in record_inputs], settings)
         finally:
             restore()
         inputs += record_inputs

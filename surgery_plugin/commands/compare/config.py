@@ -18,7 +18,7 @@ METHODS = ("surgery", "dinm", "rome", "ft-l", "ft-m", "prompt")
 WITHOUT_EASYEDIT = ("surgery", "prompt")
 SUITES = (*GLOBAL_EDIT.suites, *SAFEEDIT_PER_INSTANCE.suites)
 DEFAULT_SUITES = ("rtp", "toxigen", "safeedit", "ppl", "kl")
-DEFAULT_JUDGES = "profanity,minilm"
+DEFAULT_JUDGES = "minilm:perspective,profanity,minilm"
 DEFAULT_ALPHAS = (0.25, 0.5, 1.0)
 # Llama 2's default system prompt (Touvron et al. 2023), its safety part: the usual prompting baseline
 SAFETY_INSTRUCTION = (

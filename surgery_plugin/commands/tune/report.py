@@ -22,6 +22,8 @@ def trial_record(trial, on_front: bool) -> dict:
     return {
         "number": trial.number,
         "values": dict(zip(OBJECTIVES, trial.values, strict=True)),
+        "undesired_se": trial.user_attrs.get("objective_se"),
+        "human_continuations": trial.user_attrs.get("human_continuations"),
         "on_front": on_front,
         "params": trial.user_attrs.get("params"),
         "rates": trial.user_attrs.get("rates"),
@@ -43,7 +45,9 @@ def plot_front(result: dict, png: Path) -> None:
     xs = [100 * t["values"]["ppl_increase"] for t in trials]
     ys = [t["values"]["undesired"] for t in trials]
     kls = [t["values"]["kl"] for t in trials]
-    points = ax.scatter(xs, ys, c=kls, cmap="viridis", s=28, edgecolor="none")
+    errors = [t.get("undesired_se") or 0.0 for t in trials]
+    ax.errorbar(xs, ys, yerr=[1.96 * e for e in errors], fmt="none", ecolor="grey", alpha=0.5, lw=0.8, zorder=1)
+    points = ax.scatter(xs, ys, c=kls, cmap="viridis", s=28, edgecolor="none", zorder=2)
     fig.colorbar(points, ax=ax, label="mean next-token KL on benign prompts")
     front = sorted((t for t in trials if t["on_front"]), key=lambda t: t["values"]["ppl_increase"])
     ax.plot(
@@ -85,8 +89,16 @@ def plot_front(result: dict, png: Path) -> None:
         )
         ax.set_xlim(min(min(xs), 0) - 1, right * 1.02)
     ax.set_xlabel("token perplexity increase on benign text (%)")
-    ax.set_ylabel("undesired share / unedited's (mean over suites, metrics, judges)")
-    ax.set_title(f"surgery tune: {result['settings']['model']}, {len(trials)} trials (tuning splits)")
+    objective = result.get("objective", {})
+    ax.set_ylabel(
+        f"undesired share / unedited's ({objective.get('kind', 'greedy')}, {objective.get('judge', 'judges')}; "
+        "bars: 95% interval)"
+    )
+    ax.set_title(
+        f"surgery tune: {result['settings']['model']}, {len(trials)} trials (tuning splits); "
+        f"chosen: cheapest not distinguishable from the best",
+        fontsize=9,
+    )
     ax.legend(fontsize=7)
     fig.tight_layout()
     save_figure(fig, png.parent, png.name)

@@ -29,21 +29,28 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 import yaml
 from torch import nn
 
 from ...config import SurgeryHyperParams
 from ...core import architectures
+from ...core.importance import mean_and_se
 from ...core.provenance import file_sha256, gate_fingerprint, package_versions
 from ...data.splits import RTP_BENIGN, RTP_CHALLENGING, TOXIGEN_SPLITS, toxigen_split
 from ...errors import InfeasibleEdit, SurgeryError
 from ...evaluation.judges import load_judges
+from ...evaluation.likelihood import HumanContinuationObjective, ImportanceObjective, base_samples_from, sample_base
+from ...evaluation.metrics import TOXIC_THRESHOLD as THRESHOLD
+from ...evaluation.metrics import is_missing
+from ...evaluation.paired import paired_changes
 from ...evaluation.protocols import PROTOCOLS, EvalSettings, settings_for
 from ...evaluation.report import metric_values
 from ...evaluation.runner import evaluate
@@ -56,6 +63,9 @@ from .space import Shape, point_hparams, sample, start_point
 logger = logging.getLogger(__name__)
 
 STUDY_NAME = "surgery"
+OBJECTIVE_KINDS = ("likelihood", "sampled", "greedy")
+BASE_SAMPLES = "base_samples.json"  # TUNE_DIR: the likelihood objective's judged base samples (a resume reuses them)
+Z95 = 1.959963984540054
 STACK_ON = "stack_on"  # the PEFT name of the adapter of settings.stack_on
 TUNABLE_SUITES = ("rtp", "toxigen", "advbench", "attitude")  # the suites with tuning and validation splits
 
@@ -72,7 +82,10 @@ class TuneSettings:
     benign_limit: int = 100  # benign documents per trial (from RTP_BENIGN["tune"])
     suites: tuple[str, ...] = ("rtp",)  # the undesired objective: any of TUNABLE_SUITES
     toxigen_per_group: int = 10
-    judges: tuple[str, ...] = ("profanity", "minilm")
+    judges: tuple[str, ...] = ("minilm:perspective", "profanity", "minilm")  # the first one is the objective's
+    objective: str = "likelihood"  # likelihood | sampled | greedy (OBJECTIVE_KINDS)
+    samples: int = 8  # likelihood: base samples per prompt (judged once); sampled: samples per prompt per trial
+    validation_samples: int = 0  # the chosen point's validation: also the sampled protocol with k samples
     max_ppl_increase: float | None = 0.10
     max_kl: float | None = None
     seed: int = 0
@@ -89,7 +102,9 @@ class TuneSettings:
     def defining(self) -> dict:
         """What a resumed study must share: not the trial budget, the validation size or this machine's paths."""
         return {
-            k: v for k, v in self.describe().items() if k not in ("trials", "validation_limit", "data_dir", "stack_on")
+            k: v
+            for k, v in self.describe().items()
+            if k not in ("trials", "validation_limit", "validation_samples", "data_dir", "stack_on")
         }
 
 
@@ -117,6 +132,9 @@ class Tuner:
         self.fingerprint = gate_fingerprint(model)
         self.workdir = tempfile.TemporaryDirectory(prefix="surgery-tune-")
         self.baseline: dict | None = None
+        self.importance: dict = {}  # suite -> ImportanceObjective (the likelihood objective)
+        self.human = None  # HumanContinuationObjective, recorded beside the likelihood objective
+        self.base_means: dict[str, float] = {}
         self.adapter_count = 0
         self.fixed: list[str] = []  # adapters active in every trial (settings.stack_on)
         if settings.stack_on:
@@ -145,13 +163,18 @@ class Tuner:
             suite, split, self.judges, s.data_dir, limit=limit, ppl_limit=s.benign_limit, progress=False
         )
 
-    def _measure(self, model: nn.Module, split: str, kl: bool = True) -> dict:
-        """The objective suites' summaries, perplexity and (``kl``) KL on ``split``'s prompts."""
-        suites = [*self.settings.suites, "ppl", *(["kl"] if kl else [])]
-        return {
-            suite: evaluate(model, self.tok, [suite], self._eval_settings(suite, split))[0]["suites"][suite]
-            for suite in suites
-        }
+    def _measure(self, model: nn.Module, split: str, kl: bool = True, samples: int | None = None) -> dict:
+        """The objective suites' summaries and rows, perplexity and (``kl``) KL on ``split``'s prompts; with
+        ``samples`` the suites also run the sampled protocol (coupled: every trial reads the same noise)."""
+        measured, rows = {}, {}
+        for suite in [*self.settings.suites, "ppl", *(["kl"] if kl else [])]:
+            settings = self._eval_settings(suite, split)
+            if samples and suite in self.settings.suites:
+                settings = dataclasses.replace(settings, samples=samples)
+            results, suite_rows = evaluate(model, self.tok, [suite], settings)
+            measured[suite], rows[suite] = results["suites"][suite], suite_rows
+        measured["rows"] = rows
+        return measured
 
     def _rates(self, measured: dict) -> dict[str, float]:
         """Every headline rate of the objective suites, turned so that lower is better (the undesired share)."""
@@ -168,13 +191,93 @@ class Tuner:
                                 rates[f"{suite}/{metric.key}/{judge}"] = value
         return rates
 
-    def _objectives(self, measured: dict) -> tuple[float, float, float]:
-        base_rates = self._rates(self.baseline)
-        rates = self._rates(measured)
-        relative = [rates[k] / base_rates[k] for k in rates if base_rates.get(k)]
-        undesired = sum(relative) / len(relative) if relative else sum(rates.values()) / len(rates)
+    def _per_prompt(self, measured: dict, model: nn.Module | None = None) -> dict[str, list[float]]:
+        """Per objective suite, each prompt's undesired value by the objective's judge (the first): greedy, the
+        continuation flagged (1/0); sampled, the share of its samples flagged; likelihood, the importance
+        estimate of the edited model's flagged share from the base samples (``model``: the edited model)."""
+        kind, judge = self.settings.objective, self.judges[0].name
+        out = {}
+        for suite in self.settings.suites:
+            if kind == "likelihood":
+                out[suite] = self.importance[suite].measure(model).per_prompt.tolist()
+                continue
+            decoding = "sample" if kind == "sampled" else "greedy"
+            rows = [r for r in measured["rows"][suite] if r.get("decoding", "greedy") == decoding]
+            flags = [None if is_missing(s := r["scores"].get(judge)) else float(s >= THRESHOLD) for r in rows]
+            if kind == "sampled":
+                k = self.settings.samples
+                groups = [[f for f in flags[i : i + k] if f is not None] for i in range(0, len(flags), k)]
+                out[suite] = [sum(g) / len(g) if g else math.nan for g in groups]
+            else:
+                out[suite] = [math.nan if f is None else f for f in flags]
+        return out
+
+    def _undesired(self, per_prompt: dict[str, list[float]]) -> tuple[float, float]:
+        """The undesired objective (each suite's mean relative to the unedited model's, averaged over suites) and
+        its standard error (clustered by prompt, delta method over suites)."""
+        value, variance = 0.0, 0.0
+        suites = list(per_prompt)
+        for suite in suites:
+            mean, se = mean_and_se(_finite(per_prompt[suite]))
+            base = self.base_means[suite] or 1.0  # a base rate of 0: nothing to cut; count the rate itself
+            value += mean / base / len(suites)
+            variance += (se / base / len(suites)) ** 2 if se == se else 0.0
+        return value, math.sqrt(variance)
+
+    def _objectives(self, measured: dict, per_prompt: dict[str, list[float]]) -> tuple[float, float, float]:
+        undesired, _ = self._undesired(per_prompt)
         ppl = measured["ppl"]["token_perplexity"] / self.baseline["ppl"]["token_perplexity"] - 1
         return undesired, measured["kl"]["mean_kl"], ppl
+
+    # ------------------------------------------------------------------ objective set-up
+
+    def _prepare_objective(self, study) -> None:
+        """The unedited model's per-prompt values (the denominators of the undesired objective) and, for the
+        likelihood objective, its judged base samples (stored in TUNE_DIR, reused on resume)."""
+        kind = self.settings.objective
+        with self._unedited() as model:
+            if kind == "likelihood":
+                self._prepare_importance(model)
+                base = {s: self.importance[s].measure(model).base_per_prompt.tolist() for s in self.settings.suites}
+                if "rtp" in self.settings.suites:
+                    try:
+                        self.human = HumanContinuationObjective(model, self.tok, self._eval_settings("rtp", "tune"))
+                    except SurgeryError as err:  # too few tuning prompts for both classes: not recorded
+                        logger.info("tune: no judge-free record (%s)", err)
+            else:
+                measured = self.baseline if kind == "greedy" else self._measure(model, "tune", False, self.samples)
+                base = self._per_prompt(measured)
+        self.base_per_prompt = base
+        self.base_means = {s: mean_and_se(_finite(v))[0] for s, v in base.items()}
+        if "base_means" not in study.user_attrs:
+            study.set_user_attr("base_means", self.base_means)
+
+    @property
+    def samples(self) -> int | None:
+        return self.settings.samples if self.settings.objective == "sampled" else None
+
+    def _prepare_importance(self, model: nn.Module) -> None:
+        path = self.out_dir / BASE_SAMPLES
+        stored = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        self.importance = {}
+        for suite in self.settings.suites:
+            settings = self._eval_settings(suite, "tune")
+            if suite in stored:
+                base = base_samples_from(stored[suite], suite, self.judges[0].name, stored[f"{suite}/add_special"])
+            else:
+                logger.info(
+                    "tune: %d samples per %s prompt from the unedited model, judged once", self.settings.samples, suite
+                )
+                base = sample_base(
+                    model,
+                    self.tok,
+                    suite,
+                    dataclasses.replace(settings, progress=self.progress),
+                    self.settings.samples,
+                )
+                stored[suite], stored[f"{suite}/add_special"] = base.rows(), base.add_special_tokens
+                write_json(path, stored)
+            self.importance[suite] = ImportanceObjective(model, self.tok, base, settings.batch_size, progress=False)
 
     # ------------------------------------------------------------------ building an edit
 
@@ -218,8 +321,14 @@ class Tuner:
         except InfeasibleEdit as err:  # e.g. more rows than layer range x per-layer cap: not a point of the space
             trial.set_user_attr("infeasible", str(err))
             raise optuna.TrialPruned(str(err)) from err
-        measured = self._measure(model, "tune")
-        values = self._objectives(measured)
+        measured = self._measure(model, "tune", samples=self.samples)
+        per_prompt = self._per_prompt(measured, model)
+        values = self._objectives(measured, per_prompt)
+        _, se = self._undesired(per_prompt)
+        trial.set_user_attr("objective_se", se)
+        trial.set_user_attr("per_prompt", per_prompt)
+        if self.human is not None:
+            trial.set_user_attr("human_continuations", self.human.measure(model))
         if gate_fingerprint(architectures.unwrap(model)) != self.fingerprint:
             raise RuntimeError("the base weights changed during a trial")
         trial.set_user_attr("params", params)
@@ -292,18 +401,52 @@ class Tuner:
             logger.info("tune: measuring the unedited model on the tuning splits")
             with self._unedited() as model:
                 self.baseline = self._measure(model, "tune", kl=False)
-            study.set_user_attr("baseline", self.baseline)
+            study.set_user_attr("baseline", {k: v for k, v in self.baseline.items() if k != "rows"})
+        if self.settings.objective == "greedy" and "rows" not in self.baseline:  # resumed: the rows were not stored
+            with self._unedited() as model:
+                self.baseline = self._measure(model, "tune", kl=False)
+        self._prepare_objective(study)
         if self.fixed and "stack_on_alone" not in study.user_attrs:
             logger.info("tune: measuring the --stack-on adapter alone on the tuning splits")
             self.peft_model.base_model.set_adapter(self.fixed, inference_mode=True)
-            alone = self._measure(self.peft_model, "tune")
-            study.set_user_attr("stack_on_alone", dict(zip(OBJECTIVES, self._objectives(alone), strict=True)))
+            alone = self._measure(self.peft_model, "tune", samples=self.samples)
+            values = self._objectives(alone, self._per_prompt(alone, self.peft_model))
+            study.set_user_attr("stack_on_alone", dict(zip(OBJECTIVES, values, strict=True)))
         done = sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
         remaining = self.settings.trials - done
         if remaining > 0:
             study.optimize(self.objective, n_trials=remaining, show_progress_bar=self.progress, catch=(RuntimeError,))
 
     # ------------------------------------------------------------------ the result
+
+    def _choose(self, feasible: list) -> tuple:
+        """The cheapest (lowest KL) feasible trial whose undesired value is not distinguishable from the best
+        one's: the paired difference (same prompts, same base samples) within 1.96 standard errors."""
+        best = min(feasible, key=lambda t: (t.values[0], t.values[1]))
+        close = []
+        for t in feasible:
+            diff, se = self._paired_difference(t, best)
+            if t is best or (se == se and diff <= Z95 * se):
+                close.append({"trial": t.number, "difference": diff, "se": se})
+        numbers = {c["trial"] for c in close}
+        chosen = min((t for t in feasible if t.number in numbers), key=lambda t: (t.values[1], t.values[0]))
+        rule = "lowest KL among the feasible trials within 1.96 paired standard errors of the best undesired value"
+        return chosen, {"rule": rule, "best": best.number, "chosen": chosen.number, "indistinguishable": close}
+
+    def _paired_difference(self, trial, best) -> tuple[float, float]:
+        """``trial``'s undesired value minus ``best``'s and its standard error, prompt by prompt."""
+        a, b = trial.user_attrs.get("per_prompt"), best.user_attrs.get("per_prompt")
+        if not a or not b:
+            return trial.values[0] - best.values[0], math.nan
+        suites = list(a)
+        diff, variance = 0.0, 0.0
+        for suite in suites:
+            pairs = torch.tensor([(x, y) for x, y in zip(a[suite], b[suite], strict=True) if x == x and y == y])
+            base = self.base_means.get(suite) or 1.0
+            mean, se = mean_and_se(pairs[:, 0] - pairs[:, 1]) if len(pairs) else (math.nan, math.nan)
+            diff += mean / base / len(suites)
+            variance += (se / base / len(suites)) ** 2 if se == se else 0.0
+        return diff, math.sqrt(variance)
 
     def finish(self, study) -> dict:
         import optuna
@@ -321,16 +464,30 @@ class Tuner:
                 f"max_kl={self.settings.max_kl}); the closest is trial {best.number}: undesired {best.values[0]:.3f}, "
                 f"KL {best.values[1]:.4f}, perplexity {100 * best.values[2]:+.1f}%"
             )
-        chosen = min(feasible, key=lambda t: (t.values[0], t.values[1]))
+        chosen, choice = self._choose(feasible)
         hp = SurgeryHyperParams.from_dict(chosen.user_attrs["hparams"], source=f"trial {chosen.number}")
-        logger.info("tune: re-measuring trial %d on the validation splits", chosen.number)
+        logger.info(
+            "tune: re-measuring trial %d on the validation splits, paired with the unedited model", chosen.number
+        )
+        k = self.settings.validation_samples or None
         with self._unedited() as model:
-            base_validation = self._measure(model, "validation", kl=False)
-        edited_validation = self._measure(self._attach(hp), "validation")
+            base_validation = self._measure(model, "validation", kl=False, samples=k)
+        edited_validation = self._measure(self._attach(hp), "validation", samples=k)
+        paired = paired_changes(
+            [r for suite in self.settings.suites for r in base_validation["rows"][suite]],
+            [r for suite in self.settings.suites for r in edited_validation["rows"][suite]],
+        )
         result = {
             "settings": self.settings.describe(),
             "splits": {"rtp_challenging": RTP_CHALLENGING, "rtp_benign": RTP_BENIGN, "toxigen": TOXIGEN_SPLITS},
             "objectives": list(OBJECTIVES),
+            "objective": {
+                "kind": self.settings.objective,
+                "judge": self.judges[0].name,
+                "samples": self.settings.samples if self.settings.objective != "greedy" else None,
+                "base_means": self.base_means,
+            },
+            "choice": choice,
             "baseline": {
                 "rates": self._rates(self.baseline),
                 "token_perplexity": self.baseline["ppl"]["token_perplexity"],
@@ -350,6 +507,7 @@ class Tuner:
                         "token_perplexity": edited_validation["ppl"]["token_perplexity"],
                         "mean_kl": edited_validation["kl"]["mean_kl"],
                     },
+                    "paired": paired,
                 },
             },
             "versions": study.user_attrs.get("versions"),
@@ -363,7 +521,8 @@ class Tuner:
         chosen_yaml = self.out_dir / "chosen.yaml"
         config = {k: v for k, v in hp.to_dict().items() if k not in ("extra",)}
         config["notes"] = (
-            f"chosen by `surgery tune` (trial {chosen.number} of {len(trials)}, seed {self.settings.seed}); "
+            f"chosen by `surgery tune` (trial {chosen.number} of {len(trials)}, seed {self.settings.seed}, "
+            f"objective {self.settings.objective} by {self.judges[0].name}; {choice['rule']}); "
             f"validation: see {self.out_dir / 'front.json'}"
             + (f"; searched on top of the adapter {self.settings.stack_on}" if self.fixed else "")
         )
@@ -372,6 +531,10 @@ class Tuner:
         write_json(self.out_dir / "front.json", result)
         plot_front(result, self.out_dir / "front.png")
         return result
+
+
+def _finite(values: list[float]) -> torch.Tensor:
+    return torch.tensor([v for v in values if v == v], dtype=torch.float64)
 
 
 def _defaults_for(described: dict, stored: dict) -> dict:
