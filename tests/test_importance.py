@@ -115,3 +115,23 @@ def test_the_judge_free_objective_is_zero_for_the_identity_and_moves_with_an_edi
     assert objective.toxic.any() and not objective.toxic.all()
     assert objective.measure(model)["shift"] == pytest.approx(0.0, abs=1e-6)
     assert objective.measure(_boosted(model, tok, "e", 1.0))["shift"] != pytest.approx(0.0, abs=1e-4)
+
+
+@pytest.mark.parametrize(
+    "arch", ["llama", "gemma3_text", "gemma2", "qwen2", "gpt2", "opt", "gpt_neox", "phi3", "falcon"]
+)
+def test_shared_prompt_passes_give_the_log_probs_of_whole_sequences(arch, tiny_tokenizer):
+    """The prompt's cache shared by its continuations (left-padded prompts, right-padded continuations) gives
+    what one forward pass over each whole sequence gives."""
+    model, tok = make_tiny(arch, vocab_size=len(tiny_tokenizer)), tiny_tokenizer
+    prompts = ["hello there", "hello there", "a much longer prompt about many things", "x"]
+    tails = [[5, 6, 7], [9], [11, 12], [13, 14, 15, 16]]
+    logp, counts = continuation_logprobs(model, tok, prompts, tails, batch_size=3, progress=False)
+    assert counts.tolist() == [3, 1, 2, 4]
+    for i, (p, tail) in enumerate(zip(prompts, tails, strict=True)):
+        ids = tok(p)["input_ids"] + tail
+        with torch.no_grad():
+            whole = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].float(), dim=-1)
+        start = len(ids) - len(tail)
+        expected = sum(float(whole[start - 1 + j, t]) for j, t in enumerate(tail))
+        assert float(logp[i]) == pytest.approx(expected, abs=1e-4), (arch, i)

@@ -346,32 +346,64 @@ def continuation_logprobs(
     """Teacher forcing: ``log p(continuation | prompt)`` (summed over its tokens) and its number of tokens, per
     pair, in order. Prompts are encoded as :func:`generate_continuations` encodes them (same truncation, same
     special tokens); a continuation is its token ids (``return_ids``: exactly what was sampled) or a text,
-    encoded without special tokens."""
+    encoded without special tokens.
+
+    Each distinct prompt is read once per batch (its key/value cache is shared by all its continuations), so K
+    continuations of a long prompt cost one prompt pass, not K."""
     if len(prompts) != len(continuations):
         raise SurgeryError(f"{len(prompts)} prompts for {len(continuations)} continuations")
-    encoded_prompts = _encode(tokenizer, prompts, max_prompt_tokens, add_special_tokens)
+    distinct = list(dict.fromkeys(prompts))
+    encoded = dict(zip(distinct, _encode(tokenizer, distinct, max_prompt_tokens, add_special_tokens), strict=True))
     tails = [
         (list(tokenizer(c, add_special_tokens=False)["input_ids"]) if c else []) if isinstance(c, str) else list(c)
         for c in continuations
     ]
-    sequences = [p + c for p, c in zip(encoded_prompts, tails, strict=True)]
+    pairs_of: dict[str, list[int]] = {p: [] for p in distinct}
+    for i, p in enumerate(prompts):
+        if tails[i]:
+            pairs_of[p].append(i)
     logp = torch.zeros(len(prompts), dtype=torch.float64)
     counts = torch.tensor([len(c) for c in tails], dtype=torch.long)
-    device = _device(model)
+    device, pad_token = _device(model), pad_id(tokenizer)
+    per_prompt = max(1, max(len(v) for v in pairs_of.values()))
+    prompt_batch = max(1, batch_size // per_prompt)  # rows of the continuation pass: about batch_size
     was_training = model.training
     model.eval()
     try:
-        for batch in length_sorted_batches([len(s) for s in sequences], batch_size, desc=desc, progress=progress):
-            scored = [i for i in batch if tails[i]]
-            if not scored:
+        for batch in length_sorted_batches(
+            [len(encoded[p]) for p in distinct], prompt_batch, desc=desc, progress=progress
+        ):
+            chosen = [distinct[b] for b in batch if pairs_of[distinct[b]]]
+            if not chosen:
                 continue
-            input_ids, mask = pad([sequences[i] for i in scored], pad_id(tokenizer), "right")
-            logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
-            logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-            token_logp = logprobs.gather(-1, input_ids[:, 1:].to(device).unsqueeze(-1)).squeeze(-1).cpu()
-            for row, i in enumerate(scored):
-                first = len(encoded_prompts[i]) - 1  # the position whose logits predict the first new token
-                logp[i] = token_logp[row, first : first + len(tails[i])].double().sum()
+            prompt_ids, prompt_mask = pad([encoded[p] for p in chosen], pad_token, "left")
+            out = model(
+                input_ids=prompt_ids.to(device),
+                attention_mask=prompt_mask.to(device),
+                position_ids=(prompt_mask.cumsum(-1) - 1).clamp_min(0).to(device),
+                use_cache=True,
+            )
+            rows = [(r, i) for r, p in enumerate(chosen) for i in pairs_of[p]]
+            index = torch.tensor([r for r, _ in rows], device=device)
+            cache = out.past_key_values
+            cache.reorder_cache(index)  # each prompt's cache, once per continuation of it
+            first_logp = torch.log_softmax(out.logits[:, -1].float(), dim=-1).index_select(0, index)
+            tail_ids, tail_mask = pad([tails[i] for _, i in rows], pad_token, "right")
+            mask = torch.cat([prompt_mask.index_select(0, index.cpu()), tail_mask], dim=1)
+            positions = prompt_mask.sum(-1).index_select(0, index.cpu()).unsqueeze(1) + torch.arange(
+                tail_ids.shape[1]
+            )
+            logits = model(
+                input_ids=tail_ids.to(device),
+                attention_mask=mask.to(device),
+                position_ids=positions.to(device),
+                past_key_values=cache,
+                use_cache=True,
+            ).logits
+            predicted = torch.cat([first_logp.unsqueeze(1), torch.log_softmax(logits[:, :-1].float(), dim=-1)], 1)
+            token_logp = predicted.gather(-1, tail_ids.to(device).unsqueeze(-1)).squeeze(-1).cpu().double()
+            for row, (_, i) in enumerate(rows):
+                logp[i] = token_logp[row, : len(tails[i])].sum()
     finally:
         model.train(was_training)
     return logp, counts
