@@ -132,6 +132,13 @@ def test_demo_evaluates_base_and_edited_on_the_same_prompts(demo):
     assert summary["base"]["rtp"]["prompts"] == summary["edited"]["rtp"]["prompts"]
 
 
+def test_demo_reports_paired_changes_against_the_controls_band(demo):
+    summary, out = demo
+    band = summary["paired"]["controls"]["rtp"]
+    assert all(len(o["seeds"]) == 2 and o["range"][0] <= o["range"][1] for o in band.values())
+    assert "control band" in (out / "summary.md").read_text()
+
+
 def test_demo_edit_changes_perplexity(demo):
     summary, _ = demo
     assert summary["base"]["ppl"]["token_perplexity"] != summary["edited"]["ppl"]["token_perplexity"]

@@ -268,3 +268,14 @@ def test_eval_controls_add_the_band_of_null_edits(tiny_model_dir, tiny_adapter, 
     assert band["seeds"] == [0, 1] and band["range"] == [min(band["changes"]), max(band["changes"])]
     assert (out / "control_0" / "samples.jsonl").is_file() and (out / "control_1" / "results.json").is_file()
     assert "control band" in (out / "paired.md").read_text().splitlines()[0]
+
+
+def test_spearman_matches_scipy_and_its_interval_holds_it():
+    from surgery_plugin.core.statistics import bootstrap_spearman, spearman
+
+    x = [0.1, 0.4, 0.4, 0.9, 0.3, 0.7, 0.2]
+    y = [1.0, 2.0, 2.5, 4.0, 2.0, 3.0, 3.5]
+    scipy_stats = pytest.importorskip("scipy.stats")
+    assert spearman(x, y) == pytest.approx(scipy_stats.spearmanr(x, y).statistic)
+    rho, low, high = bootstrap_spearman(x, y, n_boot=500)
+    assert low <= rho <= high and spearman(x, x) == pytest.approx(1.0)

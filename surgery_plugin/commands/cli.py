@@ -268,6 +268,7 @@ def cmd_demo(args) -> None:
         hparams_path=args.hparams,
         model_name=args.model,
         behavior_name=args.behavior,
+        controls=args.controls,
     )
 
 
@@ -617,6 +618,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=POSITIVE_INT, default=None, help="RTP prompts (default: the demo's held-out set)")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--hparams", default=None)
+    p.add_argument(
+        "--controls",
+        type=NON_NEGATIVE_INT,
+        default=2,
+        help="random-direction edits of the same size, run on the headline suite: the band any such edit gives",
+    )
     p.set_defaults(func=cmd_demo)
     return parser
 

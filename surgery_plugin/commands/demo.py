@@ -27,14 +27,16 @@ from ..io.adapter import load_edited, write_adapter
 from ..io.files import check_target, json_text, output, write_manifest
 from ..models import EMBEDDED_MODELS, load_model
 from ..pipeline import build_edit
+from .evaluate import control_band, evaluate_controls
 
 logger = logging.getLogger(__name__)
 
 MODEL = "smollm2-135m"
 
 
-def _plot(base: dict, edited: dict, png: Path, title: str, suites: list[str]) -> None:
-    """The headline judged rates of each suite (one panel per judge), base vs. edited, and perplexity."""
+def _plot(base: dict, edited: dict, png: Path, title: str, suites: list[str], paired: dict) -> None:
+    """The headline judged rates of each suite (one panel per judge), base vs. edited, and perplexity; below,
+    every paired change with its 95% interval and, where controls ran, their band."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -48,7 +50,9 @@ def _plot(base: dict, edited: dict, png: Path, title: str, suites: list[str]) ->
         if metric.headline and metric.percent
         for judge in metric_values(base["suites"][suite], metric)
     ]
-    fig, axes = plt.subplots(1, len(panels) + 1, figsize=(3.2 * (len(panels) + 1), 3.5))
+    fig = plt.figure(figsize=(3.2 * (len(panels) + 1), 7.5))
+    grid = fig.add_gridspec(2, len(panels) + 1)
+    axes = [fig.add_subplot(grid[0, i]) for i in range(len(panels) + 1)]
     names, colors = ["base", "surgery"], ["#999999", "#2a7ab9"]
     for ax, (suite, metric, judge) in zip(axes[:-1], panels, strict=True):
         values = [metric_values(r["suites"][suite], metric)[judge] for r in (base, edited)]
@@ -62,10 +66,42 @@ def _plot(base: dict, edited: dict, png: Path, title: str, suites: list[str]) ->
         ax.set_title(f"{suite} {metric.key}{who}\n(n={base['suites'][suite].get('n')})", fontsize=7)
     axes[-1].bar(names, [r["suites"]["ppl"]["token_perplexity"] for r in (base, edited)], color=colors)
     axes[-1].set_title(f"token perplexity\n(KL {edited['suites']['kl']['mean_kl']:.4f})", fontsize=8)
+    _plot_changes(fig.add_subplot(grid[1, :]), paired)
     fig.suptitle(title)
     fig.tight_layout()
     save_figure(fig, png.parent, png.name)
     plt.close(fig)
+
+
+def _plot_changes(ax, paired: dict) -> None:
+    """Each suite's paired change by each judge, its 95% interval, and the controls' band (grey) where they ran."""
+    rows = [
+        (suite, name, o)
+        for suite, entry in sorted(paired["suites"].items())
+        for name, o in sorted(entry["outcomes"].items())
+    ]
+    controls = paired.get("controls", {})
+    for y, (suite, name, o) in enumerate(rows):
+        band = controls.get(suite, {}).get(name)
+        if band:
+            ax.plot(band["range"], [y, y], color="#bbbbbb", lw=9, solid_capstyle="butt", zorder=1)
+        low, high = o["ci95"]
+        ax.errorbar(
+            [o["change"]],
+            [y],
+            xerr=[[o["change"] - low], [high - o["change"]]],
+            fmt="o",
+            color="#2a7ab9",
+            capsize=4,
+            zorder=2,
+        )
+    ax.axvline(0.0, color="black", lw=0.8)
+    ax.set_yticks(range(len(rows)), [f"{suite} {name}" for suite, name, _ in rows], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel(
+        "paired change, edited - base (95% bootstrap interval; grey: range of the random-direction controls)",
+        fontsize=8,
+    )
 
 
 def run_demo(
@@ -76,6 +112,7 @@ def run_demo(
     ppl_limit: int | None = None,
     model_name: str = MODEL,
     behavior_name: str = "toxicity",
+    controls: int = 2,
 ) -> dict:
     """Probe, edit and evaluate ``model_name`` for one behavior with its shipped YAML (or ``hparams_path``)."""
     started = time.perf_counter()
@@ -87,7 +124,9 @@ def run_demo(
     if spec.applies_to_chat_models_only and not getattr(tok, "chat_template", None):
         raise SurgeryError(f"behavior '{behavior_name}' applies to chat models; {model_name} has no chat template")
     with output(out, "demo", overwrite=True) as tmp:  # written whole: a stopped demo leaves the last one
-        summary, _ = _run(model, tok, hp, spec, model_name, behavior_name, out, tmp, limit, ppl_limit, data_dir)
+        summary, _ = _run(
+            model, tok, hp, spec, model_name, behavior_name, out, tmp, limit, ppl_limit, data_dir, controls
+        )
         summary["seconds"] = round(time.perf_counter() - started, 1)
         (tmp / "summary.json").write_text(json_text(summary), encoding="utf-8")
         write_manifest(tmp, {"kind": "demo", "model": model_name, "behavior": behavior_name}, names=["summary.json"])
@@ -95,8 +134,11 @@ def run_demo(
     return summary
 
 
-def _run(model, tok, hp, spec, model_name, behavior_name, out: Path, tmp: Path, limit, ppl_limit, data_dir):
-    """Probe, edit, adapter, base and edited runs, summary table and plot, written into ``tmp`` (to become ``out``)."""
+def _run(
+    model, tok, hp, spec, model_name, behavior_name, out: Path, tmp: Path, limit, ppl_limit, data_dir, controls: int
+):
+    """Probe, edit, adapter, base and edited runs, ``controls`` random-direction edits of the same size on the
+    headline suite, summary table and plot, written into ``tmp`` (to become ``out``)."""
     logger.info("step 1/4: behavior probe (%s: %s, layer %s)", behavior_name, hp.probe_data, hp.probe_layer)
     logger.info("step 2/4: regions + surgery -> PEFT adapter")
     probe, _, edit = build_edit(model, tok, hp.replace(probe_data=hp.probe_data or spec.probe_data), data_dir=data_dir)
@@ -137,9 +179,23 @@ def _run(model, tok, hp, spec, model_name, behavior_name, out: Path, tmp: Path, 
         groups = group_comparison([("base", base["suites"]["toxigen"]), ("edited", edited["suites"]["toxigen"])])
         text += f"\n\nToxiGen by held-out target group:\n\n{groups}"
     paired = paired_changes(base_samples, edited_samples)  # the same prompts in both arms: compared prompt by prompt
+    headline_suite = spec.metric[0]
+    if controls:  # the null edit: same rows, layers and step, random directions; on the headline suite (time)
+        logger.info("controls: %d random-direction edits of the same size on %s", controls, headline_suite)
+        measured = evaluate_controls(
+            peft_model, tok, {headline_suite: settings[headline_suite]}, tmp / "adapter", controls
+        )
+        paired["controls"] = control_band(base_samples, measured)
     text += (
         "\n\nPaired changes, prompt by prompt (95% bootstrap interval over prompts; exact McNemar p of the "
-        f"prompts that became flagged vs. clean):\n\n{paired_table(paired)}"
+        "prompts that became flagged vs. clean"
+        + (
+            f"; control band: the range of the changes {controls} random-direction edits of the same rows, "
+            f"layers and step made on the same {headline_suite} prompts"
+            if controls
+            else ""
+        )
+        + f"):\n\n{paired_table(paired)}"
     )
     summary = {
         "model": model_name,
@@ -162,7 +218,7 @@ def _run(model, tok, hp, spec, model_name, behavior_name, out: Path, tmp: Path, 
         "versions": package_versions(),
     }
     (tmp / "summary.md").write_text(text + "\n", encoding="utf-8")
-    _plot(base, edited, tmp / "summary.png", f"Model Surgery on {display}: {behavior_name}", list(spec.suites))
+    _plot(base, edited, tmp / "summary.png", f"Model Surgery on {display}: {behavior_name}", list(spec.suites), paired)
     print(
         f"\nprobe: layer {probe.metadata['layer']}, held-out accuracy {probe.metadata['test_accuracy']:.3f}, "
         f"AUC {probe.metadata['test_auc']:.3f} ({hp.probe_data})"

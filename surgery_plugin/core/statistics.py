@@ -20,13 +20,18 @@ def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
     n_pos, n_neg = int(labels.sum()), int((~labels).sum())
     if n_pos == 0 or n_neg == 0:
         return float("nan")
-    order = np.argsort(scores, kind="mergesort")
-    ranks = np.empty(len(scores), dtype=np.float64)
-    sorted_scores = scores[order]
-    _, first, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
-    average = first + (counts + 1) / 2.0  # 1-based average rank of each tie group
-    ranks[order] = np.repeat(average, counts)
+    ranks = average_ranks(scores)
     return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def average_ranks(values: np.ndarray) -> np.ndarray:
+    """1-based ranks, ties sharing their mean rank."""
+    values = np.asarray(values, dtype=np.float64)
+    order = np.argsort(values, kind="mergesort")
+    ranks = np.empty(len(values), dtype=np.float64)
+    _, first, counts = np.unique(values[order], return_index=True, return_counts=True)
+    ranks[order] = np.repeat(first + (counts + 1) / 2.0, counts)
+    return ranks
 
 
 def stratified_shuffle(keys: Sequence[Hashable], seed: int) -> dict[Hashable, np.ndarray]:
@@ -103,3 +108,24 @@ def mcnemar_exact(before: Sequence[bool], after: Sequence[bool]) -> tuple[int, i
     k = min(gained, lost)
     tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n
     return gained, lost, min(1.0, 2 * tail)
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman's rank correlation (ties get their mean rank)."""
+    rx, ry = average_ranks(np.asarray(x)), average_ranks(np.asarray(y))
+    if rx.std() == 0 or ry.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def bootstrap_spearman(
+    x: Sequence[float], y: Sequence[float], n_boot: int = 2000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float, float]:
+    """``(rho, low, high)``: Spearman's rho and its percentile bootstrap interval over the (x, y) pairs."""
+    a, b = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    draws = [spearman(a[i], b[i]) for i in rng.integers(0, a.size, size=(n_boot, a.size))]
+    draws = np.asarray([d for d in draws if d == d])
+    tail = (1 - level) / 2
+    low, high = np.quantile(draws, [tail, 1 - tail]) if draws.size else (float("nan"), float("nan"))
+    return spearman(a, b), float(low), float(high)

@@ -390,9 +390,7 @@ def continuation_logprobs(
             first_logp = torch.log_softmax(out.logits[:, -1].float(), dim=-1).index_select(0, index)
             tail_ids, tail_mask = pad([tails[i] for _, i in rows], pad_token, "right")
             mask = torch.cat([prompt_mask.index_select(0, index.cpu()), tail_mask], dim=1)
-            positions = prompt_mask.sum(-1).index_select(0, index.cpu()).unsqueeze(1) + torch.arange(
-                tail_ids.shape[1]
-            )
+            positions = prompt_mask.sum(-1).index_select(0, index.cpu()).unsqueeze(1) + torch.arange(tail_ids.shape[1])
             logits = model(
                 input_ids=tail_ids.to(device),
                 attention_mask=mask.to(device),
