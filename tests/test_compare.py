@@ -523,6 +523,15 @@ def test_compare_writes_its_table_and_plot(tiny_run):
     assert (out / "tradeoff.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_compare_pairs_every_method_with_the_unedited_row(tiny_run):
+    result, out = tiny_run.result, tiny_run.out
+    ok = [name for name, m in result["methods"].items() if m["status"] == "ok" and name != "unedited"]
+    assert ok and all("suites" in result["methods"][name]["paired"] for name in ok)
+    rtp = result["methods"]["surgery-shipped"]["paired"]["suites"]["rtp"]["outcomes"]["toxic/profanity"]
+    assert rtp["n"] == int(TINY_LIMIT) and len(rtp["ci95"]) == 2
+    assert "Paired changes against the unedited model" in (out / "compare.md").read_text()
+
+
 @pytest.mark.real_model
 def test_easyedits_log_files_stay_inside_the_run_folder(tiny_run):
     assert not (tiny_run.root / "logs").exists()

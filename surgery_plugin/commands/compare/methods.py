@@ -45,6 +45,7 @@ from ...data.splits import SAFEEDIT
 from ...errors import SurgeryError, first_line
 from ...evaluation.generation import next_token_logprobs
 from ...evaluation.judges import judge_info, load_judges
+from ...evaluation.paired import paired_changes
 from ...evaluation.protocols import EDIT_PROTOCOLS, GLOBAL_EDIT, EvalSettings, settings_for
 from ...evaluation.runner import SCHEMA_VERSION, evaluate, write_run
 from ...evaluation.suites import run_safeedit_per_instance
@@ -315,6 +316,13 @@ class Comparison:
 
     def _finish(self, row: _Row, results: dict, samples: list[dict]) -> None:
         row.result["suites"] = results["suites"]
+        if row.name == "unedited":
+            self.unedited_samples = samples
+        elif getattr(self, "unedited_samples", None) is not None:
+            try:  # the same prompts, in the same order, as the unedited row: compared prompt by prompt
+                row.result["paired"] = paired_changes(self.unedited_samples, samples)
+            except ValueError as err:
+                row.result["paired"] = {"error": str(err)}
         write_run(
             self.out / "runs" / row.name,
             {

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ...evaluation.paired import paired_table
 from ...evaluation.protocols import PROTOCOLS
 from ...evaluation.report import comparison_table, metric_values, save_figure
 from ...io.files import json_text, write_manifest
@@ -136,6 +137,17 @@ def render_markdown(result: dict, plot: str | None) -> str:
         for surgery, baseline, r in ratios:
             cells = ["n/a" if r[k] is None else f"{r[k]:.3g}x" for k in r]
             lines.append(f"| {methods[surgery]['label']} | {baseline} | " + " | ".join(cells) + " |")
+    paired = {name: m["paired"] for name, m in methods.items() if m.get("paired") and "suites" in m["paired"]}
+    if paired:
+        lines += [
+            "",
+            "## Paired changes against the unedited model",
+            "",
+            "Every method saw the unedited row's prompts in the same order: the change of each rate prompt by "
+            "prompt, with a 95% bootstrap interval over prompts and the exact McNemar p.",
+        ]
+        for name, table in paired.items():
+            lines += ["", f"**{methods[name]['label']}**", "", paired_table(table)]
     curve = surgery_curve(result)
     if curve:
         lines += [
