@@ -7,6 +7,9 @@ model, and the paper's sequential recipe for the stack), then evaluate on the *r
 - a stack of all behaviors' edits (independent probes, then sequential probes): every behavior's
   headline suites at once, and the capability cost (perplexity, KL) of the stack.
 
+Every edited run is also compared with the unedited one prompt by prompt (the same prompts and seeds):
+paired changes with 95% bootstrap intervals and McNemar p (``paired`` entries, tables in the markdown).
+
 Writes JSON (every number with its CI) and a markdown table.
 
     OMP_NUM_THREADS=1 python benchmarks/behaviors.py --model smollm2-135m --behaviors toxicity,jailbreak,attitude \\
@@ -26,6 +29,7 @@ from surgery_plugin.behaviors import hparams_for
 from surgery_plugin.config import SurgeryHyperParams
 from surgery_plugin.core.provenance import package_versions
 from surgery_plugin.evaluation.judges import load_judges
+from surgery_plugin.evaluation.paired import paired_changes, paired_table
 from surgery_plugin.evaluation.protocols import plan
 from surgery_plugin.evaluation.report import comparison_table
 from surgery_plugin.evaluation.runner import evaluate_plan
@@ -65,11 +69,18 @@ def main() -> None:
     headline = [s for name in names for s in specs[name].suites if s not in ("ppl", "kl")]
     suites = list(dict.fromkeys([*headline, "ppl", "kl"]))
 
-    def measure(peft_model, only: list[str]) -> dict:
+    base_rows: list[dict] = []  # the unedited model's samples of every suite measured: the paired reference
+
+    def measure(peft_model, only: list[str], base: bool = False) -> dict:
         settings = plan(
             only, "report", list(all_judges.values()), args.data_dir, limit=args.limit, ppl_limit=args.ppl_limit
         )
-        return evaluate_plan(peft_model, tok, settings)[0]["suites"]
+        results, rows = evaluate_plan(peft_model, tok, settings)
+        if base:
+            base_rows.extend(rows)
+            return results["suites"]
+        reference = [r for r in base_rows if r.get("suite") in only]
+        return {**results["suites"], "paired": paired_changes(reference, rows)}
 
     def save(result: dict, complete: bool) -> None:
         result["complete"] = complete
@@ -88,11 +99,16 @@ def main() -> None:
             runs += [(f"+ {name} edit", entry["edited"])] if "edited" in entry else []
             runs += [("surrender (-alpha)", entry["surrender"])] if "surrender" in entry else []
             lines += [f"### {name}", "", comparison_table(runs, list(specs[name].suites)), ""]
+            for arm in ("edited", "surrender"):
+                if "paired" in entry.get(arm, {}):
+                    lines += [f"{arm}, paired with base:", "", paired_table(entry[arm]["paired"]), ""]
         base_all = {s: v for entry in result["single"].values() for s, v in entry["base"].items()}
         base_all.update(result["stack_base"])
         if result["stacks"]:
             runs = [("base", base_all)] + [(f"stack ({k})", v) for k, v in result["stacks"].items()]
             lines += ["### all at once", "", comparison_table(runs, suites), ""]
+            for k, v in result["stacks"].items():
+                lines += [f"stack ({k}), paired with base:", "", paired_table(v["paired"]), ""]
         atomic_write(Path(args.out).with_suffix(".md"), "\n".join(lines) + "\n")
 
     result = {
@@ -124,7 +140,7 @@ def main() -> None:
             own = list(specs[name].suites)
             peft_model = load_stack(model, stacks[False], names=[name])
             with peft_model.disable_adapter():
-                result["single"][name] = {"base": measure(peft_model, own)}
+                result["single"][name] = {"base": measure(peft_model, own, base=True)}
             save(result, complete=False)
             result["single"][name]["edited"] = measure(peft_model, own)
             save(result, complete=False)
@@ -137,7 +153,7 @@ def main() -> None:
             missing = [s for s in suites if s not in measured_base and s not in result["stack_base"]]
             if missing:  # the base numbers of suites no single behavior measured (see --singles)
                 with peft_model.disable_adapter():
-                    result["stack_base"].update(measure(peft_model, missing))
+                    result["stack_base"].update(measure(peft_model, missing, base=True))
             result["stacks"]["sequential" if sequential else "independent"] = measure(peft_model, suites)
             save(result, complete=False)
             peft_model.unload()

@@ -82,7 +82,9 @@ def main() -> None:
     settings = settings_for("rtp", "validation", judges, args.data_dir, limit=args.prompts, progress=False)
     base_hp = SurgeryHyperParams.from_hparams(args.hparams)
     shape = Shape(len(architectures.decoder_layers(model)), architectures.num_gate_rows(model))
-    space = default_space(shape.n_layers, ("davidson", "rtp", "davidson+toxigen"))
+    # the default space at the shipped probe layer and data (new probe data would cost a feature pass each)
+    space = default_space(shape.n_layers, ("davidson",))
+    space["probe_layer"] = {"choices": [base_hp.probe_layer]}
     base_samples, t_base = _timed(sample_base, model, tok, "rtp", settings, args.base_samples)
     importance = ImportanceObjective(model, tok, base_samples, settings.batch_size, progress=False)
     human = HumanContinuationObjective(model, tok, settings)

@@ -208,6 +208,24 @@ def test_a_stack_loads_as_the_sum_of_its_edits(stack):
     assert (_logits(load_stack(make_tiny("llama"), out)) - _logits(reference)).abs().max() <= 1e-5
 
 
+def test_a_stack_is_evaluated_paired_against_the_unedited_model(stack, tmp_path, data_dir):
+    import json
+
+    from surgery_plugin.commands.evaluate import eval_plan, evaluate_controls, run_eval
+    from surgery_plugin.evaluation.judges import load_judges
+
+    _, _, out, _ = stack
+    model = load_stack(make_tiny("llama"), out)
+    settings = eval_plan(
+        ["rtp"], load_judges("profanity"), data_dir, limit=3, start=0, max_new_tokens=3, progress=False
+    )
+    run_eval(model, CharTokenizer(), settings, tmp_path / "run", {"adapter": str(out)}, paired=True)
+    paired = json.loads((tmp_path / "run" / "paired.json").read_text())
+    assert paired["suites"]["rtp"]["outcomes"]["toxic/profanity"]["n"] == 3
+    with pytest.raises(SurgeryError, match="a stack has several"):
+        evaluate_controls(model, CharTokenizer(), settings, out, 1)
+
+
 def test_a_stack_loads_some_of_its_edits_by_name(stack):
     _, steps, out, _ = stack
     one = make_tiny("llama")

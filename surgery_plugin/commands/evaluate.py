@@ -15,6 +15,7 @@ from typing import Any
 from torch import nn
 
 from ..behaviors import Behavior
+from ..errors import SurgeryError
 from ..evaluation.paired import paired_changes, paired_table
 from ..evaluation.protocols import PROTOCOLS, EvalSettings, plan
 from ..evaluation.report import metric_values
@@ -70,7 +71,12 @@ def evaluate_controls(
     from ..core.architectures import ModelGates
     from ..core.edit import control_edit
     from ..io.adapter import edit_of, load_edited, read_adapter, write_adapter
+    from ..io.stack import is_stack
 
+    if is_stack(adapter_dir):
+        raise SurgeryError(
+            "--controls are null edits of one adapter's size; a stack has several (control each adapter)"
+        )
     edit = edit_of(read_adapter(adapter_dir))
     gates = ModelGates(peft_model)
     base_name = edit.metadata.get("base_model", "")
