@@ -279,3 +279,18 @@ def test_spearman_matches_scipy_and_its_interval_holds_it():
     assert spearman(x, y) == pytest.approx(scipy_stats.spearmanr(x, y).statistic)
     rho, low, high = bootstrap_spearman(x, y, n_boot=500)
     assert low <= rho <= high and spearman(x, x) == pytest.approx(1.0)
+
+
+def test_eval_split_validation_reads_the_validation_prompts(tiny_model_dir, tmp_path, data_dir):
+    import json
+
+    from helpers import assert_one_line_error, run_cli
+
+    out = tmp_path / "validation"
+    common = ("eval", "--model", tiny_model_dir, "--suite", "rtp", "--judge", "profanity", "--limit", "2")
+    ran = run_cli(*common, "--max-new-tokens", "2", "--split", "validation", "--data-dir", data_dir, "--out", out)
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["suites"]["rtp"]["prompts"] == "rtp/toxic.jsonl[300:302]"
+    both = run_cli(*common, "--split", "validation", "--start", "5", "--out", tmp_path / "x")
+    assert_one_line_error(both, "--split")

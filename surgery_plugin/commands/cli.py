@@ -168,6 +168,8 @@ def cmd_eval(args) -> None:
         raise SurgeryError("--controls are measured against the unedited arm: pass --paired")
     if "kl" in suites and not args.adapter:
         raise SurgeryError("the kl suite compares the edited model with the unedited one: pass --adapter")
+    if args.start is not None and args.split != "report":
+        raise SurgeryError("--split chooses a split of data/splits.py, --start a range of your own: pass one of them")
     if args.start is None and (args.toxigen_groups is not None or args.benign_start is not None):
         raise SurgeryError(
             "--toxigen-groups and --benign-start choose a range of your own: pass --start too (without it "
@@ -182,6 +184,7 @@ def cmd_eval(args) -> None:
         limit=args.limit,
         ppl_limit=args.ppl_limit,
         start=args.start,
+        split=args.split,
         benign_start=args.benign_start or 0,
         toxigen_groups=toxigen_groups(args.toxigen_groups),
         batch_size=args.batch_size,
@@ -408,6 +411,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=NON_NEGATIVE_INT,
         default=None,
         help="evaluate your own range from this prompt index (default: each suite's report split, data/splits.py)",
+    )
+    p.add_argument(
+        "--split",
+        choices=("report", "validation", "tune"),
+        default="report",
+        help="without --start: which split of data/splits.py every suite runs on (default: report, the prompts no "
+        "probe, search or validation saw; validation: to check a searched point)",
     )
     p.add_argument(
         "--ppl-limit",

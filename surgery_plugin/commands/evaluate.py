@@ -31,13 +31,14 @@ def eval_plan(
     limit: int | None = None,
     ppl_limit: int | None = None,
     start: int | None = None,
+    split: str = "report",
     benign_start: int = 0,
     toxigen_groups: tuple[str, ...] | None = None,
     **options: Any,
 ) -> dict[str, EvalSettings]:
-    """Each suite's settings: its report split, or (``start``) the range ``[start, start + limit)``."""
+    """Each suite's settings: its ``split`` (default: report), or (``start``) the range ``[start, start + limit)``."""
     if start is None:
-        return plan(suites, "report", judges, data_dir, limit=limit, ppl_limit=ppl_limit, **options)
+        return plan(suites, split, judges, data_dir, limit=limit, ppl_limit=ppl_limit, **options)
     custom = EvalSettings(
         judges=list(judges),
         limit=limit,
