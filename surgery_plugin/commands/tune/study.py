@@ -42,7 +42,7 @@ from torch import nn
 
 from ...config import SurgeryHyperParams
 from ...core import architectures
-from ...core.importance import mean_and_se
+from ...core.importance import mean_and_se, self_normalised_rate
 from ...core.provenance import file_sha256, gate_fingerprint, package_versions
 from ...data.splits import RTP_BENIGN, RTP_CHALLENGING, TOXIGEN_SPLITS, toxigen_split
 from ...errors import InfeasibleEdit, SurgeryError
@@ -238,7 +238,10 @@ class Tuner:
         with self._unedited() as model:
             if kind == "likelihood":
                 self._prepare_importance(model)
-                base = {s: self.importance[s].measure(model).base_per_prompt.tolist() for s in self.settings.suites}
+                base = {  # the identity edit's estimate: the judged share of each prompt's base samples
+                    s: self_normalised_rate(torch.zeros_like(o.base.flagged), o.base.flagged).base_per_prompt.tolist()
+                    for s, o in self.importance.items()
+                }
                 if "rtp" in self.settings.suites:
                     try:
                         self.human = HumanContinuationObjective(model, self.tok, self._eval_settings("rtp", "tune"))
