@@ -254,6 +254,7 @@ def test_the_first_trial_is_the_base_recipe(searched):
 
 def test_tune_writes_the_study_front_plot_and_chosen_yaml(searched):
     assert searched.files == {"study.db": True, "front.json": True, "front.png": True, "chosen.yaml": True}
+    assert (searched.out / "chosen_adapter" / "adapter_model.safetensors").is_file()
     assert (searched.out / "front.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -266,6 +267,9 @@ def test_the_chosen_yaml_is_the_chosen_trials_point(searched, tmp_path):
     assert chosen.probe_layer == params["probe_layer"] and chosen.pooling == params["pooling"]
     assert chosen.alpha == pytest.approx(params["alpha"]) and chosen.top_k == pytest.approx(params["top_k"])
     assert f"trial {result['chosen']['trial']} of 3" in chosen.notes
+    from surgery_plugin.io.adapter import edit_of, read_adapter
+
+    assert edit_of(read_adapter(searched.out / "chosen_adapter")).alpha == pytest.approx(chosen.alpha)
 
 
 def test_the_chosen_point_is_validated_against_the_unedited_model(searched):

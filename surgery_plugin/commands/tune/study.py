@@ -3,10 +3,13 @@
 Every trial builds an edit from a point of the search space, attaches it to the (once loaded) model as a
 PEFT adapter and measures, on the *tuning* splits of :mod:`surgery_plugin.data.splits` only:
 
-- the undesired objective: every headline rate of each objective suite (``--suites``, by default the
-  behavior's: toxicity ``rtp`` and ``toxigen`` on the probe-side groups, attitude ``attitude``,
-  jailbreak ``advbench``) by each judge, turned so that lower is better (toxic rate; 1 - positive
-  rate; 1 - refusal rate), divided by the unedited model's, averaged;
+- the undesired objective, by the first judge (``--judge``; the behavior's headline judge by default) on each
+  objective suite (``--suites``, by default the behavior's: toxicity ``rtp`` and ``toxigen`` on the probe-side
+  groups, attitude ``attitude``, jailbreak ``advbench``): each suite's mean per-prompt undesired value divided
+  by the unedited model's, averaged over suites, with its standard error (clustered by prompt). Per prompt,
+  by ``--objective``: ``likelihood`` (default) the importance estimate of the flagged share from the unedited
+  model's samples, judged once (:mod:`surgery_plugin.evaluation.likelihood`); ``sampled`` the share of
+  ``--samples`` coupled samples flagged; ``greedy`` the greedy continuation flagged;
 - the capability cost: mean next-token KL on benign prompts (``kl`` suite) and the relative increase of
   token perplexity on benign text (``ppl`` suite).
 
@@ -15,9 +18,10 @@ layer come from one forward pass per data set and pooling; probes, reference sta
 are cached, and a trial that differs only in alpha reuses its adapter at another PEFT scale
 (:func:`adapter.set_alpha`). The base weights are never written: adapters are switched, so every trial
 starts from the same bits (checked). The study lives in ``TUNE_DIR/study.db``: a stopped search resumes
-where it was, with the same settings or not at all. At the end the chosen point (lowest undesired objective
-within ``--max-ppl-increase`` / ``--max-kl``) is re-measured on the validation splits, which the
-search never saw, and ``front.json``, ``front.png`` and ``chosen.yaml`` are written.
+where it was, with the same settings or not at all. At the end the chosen point (the lowest-KL trial within
+``--max-ppl-increase`` / ``--max-kl`` whose undesired value is within 1.96 paired standard errors of the
+best's) is re-measured on the validation splits, which the search never saw, paired with the unedited model;
+``front.json``, ``front.png``, ``chosen.yaml`` and ``chosen_adapter/`` are written.
 
 ``stack_on`` (``--stack-on``) searches the next edit of a stack: that adapter stays active in every trial
 and in the validation, so the objectives and constraints count both edits against the unedited model.
@@ -284,9 +288,14 @@ class Tuner:
 
     # ------------------------------------------------------------------ building an edit
 
+    @staticmethod
+    def _structure(hp: SurgeryHyperParams) -> str:
+        """An edit's identity but its alpha: points that differ only in alpha share one adapter."""
+        return json.dumps({k: v for k, v in hp.to_dict().items() if k != "alpha"}, sort_keys=True, default=str)
+
     def _attach(self, hp: SurgeryHyperParams) -> nn.Module:
         """The model with this point's edit as the active adapter (reused across alphas)."""
-        structure = json.dumps({k: v for k, v in hp.to_dict().items() if k != "alpha"}, sort_keys=True, default=str)
+        structure = self._structure(hp)
         name = self.adapters.get(structure)
         if name is None:
             with self._unedited() as model:
@@ -476,6 +485,10 @@ class Tuner:
         with self._unedited() as model:
             base_validation = self._measure(model, "validation", kl=False, samples=k)
         edited_validation = self._measure(self._attach(hp), "validation", samples=k)
+        with self._unedited() as model:  # the chosen edit at its alpha, ready for `surgery eval` (cached: no new pass)
+            edit = build_edit(model, self.tok, hp, cache=self.cache, data_dir=self.settings.data_dir, progress=False)
+        with atomic_path(self.out_dir / "chosen_adapter") as tmp:
+            export_adapter(edit.edit, self.model, tmp, base_model_name=self.settings.model)
         paired = paired_changes(
             [r for suite in self.settings.suites for r in base_validation["rows"][suite]],
             [r for suite in self.settings.suites for r in edited_validation["rows"][suite]],
