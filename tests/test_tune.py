@@ -445,3 +445,23 @@ def test_searching_never_writes_the_base_weights(stacked):
     # both models start as the same seeded random model; adapters are switched, the base is never written
     assert gate_fingerprint(stacked.first_model) == stacked.before
     assert gate_fingerprint(stacked.model) == stacked.before
+
+
+def test_a_search_killed_mid_trial_measures_its_start_point_on_resume(tmp_path, data_dir):
+    """SIGTERM leaves the running trial RUNNING in study.db: the resumed search fails it and queues the start
+    point again, so the recipe of --hparams is still measured."""
+    import optuna
+
+    from surgery_plugin.commands.tune.study import STUDY_NAME, _requeue_interrupted
+
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    study = optuna.create_study(study_name=STUDY_NAME, storage=storage, directions=["minimize"] * 3)
+    study.enqueue_trial({"alpha": 0.5})
+    killed = study.ask()  # the start point, never told: what a killed process leaves
+    assert killed.params == {} and study.trials[0].state == optuna.trial.TrialState.RUNNING
+    _requeue_interrupted(optuna, study)
+    states = [t.state for t in study.trials]
+    assert states == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.WAITING]
+    assert study.trials[1].system_attrs["fixed_params"] == {"alpha": 0.5}
+    _requeue_interrupted(optuna, study)
+    assert len(study.trials) == 2, "queued once"

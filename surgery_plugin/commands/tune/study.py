@@ -392,6 +392,7 @@ class Tuner:
             )
         if "baseline" in study.user_attrs:
             self.baseline = study.user_attrs["baseline"]
+        _requeue_interrupted(optuna, study)
         if study.trials:  # resumed: a sampler seeded as before would draw the first random points again
             study.sampler = optuna.samplers.TPESampler(seed=self.settings.seed + len(study.trials), multivariate=True)
         return study
@@ -547,6 +548,28 @@ class Tuner:
         write_json(self.out_dir / "front.json", result)
         plot_front(result, self.out_dir / "front.png")
         return result
+
+
+def _requeue_interrupted(optuna, study) -> None:
+    """A search killed mid-trial leaves that trial RUNNING (or FAIL): mark it failed and queue its point again
+    when it was a queued one (the start point), so the resumed study still measures the ``--hparams`` recipe.
+    (One search per TUNE_DIR: a second process resuming the same study would see the first one's trial here.)"""
+    states = optuna.trial.TrialState
+    measured = {json.dumps(t.params, sort_keys=True) for t in study.trials if t.state == states.COMPLETE}
+    queued = {
+        json.dumps(t.system_attrs.get("fixed_params"), sort_keys=True)
+        for t in study.trials
+        if t.state == states.WAITING
+    }
+    for t in study.trials:
+        if t.state == states.RUNNING:
+            study.tell(t.number, state=states.FAIL)
+            logger.info("tune: trial %d was interrupted; marked failed", t.number)
+        fixed = t.system_attrs.get("fixed_params")
+        key = json.dumps(fixed, sort_keys=True)
+        if t.state in (states.RUNNING, states.FAIL) and fixed and key not in measured and key not in queued:
+            study.enqueue_trial(fixed)
+            queued.add(key)
 
 
 def _finite(values: list[float]) -> torch.Tensor:
