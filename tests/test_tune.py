@@ -285,6 +285,7 @@ def test_trials_carry_standard_errors_and_the_choice_says_why(searched):
     result = searched.first
     assert result["objective"]["kind"] == "likelihood" and result["objective"]["judge"] == "profanity"
     assert all(t["undesired_se"] is not None and t["undesired_se"] >= 0 for t in result["trials"])
+    assert all(1.0 <= t["effective_samples"]["rtp"] <= 8.0 + 1e-6 for t in result["trials"])
     choice = result["choice"]
     close = {c["trial"] for c in choice["indistinguishable"]}
     assert choice["best"] in close and choice["chosen"] in close and choice["chosen"] == result["chosen"]["trial"]

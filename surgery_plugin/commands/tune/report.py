@@ -23,6 +23,7 @@ def trial_record(trial, on_front: bool) -> dict:
         "number": trial.number,
         "values": dict(zip(OBJECTIVES, trial.values, strict=True)),
         "undesired_se": trial.user_attrs.get("objective_se"),
+        "effective_samples": trial.user_attrs.get("effective_samples"),
         "human_continuations": trial.user_attrs.get("human_continuations"),
         "on_front": on_front,
         "params": trial.user_attrs.get("params"),

@@ -139,6 +139,7 @@ class Tuner:
         self.importance: dict = {}  # suite -> ImportanceObjective (the likelihood objective)
         self.human = None  # HumanContinuationObjective, recorded beside the likelihood objective
         self.base_means: dict[str, float] = {}
+        self.effective_samples: dict[str, float] = {}  # the last likelihood measurement's, per suite
         self.adapter_count = 0
         self.fixed: list[str] = []  # adapters active in every trial (settings.stack_on)
         if settings.stack_on:
@@ -203,7 +204,9 @@ class Tuner:
         out = {}
         for suite in self.settings.suites:
             if kind == "likelihood":
-                out[suite] = self.importance[suite].measure(model).per_prompt.tolist()
+                estimate = self.importance[suite].measure(model)
+                self.effective_samples[suite] = estimate.effective_samples  # ~1: the edit is beyond what K samples see
+                out[suite] = estimate.per_prompt.tolist()
                 continue
             decoding = "sample" if kind == "sampled" else "greedy"
             rows = [r for r in measured["rows"][suite] if r.get("decoding", "greedy") == decoding]
@@ -339,6 +342,8 @@ class Tuner:
         _, se = self._undesired(per_prompt)
         trial.set_user_attr("objective_se", se)
         trial.set_user_attr("per_prompt", per_prompt)
+        if self.effective_samples:
+            trial.set_user_attr("effective_samples", dict(self.effective_samples))
         if self.human is not None:
             trial.set_user_attr("human_continuations", self.human.measure(model))
         if gate_fingerprint(architectures.unwrap(model)) != self.fingerprint:
