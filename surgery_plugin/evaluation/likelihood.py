@@ -1,7 +1,7 @@
 """Objectives that need no new generation per edit: a search measures many edits on one set of prompts.
 
 - :class:`ImportanceObjective`: K nucleus continuations of the *unedited* model per prompt, sampled and judged
-  once (coupled noise, :func:`.suites._sampled`); for an edit one teacher-forced pass gives each
+  once (coupled noise, :func:`.suites.generate_for_suite`); for an edit one teacher-forced pass gives each
   continuation's log-ratio and :func:`surgery_plugin.core.importance.self_normalised_rate` the edited model's
   flagged share, with a standard error clustered by prompt.
 - :class:`HumanContinuationObjective`: judge-free; the change of the per-token log-likelihood of the RTP
@@ -23,34 +23,10 @@ from ..core.importance import ImportanceEstimate, likelihood_shift, self_normali
 from ..errors import SurgeryError
 from .generation import continuation_logprobs
 from .metrics import is_missing
-from .protocols import (
-    EvalSettings,
-    advbench_documents,
-    attitude_documents,
-    rtp_documents,
-    toxigen_documents,
-)
-from .suites import format_for, generate_for_suite
+from .protocols import EvalSettings
+from .suites import format_for, generate_for_suite, suite_documents
 
 IMPORTANCE_SUITES = ("rtp", "toxigen", "attitude", "advbench")  # generation suites whose flag is "score >= threshold"
-
-
-def suite_prompts(suite: str, settings: EvalSettings) -> list[str]:
-    """The prompts a generation suite reads for ``settings`` (its split's range), unformatted."""
-    end = None if settings.limit is None else settings.start + settings.limit
-    if suite == "rtp":
-        docs = rtp_documents(settings.data_dir)[settings.start : end]
-    elif suite == "toxigen":
-        docs = toxigen_documents(settings.data_dir, settings.start, settings.limit, settings.toxigen_groups)
-    elif suite == "attitude":
-        docs = attitude_documents(settings.data_dir)[settings.start : end]
-    elif suite == "advbench":
-        docs = advbench_documents(settings.data_dir)[settings.start : end]
-    else:
-        raise SurgeryError(f"the likelihood objective takes the suites {', '.join(IMPORTANCE_SUITES)}, not '{suite}'")
-    if not docs:
-        raise SurgeryError(f"no {suite} prompts in range start={settings.start} limit={settings.limit}")
-    return [d["prompt"] for d in docs]
 
 
 @dataclass
@@ -82,7 +58,7 @@ def sample_base(model: nn.Module, tokenizer, suite: str, settings: EvalSettings,
     if not settings.judges:
         raise SurgeryError("the likelihood objective needs a judge")
     judge = settings.judges[0]
-    prompts = suite_prompts(suite, settings)
+    prompts = [d["prompt"] for d in suite_documents(suite, settings)]
     texts, chat = format_for(tokenizer, suite, prompts, settings)
     (continuations, ids), _ = generate_for_suite(
         model,
@@ -147,10 +123,9 @@ class HumanContinuationObjective:
     """Judge-free: how an edit shifts the likelihood of human toxic continuations relative to non-toxic ones."""
 
     def __init__(self, model: nn.Module, tokenizer, settings: EvalSettings, threshold: float = 0.5):
-        end = None if settings.limit is None else settings.start + settings.limit
         docs = [
             d
-            for d in rtp_documents(settings.data_dir)[settings.start : end]
+            for d in suite_documents("rtp", settings)
             if d.get("continuation") and d.get("continuation_toxicity") is not None
         ]
         if not docs:

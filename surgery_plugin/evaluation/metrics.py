@@ -57,6 +57,11 @@ def is_missing(score) -> bool:
     return score is None or (isinstance(score, float) and math.isnan(score))
 
 
+def sample_groups(flat: Sequence, k: int) -> list[list]:
+    """Sampled scores, k consecutive ones per prompt -> per prompt the scored ones (missing scores left out)."""
+    return [[s for s in flat[i : i + k] if not is_missing(s)] for i in range(0, len(flat), k)]
+
+
 def rate_summary(flags: Sequence[bool | None], key: str = "rate") -> dict:
     """``{key, key_ci95, n_scored, n_missing}`` of boolean outcomes; None = missing (excluded, counted)."""
     valid = [bool(f) for f in flags if f is not None]

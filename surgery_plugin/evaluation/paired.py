@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from ..core.statistics import mcnemar_exact, paired_bootstrap
-from .metrics import TOXIC_THRESHOLD, is_missing
+from .metrics import TOXIC_THRESHOLD, is_missing, sample_groups
 
 # what "score >= threshold" means in each generation suite (lower is better for all of them)
 FLAGGED = {
@@ -54,12 +54,10 @@ def _mean_change(before: Sequence[float], after: Sequence[float], n_boot: int, s
     }
 
 
-def _per_prompt(rows: list[dict], judge: str, threshold: float) -> tuple[list[float], list, list[float]]:
+def _per_prompt(rows: list[dict], judge: str, threshold: float, k: int) -> tuple[list[float], list, list[float]]:
     """Sampled rows (k consecutive rows per prompt) -> per prompt: max score, any sample flagged, share flagged."""
-    k = max(r.get("sample", 0) for r in rows) + 1
     maxima, any_flagged, share = [], [], []
-    for start in range(0, len(rows), k):
-        scores = [s for s in _score_list(rows[start : start + k], judge) if s == s]
+    for scores in sample_groups(_score_list(rows, judge), k):
         maxima.append(max(scores) if scores else float("nan"))
         any_flagged.append(any(s >= threshold for s in scores) if scores else None)
         share.append(sum(s >= threshold for s in scores) / len(scores) if scores else float("nan"))
@@ -71,14 +69,14 @@ def _sampled_changes(a: list[dict], b: list[dict], suite: str, threshold: float,
     maximum toxicity and the share of samples flagged (bootstrap over prompts)."""
     if [(r["prompt"], r.get("sample")) for r in a] != [(r["prompt"], r.get("sample")) for r in b]:
         raise ValueError(f"suite {suite}: the two runs did not sample the same prompts the same number of times")
+    k = max(r.get("sample", 0) for r in a) + 1
     outcomes, emt, share = {}, {}, {}
     for judge in a[0].get("scores", {}).keys() & b[0].get("scores", {}).keys():
-        max_a, any_a, share_a = _per_prompt(a, judge, threshold)
-        max_b, any_b, share_b = _per_prompt(b, judge, threshold)
+        max_a, any_a, share_a = _per_prompt(a, judge, threshold, k)
+        max_b, any_b, share_b = _per_prompt(b, judge, threshold, k)
         outcomes[f"{FLAGGED[suite]} probability/{judge}"] = _outcome(any_a, any_b, n_boot, seed)
         emt[judge] = _mean_change(max_a, max_b, n_boot, seed)
         share[judge] = _mean_change(share_a, share_b, n_boot, seed)
-    k = max(r.get("sample", 0) for r in a) + 1
     return {"k": k, "n": len(a) // k, "outcomes": outcomes, "expected_max": emt, "sample_rate": share}
 
 

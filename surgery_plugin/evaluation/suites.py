@@ -28,6 +28,7 @@ from .metrics import (
     json_score,
     n_gram_entropy,
     rate_summary,
+    sample_groups,
     toxicity_summary,
 )
 from .protocols import (
@@ -131,6 +132,29 @@ def _slice(items: list, settings: EvalSettings, what: str) -> list:
     return chosen
 
 
+# suite -> (its documents, what an error calls them); toxigen takes its groups round-robin (toxigen_documents)
+_DOCUMENTS = {
+    "rtp": (rtp_documents, "RTP prompts"),
+    "advbench": (advbench_documents, "AdvBench instructions"),
+    "false_refusal": (false_refusal_documents, "benign questions"),
+    "attitude": (attitude_documents, "SST-2 review openings"),
+}
+
+
+def suite_documents(suite: str, settings: EvalSettings) -> list[dict]:
+    """The documents (``prompt`` and what else the suite reads) of a generation suite in ``settings``' range: the
+    one place a range becomes prompts, for the runners and for the likelihood objective."""
+    if suite == "toxigen":
+        docs = toxigen_documents(settings.data_dir, settings.start, settings.limit, settings.toxigen_groups)
+        if not docs:
+            raise SurgeryError(f"no ToxiGen prompts from start={settings.start}")
+        return docs
+    if suite not in _DOCUMENTS:
+        raise SurgeryError(f"suite '{suite}' has no prompt documents; these do: toxigen, {', '.join(_DOCUMENTS)}")
+    documents, what = _DOCUMENTS[suite]
+    return _slice(documents(settings.data_dir), settings, what)
+
+
 def _judged(scores: dict[str, list[float]], threshold: float) -> dict:
     """Top-level keys from the first judge + ``by_judge`` for all (every result names its judges)."""
     by_judge = {name: toxicity_summary(s, threshold) for name, s in scores.items()}
@@ -173,10 +197,8 @@ def _expected_max_toxicity(samples: list[list[str]], scores: dict[str, list[floa
     samples at or above the threshold (what :mod:`surgery_plugin.core.importance` estimates without sampling)."""
     by_judge = {}
     for name, flat in scores.items():
-        maxima = []
-        for p in range(len(samples)):
-            valid = [s for s in flat[p * k : (p + 1) * k] if not is_missing(s)]
-            maxima.append(max(valid) if valid else None)  # a prompt with no scored sample is missing, not 0
+        # a prompt with no scored sample is missing, not 0
+        maxima = [max(valid) if valid else None for valid in sample_groups(flat, k)]
         present = [m for m in maxima if m is not None]
         mean = sum(present) / len(present) if present else None
         std = math.sqrt(sum((m - mean) ** 2 for m in present) / len(present)) if present else None
@@ -234,7 +256,7 @@ def _sampled(
 def run_rtp(model: nn.Module, tokenizer, settings: EvalSettings) -> tuple[dict, list[dict]]:
     """RealToxicityPrompts challenging prompts: greedy toxic rate; with ``samples`` also the sampled protocol."""
     judges = _require_judges(settings, "rtp")
-    records = _slice(rtp_documents(settings.data_dir), settings, "RTP prompts")
+    records = suite_documents("rtp", settings)
     prompts = [r["prompt"] for r in records]
     new_tokens = settings.new_tokens("rtp")
     judged = generate_and_judge(model, tokenizer, "rtp", prompts, settings, judges)
@@ -261,9 +283,7 @@ def run_toxigen(model: nn.Module, tokenizer, settings: EvalSettings) -> tuple[di
     """ToxiGen hate prompts (Hartvigsen et al. 2022): greedy continuation of the statement list up to the newline;
     with ``samples`` also the sampled protocol."""
     judges = _require_judges(settings, "toxigen")
-    docs = toxigen_documents(settings.data_dir, settings.start, settings.limit, settings.toxigen_groups)
-    if not docs:
-        raise SurgeryError(f"no ToxiGen prompts from start={settings.start}")
+    docs = suite_documents("toxigen", settings)
     groups = [d["group"] for d in docs]
     prompts = [d["prompt"] for d in docs]
     new_tokens = settings.new_tokens("toxigen")
@@ -393,7 +413,7 @@ def _safeedit_summary(
 def run_advbench(model: nn.Module, tokenizer, settings: EvalSettings) -> tuple[dict, list[dict]]:
     """AdvBench harmful behaviors: refusal rate by the GCG refusal strings, and the share each judge calls harmful."""
     judges = _require_judges(settings, "advbench")
-    records = _slice(advbench_documents(settings.data_dir), settings, "AdvBench instructions")
+    records = suite_documents("advbench", settings)
     goals = [r["goal"] for r in records]
     new_tokens = settings.new_tokens("advbench")
     judged = generate_and_judge(model, tokenizer, "advbench", goals, settings, judges)
@@ -436,7 +456,7 @@ def run_advbench(model: nn.Module, tokenizer, settings: EvalSettings) -> tuple[d
 def run_false_refusal(model: nn.Module, tokenizer, settings: EvalSettings) -> tuple[dict, list[dict]]:
     """Refusals of benign questions: the GCG refusal strings, and each refusal-type judge (``measures ==
     "compliance"``: a score below the threshold is a refusal)."""
-    docs = _slice(false_refusal_documents(settings.data_dir), settings, "benign questions")
+    docs = suite_documents("false_refusal", settings)
     questions = [d["prompt"] for d in docs]
     judges = [j for j in settings.judges if getattr(j, "measures", None) == PROTOCOLS["false_refusal"].judged_by]
     judged = generate_and_judge(model, tokenizer, "false_refusal", questions, settings, judges)
@@ -467,7 +487,7 @@ def run_false_refusal(model: nn.Module, tokenizer, settings: EvalSettings) -> tu
 def run_attitude(model: nn.Module, tokenizer, settings: EvalSettings) -> tuple[dict, list[dict]]:
     """Openings of negative reviews, continued: the share of continuations each judge calls positive."""
     judges = _require_judges(settings, "attitude")
-    docs = _slice(attitude_documents(settings.data_dir), settings, "SST-2 review openings")
+    docs = suite_documents("attitude", settings)
     prompts = [d["prompt"] for d in docs]
     judged = generate_and_judge(model, tokenizer, "attitude", prompts, settings, judges)
     completions, scores = judged.completions, judged.scores
