@@ -301,6 +301,11 @@ def test_the_likelihood_objectives_base_samples_are_judged_once_and_reused(searc
     assert searched.resumed["objective"]["base_means"] == searched.first["objective"]["base_means"]
 
 
+def test_an_unknown_objective_is_one_line(tmp_path, data_dir):
+    with pytest.raises(SurgeryError, match="unknown objective 'likelyhood'"):
+        tune(make_tiny("llama"), CharTokenizer(), _settings(data_dir, objective="likelyhood"), tmp_path / "t")
+
+
 @pytest.mark.parametrize("objective", ["greedy", "sampled"])
 def test_the_other_objectives_run_and_say_which_they_were(objective, tmp_path, data_dir):
     model, tok = make_tiny("llama"), CharTokenizer()

@@ -53,7 +53,7 @@ from ...errors import InfeasibleEdit, SurgeryError
 from ...evaluation.judges import load_judges
 from ...evaluation.likelihood import HumanContinuationObjective, ImportanceObjective, base_samples_from, sample_base
 from ...evaluation.metrics import TOXIC_THRESHOLD as THRESHOLD
-from ...evaluation.metrics import is_missing
+from ...evaluation.metrics import is_missing, sample_groups
 from ...evaluation.paired import paired_changes
 from ...evaluation.protocols import PROTOCOLS, EvalSettings, settings_for
 from ...evaluation.report import metric_values
@@ -212,8 +212,7 @@ class Tuner:
             rows = [r for r in measured["rows"][suite] if r.get("decoding", "greedy") == decoding]
             flags = [None if is_missing(s := r["scores"].get(judge)) else float(s >= THRESHOLD) for r in rows]
             if kind == "sampled":
-                k = self.settings.samples
-                groups = [[f for f in flags[i : i + k] if f is not None] for i in range(0, len(flags), k)]
+                groups = sample_groups(flags, self.settings.samples)
                 out[suite] = [sum(g) / len(g) if g else math.nan for g in groups]
             else:
                 out[suite] = [math.nan if f is None else f for f in flags]
@@ -222,17 +221,20 @@ class Tuner:
     def _undesired(self, per_prompt: dict[str, list[float]]) -> tuple[float, float]:
         """The undesired objective (each suite's mean relative to the unedited model's, averaged over suites) and
         its standard error (clustered by prompt, delta method over suites)."""
+        return self._relative({suite: _finite(values) for suite, values in per_prompt.items()})
+
+    def _relative(self, per_suite: dict[str, torch.Tensor]) -> tuple[float, float]:
+        """Per-prompt values of each suite -> the mean over suites of each suite's mean divided by the unedited
+        model's, and its standard error (the suites' errors combined)."""
         value, variance = 0.0, 0.0
-        suites = list(per_prompt)
-        for suite in suites:
-            mean, se = mean_and_se(_finite(per_prompt[suite]))
-            base = self.base_means[suite] or 1.0  # a base rate of 0: nothing to cut; count the rate itself
-            value += mean / base / len(suites)
-            variance += (se / base / len(suites)) ** 2 if se == se else 0.0
+        for suite, values in per_suite.items():
+            mean, se = mean_and_se(values)
+            base = self.base_means.get(suite) or 1.0  # a base rate of 0: nothing to cut; count the rate itself
+            value += mean / base / len(per_suite)
+            variance += (se / base / len(per_suite)) ** 2 if se == se else 0.0
         return value, math.sqrt(variance)
 
-    def _objectives(self, measured: dict, per_prompt: dict[str, list[float]]) -> tuple[float, float, float]:
-        undesired, _ = self._undesired(per_prompt)
+    def _objectives(self, measured: dict, undesired: float) -> tuple[float, float, float]:
         ppl = measured["ppl"]["token_perplexity"] / self.baseline["ppl"]["token_perplexity"] - 1
         return undesired, measured["kl"]["mean_kl"], ppl
 
@@ -257,7 +259,6 @@ class Tuner:
             else:
                 measured = self.baseline if kind == "greedy" else self._measure(model, "tune", False, self.samples)
                 base = self._per_prompt(measured)
-        self.base_per_prompt = base
         self.base_means = {s: mean_and_se(_finite(v))[0] for s, v in base.items()}
         if "base_means" not in study.user_attrs:
             study.set_user_attr("base_means", self.base_means)
@@ -338,8 +339,8 @@ class Tuner:
             raise optuna.TrialPruned(str(err)) from err
         measured = self._measure(model, "tune", samples=self.samples)
         per_prompt = self._per_prompt(measured, model)
-        values = self._objectives(measured, per_prompt)
-        _, se = self._undesired(per_prompt)
+        undesired, se = self._undesired(per_prompt)
+        values = self._objectives(measured, undesired)
         trial.set_user_attr("objective_se", se)
         trial.set_user_attr("per_prompt", per_prompt)
         if self.effective_samples:
@@ -428,7 +429,7 @@ class Tuner:
             logger.info("tune: measuring the --stack-on adapter alone on the tuning splits")
             self.peft_model.base_model.set_adapter(self.fixed, inference_mode=True)
             alone = self._measure(self.peft_model, "tune", samples=self.samples)
-            values = self._objectives(alone, self._per_prompt(alone, self.peft_model))
+            values = self._objectives(alone, self._undesired(self._per_prompt(alone, self.peft_model))[0])
             study.set_user_attr("stack_on_alone", dict(zip(OBJECTIVES, values, strict=True)))
         done = sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
         remaining = self.settings.trials - done
@@ -456,15 +457,13 @@ class Tuner:
         a, b = trial.user_attrs.get("per_prompt"), best.user_attrs.get("per_prompt")
         if not a or not b:
             return trial.values[0] - best.values[0], math.nan
-        suites = list(a)
-        diff, variance = 0.0, 0.0
-        for suite in suites:
-            pairs = torch.tensor([(x, y) for x, y in zip(a[suite], b[suite], strict=True) if x == x and y == y])
-            base = self.base_means.get(suite) or 1.0
-            mean, se = mean_and_se(pairs[:, 0] - pairs[:, 1]) if len(pairs) else (math.nan, math.nan)
-            diff += mean / base / len(suites)
-            variance += (se / base / len(suites)) ** 2 if se == se else 0.0
-        return diff, math.sqrt(variance)
+        differences = {
+            suite: torch.tensor(
+                [x - y for x, y in zip(a[suite], b[suite], strict=True) if x == x and y == y], dtype=torch.float64
+            )
+            for suite in a
+        }
+        return self._relative(differences)
 
     def finish(self, study) -> dict:
         import optuna
@@ -589,6 +588,8 @@ def _defaults_for(described: dict, stored: dict) -> dict:
 
 def tune(model: nn.Module, tokenizer, settings: TuneSettings, out_dir: str | Path, progress: bool = True) -> dict:
     """Search, then validate and write ``front.json``, ``front.png`` and ``chosen.yaml`` (see the module doc)."""
+    if settings.objective not in OBJECTIVE_KINDS:
+        raise SurgeryError(f"unknown objective '{settings.objective}'; objectives: {', '.join(OBJECTIVE_KINDS)}")
     judges = load_judges(list(settings.judges), progress=False, data_dir=settings.data_dir)
     if settings.stack_on:
         weights = Path(settings.stack_on) / ADAPTER_WEIGHTS
