@@ -191,6 +191,12 @@ def generate_continuations(
     outputs: list = [None] * len(prompts)
     id_outputs: list = [None] * len(prompts)
     newline_ids = _newline_token_ids(tokenizer) if stop_at_newline else None
+    # where a sampled row's own tokens end (return_ids): its first end-of-sequence or newline token
+    row_ends = (
+        {getattr(tokenizer, "eos_token_id", None), *(newline_ids.tolist() if newline_ids is not None else [])}
+        if return_ids
+        else set()
+    )
     was_training = model.training
     model.eval()
     try:
@@ -222,21 +228,21 @@ def generate_continuations(
             ]
             if stop_at_newline:
                 texts = [t.split("\n")[0] for t in texts]
-            new_ids = [_sample_ids(generated[r, width:].tolist(), tokenizer, newline_ids) for r in range(len(texts))]
             for row, i in enumerate(batch):
                 outputs[i] = texts[row * num_samples : (row + 1) * num_samples] if sampling else texts[row]
-                id_outputs[i] = new_ids[row * num_samples : (row + 1) * num_samples] if sampling else new_ids[row]
+            if return_ids:
+                new_ids = [_row_ids(generated[r, width:].tolist(), row_ends) for r in range(len(texts))]
+                for row, i in enumerate(batch):
+                    id_outputs[i] = new_ids[row * num_samples : (row + 1) * num_samples] if sampling else new_ids[row]
     finally:
         model.train(was_training)
     return (outputs, id_outputs) if return_ids else outputs
 
 
-def _sample_ids(ids: list[int], tokenizer, newline_ids: torch.Tensor | None) -> list[int]:
-    """A generated row's own tokens: up to and including the first end-of-sequence (or newline) token."""
-    eos = getattr(tokenizer, "eos_token_id", None)
-    newlines = set(newline_ids.tolist()) if newline_ids is not None else set()
+def _row_ids(ids: list[int], ends: set) -> list[int]:
+    """A generated row's own tokens: up to and including the first token of ``ends``."""
     for n, token in enumerate(ids):
-        if token == eos or token in newlines:
+        if token in ends:
             return ids[: n + 1]
     return ids
 
