@@ -139,34 +139,44 @@ def tiny_adapter(tiny_model_dir, tmp_path):
     return export_adapter(edit, model, tmp_path / "adapter", str(tiny_model_dir))
 
 
-def test_eval_paired_runs_both_arms_on_the_same_prompts(tiny_model_dir, tiny_adapter, tmp_path, data_dir):
-    import json
-
+def _paired_eval(model_dir, adapter, data_dir, out, *options):
+    """``surgery eval --paired`` of the tiny adapter with the profanity judge, in process; ``options``: the rest."""
     from helpers import run_cli
 
-    adapter = tiny_adapter
-    out = tmp_path / "paired"
-    ran = run_cli(
+    return run_cli(
         "eval",
         "--model",
-        tiny_model_dir,
+        model_dir,
         "--adapter",
         adapter,
         "--paired",
-        "--suite",
-        "rtp,advbench",
         "--judge",
         "profanity",
+        "--data-dir",
+        data_dir,
+        "--out",
+        out,
+        *options,
+    )
+
+
+def test_eval_paired_runs_both_arms_on_the_same_prompts(tiny_model_dir, tiny_adapter, tmp_path, data_dir):
+    import json
+
+    out = tmp_path / "paired"
+    ran = _paired_eval(
+        tiny_model_dir,
+        tiny_adapter,
+        data_dir,
+        out,
+        "--suite",
+        "rtp,advbench",
         "--limit",
         "5",
         "--max-new-tokens",
         "4",
         "--samples",
         "2",
-        "--data-dir",
-        data_dir,
-        "--out",
-        out,
     )
     assert ran.returncode == 0, ran.stderr[-2000:]
     rows = {
@@ -237,31 +247,20 @@ def test_controls_are_reproducible_from_their_seeds_and_differ_between_seeds():
 def test_eval_controls_add_the_band_of_null_edits(tiny_model_dir, tiny_adapter, tmp_path, data_dir):
     import json
 
-    from helpers import run_cli
-
-    adapter = tiny_adapter
     out = tmp_path / "paired"
-    ran = run_cli(
-        "eval",
-        "--model",
+    ran = _paired_eval(
         tiny_model_dir,
-        "--adapter",
-        adapter,
-        "--paired",
+        tiny_adapter,
+        data_dir,
+        out,
         "--controls",
         "2",
         "--suite",
         "rtp",
-        "--judge",
-        "profanity",
         "--limit",
         "4",
         "--max-new-tokens",
         "3",
-        "--data-dir",
-        data_dir,
-        "--out",
-        out,
     )
     assert ran.returncode == 0, ran.stderr[-2000:]
     band = json.loads((out / "paired.json").read_text())["controls"]["rtp"]["toxic/profanity"]
