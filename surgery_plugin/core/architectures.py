@@ -149,6 +149,26 @@ def hidden_size(model: nn.Module) -> int:
     return gate_rows(model, 0).shape[1]
 
 
+# the config key naming the activation that reads the gate's output, by how families spell it
+_ACTIVATION_KEYS = ("hidden_activation", "hidden_act", "activation_function", "activation")
+
+
+def gate_activation(model: nn.Module) -> nn.Module:
+    """The activation applied to the gate's output (SiLU for Llama, tanh-GELU for Gemma 3, ...), from the config."""
+    from transformers.activations import ACT2FN
+
+    config = getattr(unwrap(model), "config", None)
+    config = getattr(config, "text_config", None) or config
+    for key in _ACTIVATION_KEYS:
+        name = getattr(config, key, None)
+        if isinstance(name, str):
+            try:
+                return ACT2FN[name]
+            except KeyError as err:
+                raise SurgeryError(f"unknown gate activation '{name}' ({key}) of {model_name(model)}") from err
+    raise SurgeryError(f"{model_name(model)}'s config names no activation ({', '.join(_ACTIVATION_KEYS)})")
+
+
 class GateRows(ABC):
     """A causal LM's gate rows, layer by layer, wherever they are: in a loaded model
     (:class:`ModelGates`) or in checkpoint shards on disk (:class:`surgery_plugin.streaming.CheckpointGates`).

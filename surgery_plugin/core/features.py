@@ -123,6 +123,45 @@ def keep_text_end(tokenizer) -> Iterator[None]:
 
 
 @torch.no_grad()
+def state_batches(
+    model: nn.Module,
+    tokenizer,
+    texts: Sequence[str],
+    hidden_indices: Sequence[int] = (),
+    gate_layers: Sequence[int] = (),
+    batch_size: int = 16,
+    max_length: int = 256,
+    progress: bool = True,
+    desc: str | None = None,
+) -> Iterator[tuple[list[int], dict[int, torch.Tensor], dict[int, torch.Tensor], torch.Tensor]]:
+    """Per batch ``(indices into texts, hidden_states[i] by i, gate inputs by layer, mask)``, token-level,
+    from ONE forward pass per batch: the loop :func:`pooled_states` and the gate diagnostics share.
+
+    Texts are tokenized once (long texts keep their end), batched by length (little padding) and
+    right-padded by hand (the tokenizer's padding settings are left alone); ``mask`` marks real tokens.
+    ``hidden_indices`` are in HF numbering (:func:`resolve_layer` them first).
+    """
+    if len(texts) == 0:
+        raise SurgeryError("no texts to compute probe features from")
+    device = _model_device(model)
+    with keep_text_end(tokenizer):
+        encoded = [tokenizer(t, truncation=True, max_length=max_length)["input_ids"] for t in texts]
+    encoded = [ids if len(ids) else [tokenizer.eos_token_id] for ids in encoded]
+    if desc is None:
+        desc = f"features@{','.join(map(str, hidden_indices))}" + (" + gate inputs" if gate_layers else "")
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in length_sorted_batches([len(ids) for ids in encoded], batch_size, desc=desc, progress=progress):
+            input_ids, mask = pad(
+                [encoded[i] for i in batch], 0, "right"
+            )  # right padding: causal positions never see it
+            hidden, gates = _captures(model, input_ids.to(device), mask.to(device), hidden_indices, gate_layers)
+            yield batch, hidden, gates, mask
+    finally:
+        model.train(was_training)
+
+
 def pooled_states(
     model: nn.Module,
     tokenizer,
@@ -135,41 +174,20 @@ def pooled_states(
     progress: bool = True,
 ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
     """Pooled ``hidden_states[i]`` and pooled gate inputs, each (len(texts), hidden) float32 in the order of
-    ``texts``, for any number of layers from ONE forward pass per batch.
-
-    Texts are tokenized once, batched by length (little padding), right-padded by hand (the
-    tokenizer's padding settings are left alone) and pooled over real tokens only.
-    """
+    ``texts``, for any number of layers from ONE forward pass per batch, pooled over real tokens only."""
     if pooling not in ("mean", "last"):
         raise SurgeryError(f"pooling must be 'mean' or 'last', got '{pooling}'")
-    if len(texts) == 0:
-        raise SurgeryError("no texts to compute probe features from")
     hidden_indices = sorted({resolve_layer(model, i) for i in hidden_indices})
     gate_layers = sorted(set(gate_layers))
-    device = _model_device(model)
-    with keep_text_end(tokenizer):
-        encoded = [tokenizer(t, truncation=True, max_length=max_length)["input_ids"] for t in texts]
-    encoded = [ids if len(ids) else [tokenizer.eos_token_id] for ids in encoded]
     width = architectures.hidden_size(model)
     hidden = {i: torch.empty(len(texts), width, dtype=torch.float32) for i in hidden_indices}
     gates = {layer: torch.empty(len(texts), width, dtype=torch.float32) for layer in gate_layers}
-    desc = f"features@{','.join(map(str, hidden_indices))}" + (" + gate inputs" if gate_layers else "")
-    was_training = model.training
-    model.eval()
-    try:
-        for batch in length_sorted_batches([len(ids) for ids in encoded], batch_size, desc=desc, progress=progress):
-            input_ids, mask = pad(
-                [encoded[i] for i in batch], 0, "right"
-            )  # right padding: causal positions never see it
-            got_hidden, got_gates = _captures(
-                model, input_ids.to(device), mask.to(device), hidden_indices, gate_layers
-            )
-            for i, states in got_hidden.items():
-                hidden[i][batch] = _pool(states, mask, pooling)
-            for layer, states in got_gates.items():
-                gates[layer][batch] = _pool(states, mask, pooling)
-    finally:
-        model.train(was_training)
+    batches = state_batches(model, tokenizer, texts, hidden_indices, gate_layers, batch_size, max_length, progress)
+    for batch, got_hidden, got_gates, mask in batches:
+        for i, states in got_hidden.items():
+            hidden[i][batch] = _pool(states, mask, pooling)
+        for layer, states in got_gates.items():
+            gates[layer][batch] = _pool(states, mask, pooling)
     return hidden, gates
 
 
