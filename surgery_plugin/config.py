@@ -88,15 +88,17 @@ class SurgeryHyperParams:
     probe_data: str | None = knob("davidson", kind="str", optional=True)
     # index into HF hidden_states: -1 = final normed state (the paper), 0 = embeddings
     probe_layer: int = knob(-1, kind="int", low=-(1 << 16), high=1 << 16)
-    pooling: str = knob("mean", kind="str", choices=("mean", "last"))
+    pooling: str = knob("mean", kind="str", choices=("mean", "last", "mean_drop_first"))  # core/features.py
     probe_max_per_class: int | None = knob(2000, kind="int", low=1, high=1 << 31, optional=True)
     probe_epochs: int = knob(9, kind="int", low=1, high=1 << 20)
     probe_lr: float = knob(1e-4, kind="float", low=0, high=10.0, low_open=True)
     probe_batch_size: int = knob(16, kind="int", low=1, high=1 << 20)
     probe_test_fraction: float = knob(0.2, kind="float", low=0.0, high=0.95)
     feature_batch_size: int = knob(16, kind="int", low=1, high=1 << 20)
-    # "linear": the 2-class softmax head (the paper); "mean_difference": undesired minus acceptable class mean
-    probe_method: str = knob("linear", kind="str", choices=("linear", "mean_difference"))
+    # "linear": the 2-class softmax head, Adam for probe_epochs (the paper); "mean_difference": undesired minus
+    # acceptable class mean; "logistic": L2-regularised logistic regression on standardised features solved to
+    # convergence, its penalty chosen on a validation split of the training examples (core/probe.py)
+    probe_method: str = knob("linear", kind="str", choices=("linear", "mean_difference", "logistic"))
     # None (the paper); "benign_mean": remove the direction's component along the mean benign hidden state at
     # the probe layer; "gate_benign_mean": per edited layer, along the mean benign input of that layer's gate
     # (each layer then gets its own rank-1 direction). Benign text: RTP_BENIGN["reference"] (data/splits.py)

@@ -49,7 +49,7 @@ def trained(model):
 # ---------------------------------------------------------------------------- features
 
 
-@pytest.mark.parametrize("pooling", ["mean", "last"])
+@pytest.mark.parametrize("pooling", ["mean", "last", "mean_drop_first"])
 def test_pooling_ignores_padding(model, char_tokenizer, pooling):
     short, long = "abc", "a much longer sentence for padding"
     alone = hidden_features(model, char_tokenizer, [short], layer=2, pooling=pooling, progress=False)
@@ -65,6 +65,16 @@ def test_pooling_is_the_mean_or_last_of_the_hidden_states(model, char_tokenizer)
     last = hidden_features(model, char_tokenizer, ["some words"], layer=2, pooling="last", progress=False)
     torch.testing.assert_close(mean[0], states.mean(0), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(last[0], states[-1], rtol=1e-5, atol=1e-5)
+    drop_first = hidden_features(model, char_tokenizer, ["some words", "x"], 2, "mean_drop_first", progress=False)
+    torch.testing.assert_close(drop_first[0], states[1:].mean(0), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # a one-token text keeps its only token
+        single = model(torch.tensor([char_tokenizer("x")["input_ids"]]), output_hidden_states=True).hidden_states[2][0]
+    torch.testing.assert_close(drop_first[1], single[0], rtol=1e-5, atol=1e-5)
+
+
+def test_unknown_pooling_is_one_line(model, char_tokenizer):
+    with pytest.raises(SurgeryError, match="pooling must be one of mean, last, mean_drop_first, got 'max'"):
+        hidden_features(model, char_tokenizer, ["a"], layer=2, pooling="max", progress=False)
 
 
 def test_layer_out_of_range(model, char_tokenizer):
@@ -296,3 +306,63 @@ def test_split_without_a_test_fraction_holds_out_nothing():
     train, test = stratified_split(LABELS, 0.0, seed=0)
     assert len(test) == 0 and list(train) == list(range(80))
     assert [len(x) for x in stratified_split([], 0.2, seed=0)] == [0, 0]
+
+
+def _two_gaussians(n: int, d: int, shift: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 2
+    x = torch.randn(n, d, generator=g) * torch.linspace(0.5, 20.0, d)  # very different scales: standardising matters
+    x[:, 0] += shift * y  # the signal: feature 0
+    return x, y
+
+
+def test_fit_logistic_matches_scikit_learn_to_its_tolerance():
+    from sklearn.linear_model import LogisticRegression
+
+    from surgery_plugin.core.probe import fit_logistic
+
+    x, y = _two_gaussians(200, 6, 1.0, 0)
+    x = (x - x.mean(0)) / x.std(0)
+    w, b, info = fit_logistic(x, y, penalty=0.01)
+    assert info["converged"] and info["gradient_max"] <= 1e-6
+    reference = LogisticRegression(C=1 / (0.01 * len(y)), tol=1e-12, max_iter=10_000).fit(
+        x.double().numpy(), y.numpy()
+    )
+    assert torch.allclose(w, torch.as_tensor(reference.coef_[0], dtype=torch.float64), atol=1e-5)
+    assert b == pytest.approx(float(reference.intercept_[0]), abs=1e-5)
+    # at the optimum the objective's gradient vanishes: X'(p - y)/n + penalty w = 0 (computed independently)
+    p = torch.sigmoid(x.double() @ w + b)
+    assert torch.allclose(
+        x.double().T @ (p - y.double()) / len(y) + 0.01 * w, torch.zeros(6, dtype=torch.float64), atol=1e-6
+    )
+
+
+def test_logistic_probe_is_the_standardised_classifier_in_raw_space():
+    from surgery_plugin.core.probe import LOGISTIC_PENALTIES, fit_logistic, logistic_probe
+
+    x, y = _two_gaussians(240, 8, 1.5, 1)
+    probe, info = logistic_probe(x, y, seed=0)
+    assert info["penalty"] in LOGISTIC_PENALTIES and info["converged"]
+    assert set(info["validation_log_loss"]) == {str(p) for p in LOGISTIC_PENALTIES}
+    w, b, _ = fit_logistic((x - x.mean(0)) / x.std(0), y, info["penalty"])
+    expected = torch.sigmoid(((x - x.mean(0)) / x.std(0)).double() @ w + b)
+    assert torch.allclose(probe.score(x).double(), expected, atol=1e-4)
+    assert int(probe.direction.abs().argmax()) == 0  # the signal feature, not the widest one
+
+
+def test_logistic_penalty_follows_the_data():
+    from surgery_plugin.core.probe import logistic_probe
+
+    # many noise features, few examples, weak signal: a strong penalty wins on validation
+    _, noisy = logistic_probe(*_two_gaussians(64, 60, 0.5, 2), seed=0)
+    # one clean separable feature: a weak penalty wins
+    _, clean = logistic_probe(*_two_gaussians(400, 2, 8.0, 3), seed=0)
+    assert noisy["penalty"] > clean["penalty"]
+
+
+def test_logistic_method_through_train_probe_records_itself(model, char_tokenizer):
+    data = BehaviorData(["you idiot " * 3, "lovely day"] * 20, [1, 0] * 20, "toy")
+    feats = hidden_features(model, char_tokenizer, data.texts, layer=-1, progress=False)
+    probe, metrics = probe_from_features(model, data, feats, -1, "mean", ProbeTraining(method="logistic"))
+    assert metrics["method"] == "logistic_l2" and metrics["logistic"]["converged"]
+    assert probe.metadata["training"]["method"] == "logistic" and metrics["test_auc"] == 1.0

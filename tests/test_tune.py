@@ -103,8 +103,8 @@ def test_a_knobs_default_domain_is_its_fields_declared_rule(monkeypatch, name, r
 def test_the_default_space_as_the_config_declares_it():
     space = default_space(30, ("davidson", "rtp"))
     assert set(space) == {k.name for k in KNOBS}
-    assert space["pooling"] == {"choices": ["mean", "last"]}
-    assert space["probe_method"] == {"choices": ["linear", "mean_difference"]}
+    assert space["pooling"] == {"choices": ["mean", "last", "mean_drop_first"]}
+    assert space["probe_method"] == {"choices": ["linear", "mean_difference", "logistic"]}
     assert space["probe_project_out"] == {"choices": [None, "benign_mean", "gate_benign_mean"]}
     assert space["normalize"] == {"choices": [True, False]}  # a bool field: both values
     assert space["alpha"] == {"low": 0.05, "high": 1.5}  # the declared search range, not the valid [-1e4, 1e4]

@@ -349,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--hparams", default=None, help="YAML whose probe_* settings to use (default: the model's)")
     p.add_argument("--layer", type=_number(int), default=None, help="hidden-state index (-1 = final normed state)")
-    p.add_argument("--pooling", choices=["mean", "last"], default=None)
+    p.add_argument("--pooling", choices=["mean", "last", "mean_drop_first"], default=None)
     p.add_argument("--max-per-class", type=POSITIVE_INT, default=None)
     p.add_argument("--seed", type=NON_NEGATIVE_INT, default=None)
     p.add_argument("--overwrite", action="store_true", help="replace an existing probe file at --out")

@@ -18,7 +18,10 @@ from ..errors import SurgeryError
 from . import architectures
 from .batching import length_sorted_batches, pad
 
-Pooling = Literal["mean", "last"]
+Pooling = Literal["mean", "last", "mean_drop_first"]
+# "mean_drop_first": the mean without each text's first token, whose hidden state in middle layers is often a
+# massive outlier (an attention sink) that a plain mean is dominated by; a one-token text keeps its token
+POOLINGS: tuple[str, ...] = ("mean", "last", "mean_drop_first")
 
 
 class _StopForward(Exception):
@@ -100,10 +103,13 @@ def _model_device(model: nn.Module) -> torch.device:
 
 
 def _pool(states: torch.Tensor, mask: torch.Tensor, pooling: Pooling) -> torch.Tensor:
-    states = states.float().cpu()
-    if pooling == "mean":
-        return (states * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True)
-    return states[torch.arange(states.shape[0]), mask.sum(1) - 1]
+    states, mask = states.float().cpu(), mask.cpu()
+    if pooling == "last":
+        return states[torch.arange(states.shape[0]), mask.sum(1) - 1]
+    if pooling == "mean_drop_first":  # right-padded: position 0 is every text's first token
+        mask = mask.clone()
+        mask[mask.sum(1) > 1, 0] = 0
+    return (states * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True)
 
 
 @contextlib.contextmanager
@@ -175,8 +181,8 @@ def pooled_states(
 ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
     """Pooled ``hidden_states[i]`` and pooled gate inputs, each (len(texts), hidden) float32 in the order of
     ``texts``, for any number of layers from ONE forward pass per batch, pooled over real tokens only."""
-    if pooling not in ("mean", "last"):
-        raise SurgeryError(f"pooling must be 'mean' or 'last', got '{pooling}'")
+    if pooling not in POOLINGS:
+        raise SurgeryError(f"pooling must be one of {', '.join(POOLINGS)}, got '{pooling}'")
     hidden_indices = sorted({resolve_layer(model, i) for i in hidden_indices})
     gate_layers = sorted(set(gate_layers))
     width = architectures.hidden_size(model)

@@ -212,11 +212,13 @@ def train_probe(
         )
     labels_t = torch.as_tensor(list(labels), dtype=torch.long)
     train_idx, test_idx = stratified_split(labels_t.tolist(), config.test_fraction, config.seed)
+    metrics = {"n_train": int(len(train_idx)), "n_test": int(len(test_idx))}
     if config.method == "mean_difference":
         probe = difference_of_means(features[train_idx], labels_t[train_idx].tolist(), midpoint_bias=True)
+    elif config.method == "logistic":
+        probe, metrics["logistic"] = logistic_probe(features[train_idx], labels_t[train_idx], config.seed)
     else:
         probe = _train_linear_head(features, labels_t, train_idx, config, progress)
-    metrics = {"n_train": int(len(train_idx)), "n_test": int(len(test_idx))}
     for split, idx in (("train", train_idx), ("test", test_idx)):
         if len(idx) == 0:
             metrics[f"{split}_accuracy"] = metrics[f"{split}_auc"] = float("nan")
@@ -247,6 +249,101 @@ def _train_linear_head(
             loss.backward()
             optimizer.step()
     return Probe(weight=head.weight.detach().clone(), bias=head.bias.detach().clone())
+
+
+# L2 penalties tried for ``probe_method: logistic`` (per example, on standardised features); the one with the
+# lowest validation log-loss is refitted on all training examples
+LOGISTIC_PENALTIES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+LOGISTIC_TOLERANCE = 1e-6  # gradient norm (max abs) at which the fit counts as converged
+LOGISTIC_VALIDATION_FRACTION = 0.25  # of the training examples, to choose the penalty
+
+
+def fit_logistic(
+    x: torch.Tensor, y: torch.Tensor, penalty: float, tolerance: float = LOGISTIC_TOLERANCE, max_iter: int = 2000
+) -> tuple[torch.Tensor, float, dict]:
+    """``(w, b, info)`` minimising mean log-loss + ``penalty / 2 * |w|^2`` (the bias is not penalised) over
+    ``x`` (n, d) and 0/1 ``y``, in float64 by L-BFGS with a strong-Wolfe line search, to a max-abs gradient of
+    ``tolerance``; ``info`` says whether it got there."""
+    x, y = x.double(), y.double()
+    params = torch.zeros(x.shape[1] + 1, dtype=torch.float64, requires_grad=True)
+
+    def loss_of(theta: torch.Tensor) -> torch.Tensor:
+        logits = x @ theta[:-1] + theta[-1]
+        return nn.functional.binary_cross_entropy_with_logits(logits, y) + penalty / 2 * theta[:-1].square().sum()
+
+    optimizer = torch.optim.LBFGS(
+        [params],
+        lr=1.0,
+        max_iter=max_iter,
+        tolerance_grad=tolerance,
+        tolerance_change=0.0,
+        history_size=20,
+        line_search_fn="strong_wolfe",
+    )
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = loss_of(params)
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+        loss = loss_of(params)
+        (gradient,) = torch.autograd.grad(loss, params)
+    gradient_max = float(gradient.abs().max())
+    info = {
+        "loss": float(loss.detach()),
+        "gradient_max": gradient_max,
+        "converged": gradient_max <= tolerance,
+        "iterations": int(optimizer.state[params].get("n_iter", 0)),
+    }
+    theta = params.detach()
+    return theta[:-1], float(theta[-1]), info
+
+
+def _standardiser(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-feature mean and standard deviation (a constant feature gets 1: it is then ignored, not blown up)."""
+    mean, std = x.mean(0), x.std(0)
+    return mean, torch.where(std > 1e-8 * std.max().clamp_min(1e-30), std, torch.ones_like(std))
+
+
+def logistic_probe(features: torch.Tensor, labels: torch.Tensor, seed: int) -> tuple[Probe, dict]:
+    """``probe_method: logistic``: L2-regularised logistic regression on standardised features, solved to
+    :data:`LOGISTIC_TOLERANCE`, its penalty chosen by validation log-loss on a stratified quarter of ``features``
+    (from :data:`LOGISTIC_PENALTIES`), then refitted on all of them. The probe is that classifier in the
+    raw feature space: ``logit = (w / std) . x + b - (w / std) . mean``."""
+    x, y = features.double(), labels.long()
+    fit_idx, valid_idx = stratified_split(y.tolist(), LOGISTIC_VALIDATION_FRACTION, seed)
+    mean, std = _standardiser(x[fit_idx])
+    validation = {}
+    for penalty in LOGISTIC_PENALTIES:
+        w, b, _ = fit_logistic((x[fit_idx] - mean) / std, y[fit_idx], penalty)
+        logits = ((x[valid_idx] - mean) / std) @ w + b
+        validation[penalty] = float(nn.functional.binary_cross_entropy_with_logits(logits, y[valid_idx].double()))
+    chosen = min(LOGISTIC_PENALTIES, key=lambda p: (validation[p], -p))  # ties: the stronger penalty
+    mean, std = _standardiser(x)
+    w, b, info = fit_logistic((x - mean) / std, y, chosen)
+    if not info["converged"]:
+        logger.warning(
+            "logistic probe: gradient %.2e above the tolerance after %d iterations",
+            info["gradient_max"],
+            info["iterations"],
+        )
+    raw = w / std
+    offset = b - float(raw @ mean)
+    probe = Probe(
+        weight=torch.stack([-raw / 2, raw / 2]).float(),
+        bias=torch.tensor([-offset / 2, offset / 2], dtype=torch.float32),
+    )
+    info = {
+        "penalty": chosen,
+        "validation_log_loss": {str(p): v for p, v in validation.items()},
+        "n_fit": len(fit_idx),
+        "n_validation": len(valid_idx),
+        **info,
+    }
+    return probe, info
 
 
 def difference_of_means(features: torch.Tensor, labels: Sequence[int], midpoint_bias: bool = False) -> Probe:
@@ -309,7 +406,9 @@ def probe_from_features(
     else:
         check_labels(labels)
         probe, metrics = train_probe(features, labels, training, progress)
-        metrics["method"] = "linear_softmax" if training.method == "linear" else "mean_difference"
+        metrics["method"] = {"linear": "linear_softmax", "logistic": "logistic_l2"}.get(
+            training.method, training.method
+        )
     probe.metadata = {
         "model": architectures.model_name(model),
         "layer": resolve_layer(model, layer),
