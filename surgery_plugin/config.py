@@ -115,6 +115,10 @@ class SurgeryHyperParams:
     # "cosine": -cos(gate row, probe direction) (the paper); "gate_contrast": -cos(gate row, d_l) with d_l the
     # mean gate input of layer l on the probe's undesired texts minus that on benign text
     region_scoring: str = knob("cosine", kind="str", choices=("cosine", "gate_contrast"))
+    # the vector added to the selected rows (and the one rows are scored against): "probe" (the paper); or
+    # "gate_mean_difference": per edited layer l, d_l = the mean gate input of layer l on the probe's undesired texts
+    # minus that on benign text, at the probe direction's length (alpha keeps its meaning): a direction that gate reads
+    edit_direction: str = knob("probe", kind="str", choices=("probe", "gate_mean_difference"))
 
     # step 3: the edit (normalised alpha: a fraction of a gate row; raw: a multiple of the probe vector)
     alpha: float = knob(1.08, kind="float", low=-1e4, high=1e4, search={"low": 0.05, "high": 1.5})
@@ -128,6 +132,11 @@ class SurgeryHyperParams:
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             setattr(self, f.name, _checked(f.name, getattr(self, f.name), f.metadata))
+        if self.edit_direction != "probe" and self.probe_project_out is not None:
+            raise SurgeryError(
+                f"edit_direction: {self.edit_direction} replaces the probe direction in every edited layer; "
+                f"probe_project_out: {self.probe_project_out} has nothing to act on (set it to null)"
+            )
 
     @classmethod
     def from_hparams(cls, hparams_name_or_path: str | Path) -> SurgeryHyperParams:
@@ -165,7 +174,12 @@ class SurgeryHyperParams:
 
     def needs_reference_stats(self) -> bool:
         """Whether the edit needs hidden-state statistics of benign (and undesired) text beyond the probe."""
-        return self.probe_project_out is not None or self.region_scoring != "cosine"
+        return self.probe_project_out is not None or self.region_scoring != "cosine" or self.edit_direction != "probe"
+
+    def variants(self) -> str:
+        """The options beyond the paper's edit that are set, for messages ("" for the paper's)."""
+        paper = {"probe_project_out": None, "region_scoring": "cosine", "edit_direction": "probe"}
+        return ", ".join(f"{k}: {getattr(self, k)}" for k, v in paper.items() if getattr(self, k) != v)
 
 
 def _checked(name: str, value: Any, rule) -> Any:

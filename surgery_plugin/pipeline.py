@@ -345,7 +345,7 @@ def build_reference_stats(
     if needs.undesired_gates:
         undesired = data.undesired if data is not None else []
         if not undesired:
-            raise SurgeryError("region_scoring: gate_contrast needs the probe data's undesired texts")
+            raise SurgeryError(f"{hparams.variants()} need the probe data's undesired texts")
         _, undesired_gates = cache.pooled(model, tokenizer, undesired, hparams, (), layers, progress)
         description += f", undesired n={len(undesired)}"
     return reference_stats(
@@ -388,7 +388,7 @@ def _build_edit(model, tokenizer, hparams, data, requests, cache: EditCache, pro
             hparams, requests, data, lambda: cache.probe_data(hparams, model, tokenizer, data_dir, progress)
         )
         if not parts:
-            raise SurgeryError("region_scoring: gate_contrast needs the probe's data: set probe_data in the hparams")
+            raise SurgeryError(f"{hparams.variants()} need the probe's data: set probe_data in the hparams")
         data = parts[0] if len(parts) == 1 else join(parts)
     stats = build_reference_stats(model, tokenizer, hparams, data, cache, data_dir, progress)
     return BuiltEdit(probe, data, execute_surgery(model, probe, hparams, stats))

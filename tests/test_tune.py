@@ -152,6 +152,15 @@ def test_a_point_away_from_the_base_sets_the_fields_through_the_transforms():
     assert point_hparams({**point, "max_rows_per_layer": None}, base, shape).max_rows_per_layer is None
 
 
+def test_a_gate_direction_point_drops_the_base_projection():
+    shape = Shape(n_layers=30, rows_per_layer=1536)
+    base = SurgeryHyperParams(probe_project_out="benign_mean")  # the shipped SmolLM2 YAML's
+    point = {**base_point(base, shape), "edit_direction": "gate_mean_difference"}
+    hp = point_hparams(point, base, shape)
+    assert (hp.edit_direction, hp.probe_project_out) == ("gate_mean_difference", None)
+    assert point_hparams(base_point(base, shape), base, shape).probe_project_out == "benign_mean"
+
+
 def test_the_start_point_keeps_only_the_base_values_inside_the_space():
     shape = Shape(n_layers=4, rows_per_layer=48)
     base = SurgeryHyperParams(

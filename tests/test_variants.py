@@ -127,7 +127,7 @@ def test_reference_stats_of_nothing_are_none():
 
 
 def test_reference_stats_refuse_undesired_without_benign_gates():
-    with pytest.raises(SurgeryError, match="gate_contrast needs the benign gate inputs"):
+    with pytest.raises(SurgeryError, match="the gate-input contrast needs the benign gate inputs"):
         reference_stats(None, None, {0: torch.ones(2, 2)}, "")
 
 
@@ -139,6 +139,7 @@ def test_reference_stats_refuse_undesired_without_benign_gates():
         ({"probe_project_out": "gate_benign_mean"}, (False, True, False)),
         ({"region_scoring": "gate_contrast"}, (False, True, True)),
         ({"probe_project_out": "benign_mean", "region_scoring": "gate_contrast"}, (True, True, True)),
+        ({"edit_direction": "gate_mean_difference"}, (False, True, True)),
     ],
 )
 def test_reference_needs(changes, needs):
@@ -154,7 +155,8 @@ def test_project_out_removes_the_component_along_the_basis():
 
 
 @pytest.mark.parametrize(
-    "key, value", [("probe_method", "svm"), ("probe_project_out", "all"), ("region_scoring", "random")]
+    "key, value",
+    [("probe_method", "svm"), ("probe_project_out", "all"), ("region_scoring", "random"), ("edit_direction", "up")],
 )
 def test_bad_variant_choices(key, value):
     with pytest.raises(SurgeryError, match=f"{key} must be one of"):
@@ -230,6 +232,47 @@ def test_gate_contrast_scores_rows_against_the_gate_input_contrast(model, benign
         scores += [(float(-c), layer, row) for row, c in enumerate(cos)]
     best = {(layer, row) for _, layer, row in sorted(scores, key=lambda t: (-t[0], t[1], t[2]))[:10]}
     assert _chosen(edit) == best
+
+
+def test_gate_mean_difference_edit_on_hand_made_weights():
+    """Rows scored against, and moved along, each layer's gate-input contrast at the probe's length."""
+    model = make_tiny("llama")  # hidden 32, 48 gate rows, 3 layers: the weights are replaced by hand
+    hidden = 32
+    contrast = {0: torch.zeros(hidden), 1: torch.zeros(hidden), 2: torch.zeros(hidden)}
+    contrast[0][0], contrast[1][1], contrast[2][2] = 2.0, 3.0, 4.0  # layer l's contrast: e_l, of lengths 2, 3, 4
+    with torch.no_grad():
+        for layer in range(3):
+            gate = model.model.layers[layer].mlp.gate_proj.weight
+            gate.copy_(torch.eye(48, hidden) * 0.01 + 0.001)  # nearly orthogonal to every contrast...
+            gate[5 + layer, layer] = -1.0  # ...but for one row per layer, opposite to its contrast
+    benign = {layer: torch.zeros(4, hidden) for layer in range(3)}
+    undesired = {layer: contrast[layer].expand(4, hidden).clone() for layer in range(3)}
+    stats = reference_stats(None, benign, undesired, "hand")
+    probe = Probe(weight=torch.stack([-torch.ones(hidden), torch.ones(hidden)]) * 0.5, bias=torch.zeros(2))
+    hp = SurgeryHyperParams(top_k=3, alpha=0.25, normalize=False, edit_direction="gate_mean_difference")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    edit = execute_surgery(model, probe, hp, stats)
+    assert _chosen(edit) == {(0, 5), (1, 6), (2, 7)}  # the rows opposite their own layer's contrast
+    probe_norm = float(probe.direction.norm())
+    for layer in range(3):  # the vector: that contrast, at the probe's length
+        want = torch.zeros(hidden)
+        want[layer] = probe_norm
+        torch.testing.assert_close(edit.direction_of(layer), want)
+    apply_edit(model, edit, return_orig_weights=False)
+    for layer in range(3):
+        name = f"model.layers.{layer}.mlp.gate_proj.weight"
+        delta = dict(model.named_parameters())[name].detach() - before[name]
+        expected = torch.zeros(48, hidden)
+        expected[5 + layer, layer] = 0.25 * probe_norm  # step alpha (raw) times the vector
+        torch.testing.assert_close(delta, expected)
+    assert edit.metadata["edit_direction"] == "gate_mean_difference"
+
+
+def test_gate_mean_difference_refuses_a_projection_and_statistics_less_use(model):
+    with pytest.raises(SurgeryError, match="probe_project_out: benign_mean has nothing to act on"):
+        SurgeryHyperParams(edit_direction="gate_mean_difference", probe_project_out="benign_mean")
+    with pytest.raises(SurgeryError, match="edit_direction: gate_mean_difference need statistics of benign text"):
+        execute_surgery(model, _probe(model), SurgeryHyperParams(edit_direction="gate_mean_difference"))
 
 
 # ---------------------------------------------------------------------------- build_edit and its cache
@@ -318,7 +361,7 @@ def test_build_edit_contrasts_with_the_data_it_is_given(model, char_tokenizer, p
 
 
 def test_build_edit_gate_contrast_without_probe_data_is_refused(model, char_tokenizer, spies):
-    with pytest.raises(SurgeryError, match="gate_contrast needs the probe's data: set probe_data"):
+    with pytest.raises(SurgeryError, match="region_scoring: gate_contrast need the probe's data: set probe_data"):
         build_edit(model, char_tokenizer, CONTRAST.replace(probe_data=None), probe=_probe(model), progress=False)
 
 

@@ -68,8 +68,8 @@ def run_edit(
     if streaming:  # only the gate tensors, read from the shards; the adapter is the same bits
         if hparams.needs_reference_stats():
             raise SurgeryError(
-                f"probe_project_out={hparams.probe_project_out!r} / region_scoring={hparams.region_scoring!r} need "
-                "the model's hidden states on benign text: they cannot stream; load the model (drop --streaming)"
+                f"{hparams.variants()} need the model's hidden states on benign text: they cannot stream; "
+                "load the model (drop --streaming)"
             )
         edit = execute_surgery(base, probe, hparams, progress=True)
     else:

@@ -148,8 +148,8 @@ def execute_surgery(
     probe.validate(gates)
     if hparams.needs_reference_stats() and stats is None:
         raise SurgeryError(
-            f"probe_project_out={hparams.probe_project_out!r} / region_scoring={hparams.region_scoring!r} "
-            "need statistics of benign text: use pipeline.build_edit (or pass stats=reference_stats(...))"
+            f"{hparams.variants()} need statistics of benign text: use pipeline.build_edit "
+            "(or pass stats=reference_stats(...))"
         )
     direction = probe.direction.float().cpu()
     layers = layer_range(gates.num_layers, hparams.layer_range)
@@ -163,11 +163,14 @@ def execute_surgery(
             layer: _with_norm(project_out(direction, stats.benign_gate_means[layer]), direction.norm())
             for layer in layers
         }
+    contrasts = None
+    if stats is not None and stats.undesired_gate_means is not None:
+        contrasts = {layer: stats.undesired_gate_means[layer] - stats.benign_gate_means[layer] for layer in layers}
+    if hparams.edit_direction == "gate_mean_difference":  # read and pushed in each gate's own input space
+        layer_directions = {layer: _with_norm(contrasts[layer].float(), direction.norm()) for layer in layers}
     score_directions = layer_directions if layer_directions is not None else direction
     if hparams.region_scoring == "gate_contrast":
-        score_directions = {
-            layer: stats.undesired_gate_means[layer] - stats.benign_gate_means[layer] for layer in layers
-        }
+        score_directions = contrasts
     scan = scan_gates(
         gates, score_directions, hparams.top_k, hparams.max_rows_per_layer, hparams.layer_range, progress
     )
@@ -183,6 +186,7 @@ def execute_surgery(
         "probe_norm": float(probe.direction.norm()),
         "probe_project_out": hparams.probe_project_out,
         "region_scoring": hparams.region_scoring,
+        "edit_direction": hparams.edit_direction,
         "reference_stats": stats.description if stats is not None else None,
         "probe": {k: v for k, v in probe.metadata.items()},
     }

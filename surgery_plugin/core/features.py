@@ -102,7 +102,8 @@ def _model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _pool(states: torch.Tensor, mask: torch.Tensor, pooling: Pooling) -> torch.Tensor:
+def pool(states: torch.Tensor, mask: torch.Tensor, pooling: Pooling) -> torch.Tensor:
+    """Each text's states pooled over its real tokens (``mask``), as ``pooling`` says (:data:`POOLINGS`)."""
     states, mask = states.float().cpu(), mask.cpu()
     if pooling == "last":
         return states[torch.arange(states.shape[0]), mask.sum(1) - 1]
@@ -191,9 +192,9 @@ def pooled_states(
     batches = state_batches(model, tokenizer, texts, hidden_indices, gate_layers, batch_size, max_length, progress)
     for batch, got_hidden, got_gates, mask in batches:
         for i, states in got_hidden.items():
-            hidden[i][batch] = _pool(states, mask, pooling)
+            hidden[i][batch] = pool(states, mask, pooling)
         for layer, states in got_gates.items():
-            gates[layer][batch] = _pool(states, mask, pooling)
+            gates[layer][batch] = pool(states, mask, pooling)
     return hidden, gates
 
 

@@ -2,7 +2,8 @@
 
 ``probe_project_out: benign_mean`` removes the probe direction's component along the mean benign
 hidden state at the probe layer; ``gate_benign_mean`` does so per edited layer along that gate's mean
-input; ``region_scoring: gate_contrast`` scores rows by the undesired-minus-benign gate-input mean.
+input; ``region_scoring: gate_contrast`` scores rows by the undesired-minus-benign gate-input mean, and
+``edit_direction: gate_mean_difference`` also adds that difference (per layer) instead of the probe.
 Pure functions over pooled states: which texts are used and how their states are computed is the
 pipeline's (:func:`surgery_plugin.pipeline.build_edit`), the benign texts from the split table.
 """
@@ -39,8 +40,9 @@ class ReferenceNeeds:
     """Which pooled states of which texts ``hparams`` needs beyond the probe (all False: the paper's edit)."""
 
     benign_hidden: bool  # benign text at the probe layer (probe_project_out: benign_mean)
-    benign_gates: bool  # benign text at each edited gate's input (gate_benign_mean, gate_contrast)
-    undesired_gates: bool  # the probe data's undesired texts at each edited gate's input (gate_contrast)
+    # benign text at each edited gate's input (gate_benign_mean, gate_contrast, gate_mean_difference)
+    benign_gates: bool
+    undesired_gates: bool  # the probe data's undesired texts at each edited gate's input (the last two)
 
     @property
     def any(self) -> bool:
@@ -48,10 +50,11 @@ class ReferenceNeeds:
 
 
 def reference_needs(hparams: SurgeryHyperParams) -> ReferenceNeeds:
+    contrast = hparams.region_scoring == "gate_contrast" or hparams.edit_direction == "gate_mean_difference"
     return ReferenceNeeds(
         benign_hidden=hparams.probe_project_out == "benign_mean",
-        benign_gates=hparams.probe_project_out == "gate_benign_mean" or hparams.region_scoring == "gate_contrast",
-        undesired_gates=hparams.region_scoring == "gate_contrast",
+        benign_gates=hparams.probe_project_out == "gate_benign_mean" or contrast,
+        undesired_gates=contrast,
     )
 
 
@@ -63,7 +66,7 @@ def reference_stats(
 ) -> ReferenceStats:
     """The means over texts of pooled states, each ``(texts, hidden)``: the statistics the variants use."""
     if undesired_gates is not None and not benign_gates:
-        raise SurgeryError("region_scoring: gate_contrast needs the benign gate inputs as well as the undesired ones")
+        raise SurgeryError("the gate-input contrast needs the benign gate inputs as well as the undesired ones")
     return ReferenceStats(
         benign_feature_mean=benign_hidden.mean(0) if benign_hidden is not None else None,
         benign_gate_means={layer: x.mean(0) for layer, x in benign_gates.items()} if benign_gates else None,

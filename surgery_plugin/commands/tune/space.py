@@ -76,6 +76,7 @@ KNOBS: tuple[Knob, ...] = (
     Knob("probe_method", "probe_method", lambda shape: _declared("probe_method")),
     Knob("probe_project_out", "probe_project_out", lambda shape: _declared("probe_project_out")),
     Knob("region_scoring", "region_scoring", lambda shape: _declared("region_scoring")),
+    Knob("edit_direction", "edit_direction", lambda shape: _declared("edit_direction")),
     Knob(
         "layer_start",
         "layer_range",
@@ -164,6 +165,8 @@ def point_hparams(params: dict, base: SurgeryHyperParams, shape: Shape) -> Surge
         for name, value in params.items()
         if value != at_base[name]
     }
+    if changes.get("edit_direction", base.edit_direction) != "probe":
+        changes["probe_project_out"] = None  # a per-layer gate direction replaces the probe's: nothing to project
     return base.replace(probe_path=None, **changes)
 
 
