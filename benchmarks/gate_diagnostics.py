@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 from surgery_plugin.config import SurgeryHyperParams
 from surgery_plugin.core.diagnostics import gate_diagnostics
@@ -63,6 +64,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--hparams", default="hparams/Surgery/smollm2-135m.yaml")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override an hparam (YAML value), repeatable"
+    )
     parser.add_argument("--texts", type=int, default=100, help="toxic and benign texts each")
     parser.add_argument("--max-length", type=int, default=128, help="tokens per text")
     parser.add_argument("--threads", type=int, default=1)
@@ -74,6 +78,8 @@ def main() -> None:
     torch.manual_seed(0)
     started = time.perf_counter()
     hp = SurgeryHyperParams.from_hparams(args.hparams)
+    overrides = dict(item.split("=", 1) for item in args.set)
+    hp = hp.replace(**{key: yaml.safe_load(value) for key, value in overrides.items()})
     model, tok = load_model(args.model)
     built = build_edit(model, tok, hp, data_dir=args.data_dir)
     edit = built.edit
@@ -96,6 +102,7 @@ def main() -> None:
     report = {
         "model": args.model,
         "hparams": str(args.hparams),
+        "overrides": overrides,
         "edit": {
             k: edit.metadata[k] for k in ("alpha", "step", "normalize", "top_k", "num_rows", "probe_project_out")
         },
@@ -120,6 +127,7 @@ def main() -> None:
         "command": (
             f"python benchmarks/gate_diagnostics.py --model {args.model} --hparams {args.hparams} "
             f"--texts {args.texts} --max-length {args.max_length} --threads {args.threads}"
+            + "".join(f" --set {item}" for item in args.set)
         ),
     }
     write_json(args.out, report)
@@ -165,7 +173,8 @@ def plot(report: dict, png: Path) -> None:
     axes[3].legend(fontsize=8)
     for ax in axes:
         ax.set_xlabel("edited layer")
-    fig.suptitle(f"{report['model']} ({report['hparams']}): gate diagnostics", fontsize=10)
+    changed = "".join(f", {k}={v}" for k, v in report.get("overrides", {}).items())
+    fig.suptitle(f"{report['model']} ({report['hparams']}{changed}): gate diagnostics", fontsize=10)
     fig.tight_layout()
     save_figure(fig, png.parent, png.name)
     plt.close(fig)
