@@ -113,8 +113,11 @@ class SurgeryHyperParams:
     # [start, end) over decoder layers; negatives count from the end
     layer_range: list | None = knob(None, kind="layer_range", optional=True)
     # "cosine": -cos(gate row, probe direction) (the paper); "gate_contrast": -cos(gate row, d_l) with d_l the
-    # mean gate input of layer l on the probe's undesired texts minus that on benign text
-    region_scoring: str = knob("cosine", kind="str", choices=("cosine", "gate_contrast"))
+    # mean gate input of layer l on the probe's undesired texts minus that on benign text; "activation": how much a
+    # push of the row lowers the MLP output along the probe on undesired tokens beyond benign ones, through the
+    # gate's activation (a row below SiLU's minimum, where a push lowers its output, scores accordingly) and the
+    # row's up and down projections (core/diagnostics.py activation_scores)
+    region_scoring: str = knob("cosine", kind="str", choices=("cosine", "gate_contrast", "activation"))
     # the vector added to the selected rows (and the one rows are scored against): "probe" (the paper); or
     # "gate_mean_difference": per edited layer l, d_l = the mean gate input of layer l on the probe's undesired texts
     # minus that on benign text, at the probe direction's length (alpha keeps its meaning): a direction that gate reads

@@ -13,6 +13,7 @@ and it is the caller's to apply it in place or export it as an adapter.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator, Sequence
@@ -23,6 +24,7 @@ from torch import nn
 
 from .config import SurgeryHyperParams
 from .core import architectures
+from .core.diagnostics import gate_sensitivities
 from .core.edit import SurgeryEdit, apply_edit, execute_surgery, revert_edit
 from .core.features import pooled_states, resolve_layer
 from .core.probe import BehaviorData, Probe, ProbeTraining, check_both_classes, probe_from_features
@@ -232,6 +234,27 @@ class EditCache:
             {g: found[("gate", g)] for g in gate_layers},
         )
 
+    def sensitivities(
+        self,
+        model: nn.Module,
+        tokenizer,
+        texts: Sequence[str],
+        hparams: SurgeryHyperParams,
+        layers: Sequence[int],
+        progress: bool,
+    ) -> dict[int, torch.Tensor]:
+        """Token-level gate sensitivities of ``texts`` per layer (:func:`.core.diagnostics.gate_sensitivities`),
+        from this cache where they were computed before."""
+        base = (self._weights(model), _texts_key(texts), "sensitivity", hparams.feature_batch_size, hparams.max_length)
+        missing = [layer for layer in layers if (*base, layer) not in self._states]
+        if missing:
+            computed = gate_sensitivities(
+                model, tokenizer, texts, missing, hparams.feature_batch_size, hparams.max_length, progress
+            )
+            for layer, value in computed.items():
+                self._put((*base, layer), value)
+        return {layer: self._get((*base, layer)) for layer in layers}
+
     def _put(self, key: tuple, value: torch.Tensor) -> None:
         self._states[key] = value
         self._states.move_to_end(key)
@@ -342,18 +365,27 @@ def build_reference_stats(
         model, tokenizer, benign, hparams, hidden_indices, gate_layers, progress
     )
     undesired_gates, description = None, f"benign {where} n={len(benign)}"
+    undesired = data.undesired if data is not None else []
+    if needs.undesired_texts and not undesired:
+        raise SurgeryError(f"{hparams.variants()} need the probe data's undesired texts")
     if needs.undesired_gates:
-        undesired = data.undesired if data is not None else []
-        if not undesired:
-            raise SurgeryError(f"{hparams.variants()} need the probe data's undesired texts")
         _, undesired_gates = cache.pooled(model, tokenizer, undesired, hparams, (), layers, progress)
+    if needs.undesired_texts:
         description += f", undesired n={len(undesired)}"
-    return reference_stats(
+    stats = reference_stats(
         next(iter(benign_hidden.values())) if benign_hidden else None,
         benign_gates or None,
         undesired_gates,
         description,
     )
+    if needs.sensitivities:  # token level: the activation's slope at each token, not a pooled mean
+        stats = dataclasses.replace(
+            stats,
+            undesired_sensitivities=cache.sensitivities(model, tokenizer, undesired, hparams, layers, progress),
+            benign_sensitivities=cache.sensitivities(model, tokenizer, benign, hparams, layers, progress),
+            down_columns={layer: architectures.mlp_readout(model, layer).down_columns for layer in layers},
+        )
+    return stats
 
 
 def build_edit(
@@ -383,7 +415,7 @@ def _build_edit(model, tokenizer, hparams, data, requests, cache: EditCache, pro
         probe = Probe.load(hparams.probe_path, model)
     if probe is None:
         probe, data = build_probe(model, tokenizer, hparams, data, requests, cache, data_dir, progress)
-    elif reference_needs(hparams).undesired_gates:  # a given probe: its data only when the statistics need it
+    elif reference_needs(hparams).undesired_texts:  # a given probe: its data only when the statistics need it
         parts = _probe_parts(
             hparams, requests, data, lambda: cache.probe_data(hparams, model, tokenizer, data_dir, progress)
         )

@@ -84,3 +84,26 @@ def test_unknown_model_type_names_it_and_the_supported_list():
     )
     with pytest.raises(SurgeryError, match=r"model type 'bert' is not supported; supported: .*llama"):
         architectures.gate_spec(model)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_mlp_readout_and_activation_rebuild_the_mlp(family):
+    """sum_r act(g_r . x + b_r) (up_r . x + c_r) down_r + bias = the layer's own MLP on x, for every family."""
+    from surgery_plugin.core.architectures import gate_activation, gate_rows, mlp_readout
+
+    model = make_tiny(family)
+    layer = architectures.decoder_layers(model)[1]
+    x = torch.randn(5, architectures.hidden_size(model), generator=torch.Generator().manual_seed(0))
+    readout, act = mlp_readout(model, 1), gate_activation(model)
+    hidden = act(x @ gate_rows(model, 1).T.float() + readout.gate_bias)
+    if readout.up_rows is not None:
+        hidden = hidden * (x @ readout.up_rows.T + readout.up_bias)
+    spec = architectures.gate_spec(model)
+    down = layer.get_submodule(spec.down_path)
+    rebuilt = hidden @ readout.down_columns + (down.bias if down.bias is not None else 0)
+    with torch.no_grad():
+        if family == "opt":  # no mlp module: fc1 -> activation -> fc2 in the layer itself
+            actual = layer.fc2(layer.activation_fn(layer.fc1(x)))
+        else:
+            actual = layer.mlp(x)
+    torch.testing.assert_close(rebuilt.detach(), actual, rtol=1e-4, atol=1e-4)

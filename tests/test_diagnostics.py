@@ -105,3 +105,106 @@ def test_gate_diagnostics_on_a_tiny_model(family):
     assert result["per_layer"]["0"]["rows"] == 2
     if family == "gpt2":  # gelu_new is non-monotone too
         assert result["activation_minimum"] == pytest.approx(-0.7518, abs=2e-3)
+
+
+# ---------------------------------------------------------------------------- region_scoring: activation
+
+
+def test_sensitivity_sums_and_activation_scores_on_hand_made_rows():
+    from surgery_plugin.core.architectures import MlpReadout
+    from surgery_plugin.core.diagnostics import sensitivity_sums
+    from surgery_plugin.core.regions import activation_scores
+
+    silu = nn.SiLU()
+    x = torch.tensor([[1.0, 2.0], [0.5, -1.0]])
+    gate = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    up = torch.tensor([[0.0, 1.0], [2.0, 0.0]])
+    readout = MlpReadout(torch.tensor([0.5, 0.0]), up, torch.tensor([0.0, 1.0]), torch.eye(2))
+    got = sensitivity_sums(x, gate, readout, silu)
+
+    def d_silu(z):
+        s = 1 / (1 + math.exp(-z))
+        return s * (1 + z * (1 - s))
+
+    want = torch.zeros(2, 2, dtype=torch.float64)
+    for token in x.tolist():
+        pre = [token[0] + 0.5, token[1]]
+        upx = [token[1], 2 * token[0] + 1]
+        for r in range(2):
+            want[r] += d_silu(pre[r]) * upx[r] * torch.tensor(token, dtype=torch.float64)
+    torch.testing.assert_close(got, want)
+    # ungated: the activation's slope alone
+    plain = sensitivity_sums(x, gate, MlpReadout(torch.zeros(2), None, None, torch.eye(2)), silu)
+    want_plain = sum(
+        torch.tensor([[d_silu(t[0]) * t[0], d_silu(t[0]) * t[1]], [d_silu(t[1]) * t[0], d_silu(t[1]) * t[1]]])
+        for t in x.tolist()
+    )
+    torch.testing.assert_close(plain, want_plain.double())
+    # scores: -((S_u - S_b) . v) * (down . p / |p|)
+    s_u, s_b = torch.tensor([[1.0, 0.0], [0.0, 2.0]]), torch.tensor([[0.5, 0.0], [0.0, 0.0]])
+    down = torch.tensor([[1.0, 1.0], [-1.0, 0.0]])
+    scores = activation_scores(s_u, s_b, down, torch.tensor([1.0, 1.0]), torch.tensor([3.0, 0.0]))
+    torch.testing.assert_close(scores, torch.tensor([-0.5 * 1.0, -2.0 * -1.0]))
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "phi3"])
+def test_gate_sensitivities_predict_the_mlp_output_change(family):
+    """A small move of one gate row along v changes the MLP output along p by t (S . v)(down . p): checked against
+    the model's own MLP on the captured gate inputs (finite difference)."""
+    from surgery_plugin.core.architectures import gate_rows, mlp_readout
+    from surgery_plugin.core.diagnostics import gate_sensitivities
+    from surgery_plugin.core.features import state_batches
+
+    model, tok = make_tiny(family), CharTokenizer()
+    texts = ["you are awful", "a calm sunny day", "zz"]
+    layer, row = 1, 3
+    sens = gate_sensitivities(model, tok, texts, [layer], progress=False)[layer]
+    hidden = architectures.hidden_size(model)
+    v = torch.randn(hidden, generator=torch.Generator().manual_seed(1))
+    p = torch.randn(hidden, generator=torch.Generator().manual_seed(2))
+    predicted_slope = float(sens[row] @ v) * float(mlp_readout(model, layer).down_columns[row] @ p)
+    tokens = torch.cat(
+        [g[layer][m.bool()] for _, _, g, m in state_batches(model, tok, texts, (), [layer], progress=False)]
+    )
+    block = architectures.decoder_layers(model)[layer]
+    mlp = block.mlp if family != "opt" else None
+
+    def mean_readout() -> float:
+        with torch.no_grad():
+            return float((mlp(tokens) @ p).mean())
+
+    t = 1e-3
+    before = mean_readout()
+    with torch.no_grad():
+        gate_rows(model, layer)[row] += t * v
+    after = mean_readout()
+    assert (after - before) / t == pytest.approx(predicted_slope, rel=2e-2, abs=1e-4)
+
+
+def test_activation_scoring_selects_the_top_rows_of_its_scores():
+    from surgery_plugin import SurgeryHyperParams, execute_surgery
+    from surgery_plugin.core.diagnostics import gate_sensitivities
+    from surgery_plugin.core.probe import Probe
+    from surgery_plugin.core.reference import ReferenceStats
+    from surgery_plugin.core.regions import activation_scores
+
+    model, tok = make_tiny("llama"), CharTokenizer()
+    undesired_texts, benign_texts = ["you stupid idiot", "i hate you"], ["a kind word", "nice weather"]
+    layers = [0, 1, 2]
+    s_u = gate_sensitivities(model, tok, undesired_texts, layers, progress=False)
+    s_b = gate_sensitivities(model, tok, benign_texts, layers, progress=False)
+    down = {layer: architectures.mlp_readout(model, layer).down_columns for layer in layers}
+    v = torch.randn(32, generator=torch.Generator().manual_seed(3))
+    probe = Probe(weight=torch.stack([-v, v]), bias=torch.zeros(2))
+    stats = ReferenceStats(undesired_sensitivities=s_u, benign_sensitivities=s_b, down_columns=down)
+    hp = SurgeryHyperParams(top_k=7, alpha=0.5, normalize=True, region_scoring="activation")
+    edit = execute_surgery(model, probe, hp, stats)
+    unit = v / v.norm()
+    scores = [
+        (float(s), layer, r)
+        for layer in layers
+        for r, s in enumerate(activation_scores(s_u[layer], s_b[layer], down[layer], unit, unit))
+    ]
+    best = {(layer, r) for _, layer, r in sorted(scores, key=lambda t: (-t[0], t[1], t[2]))[:7]}
+    assert {(layer, int(r)) for layer, rows in edit.regions.rows.items() for r in rows} == best
+    assert edit.metadata["region_scoring"] == "activation"

@@ -134,18 +134,20 @@ def test_reference_stats_refuse_undesired_without_benign_gates():
 @pytest.mark.parametrize(
     "changes, needs",
     [
-        ({}, (False, False, False)),
-        ({"probe_project_out": "benign_mean"}, (True, False, False)),
-        ({"probe_project_out": "gate_benign_mean"}, (False, True, False)),
-        ({"region_scoring": "gate_contrast"}, (False, True, True)),
-        ({"probe_project_out": "benign_mean", "region_scoring": "gate_contrast"}, (True, True, True)),
-        ({"edit_direction": "gate_mean_difference"}, (False, True, True)),
+        ({}, (False, False, False, False)),
+        ({"probe_project_out": "benign_mean"}, (True, False, False, False)),
+        ({"probe_project_out": "gate_benign_mean"}, (False, True, False, False)),
+        ({"region_scoring": "gate_contrast"}, (False, True, True, False)),
+        ({"probe_project_out": "benign_mean", "region_scoring": "gate_contrast"}, (True, True, True, False)),
+        ({"edit_direction": "gate_mean_difference"}, (False, True, True, False)),
+        ({"region_scoring": "activation"}, (False, False, False, True)),
     ],
 )
 def test_reference_needs(changes, needs):
     got = reference_needs(SurgeryHyperParams(**changes))
-    assert (got.benign_hidden, got.benign_gates, got.undesired_gates) == needs
+    assert (got.benign_hidden, got.benign_gates, got.undesired_gates, got.sensitivities) == needs
     assert got.any == any(needs) == SurgeryHyperParams(**changes).needs_reference_stats()
+    assert got.undesired_texts == (needs[2] or needs[3])
 
 
 def test_project_out_removes_the_component_along_the_basis():
@@ -358,6 +360,19 @@ def test_build_edit_contrasts_with_the_data_it_is_given(model, char_tokenizer, p
     )
     assert spies["load_probe_data"] == 1, "given data is used instead of hparams.probe_data"
     assert _chosen(other.edit) != _chosen(given.edit)
+
+
+def test_build_edit_activation_scoring_end_to_end(model, char_tokenizer, probe_csv, spies):
+    """Sensitivities of the probe data's undesired texts and of the benign reference, computed once per text set."""
+    hp = SurgeryHyperParams(
+        top_k=10, alpha=0.5, normalize=True, region_scoring="activation", probe_data=probe_csv, max_length=48
+    )
+    cache = EditCache()
+    built = build_edit(model, char_tokenizer, hp, cache=cache, progress=False)
+    assert built.edit.regions.num_rows == 10 and built.edit.metadata["region_scoring"] == "activation"
+    assert "undesired n=20" in built.edit.metadata["reference_stats"]
+    again = build_edit(model, char_tokenizer, hp.replace(alpha=0.25), cache=cache, progress=False)
+    assert _chosen(again.edit) == _chosen(built.edit)  # same statistics from the cache, alpha does not pick rows
 
 
 def test_build_edit_gate_contrast_without_probe_data_is_refused(model, char_tokenizer, spies):

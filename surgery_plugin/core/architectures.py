@@ -28,6 +28,9 @@ class GateSpec:
     gate_path: str  # dotted path from a decoder layer to the gate module
     kind: GateKind = "linear"  # "conv1d": GPT-2's Conv1D stores the weight as (in, out)
     fused_gate_rows: bool = False  # Phi-3's gate_up_proj: the first half of the outputs is the gate
+    # what each gate row's activation is multiplied by and written through (region_scoring: activation)
+    down_path: str = "mlp.down_proj"  # from a decoder layer to the projection back to the hidden size
+    up_path: str | None = "mlp.up_proj"  # the gated MLP's up projection; None: the activation is the output
 
 
 _LLAMA_LIKE = GateSpec("model.layers", "mlp.gate_proj")
@@ -40,12 +43,12 @@ ARCHITECTURES: dict[str, GateSpec] = {
     "gemma": _LLAMA_LIKE,
     "gemma2": _LLAMA_LIKE,
     "gemma3_text": _LLAMA_LIKE,
-    "phi3": GateSpec("model.layers", "mlp.gate_up_proj", fused_gate_rows=True),
-    "gpt2": GateSpec("transformer.h", "mlp.c_fc", kind="conv1d"),
-    "gpt_neox": GateSpec("gpt_neox.layers", "mlp.dense_h_to_4h"),
-    "gptj": GateSpec("transformer.h", "mlp.fc_in"),
-    "opt": GateSpec("model.decoder.layers", "fc1"),
-    "falcon": GateSpec("transformer.h", "mlp.dense_h_to_4h"),
+    "phi3": GateSpec("model.layers", "mlp.gate_up_proj", fused_gate_rows=True, up_path="mlp.gate_up_proj"),
+    "gpt2": GateSpec("transformer.h", "mlp.c_fc", kind="conv1d", down_path="mlp.c_proj", up_path=None),
+    "gpt_neox": GateSpec("gpt_neox.layers", "mlp.dense_h_to_4h", down_path="mlp.dense_4h_to_h", up_path=None),
+    "gptj": GateSpec("transformer.h", "mlp.fc_in", down_path="mlp.fc_out", up_path=None),
+    "opt": GateSpec("model.decoder.layers", "fc1", down_path="fc2", up_path=None),
+    "falcon": GateSpec("transformer.h", "mlp.dense_h_to_4h", down_path="mlp.dense_4h_to_h", up_path=None),
 }
 
 
@@ -143,6 +146,47 @@ def gate_rows_of_weight(weight: torch.Tensor, spec: GateSpec) -> torch.Tensor:
     if spec.fused_gate_rows:
         rows = rows[: rows.shape[0] // 2]
     return rows
+
+
+@dataclass(frozen=True)
+class MlpReadout:
+    """What turns one layer's gate rows into its MLP output, float32 on the CPU: the output is
+    ``sum_r act(g_r . x + gate_bias_r) * (up_r . x + up_bias_r) * down_r`` (+ the down projection's bias)."""
+
+    gate_bias: torch.Tensor  # (rows,), zeros for a bias-free gate
+    up_rows: torch.Tensor | None  # (rows, hidden); None: an ungated MLP (the activation is the output)
+    up_bias: torch.Tensor | None  # (rows,)
+    down_columns: torch.Tensor  # (rows, hidden): the vector each row's activation writes into the residual stream
+
+
+def _bias(module: nn.Module, rows: int, fused: bool) -> torch.Tensor:
+    bias = getattr(module, "bias", None)
+    if bias is None:
+        return torch.zeros(rows)
+    bias = bias.detach().float().cpu()
+    return bias[: bias.shape[0] // 2] if fused else bias
+
+
+def mlp_readout(model: nn.Module, layer: int) -> MlpReadout:
+    """One layer's :class:`MlpReadout` (region_scoring: activation)."""
+    spec = gate_spec(model)
+    block = decoder_layers(model)[layer]
+    gate = _base_layer(block.get_submodule(spec.gate_path))
+    rows = gate_rows(model, layer).shape[0]
+    down = _base_layer(block.get_submodule(spec.down_path)).weight.detach()
+    columns = down if spec.kind == "conv1d" else down.T  # Conv1D stores (in, out): its rows are the columns
+    up_rows = up_bias = None
+    if spec.up_path is not None:
+        up_module = _base_layer(block.get_submodule(spec.up_path))
+        up = up_module.weight.detach()
+        up_rows = (up[up.shape[0] // 2 :] if spec.fused_gate_rows else up).float().cpu()
+        up_bias = getattr(up_module, "bias", None)
+        if up_bias is None:
+            up_bias = torch.zeros(rows)
+        else:
+            up_bias = up_bias.detach().float().cpu()
+            up_bias = up_bias[up_bias.shape[0] // 2 :] if spec.fused_gate_rows else up_bias
+    return MlpReadout(_bias(gate, rows, spec.fused_gate_rows), up_rows, up_bias, columns.float().cpu())
 
 
 def hidden_size(model: nn.Module) -> int:

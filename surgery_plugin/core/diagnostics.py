@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from . import architectures
+from .architectures import MlpReadout
 from .features import state_batches
 
 Activation = Callable[[torch.Tensor], torch.Tensor]
@@ -177,3 +178,46 @@ def gate_diagnostics(
         for layer in layers
     }
     return {"activation_minimum": minimum, "per_layer": per_layer}
+
+
+def sensitivity_sums(
+    inputs: torch.Tensor, gate_rows: torch.Tensor, readout: MlpReadout, act: Activation
+) -> torch.Tensor:
+    """``sum over tokens of act'(g_r . x + b_r) * (up_r . x + c_r) * x`` for every row r, (rows, hidden) float64:
+    with it, the change of row r's contribution to the MLP output per unit move of the row along ``v`` is
+    ``(S_r . v) * down_r`` on these tokens, for any ``v`` (region_scoring: activation)."""
+    x = inputs.detach().double()
+    pre = x @ gate_rows.detach().double().T + readout.gate_bias.double()
+    weight = activation_slope(act, pre)  # (tokens, rows)
+    if readout.up_rows is not None:
+        weight = weight * (x @ readout.up_rows.double().T + readout.up_bias.double())
+    return weight.T @ x
+
+
+@torch.no_grad()
+def gate_sensitivities(
+    model: nn.Module,
+    tokenizer,
+    texts: Sequence[str],
+    layers: Sequence[int],
+    batch_size: int = 8,
+    max_length: int = 256,
+    progress: bool = True,
+) -> dict[int, torch.Tensor]:
+    """Per layer, :func:`sensitivity_sums` over every real token of ``texts`` divided by their number, float32."""
+    act = architectures.gate_activation(model)
+    gates = architectures.gates_of(model)
+    layers = sorted(layers)
+    readouts = {layer: architectures.mlp_readout(model, layer) for layer in layers}
+    rows = {layer: gates.rows_at(layer, torch.arange(gates.rows_per_layer)) for layer in layers}
+    sums = {layer: torch.zeros(gates.rows_per_layer, gates.hidden_size, dtype=torch.float64) for layer in layers}
+    tokens = 0
+    batches = state_batches(
+        model, tokenizer, texts, (), layers, batch_size, max_length, progress, desc="gate sensitivities"
+    )
+    for _, _, gate_inputs, mask in batches:
+        real = mask.bool()
+        tokens += int(real.sum())
+        for layer in layers:
+            sums[layer] += sensitivity_sums(gate_inputs[layer].float().cpu()[real], rows[layer], readouts[layer], act)
+    return {layer: (total / tokens).float() for layer, total in sums.items()}

@@ -25,7 +25,7 @@ from ..errors import SurgeryError
 from . import architectures
 from .probe import Probe
 from .reference import ReferenceStats, project_out
-from .regions import RegionSelection, layer_range, mean_row_norm, scan_gates, score_layer
+from .regions import RegionSelection, activation_scores, layer_range, mean_row_norm, scan_gates, score_layer
 
 logger = logging.getLogger(__name__)
 
@@ -140,7 +140,8 @@ def execute_surgery(
     gates of a checkpoint read shard by shard (:mod:`surgery_plugin.streaming`): the same pass
     over the same row blocks either way, so the edit is bitwise the same. ``stats``
     (:func:`.reference.reference_stats`) is needed by the variants beyond the paper
-    (``probe_project_out``, ``region_scoring: gate_contrast``); :func:`surgery_plugin.pipeline.build_edit` computes it.
+    (``probe_project_out``, ``region_scoring``, ``edit_direction``); :func:`surgery_plugin.pipeline.build_edit`
+    computes it.
     """
     gates = architectures.gates_of(model)
     if isinstance(probe, torch.Tensor):
@@ -171,8 +172,20 @@ def execute_surgery(
     score_directions = layer_directions if layer_directions is not None else direction
     if hparams.region_scoring == "gate_contrast":
         score_directions = contrasts
+    row_scores = None
+    if hparams.region_scoring == "activation":
+        row_scores = {
+            layer: activation_scores(
+                stats.undesired_sensitivities[layer],
+                stats.benign_sensitivities[layer],
+                stats.down_columns[layer],
+                layer_directions[layer] if layer_directions is not None else direction,
+                direction,
+            )
+            for layer in layers
+        }
     scan = scan_gates(
-        gates, score_directions, hparams.top_k, hparams.max_rows_per_layer, hparams.layer_range, progress
+        gates, score_directions, hparams.top_k, hparams.max_rows_per_layer, hparams.layer_range, progress, row_scores
     )
     step = hparams.alpha * scan.mean_row_norm if hparams.normalize else float(hparams.alpha)
     regions = scan.regions

@@ -32,6 +32,11 @@ class ReferenceStats:
     benign_feature_mean: torch.Tensor | None = None  # (hidden,) at the probe layer, pooled like the probe
     benign_gate_means: dict[int, torch.Tensor] | None = None  # layer -> mean input of its gate on benign text
     undesired_gate_means: dict[int, torch.Tensor] | None = None  # layer -> the same on the probe's undesired texts
+    # region_scoring: activation. layer -> (rows, hidden) mean over tokens of act'(pre) * up . x * x, per text class
+    # (diagnostics.gate_sensitivities), and the vectors the rows write (MlpReadout.down_columns)
+    undesired_sensitivities: dict[int, torch.Tensor] | None = None
+    benign_sensitivities: dict[int, torch.Tensor] | None = None
+    down_columns: dict[int, torch.Tensor] | None = None
     description: str = ""
 
 
@@ -43,10 +48,16 @@ class ReferenceNeeds:
     # benign text at each edited gate's input (gate_benign_mean, gate_contrast, gate_mean_difference)
     benign_gates: bool
     undesired_gates: bool  # the probe data's undesired texts at each edited gate's input (the last two)
+    sensitivities: bool = False  # token-level gate sensitivities of both text sets (region_scoring: activation)
+
+    @property
+    def undesired_texts(self) -> bool:
+        """Whether the probe data's undesired texts are read (gate means or sensitivities)."""
+        return self.undesired_gates or self.sensitivities
 
     @property
     def any(self) -> bool:
-        return self.benign_hidden or self.benign_gates or self.undesired_gates
+        return self.benign_hidden or self.benign_gates or self.undesired_gates or self.sensitivities
 
 
 def reference_needs(hparams: SurgeryHyperParams) -> ReferenceNeeds:
@@ -55,6 +66,7 @@ def reference_needs(hparams: SurgeryHyperParams) -> ReferenceNeeds:
         benign_hidden=hparams.probe_project_out == "benign_mean",
         benign_gates=hparams.probe_project_out == "gate_benign_mean" or contrast,
         undesired_gates=contrast,
+        sensitivities=hparams.region_scoring == "activation",
     )
 
 

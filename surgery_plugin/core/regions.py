@@ -65,6 +65,21 @@ def score_layer(gates: GateRows, layer: int, direction: torch.Tensor) -> tuple[t
     return score_row_blocks(gates.row_blocks(layer, SCORE_BLOCK_ROWS), direction)
 
 
+def activation_scores(
+    undesired: torch.Tensor,
+    benign: torch.Tensor,
+    down_columns: torch.Tensor,
+    vector: torch.Tensor,
+    readout: torch.Tensor,
+) -> torch.Tensor:
+    """Per row of one layer: how much a unit move of the row along ``vector`` lowers the MLP output's component
+    along ``readout`` (the probe direction) on undesired tokens, beyond what it does on benign ones:
+    ``-((S_undesired - S_benign)_r . v) * (down_r . p)``, S from :func:`.diagnostics.gate_sensitivities`.
+    Rows where the push would raise the undesired readout, or act on benign text as much, score low."""
+    unit = readout.float() / readout.float().norm().clamp_min(1e-12)
+    return -((undesired - benign).float() @ vector.float()) * (down_columns.float() @ unit)
+
+
 def mean_row_norm(layer_norm_means: Sequence[torch.Tensor]) -> float:
     """The mean over layers of each layer's mean gate-row norm (the normalised step's unit)."""
     return float(torch.stack(list(layer_norm_means)).mean())
@@ -186,10 +201,12 @@ def scan_gates(
     max_rows_per_layer: int | None = None,
     layers: list[int] | tuple[int, int] | None = None,
     progress: bool = False,
+    row_scores: dict[int, torch.Tensor] | None = None,
 ) -> GateScan:
     """Score every gate row of the chosen layers block by block, keep the running global top-K and
     the mean row norm: one pass, whether ``gates`` is a loaded model or checkpoint shards.
-    ``direction`` may give each layer its own vector."""
+    ``direction`` may give each layer its own vector; ``row_scores`` (layer -> one score per row), when
+    given, replace the ``-cos`` scores (region_scoring: activation)."""
     k = resolve_k(top_k, gates.num_layers * gates.rows_per_layer)
     chosen_layers = layer_range(gates.num_layers, layers)
     top = RunningTopK(k, gates.rows_per_layer, max_rows_per_layer)
@@ -198,7 +215,7 @@ def scan_gates(
         for layer in tqdm(chosen_layers, desc="scoring gate rows", unit="layer", disable=not progress):
             layer_direction = direction[layer] if isinstance(direction, dict) else direction
             scores, norms = score_layer(gates, layer, layer_direction)
-            top.add(layer, scores)
+            top.add(layer, scores if row_scores is None else row_scores[layer])
             layer_norm_means.append(norms.mean())
     return GateScan(top.selection(), mean_row_norm(layer_norm_means))
 
