@@ -168,12 +168,15 @@ class Tuner:
             suite, split, self.judges, s.data_dir, limit=limit, ppl_limit=s.benign_limit, progress=False
         )
 
-    def _measure(self, model: nn.Module, split: str, kl: bool = True, samples: int | None = None) -> dict:
+    def _measure(
+        self, model: nn.Module, split: str, kl: bool = True, samples: int | None = None, progress: bool = False
+    ) -> dict:
         """The objective suites' summaries and rows, perplexity and (``kl``) KL on ``split``'s prompts; with
-        ``samples`` the suites also run the sampled protocol (coupled: every trial reads the same noise)."""
+        ``samples`` the suites also run the sampled protocol (coupled: every trial reads the same noise).
+        ``progress``: bars for the one-off measurements (the unedited model, the validation); a trial has Optuna's."""
         measured, rows = {}, {}
         for suite in [*self.settings.suites, "ppl", *(["kl"] if kl else [])]:
-            settings = self._eval_settings(suite, split)
+            settings = dataclasses.replace(self._eval_settings(suite, split), progress=progress and self.progress)
             if samples and suite in self.settings.suites:
                 settings = dataclasses.replace(settings, samples=samples)
             results, suite_rows = evaluate(model, self.tok, [suite], settings)
@@ -419,11 +422,11 @@ class Tuner:
         if self.baseline is None:
             logger.info("tune: measuring the unedited model on the tuning splits")
             with self._unedited() as model:
-                self.baseline = self._measure(model, "tune", kl=False)
+                self.baseline = self._measure(model, "tune", kl=False, progress=True)
             study.set_user_attr("baseline", {k: v for k, v in self.baseline.items() if k != "rows"})
         if self.settings.objective == "greedy" and "rows" not in self.baseline:  # resumed: the rows were not stored
             with self._unedited() as model:
-                self.baseline = self._measure(model, "tune", kl=False)
+                self.baseline = self._measure(model, "tune", kl=False, progress=True)
         self._prepare_objective(study)
         if self.fixed and "stack_on_alone" not in study.user_attrs:
             logger.info("tune: measuring the --stack-on adapter alone on the tuning splits")
@@ -488,8 +491,8 @@ class Tuner:
         )
         k = self.settings.validation_samples or None
         with self._unedited() as model:
-            base_validation = self._measure(model, "validation", kl=False, samples=k)
-        edited_validation = self._measure(self._attach(hp), "validation", samples=k)
+            base_validation = self._measure(model, "validation", kl=False, samples=k, progress=True)
+        edited_validation = self._measure(self._attach(hp), "validation", samples=k, progress=True)
         with self._unedited() as model:  # the chosen edit at its alpha, ready for `surgery eval` (cached: no new pass)
             edit = build_edit(model, self.tok, hp, cache=self.cache, data_dir=self.settings.data_dir, progress=False)
         with atomic_path(self.out_dir / "chosen_adapter") as tmp:
