@@ -245,6 +245,28 @@ def load_advbench(data_dir=None) -> list[dict]:
     return _from_hub("walledai/AdvBench", hub)
 
 
+INSTRUCTION_SETS = ("harmful_train", "harmful_val", "harmless_train", "harmless_val")
+
+
+def load_instructions(data_dir=None, name: str = "harmful_train") -> list[str]:
+    """Harmful or harmless instructions of andyrdt/refusal_direction's splits (``instructions/<name>.json``)."""
+    if name not in INSTRUCTION_SETS:
+        raise SurgeryError(f"unknown instruction set '{name}'; sets: {', '.join(INSTRUCTION_SETS)}")
+    path = _data_file(data_dir, f"instructions/{name}.json", "andyrdt/refusal_direction dataset/splits")
+    if path is None:
+        raise SurgeryError(
+            "the instruction sets have no hub copy: download andyrdt/refusal_direction's dataset/splits/*.json "
+            "into DATA_DIR/instructions/"
+        )
+    try:
+        records = json.loads(read_text(path))
+    except ValueError as err:
+        raise SurgeryError(f"{path} is not valid JSON ({err})") from err
+    if not isinstance(records, list) or not all(isinstance(r, dict) and "instruction" in r for r in records):
+        raise SurgeryError(f"{path} is not a list of {{instruction, category}} records")
+    return [str(r["instruction"]) for r in records]
+
+
 def load_safeedit(data_dir=None) -> list[dict]:
     """SafeEdit test records (research use only, CC BY-NC-SA 4.0)."""
     root = resolve_data_dir(data_dir)
