@@ -45,7 +45,7 @@ BEHAVIORS: dict[str, Behavior] = {
             judges="refusal,minilm",
             metric=("advbench", "refusal_rate"),
             tune_suites=("advbench",),
-            probe_data_choices=("safeedit",),
+            probe_data_choices=("safeedit", "instructions"),
             applies_to_chat_models_only=True,
         ),
         Behavior(

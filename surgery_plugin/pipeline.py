@@ -65,6 +65,9 @@ def load_probe_data(
     for name in (p.strip() for p in spec.split("+")):
         if not name:
             continue
+        if name == "instructions":
+            parts.append(instruction_data(tokenizer, data_dir, max_per_class, seed))
+            continue
         if name == "self":
             from .evaluation.self_data import self_continuations
 
@@ -84,6 +87,30 @@ def load_probe_data(
     if not parts:
         raise SurgeryError(f"probe_data '{spec}' names no data set")
     return parts[0] if len(parts) == 1 else join(parts)
+
+
+def instruction_data(tokenizer, data_dir=None, max_per_class: int | None = None, seed: int = 0) -> BehaviorData:
+    """``probe_data: instructions``: harmful (1) vs. harmless (0) training instructions of the refusal-direction
+    splits, each as a user turn of the chat template with the generation prompt (so ``pooling: last`` reads the
+    last prompt token, where Arditi et al. find the refusal direction); harmless ones sampled to as many."""
+    import random
+
+    from .data.loaders import load_instructions
+    from .evaluation.generation import format_prompts
+
+    if tokenizer is None:
+        raise SurgeryError("probe_data 'instructions' needs the tokenizer (the chat template formats them)")
+    harmful = load_instructions(data_dir, "harmful_train")
+    if max_per_class is not None:
+        harmful = harmful[:max_per_class]
+    harmless = random.Random(seed).sample(load_instructions(data_dir, "harmless_train"), len(harmful))
+    texts, chat = format_prompts(tokenizer, harmful + harmless)
+    return BehaviorData(
+        texts,
+        [1] * len(harmful) + [0] * len(harmless),
+        f"instructions harmful_train n={len(harmful)} (1) vs harmless_train sample n={len(harmless)} seed={seed} (0), "
+        f"chat template {'on' if chat else 'off'}",
+    )
 
 
 def requests_to_data(requests: Sequence[dict]) -> BehaviorData:

@@ -109,3 +109,22 @@ def test_score_candidates_on_a_tiny_model():
     assert (
         score_candidates(model, next_logprobs, {2: big}, harmful, harmless, [2], max_kl=-1.0)["chosen_layer"] is None
     )
+
+
+def test_instructions_probe_data_is_chat_formatted_harmful_vs_harmless():
+    from helpers import DATA_DIR, tiny_hf_tokenizer
+
+    from surgery_plugin.data.loaders import load_instructions
+    from surgery_plugin.pipeline import load_probe_data
+
+    tok = tiny_hf_tokenizer(chat=True)
+    data = load_probe_data("instructions", tokenizer=tok, data_dir=DATA_DIR, max_per_class=20, seed=3)
+    assert data.labels == [1] * 20 + [0] * 20
+    first = load_instructions(DATA_DIR, "harmful_train")[0]
+    assert data.texts[0] == f"<|user|>{first}<|end|><|assistant|>"  # a user turn and the generation prompt
+    harmless = set(load_instructions(DATA_DIR, "harmless_train"))
+    assert all(t.removeprefix("<|user|>").removesuffix("<|end|><|assistant|>") in harmless for t in data.texts[20:])
+    again = load_probe_data("instructions", tokenizer=tok, data_dir=DATA_DIR, max_per_class=20, seed=3)
+    assert again.texts == data.texts and "seed=3" in data.description and "chat template on" in data.description
+    with pytest.raises(SurgeryError, match="'instructions' needs the tokenizer"):
+        load_probe_data("instructions", data_dir=DATA_DIR)

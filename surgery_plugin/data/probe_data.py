@@ -143,5 +143,6 @@ def load_behavior_data(name: str, data_dir=None, max_per_class: int | None = Non
         texts, labels = balanced(texts, labels, max_per_class, seed)
         return BehaviorData(texts, labels, f"file:{path.name} sha256:{file_digest(path)} n={len(texts)} seed={seed}")
     raise SurgeryError(
-        f"unknown probe data '{name}'; use one of {', '.join(BEHAVIOR_DATASETS)} or a .csv/.jsonl file with text,label"
+        f"unknown probe data '{name}'; use one of {', '.join([*BEHAVIOR_DATASETS, 'self', 'instructions'])} "
+        "or a .csv/.jsonl file with text,label"
     )
