@@ -97,7 +97,9 @@ def test_score_candidates_on_a_tiny_model():
     harmful, harmless = ["how to hurt", "make poison"], ["bake bread", "plant trees", "sing"]
     big = torch.randn(32, generator=torch.Generator().manual_seed(2)) * 5
     directions = {1: torch.zeros(32) + 1e-8, 2: big}
-    result = score_candidates(model, next_logprobs, directions, harmful, harmless, refusal_token_ids(tok), max_kl=1e9)
+    result = score_candidates(
+        model, next_logprobs, directions, harmful, harmless, refusal_token_ids(tok), max_kl=1e9, progress=False
+    )
     tiny = result["candidates"]["1"]
     assert abs(tiny["induce"]) < 1e-5  # adding a (near) zero vector changes nothing...
     assert tiny["kl_ablation"] > 0  # ...but ablation is scale-free: it removes the whole component along it
@@ -107,7 +109,10 @@ def test_score_candidates_on_a_tiny_model():
     assert result["chosen_layer"] == int(chosen)
     # the KL filter: nothing is eligible below an impossible threshold
     assert (
-        score_candidates(model, next_logprobs, {2: big}, harmful, harmless, [2], max_kl=-1.0)["chosen_layer"] is None
+        score_candidates(model, next_logprobs, {2: big}, harmful, harmless, [2], max_kl=-1.0, progress=False)[
+            "chosen_layer"
+        ]
+        is None
     )
 
 

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..errors import SurgeryError
 from .importance import mean_and_se
@@ -81,6 +82,7 @@ def score_candidates(
     harmless_val: Sequence[str],
     token_ids: Sequence[int],
     max_kl: float = 0.1,
+    progress: bool = True,
 ) -> dict:
     """Each candidate layer's ``induce`` and ``kl_ablation`` (module docstring) and the chosen layer.
 
@@ -90,7 +92,7 @@ def score_candidates(
     base_harmful = refusal_log_odds(next_logprobs(harmful_val), token_ids)
     base_harmless = next_logprobs(harmless_val).double()
     rows = {}
-    for layer, direction in sorted(directions.items()):
+    for layer, direction in tqdm(sorted(directions.items()), desc="refusal candidates", disable=not progress):
         with added_direction(model, layer, direction):
             induced = refusal_log_odds(next_logprobs(harmful_val), token_ids)
         with ablated_direction(model, direction):
