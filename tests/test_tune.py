@@ -7,6 +7,7 @@ import copy
 import dataclasses
 import json
 import types
+from pathlib import Path
 
 import pytest
 import yaml
@@ -480,3 +481,16 @@ def test_a_search_killed_mid_trial_measures_its_start_point_on_resume(tmp_path, 
     assert study.trials[1].system_attrs["fixed_params"] == {"alpha": 0.5}
     _requeue_interrupted(optuna, study)
     assert len(study.trials) == 2, "queued once"
+
+
+@pytest.mark.parametrize(
+    "path", sorted((Path(__file__).resolve().parents[1] / "benchmarks" / "spaces").glob("*.yaml"))
+)
+def test_every_shipped_search_space_is_valid(path):
+    from surgery_plugin.commands.tune.space import check_space
+
+    space = check_space(yaml.safe_load(path.read_text()))
+    declared = default_space(30, ("davidson",))
+    for name in ("pooling", "probe_method", "probe_project_out", "region_scoring", "edit_direction", "normalize"):
+        if name in space:  # the knobs whose every valid value the config declares
+            assert set(space[name]["choices"]) <= set(declared[name]["choices"]), (path.name, name)
