@@ -92,12 +92,12 @@ def plot_front(result: dict, png: Path) -> None:
     ax.set_xlabel("token perplexity increase on benign text (%)")
     objective = result.get("objective", {})
     ax.set_ylabel(
-        f"undesired share / unedited's ({objective.get('kind', 'greedy')}, {objective.get('judge', 'judges')}; "
+        f"undesired share / unedited's\n({objective.get('kind', 'greedy')}, {objective.get('judge', 'judges')}; "
         "bars: 95% interval)"
     )
     ax.set_title(
-        f"surgery tune: {result['settings']['model']}, {len(trials)} trials (tuning splits); "
-        f"chosen: cheapest not distinguishable from the best",
+        f"surgery tune: {result['settings']['model']}, {len(trials)} trials (tuning splits)\n"
+        f"chosen: the cheapest not distinguishable from the best",
         fontsize=9,
     )
     ax.legend(fontsize=7)
