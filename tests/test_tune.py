@@ -345,6 +345,25 @@ def test_resuming_with_other_settings_is_refused(searched, data_dir):
         tune(searched.model, searched.tok, _settings(data_dir, trials=4, limit=2), searched.out, progress=False)
 
 
+def test_a_study_stored_before_a_knob_existed_still_resumes(tmp_path, data_dir):
+    """A knob added to the hparams later (edit_direction, here) counts at its default in an older study."""
+    import optuna
+
+    model, tok = make_tiny("llama"), CharTokenizer()
+    out = tmp_path / "tune"
+    tune(model, tok, _settings(data_dir, trials=1), out, progress=False)
+    study = optuna.load_study(study_name="surgery", storage=f"sqlite:///{out / 'study.db'}")
+    settings = study.user_attrs["settings"]
+    del settings["base_hparams"]["edit_direction"]
+    study.set_user_attr("settings", settings)
+    del study
+    resumed = tune(model, tok, _settings(data_dir, trials=1), out, progress=False)
+    assert len(resumed["trials"]) == 1
+    changed = SurgeryHyperParams(**{**BASE, "edit_direction": "gate_mean_difference", "probe_project_out": None})
+    with pytest.raises(SurgeryError, match="other settings .*base_hparams"):  # a knob set away from its default
+        tune(model, tok, _settings(data_dir, trials=1, base_hparams=changed.to_dict()), out, progress=False)
+
+
 def test_a_constraint_no_trial_meets_names_the_closest(tmp_path, data_dir):
     model, tok = make_tiny("llama"), CharTokenizer()
     out = tmp_path / "tune"

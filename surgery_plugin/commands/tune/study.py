@@ -389,11 +389,7 @@ class Tuner:
         stored = study.user_attrs.get("settings")
         if stored is None:
             raise SurgeryError(f"{database} is not a study made by `surgery tune`; choose another --out")
-        elif {
-            **_defaults_for(described, stored),
-            **stored,
-        } != described:  # a setting added later counts at its default
-            stored = {**_defaults_for(described, stored), **stored}
+        elif (stored := _with_later_defaults(described, stored)) != described:
             differing = sorted(k for k in set(stored) | set(described) if stored.get(k) != described.get(k))
             raise SurgeryError(
                 f"{self.out_dir} holds a study with other settings ({', '.join(differing)}); "
@@ -583,10 +579,18 @@ def _finite(values: list[float]) -> torch.Tensor:
     return torch.tensor([v for v in values if v == v], dtype=torch.float64)
 
 
-def _defaults_for(described: dict, stored: dict) -> dict:
-    """The settings a study stored before they existed, at their defaults (so such a study still resumes)."""
+def _with_later_defaults(described: dict, stored: dict) -> dict:
+    """``stored`` with every setting and every hparams knob added after it was stored at its default (a study made
+    before a knob existed ran with what that knob's default does, so it still resumes)."""
     defaults = {f.name: f.default for f in dataclasses.fields(TuneSettings) if f.default is not dataclasses.MISSING}
-    return {k: json.loads(json.dumps(defaults[k])) for k in described if k not in stored and k in defaults}
+    upgraded = {k: json.loads(json.dumps(defaults[k])) for k in described if k not in stored and k in defaults}
+    upgraded.update(stored)
+    hparams = upgraded.get("base_hparams")
+    if isinstance(hparams, dict) and isinstance(described.get("base_hparams"), dict):
+        knobs = json.loads(json.dumps(SurgeryHyperParams().to_dict()))
+        added = {k: knobs[k] for k in described["base_hparams"] if k not in hparams and k in knobs}
+        upgraded["base_hparams"] = {**added, **hparams}
+    return upgraded
 
 
 def tune(model: nn.Module, tokenizer, settings: TuneSettings, out_dir: str | Path, progress: bool = True) -> dict:
