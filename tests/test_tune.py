@@ -208,7 +208,7 @@ def test_each_behavior_declares_what_its_search_tries():
     """The default search of a behavior tries that behavior's probe data and objective suites, never toxicity's."""
     from surgery_plugin.behaviors import BEHAVIORS
     from surgery_plugin.commands.tune.study import TUNABLE_SUITES
-    from surgery_plugin.data.probe_data import BEHAVIOR_DATASETS
+    from surgery_plugin.data.probe_data import BEHAVIOR_DATASETS, MODEL_DATASETS
 
     for spec in BEHAVIORS.values():
         assert spec.tune_suites and set(spec.tune_suites) <= set(TUNABLE_SUITES), spec.name
@@ -216,7 +216,7 @@ def test_each_behavior_declares_what_its_search_tries():
         assert space["probe_data"]["choices"] == list(spec.probe_data_choices), spec.name
         assert spec.probe_data in spec.probe_data_choices
         for choice in spec.probe_data_choices:  # every part is a known data set (or the model's own continuations)
-            assert all(p in BEHAVIOR_DATASETS or p == "self" for p in choice.split("+")), choice
+            assert all(p in BEHAVIOR_DATASETS or p in MODEL_DATASETS for p in choice.split("+")), choice
 
 
 def test_the_front_keeps_exactly_the_undominated_points():

@@ -102,6 +102,9 @@ def _safeedit_probe(data_dir=None, max_per_class=None, seed: int = 0) -> Behavio
 
 
 # probe data sets that need no model; "a+b" joins several (each balanced on its own)
+# probe data that needs the model or its tokenizer, made in pipeline.load_probe_data: the model's own judged
+# continuations, and instructions in its chat template
+MODEL_DATASETS = ("self", "instructions")
 BEHAVIOR_DATASETS = {
     "davidson": load_davidson,
     "toxigen": _toxigen_probe_groups,
@@ -143,6 +146,6 @@ def load_behavior_data(name: str, data_dir=None, max_per_class: int | None = Non
         texts, labels = balanced(texts, labels, max_per_class, seed)
         return BehaviorData(texts, labels, f"file:{path.name} sha256:{file_digest(path)} n={len(texts)} seed={seed}")
     raise SurgeryError(
-        f"unknown probe data '{name}'; use one of {', '.join([*BEHAVIOR_DATASETS, 'self', 'instructions'])} "
+        f"unknown probe data '{name}'; use one of {', '.join([*BEHAVIOR_DATASETS, *MODEL_DATASETS])} "
         "or a .csv/.jsonl file with text,label"
     )
