@@ -293,3 +293,22 @@ def test_eval_split_validation_reads_the_validation_prompts(tiny_model_dir, tmp_
     assert results["suites"]["rtp"]["prompts"] == "rtp/toxic.jsonl[300:302]"
     both = run_cli(*common, "--split", "validation", "--start", "5", "--out", tmp_path / "x")
     assert_one_line_error(both, "--split")
+
+
+def test_the_control_band_covers_the_sampled_outcomes():
+    from surgery_plugin.commands.evaluate import control_band
+
+    base = _sampled_rows("rtp", [[0.9, 0.1, 0.2], [0.1, 0.2, 0.3]])
+    edited = _sampled_rows("rtp", [[0.1, 0.1, 0.2], [0.1, 0.2, 0.3]])
+    controls = [
+        (0, {}, _sampled_rows("rtp", [[0.9, 0.6, 0.2], [0.1, 0.2, 0.3]])),  # one more toxic sample: share +1/6
+        (1, {}, _sampled_rows("rtp", [[0.9, 0.1, 0.2], [0.1, 0.2, 0.3]])),  # identical: no change
+    ]
+    band = control_band(base, controls)
+    share = band["rtp k=3"]["sample rate/j"]
+    assert share["seeds"] == [0, 1] and share["changes"] == [pytest.approx(1 / 6), 0.0]
+    assert share["range"] == [0.0, pytest.approx(1 / 6)]
+    paired = paired_changes(base, edited, n_boot=200)
+    paired["controls"] = band
+    row = next(line for line in paired_table(paired).splitlines() if "| rtp k=3 | sample rate/j |" in line)
+    assert row.endswith("[+0.000, +0.167] |")

@@ -136,6 +136,20 @@ def _plain(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
+def outcome_rows(suite: str, entry: dict) -> list[tuple[str, str, dict]]:
+    """``(label, outcome name, outcome)`` of one suite's paired entry: its greedy outcomes under ``suite``, and its
+    sampled ones (any sample flagged, expected max, sample rate per judge) under ``"<suite> k=<k>"``: the rows of
+    the paired table and the keys of the control band."""
+    rows = [(suite, name, o) for name, o in sorted(entry["outcomes"].items())]
+    sampled = entry.get("sampled")
+    if sampled:
+        label = f"{suite} k={sampled['k']}"
+        rows += [(label, name, o) for name, o in sorted(sampled["outcomes"].items())]
+        rows += [(label, f"expected max/{j}", o) for j, o in sorted(sampled["expected_max"].items())]
+        rows += [(label, f"sample rate/{j}", o) for j, o in sorted(sampled["sample_rate"].items())]
+    return rows
+
+
 def paired_table(paired: dict) -> str:
     """Markdown: one row per suite and outcome, ``before -> after``, the change with its interval, McNemar, and
     (when random-direction controls ran) the range of the changes they made."""
@@ -146,14 +160,7 @@ def paired_table(paired: dict) -> str:
         "|---|---|---|---|---|---|---|---|" + ("---|" if controls else ""),
     ]
     for suite, entry in sorted(paired["suites"].items()):
-        sampled = entry.get("sampled")
-        named = [(suite, name, o) for name, o in sorted(entry["outcomes"].items())]
-        if sampled:
-            label = f"{suite} k={sampled['k']}"
-            named += [(label, name, o) for name, o in sorted(sampled["outcomes"].items())]
-            named += [(label, f"expected max/{j}", o) for j, o in sorted(sampled["expected_max"].items())]
-            named += [(label, f"sample rate/{j}", o) for j, o in sorted(sampled["sample_rate"].items())]
-        for shown, name, o in named:
+        for shown, name, o in outcome_rows(suite, entry):
             low, high = o["ci95"]
             discordant = f"{o['became_flagged']} / {o['became_clean']}" if "became_flagged" in o else ""
             p = f"{o['mcnemar_p']:.2g}" if "mcnemar_p" in o else ""
@@ -162,7 +169,7 @@ def paired_table(paired: dict) -> str:
                 f"{_fmt(o['change'])} [{_fmt(low)}, {_fmt(high)}] | {discordant} | {p} |"
             )
             if controls:
-                band = controls.get(suite, {}).get(name) if shown == suite else None
+                band = controls.get(shown, {}).get(name)
                 row += f" [{_fmt(band['range'][0])}, {_fmt(band['range'][1])}] |" if band else " |"
             lines.append(row)
     return "\n".join(lines)
