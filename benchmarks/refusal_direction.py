@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import random
 import time
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from surgery_plugin.data.loaders import load_instructions
 from surgery_plugin.evaluation.generation import format_prompts, next_token_logprobs
 from surgery_plugin.io.files import write_json
 from surgery_plugin.models import load_model
+from surgery_plugin.pipeline import instruction_data
 
 
 def main() -> None:
@@ -47,12 +47,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     model, tok = load_model(args.model)
-    harmful = load_instructions(args.data_dir, "harmful_train")
-    harmless = random.Random(args.seed).sample(load_instructions(args.data_dir, "harmless_train"), len(harmful))
-    harmful_val = load_instructions(args.data_dir, "harmful_val")
-    harmless_val = load_instructions(args.data_dir, "harmless_val")[: args.harmless_val]
-    chat = [format_prompts(tok, texts) for texts in (harmful, harmless, harmful_val, harmless_val)]
-    (harmful, used_chat), (harmless, _), (harmful_val, _), (harmless_val, _) = chat
+    train = instruction_data(tok, args.data_dir, seed=args.seed)  # the probe data `instructions`, chat-formatted
+    harmful = [t for t, label in zip(train.texts, train.labels, strict=True) if label == 1]
+    harmless = [t for t, label in zip(train.texts, train.labels, strict=True) if label == 0]
+    harmful_val, used_chat = format_prompts(tok, load_instructions(args.data_dir, "harmful_val"))
+    harmless_val, _ = format_prompts(tok, load_instructions(args.data_dir, "harmless_val")[: args.harmless_val])
     layers = eligible_layers(len(architectures.decoder_layers(model)), args.skip_last)
     states = {}
     for name, texts in (("harmful", harmful), ("harmless", harmless)):

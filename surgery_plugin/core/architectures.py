@@ -141,11 +141,16 @@ def gate_rows(model: nn.Module, layer: int) -> torch.Tensor:
     return gate_rows_of_weight(weight, spec)
 
 
+def _half(outputs: torch.Tensor, fused: bool, second: bool) -> torch.Tensor:
+    """A fused gate_up module's gate half (first) or up half (second) of its outputs; all of them otherwise."""
+    if not fused:
+        return outputs
+    half = outputs.shape[0] // 2
+    return outputs[half:] if second else outputs[:half]
+
+
 def gate_rows_of_weight(weight: torch.Tensor, spec: GateSpec) -> torch.Tensor:
-    rows = weight.T if spec.kind == "conv1d" else weight
-    if spec.fused_gate_rows:
-        rows = rows[: rows.shape[0] // 2]
-    return rows
+    return _half(weight.T if spec.kind == "conv1d" else weight, spec.fused_gate_rows, second=False)
 
 
 @dataclass(frozen=True)
@@ -159,12 +164,9 @@ class MlpReadout:
     down_columns: torch.Tensor  # (rows, hidden): the vector each row's activation writes into the residual stream
 
 
-def _bias(module: nn.Module, rows: int, fused: bool) -> torch.Tensor:
+def _bias(module: nn.Module, rows: int, fused: bool, second: bool = False) -> torch.Tensor:
     bias = getattr(module, "bias", None)
-    if bias is None:
-        return torch.zeros(rows)
-    bias = bias.detach().float().cpu()
-    return bias[: bias.shape[0] // 2] if fused else bias
+    return torch.zeros(rows) if bias is None else _half(bias.detach().float().cpu(), fused, second)
 
 
 def mlp_readout(model: nn.Module, layer: int) -> MlpReadout:
@@ -177,15 +179,9 @@ def mlp_readout(model: nn.Module, layer: int) -> MlpReadout:
     columns = down if spec.kind == "conv1d" else down.T  # Conv1D stores (in, out): its rows are the columns
     up_rows = up_bias = None
     if spec.up_path is not None:
-        up_module = _base_layer(block.get_submodule(spec.up_path))
-        up = up_module.weight.detach()
-        up_rows = (up[up.shape[0] // 2 :] if spec.fused_gate_rows else up).float().cpu()
-        up_bias = getattr(up_module, "bias", None)
-        if up_bias is None:
-            up_bias = torch.zeros(rows)
-        else:
-            up_bias = up_bias.detach().float().cpu()
-            up_bias = up_bias[up_bias.shape[0] // 2 :] if spec.fused_gate_rows else up_bias
+        up = _base_layer(block.get_submodule(spec.up_path))
+        up_rows = _half(up.weight.detach(), spec.fused_gate_rows, second=True).float().cpu()
+        up_bias = _bias(up, rows, spec.fused_gate_rows, second=True)
     return MlpReadout(_bias(gate, rows, spec.fused_gate_rows), up_rows, up_bias, columns.float().cpu())
 
 

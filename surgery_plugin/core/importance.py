@@ -88,3 +88,8 @@ def likelihood_shift(delta: torch.Tensor, toxic: torch.Tensor) -> dict:
         "n_toxic": int(toxic.sum()),
         "n_non_toxic": int((~toxic).sum()),
     }
+
+
+def kl_divergence(reference: torch.Tensor, edited: torch.Tensor) -> torch.Tensor:
+    """``KL(P || Q)`` per row, from log-probabilities: P the unedited model, Q the edited one."""
+    return (reference.exp() * (reference - edited)).sum(-1).clamp_min(0.0)

@@ -25,7 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import SurgeryError
-from .importance import mean_and_se
+from .importance import kl_divergence, mean_and_se
 from .steering import ablated_direction, added_direction
 
 # openings of refusals (the GCG/AdvBench test prefixes that start a reply); their first tokens form R
@@ -97,7 +97,7 @@ def score_candidates(
             induced = refusal_log_odds(next_logprobs(harmful_val), token_ids)
         with ablated_direction(model, direction):
             ablated = next_logprobs(harmless_val).double()
-        kl = (base_harmless.exp() * (base_harmless - ablated)).sum(-1).clamp_min(0)
+        kl = kl_divergence(base_harmless, ablated)
         shift, shift_se = mean_and_se(induced - base_harmful)
         rows[layer] = {
             "induce": shift,

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ..core.batching import length_sorted_batches, pad, pad_id
+from ..core.importance import kl_divergence
 from ..errors import SurgeryError
 
 
@@ -411,11 +412,6 @@ def continuation_logprobs(
     finally:
         model.train(was_training)
     return logp, counts
-
-
-def kl_divergence(reference: torch.Tensor, edited: torch.Tensor) -> torch.Tensor:
-    """``KL(P || Q)`` per row, from log-probabilities: P the unedited model, Q the edited one."""
-    return (reference.exp() * (reference - edited)).sum(-1).clamp_min(0.0)
 
 
 def has_active_adapter(model: nn.Module) -> bool:
