@@ -20,7 +20,7 @@ pass per batch through :func:`surgery_plugin.core.features.state_batches`).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -135,6 +135,24 @@ def layer_report(
     return report
 
 
+def gate_tokens(
+    model: nn.Module,
+    tokenizer,
+    texts: Sequence[str],
+    layers: Sequence[int],
+    batch_size: int,
+    max_length: int,
+    progress: bool,
+    desc: str,
+) -> Iterator[dict[int, torch.Tensor]]:
+    """Per batch of ``texts``, each layer's gate inputs at the real tokens only, (tokens, hidden) float32, CPU."""
+    for _, _, gate_inputs, mask in state_batches(
+        model, tokenizer, texts, (), layers, batch_size, max_length, progress, desc=desc
+    ):
+        real = mask.bool()
+        yield {layer: gate_inputs[layer].float().cpu()[real] for layer in layers}
+
+
 @torch.no_grad()
 def gate_diagnostics(
     model: nn.Module,
@@ -158,13 +176,11 @@ def gate_diagnostics(
     selected = {layer: gates.rows_at(layer, torch.as_tensor(regions[layer])) for layer in layers}
     sums = {name: {layer: ClassSums() for layer in layers} for name in ("undesired", "benign")}
     for name in sums:
-        batches = state_batches(
-            model, tokenizer, texts[name], (), layers, batch_size, max_length, progress, desc=f"gate inputs ({name})"
+        batches = gate_tokens(
+            model, tokenizer, texts[name], layers, batch_size, max_length, progress, f"gate inputs ({name})"
         )
-        for _, _, gate_inputs, mask in batches:
-            real = mask.bool()
-            for layer in layers:
-                tokens = gate_inputs[layer].float().cpu()[real]
+        for by_layer in batches:
+            for layer, tokens in by_layer.items():
                 accumulate(sums[name][layer], tokens, selected[layer], vectors[layer].float(), step, act, minimum)
     per_layer = {
         str(layer): layer_report(
@@ -212,12 +228,10 @@ def gate_sensitivities(
     rows = {layer: gates.rows_at(layer, torch.arange(gates.rows_per_layer)) for layer in layers}
     sums = {layer: torch.zeros(gates.rows_per_layer, gates.hidden_size, dtype=torch.float64) for layer in layers}
     tokens = 0
-    batches = state_batches(
-        model, tokenizer, texts, (), layers, batch_size, max_length, progress, desc="gate sensitivities"
-    )
-    for _, _, gate_inputs, mask in batches:
-        real = mask.bool()
-        tokens += int(real.sum())
-        for layer in layers:
-            sums[layer] += sensitivity_sums(gate_inputs[layer].float().cpu()[real], rows[layer], readouts[layer], act)
+    for by_layer in gate_tokens(
+        model, tokenizer, texts, layers, batch_size, max_length, progress, "gate sensitivities"
+    ):
+        tokens += next(iter(by_layer.values())).shape[0]
+        for layer, inputs in by_layer.items():
+            sums[layer] += sensitivity_sums(inputs, rows[layer], readouts[layer], act)
     return {layer: (total / tokens).float() for layer, total in sums.items()}
