@@ -81,12 +81,15 @@ def accumulate(
     step: float,
     act: Activation,
     minimum: float | None,
+    gate_bias: torch.Tensor | None = None,
 ) -> None:
     """Add the tokens ``inputs`` (tokens, hidden) of one class to ``sums``: ``rows`` (n, hidden) are the selected
     gate rows, ``vector`` the layer's edit vector ``v_l`` and ``step`` the edit's step."""
     inputs = inputs.detach().double()
     rows, vector = rows.detach().double(), vector.detach().double()
     pre = inputs @ rows.T  # (tokens, n)
+    if gate_bias is not None:  # GPT-2 style gates add a bias before the activation
+        pre = pre + gate_bias.double()
     shift = inputs @ vector  # (tokens,)
     sums.tokens += inputs.shape[0]
     sums.rows = rows.shape[0]
@@ -174,6 +177,7 @@ def gate_diagnostics(
     gates = architectures.gates_of(model)
     layers = sorted(int(layer) for layer in regions)
     selected = {layer: gates.rows_at(layer, torch.as_tensor(regions[layer])) for layer in layers}
+    biases = {layer: architectures.mlp_readout(model, layer).gate_bias[regions[layer]] for layer in layers}
     sums = {name: {layer: ClassSums() for layer in layers} for name in ("undesired", "benign")}
     for name in sums:
         batches = gate_tokens(
@@ -181,7 +185,16 @@ def gate_diagnostics(
         )
         for by_layer in batches:
             for layer, tokens in by_layer.items():
-                accumulate(sums[name][layer], tokens, selected[layer], vectors[layer].float(), step, act, minimum)
+                accumulate(
+                    sums[name][layer],
+                    tokens,
+                    selected[layer],
+                    vectors[layer].float(),
+                    step,
+                    act,
+                    minimum,
+                    biases[layer],
+                )
     per_layer = {
         str(layer): layer_report(
             probe_direction.float(),
