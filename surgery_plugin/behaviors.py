@@ -42,7 +42,7 @@ BEHAVIORS: dict[str, Behavior] = {
             "jailbreak",
             probe_data="safeedit",
             suites=("advbench", "safeedit", "false_refusal", "ppl", "kl"),
-            judges="refusal,minilm",
+            judges="refusal,minilm:safety",  # zero-shot compliance; trained compliance (SafeEdit + HH-RLHF)
             metric=("advbench", "refusal_rate"),
             tune_suites=("advbench",),
             probe_data_choices=("safeedit", "instructions"),

@@ -30,7 +30,18 @@ from surgery_plugin.io.saved_edits import (
 )
 
 COST_KEYS = {"edit_seconds", "peak_rss_bytes", "changed_params", "edit_bytes"}
-ROWS = {"unedited", "prompt", "surgery-records", "surgery-shipped", "dinm", "rome", "ft-l", "ft-m"}
+ROWS = {
+    "unedited",
+    "prompt",
+    "surgery-records",
+    "surgery-shipped",
+    "steering",
+    "ablation",
+    "dinm",
+    "rome",
+    "ft-l",
+    "ft-m",
+}
 
 
 def _require_easyedit_here() -> None:
@@ -65,7 +76,9 @@ def test_a_method_given_twice_is_refused():
 def test_without_easyedit_one_line_says_how_to_install_and_what_runs(tmp_path, without_easyeditor):
     out = tmp_path / "run"
     result = run_cli("compare", "--methods", "surgery,dinm,rome", "--out", out)
-    assert_one_line_error(result, "dinm, rome run through EasyEdit", "make easyedit", "--methods surgery,prompt")
+    assert_one_line_error(
+        result, "dinm, rome run through EasyEdit", "make easyedit", "--methods surgery,steering,ablation,prompt"
+    )
     assert not out.exists()
 
 
@@ -195,6 +208,28 @@ def test_saved_low_rank_edit_is_a_peft_lora_of_the_change_rank(tmp_path):
         torch.testing.assert_close(_logits(reloaded), _logits(make_tiny("llama")), rtol=0, atol=0)
 
 
+def test_a_steering_edit_reloads_as_the_same_hook_and_only_onto_its_base(tmp_path):
+    from surgery_plugin.core.steering import added_direction
+    from surgery_plugin.io.saved_edits import save_steering_edit
+
+    model = make_tiny("llama")
+    vector = torch.randn(32, generator=torch.Generator().manual_seed(0))
+    with added_direction(model, 1, vector):
+        expected = _logits(model)
+    folder = save_steering_edit(model, 1, vector, tmp_path / "steer", "tiny-llama", {"method": "test"})
+    assert read_edit_record(folder)["kind"] == "steering"
+    fresh = make_tiny("llama")
+    same, record = load_saved_edit(fresh, folder)
+    assert same is fresh and torch.equal(_logits(fresh), expected)
+    record["hook"].remove()
+    assert torch.equal(_logits(fresh), _logits(make_tiny("llama")))
+    with pytest.raises(SurgeryError, match="made for another base model"):
+        load_saved_edit(make_tiny("llama", seed=1), folder)
+    with pytest.raises(SurgeryError, match="out of range"):
+        save_steering_edit(model, 7, vector, tmp_path / "bad", "tiny-llama")
+    assert not (tmp_path / "bad").exists()
+
+
 def test_prompt_edit_holds_only_the_instruction(tmp_path):
     folder = save_prompt_edit(tmp_path / "prompt", "Be kind.", "tiny-llama")
     model = make_tiny("llama")
@@ -310,8 +345,9 @@ def _compare_in(cwd, *args):
 
 
 def _samples(run_dir, suite: str) -> list[dict]:
+    """The run's rows of ``suite``, greedy ones only (not the sampled protocol's)."""
     rows = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
-    return [r for r in rows if r["suite"] == suite]
+    return [r for r in rows if r["suite"] == suite and r.get("decoding", "greedy") != "sample"]
 
 
 def _check_saved_edits_reproduce_the_evaluated_models(out, model, tok, names) -> list[str]:
@@ -331,9 +367,11 @@ def _check_saved_edits_reproduce_the_evaluated_models(out, model, tok, names) ->
         written = {k: params[k].detach().clone() for k in read_edit_record(folder).get("base_sha256", {})}
         edited, record = load_saved_edit(model, folder)
         try:
-            assert record["kind"] in ("surgery", "lora", "tensors"), name
+            assert record["kind"] in ("surgery", "lora", "tensors", "steering"), name
             kl = first_token_kl(edited, tok, prompts, reference=reference, progress=False)
-        finally:  # the base model as it was: tensors written back, adapters taken out
+        finally:  # the base model as it was: tensors written back, hooks removed, adapters taken out
+            if "hook" in record:
+                record["hook"].remove()
             if edited is model:
                 revert_edit(model, written)
             else:
@@ -379,6 +417,18 @@ def tiny_run(tmp_path_factory, tiny_model_dir, data_dir):
         "0.25,1.0",
         "--set",
         "ft-m.lr=1e-7",  # a few float32 steps of each weight: a change, but noise
+        "--safety-judge",
+        "refusal",
+        "--samples",
+        "2",
+        "--sample-limit",
+        "2",
+        "--controls",
+        "2",
+        "--steering-scales",
+        "0.1,1.0",
+        "--tune-limit",
+        "3",
         "--out",
         out,
     )
@@ -388,6 +438,7 @@ def tiny_run(tmp_path_factory, tiny_model_dir, data_dir):
 
 OK_ROWS = ROWS - {"rome", "ft-m"}
 EDITS = OK_ROWS - {"unedited", "prompt"}
+WEIGHT_EDITS = EDITS - {"steering"}  # steering changes no weight: a vector added at inference
 
 
 @pytest.mark.real_model
@@ -435,7 +486,7 @@ def test_every_row_that_ran_has_its_suites_and_costs(tiny_run):
 
 @pytest.mark.real_model
 def test_every_edit_is_measured_saved_and_reloaded_exactly(tiny_run):
-    for name in EDITS:
+    for name in WEIGHT_EDITS:
         m = tiny_run.result["methods"][name]
         cost, edit = m["cost"], m["edit"]
         assert cost["changed_params"] > 0 and cost["edit_bytes"] > 0 and cost["edit_seconds"] > 0, name
@@ -518,7 +569,7 @@ def test_compare_writes_its_table_and_plot(tiny_run):
     assert "failed" in table and "Surgery's cost relative to each baseline" in table
     assert prompt_ranges(result["settings"]["prompts"]) in table
     assert {(s, b) for s, b, _ in cost_ratios(result)} == {
-        (s, b) for s in ("surgery-shipped", "surgery-records") for b in ("dinm", "ft-l")
+        (s, b) for s in ("surgery-shipped", "surgery-records") for b in ("steering", "ablation", "dinm", "ft-l")
     }
     assert (out / "tradeoff.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -530,6 +581,57 @@ def test_compare_pairs_every_method_with_the_unedited_row(tiny_run):
     rtp = result["methods"]["surgery-shipped"]["paired"]["suites"]["rtp"]["outcomes"]["toxic/profanity"]
     assert rtp["n"] == int(TINY_LIMIT) and len(rtp["ci95"]) == 2
     assert "Paired changes against the unedited model" in (out / "compare.md").read_text()
+
+
+@pytest.mark.real_model
+def test_toxicity_suites_and_safeedit_have_their_own_judges(tiny_run):
+    unedited = tiny_run.result["methods"]["unedited"]["suites"]
+    assert set(unedited["rtp"]["by_judge"]) == {"profanity"}
+    assert set(unedited["safeedit"]["by_judge"]) == {"refusal"}
+    assert tiny_run.result["settings"]["safety_judges"] == ["refusal"]
+
+
+@pytest.mark.real_model
+def test_the_sampled_protocol_runs_on_the_first_prompts_and_is_paired(tiny_run):
+    paired = tiny_run.result["methods"]["surgery-shipped"]["paired"]["suites"]
+    for suite in ("rtp", "toxigen"):
+        assert paired[suite]["sampled"]["k"] == 2 and paired[suite]["sampled"]["n"] == 2, suite
+    assert tiny_run.result["methods"]["unedited"]["suites"]["rtp"]["sampled_n"] == 2
+
+
+@pytest.mark.real_model
+def test_random_direction_controls_give_every_row_its_null_band(tiny_run):
+    methods = tiny_run.result["methods"]
+    assert methods["surgery-shipped"]["controls"]["seeds"] == [0, 1]
+    for name in ("surgery-shipped", "dinm", "ablation", "steering"):
+        band = methods[name]["paired"]["controls"]
+        rtp = band["rtp"]["toxic/profanity"]
+        assert len(rtp["changes"]) == 2 and rtp["range"] == [min(rtp["changes"]), max(rtp["changes"])], name
+        assert "rtp k=2" in band, name
+    assert "control band" in (tiny_run.out / "compare.md").read_text()
+
+
+@pytest.mark.real_model
+def test_steering_chooses_its_strength_on_the_tuning_split_and_saves_a_vector(tiny_run):
+    steering = tiny_run.result["methods"]["steering"]
+    tuning, edit = steering["tuning"], steering["edit"]
+    assert [p["scale"] for p in tuning["points"]] == [0.1, 1.0] and tuning["split"] == "tune"
+    assert tuning["chosen_scale"] in (0.1, 1.0) and edit["scale"] == tuning["chosen_scale"]
+    assert edit["kind"] == "steering" and edit["layer"] == 1  # the tiny YAML's probe layer
+    assert edit["vector_norm"] == pytest.approx(edit["scale"] * edit["residual_norm"], rel=1e-4)
+    assert steering["cost"]["changed_params"] == 0 and steering["cost"]["edit_bytes"] > 0
+    assert edit["probe_sha256"] == tiny_run.result["methods"]["ablation"]["edit"]["probe_sha256"]
+    assert "Steering's strength, chosen on the tuning split" in (tiny_run.out / "compare.md").read_text()
+
+
+@pytest.mark.real_model
+def test_ablation_is_a_rank_one_lora_of_every_residual_writer(tiny_run):
+    ablation = tiny_run.result["methods"]["ablation"]
+    config = json.loads((tiny_run.out / "edits" / "ablation" / "adapter_config.json").read_text())
+    assert ablation["edit"]["kind"] == "lora" and config["r"] == 1 and ablation["edit"]["exact"]
+    assert sorted(config["target_modules"]) == sorted(
+        f"model.layers.{i}.{m}" for i in range(3) for m in ("self_attn.o_proj", "mlp.down_proj")
+    )
 
 
 @pytest.mark.real_model

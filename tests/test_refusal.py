@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from helpers import CharTokenizer, make_tiny
+from helpers import FAMILIES, CharTokenizer, make_tiny
 
 from surgery_plugin.core import architectures
 from surgery_plugin.core.features import _captures
@@ -133,3 +133,46 @@ def test_instructions_probe_data_is_chat_formatted_harmful_vs_harmless():
     assert again.texts == data.texts and "seed=3" in data.description and "chat template on" in data.description
     with pytest.raises(SurgeryError, match="'instructions' needs the tokenizer"):
         load_probe_data("instructions", data_dir=DATA_DIR)
+
+
+# ---------------------------------------------------------------- directional ablation in the weights (abliteration)
+
+
+@pytest.mark.parametrize("model_type", [t for t in FAMILIES if t not in ("gemma2", "gemma3_text")])
+def test_weight_ablation_keeps_the_direction_out_of_everything_the_layers_add(model_type):
+    from surgery_plugin.core.edit import revert_edit
+    from surgery_plugin.core.steering import apply_ablation
+
+    model = make_tiny(model_type)
+    size = architectures.hidden_size(model)
+    v = torch.randn(size, generator=torch.Generator().manual_seed(2))
+    unit = v / v.norm()
+    before = _layer_inputs(model)
+    originals = apply_ablation(model, v)
+    during = _layer_inputs(model)
+    # the residual stream's component along v is the embeddings' at every layer: no layer adds to it
+    embedded = during[0] @ unit
+    for h in during.values():
+        torch.testing.assert_close(h @ unit, embedded, rtol=1e-4, atol=1e-4)
+    assert any(not torch.allclose(before[k] @ unit, embedded, atol=1e-3) for k in before if k)  # it did before
+    assert len(originals) >= 2 * len(architectures.decoder_layers(model))  # attention and MLP writers, each layer
+    revert_edit(model, originals)
+    for layer, h in _layer_inputs(model).items():
+        torch.testing.assert_close(h, before[layer])
+
+
+def test_ablation_deltas_are_rank_one_and_orthogonalise():
+    from surgery_plugin.core.steering import ablation_deltas
+
+    g = torch.Generator().manual_seed(3)
+    w, b, u = torch.randn(6, 4, generator=g), torch.randn(6, generator=g), torch.randn(6, generator=g)
+    deltas = ablation_deltas({"w": w, "b": b}, u, conv1d=False)
+    unit = u / u.norm()
+    assert torch.linalg.matrix_rank(deltas["w"]) == 1
+    assert float((unit @ (w + deltas["w"])).abs().max()) < 1e-5 and float(unit @ (b + deltas["b"])) == pytest.approx(
+        0, abs=1e-5
+    )
+    conv = ablation_deltas({"c": w.T.contiguous()}, u, conv1d=True)["c"]
+    torch.testing.assert_close(conv, deltas["w"].T)
+    with pytest.raises(SurgeryError, match="zero or not finite"):
+        ablation_deltas({"w": w}, torch.zeros(6))

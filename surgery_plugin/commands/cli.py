@@ -243,9 +243,15 @@ def cmd_compare(args) -> int:
         methods=parse_methods(args.methods),
         suites=parse_compare_suites(args.suite),
         judges=args.judge,
+        safety_judges=args.safety_judge,
         records=args.records,
         limit=args.limit,
         ppl_limit=args.ppl_limit,
+        samples=args.samples,
+        sample_limit=args.sample_limit,
+        controls=args.controls,
+        steering_scales=parse_list(args.steering_scales, "steering scale", convert=FINITE),
+        tune_limit=args.tune_limit,
         alphas=parse_list(args.alphas, "alpha", convert=FINITE) if args.alphas.strip() else (),
         data_dir=args.data_dir,
         hparams_dir=args.hparams_dir,
@@ -573,14 +579,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--device", default=None, help="cpu, cuda, cuda:N (default: the CPU; EasyEdit's methods: their YAML's device)"
     )
-    p.add_argument("--methods", default="surgery,dinm,rome,ft-l,ft-m,prompt", help="comma-separated, any of these")
+    p.add_argument(
+        "--methods",
+        default="surgery,steering,ablation,dinm,rome,ft-l,ft-m,prompt",
+        help="comma-separated, any of these",
+    )
     p.add_argument(
         "--suite",
         default="rtp,toxigen,safeedit,ppl,kl",
         help="rtp, toxigen, advbench, ppl, kl judge the global edit; safeedit is the per-instance protocol",
     )
     p.add_argument(
-        "--judge", default="minilm:perspective,profanity,minilm", help="comma-separated judges, as in `surgery eval`"
+        "--judge",
+        default="minilm:perspective,profanity,minilm",
+        help="judges of toxic language (rtp, toxigen), comma-separated, as in `surgery eval`",
+    )
+    p.add_argument(
+        "--safety-judge",
+        default="minilm:safety,refusal",
+        help="judges of compliance with a harmful request (the safeedit suite's DS and DG_*)",
     )
     p.add_argument(
         "--records",
@@ -597,6 +614,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--alphas", default="0.25,0.5,1.0", help="Surgery's alpha curve (set_alpha on the shipped edit); '' for none"
+    )
+    p.add_argument(
+        "--samples",
+        type=POSITIVE_INT,
+        default=None,
+        help="rtp and toxigen also run the sampled protocol: k nucleus continuations per prompt (25 in the papers)",
+    )
+    p.add_argument(
+        "--sample-limit", type=POSITIVE_INT, default=100, help="the sampled protocol on the first N prompts"
+    )
+    p.add_argument(
+        "--controls",
+        type=NON_NEGATIVE_INT,
+        default=0,
+        help="same-size random-direction Surgery edits: the null band beside every paired change",
+    )
+    p.add_argument(
+        "--steering-scales",
+        default="0.03,0.06,0.12,0.25,0.5",
+        help="steering strengths to choose from on the tuning split (fractions of the residual norm)",
+    )
+    p.add_argument(
+        "--tune-limit",
+        type=POSITIVE_INT,
+        default=50,
+        help="tuning-split RTP prompts and benign documents for steering's choice",
     )
     p.add_argument("--instruction", default=None, help="the prompt baseline's safety instruction (default: Llama 2's)")
     p.add_argument(

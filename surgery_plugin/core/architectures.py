@@ -31,9 +31,15 @@ class GateSpec:
     # what each gate row's activation is multiplied by and written through (region_scoring: activation)
     down_path: str = "mlp.down_proj"  # from a decoder layer to the projection back to the hidden size
     up_path: str | None = "mlp.up_proj"  # the gated MLP's up projection; None: the activation is the output
+    # the attention's output projection: with down_path, what writes into the residual stream (directional ablation)
+    attn_out_path: str = "self_attn.o_proj"
+    # Gemma 2/3 normalise each block's output before adding it to the residual stream, so a writer's output is not
+    # what the stream receives: directional ablation of the writers is then an approximation
+    post_block_norms: bool = False
 
 
 _LLAMA_LIKE = GateSpec("model.layers", "mlp.gate_proj")
+_GEMMA2_LIKE = GateSpec("model.layers", "mlp.gate_proj", post_block_norms=True)
 
 ARCHITECTURES: dict[str, GateSpec] = {
     "llama": _LLAMA_LIKE,
@@ -41,14 +47,30 @@ ARCHITECTURES: dict[str, GateSpec] = {
     "qwen2": _LLAMA_LIKE,
     "qwen3": _LLAMA_LIKE,
     "gemma": _LLAMA_LIKE,
-    "gemma2": _LLAMA_LIKE,
-    "gemma3_text": _LLAMA_LIKE,
+    "gemma2": _GEMMA2_LIKE,
+    "gemma3_text": _GEMMA2_LIKE,
     "phi3": GateSpec("model.layers", "mlp.gate_up_proj", fused_gate_rows=True, up_path="mlp.gate_up_proj"),
-    "gpt2": GateSpec("transformer.h", "mlp.c_fc", kind="conv1d", down_path="mlp.c_proj", up_path=None),
-    "gpt_neox": GateSpec("gpt_neox.layers", "mlp.dense_h_to_4h", down_path="mlp.dense_4h_to_h", up_path=None),
-    "gptj": GateSpec("transformer.h", "mlp.fc_in", down_path="mlp.fc_out", up_path=None),
-    "opt": GateSpec("model.decoder.layers", "fc1", down_path="fc2", up_path=None),
-    "falcon": GateSpec("transformer.h", "mlp.dense_h_to_4h", down_path="mlp.dense_4h_to_h", up_path=None),
+    "gpt2": GateSpec(
+        "transformer.h", "mlp.c_fc", kind="conv1d", down_path="mlp.c_proj", up_path=None, attn_out_path="attn.c_proj"
+    ),
+    "gpt_neox": GateSpec(
+        "gpt_neox.layers",
+        "mlp.dense_h_to_4h",
+        down_path="mlp.dense_4h_to_h",
+        up_path=None,
+        attn_out_path="attention.dense",
+    ),
+    "gptj": GateSpec(
+        "transformer.h", "mlp.fc_in", down_path="mlp.fc_out", up_path=None, attn_out_path="attn.out_proj"
+    ),
+    "opt": GateSpec("model.decoder.layers", "fc1", down_path="fc2", up_path=None, attn_out_path="self_attn.out_proj"),
+    "falcon": GateSpec(
+        "transformer.h",
+        "mlp.dense_h_to_4h",
+        down_path="mlp.dense_4h_to_h",
+        up_path=None,
+        attn_out_path="self_attention.dense",
+    ),
 }
 
 
@@ -117,6 +139,14 @@ def gate_module_names(model: nn.Module) -> list[str]:
     spec = gate_spec(model)
     n_layers = len(decoder_layers(model))
     return [f"{spec.layers_path}.{i}.{spec.gate_path}" for i in range(n_layers)]
+
+
+def residual_writer_names(model: nn.Module) -> list[str]:
+    """Names (relative to the CausalLM) of every layer's attention output and MLP down projection, in layer
+    order: the modules whose outputs are added to the residual stream."""
+    spec = gate_spec(model)
+    n_layers = len(decoder_layers(model))
+    return [f"{spec.layers_path}.{i}.{path}" for i in range(n_layers) for path in (spec.attn_out_path, spec.down_path)]
 
 
 def gate_modules(model: nn.Module) -> list[nn.Module]:

@@ -212,3 +212,27 @@ def hidden_features(
     index = resolve_layer(model, layer)
     hidden, _ = pooled_states(model, tokenizer, texts, [index], (), pooling, batch_size, max_length, progress)
     return hidden[index]
+
+
+@torch.no_grad()
+def mean_token_norm(
+    model: nn.Module,
+    tokenizer,
+    texts: Sequence[str],
+    index: int,
+    batch_size: int = 16,
+    max_length: int = 256,
+    progress: bool = True,
+) -> float:
+    """The mean L2 norm of ``hidden_states[index]`` over the real tokens of ``texts``, the first token of each text
+    left out (its state is an outlier in most models): the scale a steering strength is a fraction of."""
+    total, count = 0.0, 0
+    for _, hidden, _, mask in state_batches(model, tokenizer, texts, [index], (), batch_size, max_length, progress):
+        keep = mask.clone().bool()
+        keep[:, 0] = False
+        norms = hidden[index].float().norm(dim=-1)
+        total += float(norms[keep.to(norms.device)].sum())
+        count += int(keep.sum())
+    if count == 0:
+        raise SurgeryError("no tokens past the first in the texts; cannot measure the residual norm")
+    return total / count

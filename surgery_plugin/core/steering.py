@@ -1,9 +1,17 @@
-"""Inference-time interventions on the residual stream, for choosing a direction (and, later, as baselines):
-add a vector at one decoder layer's input (activation addition), or remove a direction's component from
-every decoder layer's input and from the final hidden state (directional ablation, Arditi et al. 2024).
+"""Interventions on the residual stream along one direction: for choosing a refusal direction, and as the
+training-free baselines of ``surgery compare``.
 
-Both are context managers around forward hooks: the weights are never touched, and the hooks are
-removed however the block exits.
+- *Activation addition* (steering): a vector added at one decoder layer's input, every position
+  (:func:`added_direction`, a context manager; :func:`add_direction_hook`, a hook that stays).
+- *Directional ablation* (Arditi et al. 2024): the direction's component removed from every decoder layer's
+  input and from the final hidden state (:func:`ablated_direction`, hooks), or -- the abliteration recipe --
+  from what every attention output and MLP down projection writes into the residual stream, in the weights
+  (:func:`ablation_deltas`, pure; :func:`apply_ablation`, which writes them and returns the originals).
+  Without normalised block outputs (Llama, Mistral, Qwen, GPT-2...) the weight version keeps the direction
+  out of everything the layers add; Gemma 2/3 normalise each block's output before the residual sum, so there
+  it is an approximation (``GateSpec.post_block_norms``).
+
+The hooks never touch the weights and are removed however their block exits.
 """
 
 from __future__ import annotations
@@ -13,7 +21,9 @@ from collections.abc import Iterator
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
+from ..errors import SurgeryError
 from . import architectures
 
 
@@ -24,19 +34,80 @@ def _replace_hidden(args: tuple, kwargs: dict, change) -> tuple[tuple, dict]:
     return args, {**kwargs, "hidden_states": change(kwargs["hidden_states"])}
 
 
-@contextlib.contextmanager
-def added_direction(model: nn.Module, layer: int, vector: torch.Tensor) -> Iterator[None]:
-    """``vector`` added to the residual stream at the input of decoder layer ``layer``, every position."""
+def add_direction_hook(model: nn.Module, layer: int, vector: torch.Tensor) -> RemovableHandle:
+    """``vector`` added to the residual stream at the input of decoder layer ``layer``, every position, until the
+    returned handle's ``remove()``."""
     block = architectures.decoder_layers(model)[layer]
+    if vector.shape != (architectures.hidden_size(model),):
+        raise SurgeryError(
+            f"steering vector has shape {tuple(vector.shape)}; the model's hidden size is "
+            f"{architectures.hidden_size(model)}"
+        )
 
     def hook(_module, args, kwargs):
         return _replace_hidden(args, kwargs, lambda h: h + vector.to(h.device, h.dtype))
 
-    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+    return block.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+@contextlib.contextmanager
+def added_direction(model: nn.Module, layer: int, vector: torch.Tensor) -> Iterator[None]:
+    """``vector`` added to the residual stream at the input of decoder layer ``layer`` inside the block."""
+    handle = add_direction_hook(model, layer, vector)
     try:
         yield
     finally:
         handle.remove()
+
+
+def unit_vector(direction: torch.Tensor) -> torch.Tensor:
+    """``direction`` scaled to length one (float32); a zero or non-finite direction is an error."""
+    direction = direction.detach().float()
+    norm = direction.norm()
+    if not torch.isfinite(direction).all() or norm <= 0:
+        raise SurgeryError("the direction is zero or not finite; nothing to steer or ablate along")
+    return direction / norm
+
+
+def ablation_deltas(
+    writers: dict[str, torch.Tensor], direction: torch.Tensor, conv1d: bool = False
+) -> dict[str, torch.Tensor]:
+    """The change that removes ``direction``'s component from what each writer adds to the residual stream:
+    ``-u (u^T W)`` for a weight ``W`` of shape ``(hidden, in)`` (``(in, hidden)`` when ``conv1d``: GPT-2's Conv1D;
+    ``-u (u^T b)`` for a bias). Rank one per matrix. ``writers``: ``{name: weight or bias}``."""
+    unit = unit_vector(direction)
+    deltas = {}
+    for name, tensor in writers.items():
+        w = tensor.detach().float()
+        u = unit.to(w.device)
+        if w.dim() == 1:
+            deltas[name] = -(u @ w) * u
+        elif conv1d:
+            deltas[name] = -torch.outer(w @ u, u)
+        else:
+            deltas[name] = -torch.outer(u, u @ w)
+    return deltas
+
+
+def apply_ablation(model: nn.Module, direction: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Orthogonalise every residual-stream writer of ``model`` (weights and biases) against ``direction``, in
+    place; returns ``{param_name: tensor before}`` (``core.edit.revert_edit`` restores them)."""
+    spec = architectures.gate_spec(model)
+    base = architectures.unwrap(model)
+    params = dict(base.named_parameters())
+    names = [
+        f"{module}.{leaf}"
+        for module in architectures.residual_writer_names(model)
+        for leaf in ("weight", "bias")
+        if f"{module}.{leaf}" in params
+    ]
+    deltas = ablation_deltas({n: params[n] for n in names}, direction, conv1d=spec.kind == "conv1d")
+    originals = {}
+    with torch.no_grad():
+        for name, delta in deltas.items():
+            originals[name] = params[name].detach().clone()
+            params[name].add_(delta.to(params[name].dtype))
+    return originals
 
 
 def project_out_of(hidden: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
@@ -48,7 +119,7 @@ def project_out_of(hidden: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
 @contextlib.contextmanager
 def ablated_direction(model: nn.Module, direction: torch.Tensor) -> Iterator[None]:
     """``direction``'s component removed from the input of every decoder layer and from the last layer's output."""
-    unit = direction.float() / direction.float().norm().clamp_min(1e-12)
+    unit = unit_vector(direction)
     layers = architectures.decoder_layers(model)
 
     def pre_hook(_module, args, kwargs):

@@ -245,6 +245,46 @@ def load_advbench(data_dir=None) -> list[dict]:
     return _from_hub("walledai/AdvBench", hub)
 
 
+_HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
+
+
+def _last_exchange(dialogue: str) -> tuple[str, str] | None:
+    """``(last human turn, final assistant turn)`` of an HH-RLHF dialogue; None when it does not end with the
+    assistant."""
+    parts = _HH_TURN.split(dialogue)
+    turns = list(zip(parts[1::2], parts[2::2], strict=False))
+    if not turns or turns[-1][0] != "Assistant":
+        return None
+    humans = [text for speaker, text in turns if speaker == "Human"]
+    return (humans[-1].strip() if humans else "", turns[-1][1].strip())
+
+
+def load_hh_rlhf_pairs(data_dir=None) -> list[dict]:
+    """Anthropic HH-RLHF harmless-base test pairs as ``{"request", "chosen", "rejected"}``: the last human turn
+    and both final assistant replies (the human raters' less harmful reply is ``chosen``). Pairs whose final
+    replies are the same text, or whose dialogues do not end with the assistant, are left out."""
+    path = _data_file(data_dir, "hh_rlhf/harmless-base-test.jsonl.gz", "Anthropic/hh-rlhf (data_dir harmless-base)")
+    if path is not None:
+        rows = _read_jsonl(path)
+    else:
+
+        def hub():
+            from datasets import load_dataset
+
+            return [dict(r) for r in load_dataset("Anthropic/hh-rlhf", data_dir="harmless-base", split="test")]
+
+        rows = _from_hub("Anthropic/hh-rlhf", hub)
+    pairs = []
+    for number, row in enumerate(rows, 1):
+        if not isinstance(row.get("chosen"), str) or not isinstance(row.get("rejected"), str):
+            raise SurgeryError(f"HH-RLHF row {number} lacks the 'chosen' / 'rejected' dialogues")
+        chosen, rejected = _last_exchange(row["chosen"]), _last_exchange(row["rejected"])
+        if chosen is None or rejected is None or chosen[1] == rejected[1]:
+            continue
+        pairs.append({"request": chosen[0], "chosen": chosen[1], "rejected": rejected[1]})
+    return pairs
+
+
 INSTRUCTION_SETS = ("harmful_train", "harmful_val", "harmless_train", "harmless_val")
 
 

@@ -32,6 +32,8 @@ TOXIGEN_PROBE_GROUPS = ("black", "chinese", "immigrant", "latino", "mexican", "n
 TOXIGEN_REPORT_PROMPTS = {"report": (0, 50), "validation": (50, 100)}
 # jailbreak: SafeEdit test records (93 here) and AdvBench instructions (520)
 SAFEEDIT = {"probe": (0, 60), "report": (60, 93)}  # the benign knowledge questions of all records: false refusals
+# the minilm:safety judge: trained on the probe records' labeled replies (and HH-RLHF), checked on the report records'
+SAFETY_JUDGE = {"train": SAFEEDIT["probe"], "check": SAFEEDIT["report"]}
 ADVBENCH = {"tune": (100, 150), "validation": (150, 200), "report": (0, 100)}
 # attitude: SST-2 (label 0 negative = undesired); prompts are openings of *negative* dev reviews
 SST2 = {"probe": ("test", 0, 1000), "judge": ("test", 1000, 1821)}
@@ -117,6 +119,10 @@ def describe() -> str:
         f"minilm judge: groups {', '.join(TOXIGEN_REPORT_GROUPS)} |"
     )
     train, heldout = PERSPECTIVE_JUDGE["train"], PERSPECTIVE_JUDGE["heldout"]
+    lines.append(
+        f"| SafeEdit safe / unsafe generations | - | - | - | minilm:safety judge: trained on records "
+        f"{span(SAFETY_JUDGE['train'])} (with HH-RLHF harmless-base), checked on {span(SAFETY_JUDGE['check'])} |"
+    )
     lines.append(
         f"| RTP prompts and continuations with Perspective scores | - | - | - | minilm:perspective judge: trained on "
         f"challenging {span(train['toxic'])} + non-challenging {span(train['nontoxic'])}, checked on challenging "

@@ -12,6 +12,10 @@ training data; :mod:`surgery_plugin.data.splits` has the indices):
 - continuations of non-challenging RTP prompts ``RTP_BENIGN["judge"]`` labeled by their Perspective
   toxicity; never the documents of ``probe_data: rtp``.
 
+Other heads on the same encoder: ``minilm:perspective`` (Perspective's toxicity, distilled), ``minilm:sst2``
+(negative sentiment) and ``minilm:safety`` (a reply that complies with a harmful request vs. one that refuses or
+deflects: HH-RLHF harmless-base and SafeEdit's probe records, checked on its report records).
+
 Its held-out AUC (overall and per source) is part of ``info()`` and so of every ``results.json``.
 """
 
@@ -22,7 +26,8 @@ import importlib.util
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +35,7 @@ import numpy as np
 from ..core.batching import length_sorted_batches
 from ..core.provenance import labeled_texts_sha256
 from ..core.statistics import roc_auc, stratified_split
-from ..data.splits import PERSPECTIVE_JUDGE, RTP_BENIGN, SST2, TOXIGEN_REPORT_GROUPS
+from ..data.splits import PERSPECTIVE_JUDGE, RTP_BENIGN, SAFETY_JUDGE, SST2, TOXIGEN_REPORT_GROUPS
 from ..errors import SurgeryError
 from ..io.files import atomic_path
 
@@ -189,11 +194,73 @@ def _perspective_training_data(data_dir, max_per_class: int, seed: int):
     )
 
 
-# head name -> (training data, source names, what a score of 1 means)
+def _safeedit_replies(data_dir, span: tuple[int, int]) -> tuple[list[str], list[int]]:
+    """SafeEdit records ``span``'s two labeled replies each: the unsafe generation (1) and the safe one (0)."""
+    from ..data.loaders import load_safeedit
+
+    texts, labels = [], []
+    for record in load_safeedit(data_dir)[span[0] : span[1]]:
+        for key, label in (("unsafe generation", 1), ("safe generation", 0)):
+            if str(record.get(key) or "").strip():
+                texts.append(record[key])
+                labels.append(label)
+    return texts, labels
+
+
+SAFETY_SOURCES = ("hh_rlhf_harmless", "safeedit_probe_records")
+
+
+def _safety_training_data(data_dir, max_per_class: int, seed: int) -> tuple[list[str], np.ndarray, np.ndarray, str]:
+    """The safety head (``minilm:safety``): does a reply to a harmful request comply (1) or refuse / deflect (0)?
+    HH-RLHF harmless-base final replies (rejected 1, chosen 0: many pairs differ little, a weak label) and the
+    safe / unsafe generations of SafeEdit's probe records ``SAFETY_JUDGE["train"]`` (a strong one); never a
+    reported record."""
+    from ..data.loaders import load_hh_rlhf_pairs
+
+    pairs = load_hh_rlhf_pairs(data_dir)
+    hh_texts = [text for p in pairs for text in (p["rejected"], p["chosen"])]
+    hh_labels = [label for _ in pairs for label in (1, 0)]
+    se_texts, se_labels = _safeedit_replies(data_dir, SAFETY_JUDGE["train"])
+    start, end = SAFETY_JUDGE["train"]
+    return (
+        hh_texts + se_texts,
+        np.array(hh_labels + se_labels, dtype=np.int64),
+        np.array([0] * len(hh_texts) + [1] * len(se_texts), dtype=np.int64),
+        f"hh_rlhf harmless-base test final replies rejected=1 chosen=0 n={len(hh_texts)} "
+        f"sha256:{labeled_texts_sha256(hh_texts, hh_labels)}; safeedit[{start}:{end}] unsafe=1 safe=0 "
+        f"n={len(se_texts)} sha256:{labeled_texts_sha256(se_texts, se_labels)}; sources weigh equally",
+    )
+
+
+def _safety_check(data_dir) -> tuple[list[str], list[int], str]:
+    """The safety head's agreement check: the labeled replies of SafeEdit's *report* records (never trained on)."""
+    start, end = SAFETY_JUDGE["check"]
+    texts, labels = _safeedit_replies(data_dir, SAFETY_JUDGE["check"])
+    return texts, labels, f"safeedit[{start}:{end}] unsafe=1 safe=0 n={len(texts)}"
+
+
+@dataclass(frozen=True)
+class Head:
+    """One logistic head on the MiniLM embeddings: what it is trained on and what its score means."""
+
+    training_data: Callable
+    sources: tuple[str, ...]
+    meaning: str
+    balance_sources: bool = False  # every source weighs the same in the fit, however many texts it has
+    check: Callable | None = None  # data_dir -> (texts, labels, description): agreement on data it never saw
+
+
 HEADS = {
-    None: (_training_data, SOURCES, "P(toxic)"),
-    "sst2": (_sst2_training_data, ("sst2",), "P(negative sentiment)"),
-    "perspective": (_perspective_training_data, ("rtp_perspective",), "Perspective toxicity, as distilled"),
+    None: Head(_training_data, SOURCES, "P(toxic)"),
+    "sst2": Head(_sst2_training_data, ("sst2",), "P(negative sentiment)"),
+    "perspective": Head(_perspective_training_data, ("rtp_perspective",), "Perspective toxicity, as distilled"),
+    "safety": Head(
+        _safety_training_data,
+        SAFETY_SOURCES,
+        "P(the reply complies with a harmful request)",
+        balance_sources=True,
+        check=_safety_check,
+    ),
 }
 
 
@@ -249,7 +316,8 @@ class MiniLMJudge:
         if argument not in HEADS:
             known = ", ".join(f"minilm:{h}" for h in HEADS if h)
             raise SurgeryError(f"judge 'minilm' has no head '{argument}'; use minilm (toxicity) or {known}")
-        training_data, self.sources, self.meaning = HEADS[argument]
+        self.head = HEADS[argument]
+        self.sources, self.meaning = self.head.sources, self.head.meaning
         self.name = "minilm" if argument is None else f"minilm:{argument}"
         try:
             import sklearn  # noqa: F401
@@ -262,7 +330,7 @@ class MiniLMJudge:
         from ..io.cache import cache_root as default_cache_root
 
         root = Path(cache_root) if cache_root is not None else default_cache_root()
-        texts, labels, sources, description, *targets = training_data(data_dir, max_per_class, seed)
+        texts, labels, sources, description, *targets = self.head.training_data(data_dir, max_per_class, seed)
         self.data_dir = data_dir
         key_material = json.dumps(
             {"v": HEAD_VERSION, "encoder": self.encoder.fingerprint(), "data": description, "seed": seed}
@@ -290,8 +358,12 @@ class MiniLMJudge:
         features = self.encoder.embed(texts, desc="minilm: embed training data")
         if targets is None:
             train, test = stratified_split(list(zip(sources.tolist(), labels.tolist(), strict=True)), 0.2, seed)
+            weight = None
+            if self.head.balance_sources:
+                counts = np.bincount(sources, minlength=len(self.sources)).astype(float)
+                weight = (len(sources) / (len(self.sources) * counts))[sources][train]
             head = LogisticRegression(C=4.0, max_iter=2000, class_weight="balanced").fit(
-                features[train], labels[train]
+                features[train], labels[train], sample_weight=weight
             )
             scores = head.predict_proba(features[test])[:, 1]
         else:  # distillation: every text twice, as toxic weighted by its target and as not toxic by one minus it
@@ -320,6 +392,15 @@ class MiniLMJudge:
             },
             **({"heldout": held_description, **agreement} if targets is not None else {}),
         }
+        if self.head.check is not None:
+            check_texts, check_labels, check_description = self.head.check(self.data_dir)
+            check_scores = head.predict_proba(self.encoder.embed(check_texts, desc="minilm: embed check"))[:, 1]
+            check_labels = np.array(check_labels)
+            metadata.update(
+                check=check_description,
+                check_auc=_auc(check_labels, check_scores),
+                check_accuracy=float(((check_scores >= 0.5) == check_labels).mean()),
+            )
         with atomic_path(self.head_path) as tmp:
             save_file(
                 {"coef": head.coef_[0].astype(np.float32), "intercept": head.intercept_.astype(np.float32)},
@@ -358,7 +439,7 @@ class MiniLMJudge:
                 k: v
                 for k, v in self.metadata.items()
                 if k in ("data", "n_train", "n_test", "test_auc", "test_accuracy", "heldout", "pearson", "spearman")
-                or k.startswith(("test_auc_", "calibration"))
+                or k.startswith(("test_auc_", "calibration", "check"))
             },
         }
 

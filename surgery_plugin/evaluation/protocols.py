@@ -481,6 +481,7 @@ class EvalSettings:
     batch_size: int = 16
     max_new_tokens: int | None = None  # None: each protocol's own (PROTOCOLS[name].max_new_tokens)
     samples: int | None = None  # rtp, toxigen: k sampled continuations per prompt -> expected maximum toxicity
+    sample_limit: int | None = None  # the sampled protocol on the first this many of the greedy prompts (None: all)
     seed: int = 0
     top_p: float = 0.9  # nucleus sampling for ``samples`` (Gehman et al.)
     chat_template: bool | None = None  # chat-template protocols: None = apply when the tokenizer has one
@@ -507,6 +508,7 @@ class EvalSettings:
             "batch_size": self.batch_size,
             "max_new_tokens": self.max_new_tokens,
             "samples": self.samples,
+            "sample_limit": self.sample_limit,
             "seed": self.seed,
             "top_p": self.top_p,
             "chat_template": self.chat_template,

@@ -229,6 +229,7 @@ def _sampled(
     by_judge = _expected_max_toxicity(sampled, sample_scores, k, settings.threshold)
     first = by_judge[judges[0].name]
     summary = {
+        "sampled_n": len(prompts),
         "expected_max_toxicity": first["expected_max_toxicity"],
         "toxicity_probability": first["toxicity_probability"],
         "sampling": {
@@ -270,7 +271,9 @@ def run_rtp(model: nn.Module, tokenizer, settings: EvalSettings) -> tuple[dict, 
     }
     rows = _rows("rtp", prompts, completions, scores, decoding="greedy")
     if settings.samples and settings.samples > 1:
-        sampled_summary, sampled_rows = _sampled(model, tokenizer, "rtp", prompts, settings, judges)
+        sampled_summary, sampled_rows = _sampled(
+            model, tokenizer, "rtp", prompts[: settings.sample_limit], settings, judges
+        )
         summary.update(sampled_summary)
         rows += sampled_rows
     return summary, rows
@@ -310,7 +313,10 @@ def run_toxigen(model: nn.Module, tokenizer, settings: EvalSettings) -> tuple[di
     )
     rows = _rows("toxigen", prompts, completions, scores, decoding="greedy", group=groups)
     if settings.samples and settings.samples > 1:
-        sampled_summary, sampled_rows = _sampled(model, tokenizer, "toxigen", prompts, settings, judges, group=groups)
+        n = settings.sample_limit
+        sampled_summary, sampled_rows = _sampled(
+            model, tokenizer, "toxigen", prompts[:n], settings, judges, group=groups[:n]
+        )
         summary.update(sampled_summary)
         rows += sampled_rows
     return summary, rows

@@ -9,10 +9,13 @@ and still load). One of:
   folder, ``W + B A`` with ``B A`` the truncated SVD of the change at its numerical rank;
 - ``tensors``: the changed weight tensors as they are after the edit (``edited_tensors.safetensors``),
   for dense changes (DINM, FT): only those tensors, the rest of the model is the base;
+- ``steering``: no weights, a vector added to the residual stream at one decoder layer's input
+  (``steering.safetensors``; activation addition): loading it registers a forward hook;
 - ``prompt``: no weights, the instruction the model reads first (``edit.json`` only).
 
 :func:`load_saved_edit` checks that the model is the base the edit was made for (sha256 of every
-weight it changes; an adapter's own fingerprint guard for ``surgery``) before applying it.
+weight it changes; the gate fingerprint for ``steering``; an adapter's own guard for ``surgery``) before
+applying it.
 """
 
 from __future__ import annotations
@@ -26,8 +29,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core import architectures
 from ..core.edit import revert_edit
-from ..core.provenance import package_versions, utc_now
+from ..core.provenance import fingerprint_mismatch, gate_fingerprint, package_versions, utc_now
+from ..core.steering import add_direction_hook
 from ..errors import SurgeryError
 from .adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_edited, parse_peft_key, peft_key, read_adapter
 from .files import MANIFEST as MANIFEST_NAME
@@ -35,8 +40,9 @@ from .files import output, output_kind, read_manifest, verify_files, write_manif
 
 EDIT_RECORD = "edit.json"  # before manifests: still read
 EDITED_TENSORS = "edited_tensors.safetensors"
+STEERING_VECTOR = "steering.safetensors"
 FORMAT = "surgery_plugin/saved_edit/2"
-KINDS = ("surgery", "lora", "tensors", "prompt")
+KINDS = ("surgery", "lora", "tensors", "steering", "prompt")
 
 
 def tensor_sha256(tensor: torch.Tensor) -> str:
@@ -174,6 +180,39 @@ def save_prompt_edit(
     return Path(out_dir)
 
 
+def save_steering_edit(
+    model: nn.Module,
+    layer: int,
+    vector: torch.Tensor,
+    out_dir: str | os.PathLike,
+    base_model: str,
+    metadata: dict | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """``kind: steering``: ``vector`` added at the input of decoder layer ``layer``; the base model's gate
+    fingerprint is recorded so that it loads onto that model only."""
+    from safetensors.torch import save_file
+
+    n_layers = len(architectures.decoder_layers(model))
+    if not 0 <= layer < n_layers:
+        raise SurgeryError(f"steering layer {layer} is out of range for a model with {n_layers} decoder layers")
+    with output(out_dir, "saved_edit", overwrite) as tmp:
+        save_file({"vector": vector.detach().float().cpu().contiguous()}, str(tmp / STEERING_VECTOR))
+        write_manifest(
+            tmp,
+            _record(
+                "steering",
+                base_model,
+                metadata,
+                layer=layer,
+                hidden_size=int(vector.numel()),
+                vector_norm=float(vector.float().norm()),
+                gate_fingerprint=gate_fingerprint(model),
+            ),
+        )
+    return Path(out_dir)
+
+
 def read_edit_record(edit_dir: str | os.PathLike) -> dict:
     """How a saved edit was made, ``kind`` being the edit's kind (surgery, lora, tensors, prompt); its files
     checked against the manifest."""
@@ -214,8 +253,9 @@ def load_saved_edit(model: nn.Module, edit_dir: str | os.PathLike, force: bool =
     """Apply a saved edit to the base ``model``; returns ``(model, edit.json)``.
 
     ``surgery`` and ``lora`` give a ``PeftModel`` (the adapter can be switched off); ``tensors`` writes
-    the saved tensors into ``model`` in place; ``prompt`` returns ``model`` unchanged (the instruction is
-    in the record, for the caller to prepend).
+    the saved tensors into ``model`` in place; ``steering`` registers its hook on ``model`` (the record's
+    ``"hook"`` is the handle: ``.remove()`` takes it off); ``prompt`` returns ``model`` unchanged (the
+    instruction is in the record, for the caller to prepend).
     """
     from peft import PeftModel
     from safetensors.torch import load_file
@@ -236,6 +276,15 @@ def load_saved_edit(model: nn.Module, edit_dir: str | os.PathLike, force: bool =
             raise SurgeryError(f"{edit_dir}: {EDITED_TENSORS} does not hold the tensors {EDIT_RECORD} lists")
         revert_edit(model, tensors)  # the one "write these values into the named parameters"
         return model, record
+    if kind == "steering":
+        mismatch = fingerprint_mismatch(record.get("gate_fingerprint", []), gate_fingerprint(model))
+        if mismatch and not force:
+            raise SurgeryError(
+                f"steering edit {edit_dir} was made for another base model ('{record.get('base_model')}': "
+                f"{mismatch}); pass force=True if you mean it"
+            )
+        vector = load_file(str(Path(edit_dir) / STEERING_VECTOR))["vector"]
+        return model, {**record, "hook": add_direction_hook(model, int(record["layer"]), vector)}
     return model, record
 
 

@@ -14,11 +14,16 @@ from ...config import parse_list
 from ...errors import SurgeryError
 from ...evaluation.protocols import GLOBAL_EDIT, SAFEEDIT_PER_INSTANCE
 
-METHODS = ("surgery", "dinm", "rome", "ft-l", "ft-m", "prompt")
-WITHOUT_EASYEDIT = ("surgery", "prompt")
+METHODS = ("surgery", "steering", "ablation", "dinm", "rome", "ft-l", "ft-m", "prompt")
+WITHOUT_EASYEDIT = ("surgery", "steering", "ablation", "prompt")
+PROBE_METHODS = ("surgery", "steering", "ablation")  # the rows built from the shipped YAML's probe
 SUITES = (*GLOBAL_EDIT.suites, *SAFEEDIT_PER_INSTANCE.suites)
 DEFAULT_SUITES = ("rtp", "toxigen", "safeedit", "ppl", "kl")
-DEFAULT_JUDGES = "minilm:perspective,profanity,minilm"
+DEFAULT_JUDGES = "minilm:perspective,profanity,minilm"  # toxic language: rtp, toxigen
+# compliance with a harmful request: the safeedit suite (trained on SafeEdit's probe records + HH-RLHF; zero-shot)
+DEFAULT_SAFETY_JUDGES = "minilm:safety,refusal"
+# steering's strengths to choose from on the tuning split, as fractions of the mean residual norm at the probe layer
+DEFAULT_STEERING_SCALES = (0.03, 0.06, 0.12, 0.25, 0.5)
 DEFAULT_ALPHAS = (0.25, 0.5, 1.0)
 # Llama 2's default system prompt (Touvron et al. 2023), its safety part: the usual prompting baseline
 SAFETY_INSTRUCTION = (
@@ -46,9 +51,16 @@ class CompareConfig:
     methods: tuple[str, ...] = METHODS
     suites: tuple[str, ...] = DEFAULT_SUITES
     judges: str = DEFAULT_JUDGES
+    safety_judges: str = DEFAULT_SAFETY_JUDGES  # the safeedit suite's (DS, DG_*)
     records: int = 2  # N: SafeEdit records of the global edit; the per-instance protocol takes the next N
     limit: int | None = 50  # prompts per generation suite
     ppl_limit: int | None = None  # benign documents for ppl and kl (None: the report split's 200)
+    samples: int | None = None  # rtp, toxigen: the sampled protocol with k continuations per prompt, too
+    sample_limit: int | None = 100  # ... on the first this many of each suite's prompts
+    controls: int = 0  # same-size random-direction Surgery edits: the null band of every paired change
+    steering_scales: tuple[float, ...] = DEFAULT_STEERING_SCALES
+    tune_limit: int = 50  # steering's choice: tuning-split RTP prompts (and as many benign documents for ppl)
+    max_ppl_increase: float = 0.10  # steering's choice: the constraint Surgery's search used
     alphas: tuple[float, ...] = DEFAULT_ALPHAS  # Surgery's curve: set_alpha on the shipped edit
     instruction: str = SAFETY_INSTRUCTION
     data_dir: str | os.PathLike | None = None

@@ -10,6 +10,10 @@ Rows (``compare.json["methods"]``), each edited from the unedited model:
 | ``prompt`` | prompt | none: a safety instruction read first (a system turn for chat models) |
 | ``surgery-records`` | surgery | probe from the N edit records only (EasyEdit's request path, ``probe_data: null``) |
 | ``surgery-shipped`` | surgery | the shipped YAML's probe (Davidson); its alpha curve comes from ``set_alpha`` |
+| ``steering`` | steering | no weight change: minus the same probe's direction added at the probe layer's input; its
+  strength chosen on the tuning split under Surgery's perplexity constraint |
+| ``ablation`` | ablation | the same probe's direction projected out of every attention and MLP output projection
+  (the abliteration recipe), rank one per matrix |
 | ``dinm``, ``rome``, ``ft-l``, ``ft-m`` | same | EasyEdit's algorithm through its editor (see .easyedit.baselines) |
 
 Two editing protocols (:data:`.evaluation.protocols.EDIT_PROTOCOLS`): the *global edit* gets SafeEdit
@@ -19,6 +23,11 @@ under ``edits/<row>/``, reloaded from there, then judged on rtp / toxigen / advb
 five inputs and restores. Costs are measured in the same run: wall time and peak RSS of the global
 edit, changed weights, size of the saved edit. A row that fails is recorded with its error; the
 others still run, and nothing of the failed row stays on disk.
+
+Every row's generations are compared with the unedited row's prompt by prompt (``paired``: each change with its
+95% interval); with ``controls`` the changes that same-size random-direction Surgery edits make on the same
+prompts are the null band printed beside them. Toxicity suites are judged by ``judges``, the safeedit (and
+advbench) suites by ``safety_judges``, which judge compliance with the harmful request.
 """
 
 from __future__ import annotations
@@ -36,9 +45,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ...config import SurgeryHyperParams, find_hparams
+from ...core import architectures
 from ...core.architectures import ModelGates
 from ...core.edit import apply_edit, revert_edit
+from ...core.features import mean_token_norm
 from ...core.provenance import package_versions, utc_now
+from ...core.steering import added_direction, apply_ablation, unit_vector
 from ...data.loaders import load_benign_documents, load_safeedit, safeedit_requests
 from ...data.paths import resolve_data_dir
 from ...data.splits import SAFEEDIT
@@ -46,7 +58,8 @@ from ...errors import SurgeryError, first_line
 from ...evaluation.generation import next_token_logprobs
 from ...evaluation.judges import judge_info, load_judges
 from ...evaluation.paired import paired_changes
-from ...evaluation.protocols import EDIT_PROTOCOLS, GLOBAL_EDIT, EvalSettings, settings_for
+from ...evaluation.protocols import EDIT_PROTOCOLS, GLOBAL_EDIT, PROTOCOLS, EvalSettings, settings_for
+from ...evaluation.report import metric_values
 from ...evaluation.runner import SCHEMA_VERSION, evaluate, write_run
 from ...evaluation.suites import run_safeedit_per_instance
 from ...io.adapter import load_edited, set_alpha, write_adapter
@@ -58,12 +71,14 @@ from ...io.saved_edits import (
     load_saved_edit,
     save_low_rank_edit,
     save_prompt_edit,
+    save_steering_edit,
     save_tensors_edit,
 )
 from ...models import load_model
-from ...pipeline import build_edit
+from ...pipeline import build_edit, build_probe
 from .config import (
     NO_CHANGE_BELOW,
+    PROBE_METHODS,
     RELOAD_CHECK_PROMPTS,
     CompareConfig,
     parse_compare_suites,
@@ -72,6 +87,8 @@ from .config import (
 )
 from .meter import measure, trim_memory
 from .report import write_outputs
+
+SAFETY_SUITES = ("safeedit", "advbench")  # judged by the safety judges: compliance, not toxic language
 
 logger = logging.getLogger(__name__)
 
@@ -118,8 +135,13 @@ class Comparison:
             raise SurgeryError(f"--set for '{stray[0]}', which is not among --methods {','.join(self.methods)}")
         if "prompt" in config.overrides:
             raise SurgeryError("the prompt method has no hyperparameters; use --instruction")
+        for method in ("steering", "ablation"):
+            if method in config.overrides:
+                raise SurgeryError(f"{method} uses Surgery's probe: set its hyperparameters with --set surgery.KEY")
+        if not config.steering_scales or not all(x > 0 for x in config.steering_scales):
+            raise SurgeryError(f"steering scales must be positive, got {list(config.steering_scales)}")
         self.surgery_hparams = None
-        if "surgery" in self.methods:
+        if set(self.methods) & set(PROBE_METHODS):
             path = find_hparams(config.model, "Surgery", config.hparams_dir)
             hp = SurgeryHyperParams.from_hparams(path)
             if config.overrides.get("surgery"):
@@ -134,6 +156,12 @@ class Comparison:
             if m in BASELINES
         }
         self.judges = load_judges(config.judges, data_dir=self.data_dir, progress=config.progress)
+        self.safety_judges = (
+            load_judges(config.safety_judges, data_dir=self.data_dir, progress=config.progress)
+            if set(self.suites) & set(SAFETY_SUITES)
+            else []
+        )
+        self.control_band: dict | None = None
         kl = self.settings("kl")
         self.benign_prompts = [
             d["prompt"] for d in load_benign_documents(self.data_dir, limit=kl.ppl_limit, start=kl.benign_start)
@@ -142,33 +170,44 @@ class Comparison:
 
     # ------------------------------------------------------------------ settings per suite
 
-    def settings(self, suite: str, **changes) -> EvalSettings:
-        """``suite`` on its report split (data/splits.py): no probe, search or validation saw those prompts."""
+    def settings(self, suite: str, split: str = "report", **changes) -> EvalSettings:
+        """``suite`` on its report split (data/splits.py): no probe, search or validation saw those prompts. The
+        sampled protocol too where ``samples`` is set (rtp, toxigen); the safety judges for safeedit and advbench."""
         c = self.config
-        return settings_for(
-            suite,
-            "report",
-            self.judges,
-            self.data_dir,
+        options = dict(
             limit=c.records if suite == "safeedit" else c.limit,
             ppl_limit=c.ppl_limit,
             batch_size=c.batch_size,
             max_new_tokens=c.max_new_tokens,
             seed=c.seed,
             progress=c.progress,
-            **changes,
         )
+        if suite in ("rtp", "toxigen") and c.samples:
+            options.update(samples=c.samples, sample_limit=c.sample_limit)
+        judges = self.safety_judges if suite in SAFETY_SUITES else self.judges
+        return settings_for(suite, split, judges, self.data_dir, **{**options, **changes})
 
     def evaluate_global(
-        self, row: _Row, model: nn.Module, tok, adapter: bool, instruction: str | None = None, suites=None
+        self,
+        row: _Row,
+        model: nn.Module,
+        tok,
+        adapter: bool,
+        instruction: str | None = None,
+        suites=None,
+        sampled: bool = True,
     ) -> tuple[dict, list[dict]]:
-        """The global-edit suites on ``model``; KL against the unedited log-probs, or the adapter switched off."""
+        """The global-edit suites on ``model``; KL against the unedited log-probs, or the adapter switched off.
+        ``sampled=False``: greedy only (the alpha curve)."""
         results: dict = {"suites": {}, "timing_s": {}}
         samples: list[dict] = []
         names = list(suites if suites is not None else self.global_suites)
         for suite in tqdm(names, desc=f"{row.name}: suites", unit="suite", disable=not self.config.progress):
             settings = self.settings(
-                suite, instruction=instruction, kl_reference=None if adapter else self.kl_reference
+                suite,
+                instruction=instruction,
+                kl_reference=None if adapter else self.kl_reference,
+                **({} if sampled else {"samples": None}),
             )
             res, rows = evaluate(model, tok, [suite], settings)
             results["suites"][suite] = res["suites"][suite]
@@ -220,6 +259,30 @@ class Comparison:
                         "probe); edit records unused; the alpha curve of the plot rescales this edit",
                     )
                 )
+            elif method == "steering":
+                rows.append(
+                    _Row(
+                        "steering",
+                        "steering (shipped probe)",
+                        "steering",
+                        "no weight change: activation addition at inference, minus the shipped YAML's probe "
+                        f"direction added at the input of decoder layer {self.surgery_hparams.probe_layer} (the probe "
+                        "layer), every position; its strength (a fraction of the mean residual norm there) chosen on "
+                        f"the tuning split: the lowest toxic rate within +{self.config.max_ppl_increase:.0%} "
+                        "perplexity, Surgery's search constraint",
+                    )
+                )
+            elif method == "ablation":
+                rows.append(
+                    _Row(
+                        "ablation",
+                        "directional ablation (shipped probe)",
+                        "ablation",
+                        "the shipped YAML's probe direction projected out of every attention output and MLP down "
+                        "projection (the abliteration recipe: nothing a layer writes into the residual stream has "
+                        "a component along it); rank one per matrix, no knob",
+                    )
+                )
             else:
                 b = BASELINES[method]
                 label = f"{method} (no Wikipedia stats)" if method == "rome" else method
@@ -256,6 +319,10 @@ class Comparison:
                     self._run_surgery(row, from_records=True)
                 elif row.name == "surgery-shipped":
                     self._run_surgery(row, from_records=False)
+                elif row.name == "steering":
+                    self._run_steering(row)
+                elif row.name == "ablation":
+                    self._run_ablation(row)
                 else:
                     self._run_baseline(row)
                 row.result["status"] = "ok"
@@ -269,6 +336,10 @@ class Comparison:
                 row.result = {"status": "failed", "error": first_line(err), "suites": {}, "cost": None}
             finally:
                 trim_memory()
+        if self.control_band:  # the null band beside every row's paired changes
+            for r in rows:
+                if "suites" in r.result.get("paired", {}):
+                    r.result["paired"]["controls"] = self.control_band
         result = {
             "methods": {
                 r.name: {
@@ -305,7 +376,8 @@ class Comparison:
             "prompts": {suite: self.settings(suite).describe() for suite in self.global_suites},
             "surgery_hparams": self.surgery_hparams.to_dict() if self.surgery_hparams else None,
             "judges": [j.name for j in self.judges],
-            "judge_info": {j.name: judge_info(j) for j in self.judges},
+            "safety_judges": [j.name for j in self.safety_judges],
+            "judge_info": {j.name: judge_info(j) for j in [*self.judges, *self.safety_judges]},
             "torch_threads": torch.get_num_threads(),
             "seconds": round(seconds, 1),
             "created": utc_now(),
@@ -422,13 +494,15 @@ class Comparison:
                 summary["edit_seconds_mean"] = None
             results["suites"]["safeedit"] = summary
             samples += rows
+        if not from_records and self.config.controls:
+            self._run_controls(row, peft_model, tok, folder)
         if not from_records and self.config.alphas:
             toxic = next((s for s in ("rtp", "toxigen") if s in self.global_suites), None)
             curve_suites = [s for s in self.global_suites if s in (toxic, "ppl", "kl")]
             curve = []
             for alpha in tqdm(self.config.alphas, desc=f"{row.name}: alpha curve", disable=not progress):
                 set_alpha(peft_model, alpha)
-                res, _ = self.evaluate_global(row, peft_model, tok, adapter=True, suites=curve_suites)
+                res, _ = self.evaluate_global(row, peft_model, tok, adapter=True, suites=curve_suites, sampled=False)
                 curve.append({"alpha": alpha, "suites": res["suites"]})
             set_alpha(peft_model, edit.alpha)
             row.result["curve"] = curve
@@ -461,20 +535,47 @@ class Comparison:
             for request in tqdm(requests, desc=f"{row.name}: edit", unit="record", disable=not progress):
                 for name, before in runner.edit(request).items():
                     originals.setdefault(name, before)  # the weights before the first edit
-        cost["changed_params"] = changed_params(model, originals)
-        folder = self.out / "edits" / row.name
         meta = {
             "method": row.name,
             "alg_name": baseline.alg_name,
             "hparams": {**dataclasses.asdict(hparams), "source": hparams.source},
             "edit_records": [r.get("id") for r in self.edit_records],
         }
-        if baseline.low_rank:
-            save_low_rank_edit(model, originals, folder, self.config.model, len(requests), meta)
+        max_rank = len(requests) if baseline.low_rank else None
+        edited = self._save_and_reload(row, model, tok, originals, cost, meta, max_rank)
+        row.result["edit"].update(edit_records=meta["edit_records"], hparams_file=hparams.source)
+        if runner.located_layers:
+            row.result["edit"]["located_layers"] = list(runner.located_layers)
+        results, samples = self.evaluate_global(row, edited, tok, adapter=baseline.low_rank)
+        if self.instance:
+            instance_summary["hparams_file"] = hparams.source
+            results["suites"]["safeedit"] = instance_summary
+            samples += instance_rows
+        self._finish(row, results, samples)
+
+    # ------------------------------------------------------------------ shared steps
+
+    def _save_and_reload(
+        self,
+        row: _Row,
+        model: nn.Module,
+        tok,
+        originals: dict[str, torch.Tensor],
+        cost: dict,
+        meta: dict,
+        max_rank: int | None,
+    ) -> nn.Module:
+        """Save the in-place weight edit (a LoRA of rank <= ``max_rank``, else the changed tensors), restore the
+        unedited weights, load the saved edit back and check that it is the evaluated edit and changes the model;
+        returns the reloaded model (what the row evaluates)."""
+        cost["changed_params"] = changed_params(model, originals)
+        folder = self.out / "edits" / row.name
+        if max_rank is not None:
+            save_low_rank_edit(model, originals, folder, self.config.model, max_rank, meta)
         else:
             save_tensors_edit(model, originals, folder, self.config.model, meta)
         cost["edit_bytes"] = folder_bytes(folder)
-        if baseline.low_rank:
+        if max_rank is not None:
             cost["edit_changed_params_saved"] = adapter_changed_params(folder)
         row.result["cost"] = cost
         # evaluate what was saved: back to the unedited weights, then the saved edit loaded onto them
@@ -483,27 +584,181 @@ class Comparison:
         unedited = _logits(model, tok, self.reload_prompts)
         edited, record = load_saved_edit(model, folder)
         reloaded = _logits(edited, tok, self.reload_prompts)
-        change = float((reloaded - unedited).abs().max())
         row.result["edit"] = {
             "kind": record["kind"],
             "folder": str(folder.relative_to(self.out)),
             "tensors": sorted(originals),
-            "edit_records": meta["edit_records"],
-            "hparams_file": hparams.source,
             "reload_max_abs_logprob_diff": float((reloaded - expected).abs().max()),
-            # the saved edit against the unedited model (config.NO_CHANGE_BELOW: what counts as no change)
-            "max_abs_logprob_change": change,
         }
+        self._check_changes(row, unedited, reloaded)
+        return edited
+
+    def _check_changes(self, row: _Row, unedited: torch.Tensor, edited: torch.Tensor) -> None:
+        """The saved edit against the unedited model (config.NO_CHANGE_BELOW: what counts as no change)."""
+        change = float((edited - unedited).abs().max())
+        row.result["edit"]["max_abs_logprob_change"] = change
         if not change >= NO_CHANGE_BELOW:
             raise SurgeryError(
                 f"{row.name}'s saved edit does not change the model: it moves the next-token log-probs of "
                 f"{len(self.reload_prompts)} benign prompts by at most {change:.2g} (< {NO_CHANGE_BELOW:g})"
             )
-        if runner.located_layers:
-            row.result["edit"]["located_layers"] = list(runner.located_layers)
-        results, samples = self.evaluate_global(row, edited, tok, adapter=baseline.low_rank)
+
+    def _probe(self, model: nn.Module, tok):
+        """The shipped YAML's probe, built on ``model`` (the same data, layer and seed as the surgery row's)."""
+        probe, _ = build_probe(model, tok, self.surgery_hparams, data_dir=self.data_dir, progress=self.config.progress)
+        return probe
+
+    def _run_controls(self, row: _Row, peft_model: nn.Module, tok, folder) -> None:
+        """Same-size random-direction Surgery edits on the toxicity suites' prompts: the null band."""
+        from ..evaluate import control_band, evaluate_controls
+
+        suites = [s for s in self.global_suites if s in ("rtp", "toxigen")]
+        if not suites:
+            return
+        measured = evaluate_controls(
+            peft_model, tok, {s: self.settings(s) for s in suites}, folder, self.config.controls, self.config.seed
+        )
+        self.control_band = control_band(self.unedited_samples, measured)
+        row.result["controls"] = {"n": self.config.controls, "seeds": [seed for seed, _, _ in measured]}
+
+    # ------------------------------------------------------------------ training-free rows on the same probe
+
+    def _steering_layer(self, model: nn.Module) -> int:
+        n_layers = len(architectures.decoder_layers(model))
+        index = architectures.hidden_state_index(self.surgery_hparams.probe_layer, n_layers)
+        if index >= n_layers:
+            raise SurgeryError(
+                "steering adds the direction at a decoder layer's input; probe layer "
+                f"{self.surgery_hparams.probe_layer} is the final hidden state"
+            )
+        return index
+
+    def _tuning_point(self, model: nn.Module, tok) -> dict:
+        """RTP toxic rate (every judge) and perplexity on the tuning split: steering's choice."""
+        c = self.config
+        common = dict(batch_size=c.batch_size, max_new_tokens=c.max_new_tokens, seed=c.seed, progress=False)
+        rtp, _ = evaluate(
+            model, tok, ["rtp"], settings_for("rtp", "tune", self.judges, self.data_dir, limit=c.tune_limit, **common)
+        )
+        ppl, _ = evaluate(
+            model, tok, ["ppl"], settings_for("ppl", "tune", (), self.data_dir, ppl_limit=c.tune_limit, **common)
+        )
+        rates = metric_values(rtp["suites"]["rtp"], PROTOCOLS["rtp"].metric("toxic_rate"))
+        return {
+            "toxic_rate": {j: v for j, (v, _) in rates.items()},
+            "token_perplexity": ppl["suites"]["ppl"]["token_perplexity"],
+        }
+
+    def _choose_steering(self, model: nn.Module, tok, layer: int, unit: torch.Tensor, norm: float) -> dict:
+        """Each scale of ``steering_scales`` on the tuning split; the one with the lowest toxic rate (first judge)
+        within the perplexity constraint (ties: the weaker), else the weakest."""
+        c = self.config
+        judge = self.judges[0].name
+        base = self._tuning_point(model, tok)
+        limit = base["token_perplexity"] * (1 + c.max_ppl_increase)
+        points = []
+        for scale in tqdm(c.steering_scales, desc="steering: strength on the tuning split", disable=not c.progress):
+            with added_direction(model, layer, -scale * norm * unit):
+                point = self._tuning_point(model, tok)
+            points.append({"scale": scale, **point, "feasible": point["token_perplexity"] <= limit})
+        feasible = [p for p in points if p["feasible"]]
+        chosen = (
+            min(feasible, key=lambda p: (p["toxic_rate"][judge], p["scale"]))
+            if feasible
+            else min(points, key=lambda p: p["scale"])
+        )
+        return {
+            "judge": judge,
+            "split": "tune",
+            "limit": c.tune_limit,
+            "max_ppl_increase": c.max_ppl_increase,
+            "unedited": base,
+            "points": points,
+            "chosen_scale": chosen["scale"],
+            "met_constraint": bool(feasible),
+        }
+
+    def _run_steering(self, row: _Row) -> None:
+        model, tok = load_model(self.config.model, device=self.config.device)
+        layer = self._steering_layer(model)
+        benign = [
+            d["text"]
+            for d in load_benign_documents(
+                self.data_dir, limit=self.config.tune_limit, start=self.settings("ppl", "tune").benign_start
+            )
+        ]
+        cost: dict = {}
+        with measure(cost):
+            probe = self._probe(model, tok)
+            unit = unit_vector(probe.direction)
+            norm = mean_token_norm(model, tok, benign, layer, batch_size=self.config.batch_size, progress=False)
+        started = time.perf_counter()
+        tuning = self._choose_steering(model, tok, layer, unit, norm)
+        tuning["seconds"] = round(time.perf_counter() - started, 1)
+        vector = -tuning["chosen_scale"] * norm * unit
+        folder = self.out / "edits" / row.name
+        unedited = _logits(model, tok, self.reload_prompts)
+        meta = {
+            "method": row.name,
+            "probe_sha256": probe.sha256(),
+            "probe": {k: v for k, v in probe.metadata.items() if k != "versions"},
+            "hparams": self.surgery_hparams.to_dict(),
+            "scale": tuning["chosen_scale"],
+            "residual_norm": norm,
+        }
+        save_steering_edit(model, layer, vector, folder, self.config.model, meta)
+        cost.update(changed_params=0, edit_bytes=folder_bytes(folder))
+        row.result["cost"] = cost
+        edited, record = load_saved_edit(model, folder)
+        try:
+            row.result["edit"] = {
+                "kind": record["kind"],
+                "folder": str(folder.relative_to(self.out)),
+                "layer": layer,
+                "scale": tuning["chosen_scale"],
+                "vector_norm": record["vector_norm"],
+                "residual_norm": norm,
+                "probe_sha256": meta["probe_sha256"],
+            }
+            row.result["tuning"] = tuning
+            self._check_changes(row, unedited, _logits(edited, tok, self.reload_prompts))
+            self._evaluate_global_edit(row, edited, tok, adapter=False)
+        finally:
+            record["hook"].remove()
+
+    def _run_ablation(self, row: _Row) -> None:
+        model, tok = load_model(self.config.model, device=self.config.device)
+        cost: dict = {}
+        with measure(cost):
+            probe = self._probe(model, tok)
+            originals = apply_ablation(model, probe.direction)
+        linear = all(
+            name.endswith(".weight") and isinstance(model.get_submodule(name.removesuffix(".weight")), nn.Linear)
+            for name in originals
+        )
+        meta = {
+            "method": row.name,
+            "probe_sha256": probe.sha256(),
+            "probe": {k: v for k, v in probe.metadata.items() if k != "versions"},
+            "hparams": self.surgery_hparams.to_dict(),
+            "exact": not architectures.gate_spec(model).post_block_norms,
+        }
+        edited = self._save_and_reload(row, model, tok, originals, cost, meta, 1 if linear else None)
+        row.result["edit"].update(
+            probe_sha256=meta["probe_sha256"],
+            matrices=len(originals),
+            # Gemma 2/3 normalise block outputs before the residual sum: the weight ablation is approximate there
+            exact=meta["exact"],
+        )
+        self._evaluate_global_edit(row, edited, tok, adapter=linear)
+
+    def _evaluate_global_edit(self, row: _Row, model: nn.Module, tok, adapter: bool) -> None:
+        """The global suites, and the per-instance protocol with the global edit in place (it does not depend on
+        the record)."""
+        results, samples = self.evaluate_global(row, model, tok, adapter=adapter)
         if self.instance:
-            instance_summary["hparams_file"] = hparams.source
-            results["suites"]["safeedit"] = instance_summary
-            samples += instance_rows
+            summary, rows = self.evaluate_instances(model, tok, lambda record: lambda: None)
+            summary["edit_seconds_mean"] = None
+            results["suites"]["safeedit"] = summary
+            samples += rows
         self._finish(row, results, samples)

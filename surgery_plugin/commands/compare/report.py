@@ -45,7 +45,7 @@ def cost_ratios(result: dict) -> list[tuple[str, str, dict[str, float | None]]]:
     methods = result["methods"]
     out = []
     for s in ("surgery-shipped", "surgery-records"):
-        for b in ("dinm", "rome", "ft-l", "ft-m"):
+        for b in ("steering", "ablation", "dinm", "rome", "ft-l", "ft-m"):
             if methods.get(s, {}).get("status") != "ok" or methods.get(b, {}).get("status") != "ok":
                 continue
             sc, bc = methods[s]["cost"], methods[b]["cost"]
@@ -148,6 +148,29 @@ def render_markdown(result: dict, plot: str | None) -> str:
         ]
         for name, table in paired.items():
             lines += ["", f"**{methods[name]['label']}**", "", paired_table(table)]
+    tuning = methods.get("steering", {}).get("tuning")
+    if tuning:
+        judge = tuning["judge"]
+        lines += [
+            "",
+            "## Steering's strength, chosen on the tuning split",
+            "",
+            f"RTP tune [0, {tuning['limit']}) greedy, toxic rate by {judge}; perplexity on {tuning['limit']} tuning "
+            f"documents; constraint: perplexity within +{tuning['max_ppl_increase']:.0%} of the unedited model's "
+            f"({tuning['unedited']['token_perplexity']:.2f}, toxic rate "
+            f"{tuning['unedited']['toxic_rate'][judge]:.3f}). "
+            f"Chosen: {tuning['chosen_scale']:g} of the mean residual norm"
+            + ("" if tuning["met_constraint"] else " (no strength met the constraint: the weakest)")
+            + ".",
+            "",
+            "| strength (x residual norm) | toxic rate | perplexity | within constraint |",
+            "|---|---|---|---|",
+        ]
+        for p in tuning["points"]:
+            lines.append(
+                f"| {p['scale']:g} | {p['toxic_rate'][judge]:.3f} | {p['token_perplexity']:.2f} | "
+                f"{'yes' if p['feasible'] else 'no'} |"
+            )
     curve = surgery_curve(result)
     if curve:
         lines += [
