@@ -713,6 +713,10 @@ def test_each_baseline_saves_one_tensor_of_its_kind(smollm2_run):
     assert methods["ft-l"]["edit"]["tensors"] == ["model.layers.19.mlp.down_proj.weight"]
     # one ROME edit: a rank-one LoRA
     assert json.loads((smollm2_run.out / "edits" / "rome" / "adapter_config.json").read_text())["r"] == 1
+    # along C^-1 k, C from 10,000 local instructions (the shipped YAML), not the key alone
+    mom2 = methods["rome"]["edit"]["mom2"]
+    assert mom2["texts"] == 10000 and mom2["layers"]["model.layers.5.mlp.down_proj"]["tokens"] > 100_000
+    assert methods["rome"]["label"] == "rome"
 
 
 @pytest.mark.real_model

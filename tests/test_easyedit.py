@@ -612,3 +612,56 @@ def test_the_probe_datas_features_are_computed_once_for_every_edit(demo):
     info = demo.result["probe_cache"]
     assert info["misses"] == len(demo.calls)  # one probe layer per lookup: a miss is one forward pass
     assert info["hits"] >= 4
+
+
+# ---------------------------------------------------------------- ROME's covariance statistics from local text
+
+
+def test_rome_local_statistics_are_what_easyedits_loader_reads(tmp_path, monkeypatch):
+    """The second moment written for ``mom2_dataset: local_text`` is the one EasyEdit's ``layer_stats`` loads (no
+    download), and equals E[k k^T] of the down projection's inputs over the texts' tokens, computed by hand."""
+    if easyedit_python() != sys.executable:
+        pytest.skip("EasyEdit is installed in another python ($SURGERY_EASYEDIT_PYTHON); this test runs in process")
+    from easyeditor.models.rome.layer_stats import layer_stats
+    from helpers import tiny_hf_tokenizer
+
+    from surgery_plugin.data.loaders import load_instructions
+    from surgery_plugin.integrations.easyedit.rome_stats import prepare_local_stats
+
+    monkeypatch.setenv("SURGERY_CACHE", str(tmp_path / "cache"))
+    tok = tiny_hf_tokenizer()
+    model = make_tiny("llama", vocab_size=len(tok))
+    model.config._name_or_path = "tiny-llama"
+    hparams = types.SimpleNamespace(
+        mom2_adjustment=True,
+        mom2_dataset="local_text",
+        mom2_n_samples=12,
+        mom2_dtype="float32",
+        layers=[1],
+        rewrite_module_tmp="model.layers.{}.mlp.down_proj",
+        stats_dir="./data/stats",
+    )
+    record = prepare_local_stats(model, tok, hparams, DATA_DIR, progress=False)
+    assert hparams.mom2_dataset.startswith("local_text-") and str(tmp_path / "cache") in hparams.stats_dir
+    stat = layer_stats(
+        model,
+        tok,
+        "model.layers.1.mlp.down_proj",
+        hparams.stats_dir,
+        hparams.mom2_dataset,
+        to_collect=["mom2"],
+        sample_size=12,
+        precision="float32",
+        progress=lambda loader, total=None: loader,
+    )
+    keys = []
+    handle = model.model.layers[1].mlp.down_proj.register_forward_pre_hook(lambda _m, args: keys.append(args[0][0]))
+    with torch.no_grad():
+        for text in load_instructions(DATA_DIR, "harmless_train")[:12]:
+            model(input_ids=torch.tensor([tok(text, truncation=True, max_length=256)["input_ids"]]))
+    handle.remove()
+    k = torch.cat(keys).double()
+    assert record["layers"]["model.layers.1.mlp.down_proj"]["tokens"] == k.shape[0] == stat.mom2.count
+    torch.testing.assert_close(stat.mom2.moment().double(), k.T @ k / k.shape[0], rtol=1e-4, atol=1e-6)
+    # other YAMLs are left to EasyEdit
+    assert prepare_local_stats(model, tok, types.SimpleNamespace(mom2_adjustment=False, mom2_dataset="x")) is None

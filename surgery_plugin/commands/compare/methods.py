@@ -285,7 +285,8 @@ class Comparison:
                 )
             else:
                 b = BASELINES[method]
-                label = f"{method} (no Wikipedia stats)" if method == "rome" else method
+                without_stats = method == "rome" and not self.baseline_hparams[method].mom2_adjustment
+                label = f"{method} (no covariance stats)" if without_stats else method
                 rows.append(_Row(method, label, method, b.description))
         return rows
 
@@ -513,7 +514,9 @@ class Comparison:
 
         baseline = BASELINES[row.method]
         hparams = copy_module.deepcopy(self.baseline_hparams[row.method])
-        runner = EasyEditBaseline(baseline, hparams, self.out / "easyedit" / row.name)
+        runner = EasyEditBaseline(
+            baseline, hparams, self.out / "easyedit" / row.name, self.data_dir, self.config.progress
+        )
         model, tok = runner.model, runner.tok
         progress = self.config.progress
 
@@ -544,6 +547,8 @@ class Comparison:
         max_rank = len(requests) if baseline.low_rank else None
         edited = self._save_and_reload(row, model, tok, originals, cost, meta, max_rank)
         row.result["edit"].update(edit_records=meta["edit_records"], hparams_file=hparams.source)
+        if runner.mom2:
+            row.result["edit"]["mom2"] = runner.mom2
         if runner.located_layers:
             row.result["edit"]["located_layers"] = list(runner.located_layers)
         results, samples = self.evaluate_global(row, edited, tok, adapter=baseline.low_rank)

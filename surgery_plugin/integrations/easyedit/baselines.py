@@ -41,6 +41,7 @@ from ...data.loaders import safeedit_edit_inputs
 from ...errors import SurgeryError, first_line
 from . import easyeditor_modules, register
 from .patches import load_for_editor
+from .rome_stats import prepare_local_stats
 
 logger = logging.getLogger(__name__)
 
@@ -81,8 +82,9 @@ BASELINES: dict[str, Baseline] = {
             "ROMEHyperParams",
             low_rank=True,
             description="ROME (Meng et al. 2022): a rank-one update of one MLP down projection that maps the subject "
-            "(the record's question) to the safe reply; without Wikipedia second-moment statistics "
-            "(mom2_adjustment: false)",
+            "(the record's question) to the safe reply, along C^-1 k with C the second moment of that projection's "
+            "inputs (mom2_dataset: local_text: Alpaca instructions, see rome_stats; mom2_adjustment: false: "
+            "without C)",
         ),
         Baseline(
             "ft-l",
@@ -160,7 +162,7 @@ def rome_prompt(prompt: str, subject: str) -> str:
 class EasyEditBaseline:
     """A loaded model, tokenizer and EasyEdit editor for one baseline; :meth:`edit` applies one request in place."""
 
-    def __init__(self, baseline: Baseline, hparams, workdir: str | os.PathLike):
+    def __init__(self, baseline: Baseline, hparams, workdir: str | os.PathLike, data_dir=None, progress: bool = True):
         register()  # EasyEdit importable (torchvision guard), Surgery registered; a one-line error without it
         self.baseline = baseline
         self.hparams = hparams
@@ -182,6 +184,12 @@ class EasyEditBaseline:
             self.editor = easyeditor_modules().SafetyEditor(shadow)
         self.editor.hparams = hparams
         self.located_layers: list[int] = []
+        # ROME with mom2_dataset: local_text: its covariance statistics from local text (rome_stats)
+        self.mom2 = (
+            prepare_local_stats(self.model, self.tok, hparams, data_dir, progress)
+            if baseline.alg_name == "ROME"
+            else None
+        )
 
     def requests(self, records: list[dict]) -> list[tuple[dict, dict]]:
         """``(request, request_for_the_edit)`` per SafeEdit record, made by the editor's ``_prepare_requests``.
