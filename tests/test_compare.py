@@ -160,6 +160,20 @@ def test_an_instruction_is_a_paragraph_for_a_model_without_chat_template():
     assert instruction_prefix(tok, "Be safe.") == "Be safe.\n\n"
 
 
+@pytest.mark.parametrize("model", ["smollm2-135m", "gemma3-270m"])
+def test_both_embedded_models_have_every_baselines_yaml_read_by_easyedits_classes(model):
+    _require_easyedit_here()
+    from surgery_plugin.integrations.easyedit import register
+    from surgery_plugin.integrations.easyedit.baselines import BASELINES, load_hparams
+
+    register()
+    for name, baseline in BASELINES.items():
+        hparams = load_hparams(baseline, model)
+        assert hparams.source.endswith(f"{baseline.hparams_dir}/{model}.yaml"), name
+        if name == "rome":  # covariance statistics from local text (EasyEdit would download Wikipedia)
+            assert hparams.mom2_adjustment and hparams.mom2_dataset == "local_text", model
+
+
 # ---------------------------------------------------------------------------- saved edits, unit level
 
 
