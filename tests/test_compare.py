@@ -255,6 +255,50 @@ def test_prompt_edit_holds_only_the_instruction(tmp_path):
 # ---------------------------------------------------------------------------- the report
 
 
+def _outcome(change, low, high):
+    return {"change": change, "ci95": [low, high]}
+
+
+def test_equal_effect_verdicts_and_the_cheaper_claim_by_hand():
+    from surgery_plugin.commands.compare.report import equal_effect_rows
+
+    def row(cost, change, minus):
+        return {
+            "status": "ok",
+            "cost": cost,
+            "paired": {"suites": {"rtp": {"outcomes": {"toxic/j": change}}}},
+            "vs_surgery": {"suites": {"rtp": {"outcomes": {"toxic/j": minus}}}},
+        }
+
+    surgery_cost = {"edit_seconds": 2.0, "peak_rss_bytes": 100, "edit_bytes": 10}
+    result = {
+        "settings": {"suites": ["rtp", "ppl"], "judges": ["j", "k"]},
+        "methods": {
+            "unedited": {"status": "ok"},
+            "surgery-shipped": {"status": "ok", "cost": surgery_cost},
+            # as good, 50x the time, memory and size: the claim holds
+            "slow": row(
+                {"edit_seconds": 100.0, "peak_rss_bytes": 5000, "edit_bytes": 500}, None, _outcome(0.01, -0.05, 0.07)
+            ),
+            # better than Surgery: the claim cannot hold, however expensive
+            "strong": row(
+                {"edit_seconds": 100.0, "peak_rss_bytes": 5000, "edit_bytes": 500}, None, _outcome(-0.1, -0.2, -0.01)
+            ),
+            # worse, 3x the time only
+            "weak": row(
+                {"edit_seconds": 6.0, "peak_rss_bytes": 5000, "edit_bytes": 500}, None, _outcome(0.2, 0.1, 0.3)
+            ),
+            "failed": {"status": "failed"},
+        },
+    }
+    rows = {r["name"]: r for r in equal_effect_rows(result)}
+    assert set(rows) == {"slow", "strong", "weak"}
+    assert (rows["slow"]["verdict"], rows["slow"]["claim"]) == ("not distinguishable", "yes")
+    assert rows["slow"]["cost_ratio"] == {"edit_seconds": 50.0, "peak_rss_bytes": 50.0, "edit_bytes": 50.0}
+    assert (rows["strong"]["verdict"], rows["strong"]["claim"]) == ("better", "no (better effect)")
+    assert (rows["weak"]["verdict"], rows["weak"]["claim"]) == ("worse", "no")
+
+
 def test_the_report_names_every_suites_prompt_range():
     prompts = {
         "rtp": {"start": 500, "limit": 3},
@@ -595,6 +639,9 @@ def test_compare_pairs_every_method_with_the_unedited_row(tiny_run):
     rtp = result["methods"]["surgery-shipped"]["paired"]["suites"]["rtp"]["outcomes"]["toxic/profanity"]
     assert rtp["n"] == int(TINY_LIMIT) and len(rtp["ci95"]) == 2
     assert "Paired changes against the unedited model" in (out / "compare.md").read_text()
+    # every other method against Surgery as shipped, on the same prompts
+    vs = result["methods"]["ablation"]["vs_surgery"]["suites"]["rtp"]["outcomes"]["toxic/profanity"]
+    assert vs["n"] == int(TINY_LIMIT) and "Cost at equal effect" in (out / "compare.md").read_text()
 
 
 @pytest.mark.real_model

@@ -162,6 +162,7 @@ class Comparison:
             else []
         )
         self.control_band: dict | None = None
+        self.row_samples: dict[str, list[dict]] = {}  # each row's generations, for the comparison with Surgery
         kl = self.settings("kl")
         self.benign_prompts = [
             d["prompt"] for d in load_benign_documents(self.data_dir, limit=kl.ppl_limit, start=kl.benign_start)
@@ -341,6 +342,13 @@ class Comparison:
             for r in rows:
                 if "suites" in r.result.get("paired", {}):
                     r.result["paired"]["controls"] = self.control_band
+        surgery = self.row_samples.get("surgery-shipped")
+        for r in rows:  # every other method against Surgery as shipped, prompt by prompt: "equal effect"
+            if surgery is not None and r.name not in ("unedited", "surgery-shipped") and r.name in self.row_samples:
+                try:
+                    r.result["vs_surgery"] = paired_changes(surgery, self.row_samples[r.name])
+                except ValueError as err:
+                    r.result["vs_surgery"] = {"error": str(err)}
         result = {
             "methods": {
                 r.name: {
@@ -389,6 +397,7 @@ class Comparison:
 
     def _finish(self, row: _Row, results: dict, samples: list[dict]) -> None:
         row.result["suites"] = results["suites"]
+        self.row_samples[row.name] = samples
         if row.name == "unedited":
             self.unedited_samples = samples
         elif getattr(self, "unedited_samples", None) is not None:

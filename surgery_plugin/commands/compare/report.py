@@ -137,6 +137,32 @@ def render_markdown(result: dict, plot: str | None) -> str:
         for surgery, baseline, r in ratios:
             cells = ["n/a" if r[k] is None else f"{r[k]:.3g}x" for k in r]
             lines.append(f"| {methods[surgery]['label']} | {baseline} | " + " | ".join(cells) + " |")
+    equal = equal_effect_rows(result)
+    if equal:
+        judge, suite = equal[0]["judge"], equal[0]["suite"]
+        lines += [
+            "",
+            "## Cost at equal effect",
+            "",
+            f"Effect: the paired change of the {suite} toxic rate by {judge} against the unedited model, and each "
+            "method's difference from Surgery as shipped on the same prompts (its interval: a paired bootstrap). "
+            "Each method was measured at one setting (its shipped YAML; steering: the strength chosen on the "
+            "tuning split), so its cost is the cost of its measured effect, whether or not that reaches "
+            f"Surgery's. Costs are the method's over Surgery's; the claim tested is \"Surgery is >= "
+            f'{CHEAPER_BY:g}x cheaper at equal or better effect".',
+            "",
+            "| method | change vs unedited [95% CI] | minus Surgery's [95% CI] | effect vs Surgery | edit time | "
+            "peak memory | saved edit | claim holds |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for e in equal:
+            ratios = " | ".join(
+                "n/a" if e["cost_ratio"][k] is None else f"{e['cost_ratio'][k]:.3g}x" for k in COST_KEYS
+            )
+            lines.append(
+                f"| {methods[e['name']]['label']} | {_interval(e['change'])} | {_interval(e['minus_surgery'])} | "
+                f"{e['verdict']} | {ratios} | {e['claim']} |"
+            )
     paired = {name: m["paired"] for name, m in methods.items() if m.get("paired") and "suites" in m["paired"]}
     if paired:
         lines += [
@@ -194,6 +220,66 @@ def render_markdown(result: dict, plot: str | None) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+CHEAPER_BY = 20.0  # the claim "Surgery is at least this many times cheaper at equal or better effect"
+COST_KEYS = ("edit_seconds", "peak_rss_bytes", "edit_bytes")
+
+
+def _interval(o: dict | None) -> str:
+    if not o or o.get("change") is None:
+        return "n/a"
+    low, high = o["ci95"]
+    return f"{o['change']:+.3f} [{low:+.3f}, {high:+.3f}]"
+
+
+def equal_effect_rows(result: dict) -> list[dict]:
+    """Per method that ran (not Surgery as shipped): its headline change (the first toxicity suite's toxic rate by
+    the first judge, paired with the unedited model), its difference from Surgery's on the same prompts, whether
+    its effect is better / not distinguishable / worse than Surgery's (the difference's interval), its costs over
+    Surgery's, and whether "Surgery is >= CHEAPER_BY x cheaper at equal or better effect" holds against it: the
+    method is not better, and every cost it has is at least CHEAPER_BY times Surgery's (edit time; memory and size
+    where the method has them)."""
+    methods, settings = result["methods"], result["settings"]
+    surgery = methods.get("surgery-shipped", {})
+    suite = next((s for s in ("rtp", "toxigen") if s in settings["suites"]), None)
+    if surgery.get("status") != "ok" or suite is None:
+        return []
+    judge = settings["judges"][0]
+    key = f"toxic/{judge}"
+    s_cost = surgery.get("cost") or {}
+    rows = []
+    for name, m in methods.items():
+        if (
+            name in ("unedited", "surgery-shipped")
+            or m["status"] != "ok"
+            or "suites" not in (m.get("vs_surgery") or {})
+        ):
+            continue
+        change = m.get("paired", {}).get("suites", {}).get(suite, {}).get("outcomes", {}).get(key)
+        minus = m["vs_surgery"]["suites"].get(suite, {}).get("outcomes", {}).get(key)
+        if minus is None:
+            continue
+        low, high = minus["ci95"]
+        verdict = "better" if high < 0 else "worse" if low > 0 else "not distinguishable"
+        cost = m.get("cost") or {}
+        ratio = {k: (cost[k] / s_cost[k] if cost.get(k) is not None and s_cost.get(k) else None) for k in COST_KEYS}
+        measured = [r for r in ratio.values() if r is not None]
+        holds = verdict != "better" and bool(measured) and all(r >= CHEAPER_BY for r in measured)
+        claim = "yes" if holds else ("no (better effect)" if verdict == "better" else "no")
+        rows.append(
+            {
+                "name": name,
+                "suite": suite,
+                "judge": judge,
+                "change": change,
+                "minus_surgery": minus,
+                "verdict": verdict,
+                "cost_ratio": ratio,
+                "claim": claim,
+            }
+        )
+    return rows
 
 
 def surgery_curve(result: dict) -> list[tuple[float, dict]]:
