@@ -88,7 +88,9 @@ class SurgeryHyperParams:
     probe_data: str | None = knob("davidson", kind="str", optional=True)
     # index into HF hidden_states: -1 = final normed state (the paper), 0 = embeddings
     probe_layer: int = knob(-1, kind="int", low=-(1 << 16), high=1 << 16)
-    pooling: str = knob("mean", kind="str", choices=("mean", "last", "mean_drop_first"))  # core/features.py
+    pooling: str = knob(
+        "mean", kind="str", choices=("mean", "last", "mean_drop_first", "mean_final_norm")
+    )  # core/features.py
     probe_max_per_class: int | None = knob(2000, kind="int", low=1, high=1 << 31, optional=True)
     probe_epochs: int = knob(9, kind="int", low=1, high=1 << 20)
     probe_lr: float = knob(1e-4, kind="float", low=0, high=10.0, low_open=True)

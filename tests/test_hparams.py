@@ -96,7 +96,7 @@ BAD_VALUES = [
     ("max_rows_per_layer: -1\n", "max_rows_per_layer must be >= 1, got -1"),
     ("probe_max_per_class: -1\n", "probe_max_per_class must be >= 1, got -1"),
     ("probe_epochs: 2.0\n", "probe_epochs must be a whole number"),
-    ("pooling: max\n", "pooling must be one of mean, last, mean_drop_first, got 'max'"),
+    ("pooling: max\n", "pooling must be one of mean, last, mean_drop_first, mean_final_norm, got 'max'"),
     ("device: true\n", "device must be a CUDA index >= 0 or a torch device name"),
     ("alpha: 1.0\nalpha: 2.0\n", "duplicate key 'alpha'"),
     ("extra: &a {x: 1}\nnotes: *a\n", "anchors and aliases are not allowed"),

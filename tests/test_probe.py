@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import PROBE_META, CharTokenizer, make_tiny
+from helpers import FAMILIES, PROBE_META, CharTokenizer, make_tiny
 
 from surgery_plugin import SurgeryError, SurgeryHyperParams
 from surgery_plugin.core.features import hidden_features, pooled_states
@@ -49,7 +49,7 @@ def trained(model):
 # ---------------------------------------------------------------------------- features
 
 
-@pytest.mark.parametrize("pooling", ["mean", "last", "mean_drop_first"])
+@pytest.mark.parametrize("pooling", ["mean", "last", "mean_drop_first", "mean_final_norm"])
 def test_pooling_ignores_padding(model, char_tokenizer, pooling):
     short, long = "abc", "a much longer sentence for padding"
     alone = hidden_features(model, char_tokenizer, [short], layer=2, pooling=pooling, progress=False)
@@ -72,8 +72,24 @@ def test_pooling_is_the_mean_or_last_of_the_hidden_states(model, char_tokenizer)
     torch.testing.assert_close(drop_first[1], single[0], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_final_norm_pooling_is_the_mean_of_the_normed_states(model_type, char_tokenizer):
+    from surgery_plugin.core import architectures
+
+    model = make_tiny(model_type)
+    ids = torch.tensor([char_tokenizer("some words")["input_ids"]])
+    with torch.no_grad():
+        hidden_states = model(ids, output_hidden_states=True).hidden_states
+        normed = architectures.final_norm(model)(hidden_states[1][0])
+    pooled = hidden_features(model, char_tokenizer, ["some words"], 1, "mean_final_norm", progress=False)
+    torch.testing.assert_close(pooled[0], normed.mean(0), rtol=1e-5, atol=1e-5)
+    # the final hidden state is normed already: its plain mean
+    final = hidden_features(model, char_tokenizer, ["some words"], -1, "mean_final_norm", progress=False)
+    torch.testing.assert_close(final[0], hidden_states[-1][0].mean(0), rtol=1e-5, atol=1e-5)
+
+
 def test_unknown_pooling_is_one_line(model, char_tokenizer):
-    with pytest.raises(SurgeryError, match="pooling must be one of mean, last, mean_drop_first, got 'max'"):
+    with pytest.raises(SurgeryError, match="pooling must be one of mean, last, mean_drop_first, mean_final_norm, got 'max'"):
         hidden_features(model, char_tokenizer, ["a"], layer=2, pooling="max", progress=False)
 
 

@@ -104,7 +104,7 @@ def test_a_knobs_default_domain_is_its_fields_declared_rule(monkeypatch, name, r
 def test_the_default_space_as_the_config_declares_it():
     space = default_space(30, ("davidson", "rtp"))
     assert set(space) == {k.name for k in KNOBS}
-    assert space["pooling"] == {"choices": ["mean", "last", "mean_drop_first"]}
+    assert space["pooling"] == {"choices": ["mean", "last", "mean_drop_first", "mean_final_norm"]}
     assert space["probe_method"] == {"choices": ["linear", "mean_difference", "logistic"]}
     assert space["probe_project_out"] == {"choices": [None, "benign_mean", "gate_benign_mean"]}
     assert space["normalize"] == {"choices": [True, False]}  # a bool field: both values

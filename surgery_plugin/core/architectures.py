@@ -36,6 +36,7 @@ class GateSpec:
     # Gemma 2/3 normalise each block's output before adding it to the residual stream, so a writer's output is not
     # what the stream receives: directional ablation of the writers is then an approximation
     post_block_norms: bool = False
+    final_norm_path: str = "norm"  # from the base transformer (architectures.base_transformer) to its final norm
 
 
 _LLAMA_LIKE = GateSpec("model.layers", "mlp.gate_proj")
@@ -51,7 +52,13 @@ ARCHITECTURES: dict[str, GateSpec] = {
     "gemma3_text": _GEMMA2_LIKE,
     "phi3": GateSpec("model.layers", "mlp.gate_up_proj", fused_gate_rows=True, up_path="mlp.gate_up_proj"),
     "gpt2": GateSpec(
-        "transformer.h", "mlp.c_fc", kind="conv1d", down_path="mlp.c_proj", up_path=None, attn_out_path="attn.c_proj"
+        "transformer.h",
+        "mlp.c_fc",
+        kind="conv1d",
+        down_path="mlp.c_proj",
+        up_path=None,
+        attn_out_path="attn.c_proj",
+        final_norm_path="ln_f",
     ),
     "gpt_neox": GateSpec(
         "gpt_neox.layers",
@@ -59,17 +66,31 @@ ARCHITECTURES: dict[str, GateSpec] = {
         down_path="mlp.dense_4h_to_h",
         up_path=None,
         attn_out_path="attention.dense",
+        final_norm_path="final_layer_norm",
     ),
     "gptj": GateSpec(
-        "transformer.h", "mlp.fc_in", down_path="mlp.fc_out", up_path=None, attn_out_path="attn.out_proj"
+        "transformer.h",
+        "mlp.fc_in",
+        down_path="mlp.fc_out",
+        up_path=None,
+        attn_out_path="attn.out_proj",
+        final_norm_path="ln_f",
     ),
-    "opt": GateSpec("model.decoder.layers", "fc1", down_path="fc2", up_path=None, attn_out_path="self_attn.out_proj"),
+    "opt": GateSpec(
+        "model.decoder.layers",
+        "fc1",
+        down_path="fc2",
+        up_path=None,
+        attn_out_path="self_attn.out_proj",
+        final_norm_path="decoder.final_layer_norm",
+    ),
     "falcon": GateSpec(
         "transformer.h",
         "mlp.dense_h_to_4h",
         down_path="mlp.dense_4h_to_h",
         up_path=None,
         attn_out_path="self_attention.dense",
+        final_norm_path="ln_f",
     ),
 }
 
@@ -312,3 +333,8 @@ def base_transformer(model: nn.Module) -> nn.Module:
     base = unwrap(model)
     prefix = getattr(base, "base_model_prefix", "")
     return getattr(base, prefix, base) if prefix else base
+
+
+def final_norm(model: nn.Module) -> nn.Module:
+    """The norm the last hidden state goes through before the LM head."""
+    return base_transformer(model).get_submodule(gate_spec(model).final_norm_path)

@@ -18,10 +18,13 @@ from ..errors import SurgeryError
 from . import architectures
 from .batching import length_sorted_batches, pad
 
-Pooling = Literal["mean", "last", "mean_drop_first"]
+Pooling = Literal["mean", "last", "mean_drop_first", "mean_final_norm"]
 # "mean_drop_first": the mean without each text's first token, whose hidden state in middle layers is often a
-# massive outlier (an attention sink) that a plain mean is dominated by; a one-token text keeps its token
-POOLINGS: tuple[str, ...] = ("mean", "last", "mean_drop_first")
+# massive outlier (an attention sink) that a plain mean is dominated by; a one-token text keeps its token.
+# "mean_final_norm": the mean of every token's state after the model's final norm (what the LM head reads of it),
+# so each token weighs by its direction, not its norm; the final hidden state is normed already, and gate inputs
+# (normed by their own layer) are averaged as they are
+POOLINGS: tuple[str, ...] = ("mean", "last", "mean_drop_first", "mean_final_norm")
 
 
 class _StopForward(Exception):
@@ -190,11 +193,15 @@ def pooled_states(
     hidden = {i: torch.empty(len(texts), width, dtype=torch.float32) for i in hidden_indices}
     gates = {layer: torch.empty(len(texts), width, dtype=torch.float32) for layer in gate_layers}
     batches = state_batches(model, tokenizer, texts, hidden_indices, gate_layers, batch_size, max_length, progress)
+    normed = pooling == "mean_final_norm"
+    norm = architectures.final_norm(model) if normed else None
+    full = architectures.full_num_layers(model)
+    plain: Pooling = "mean" if normed else pooling
     for batch, got_hidden, got_gates, mask in batches:
         for i, states in got_hidden.items():
-            hidden[i][batch] = pool(states, mask, pooling)
+            hidden[i][batch] = pool(norm(states) if normed and i != full else states, mask, plain)
         for layer, states in got_gates.items():
-            gates[layer][batch] = pool(states, mask, pooling)
+            gates[layer][batch] = pool(states, mask, plain)
     return hidden, gates
 
 
