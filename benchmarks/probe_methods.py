@@ -1,5 +1,6 @@
 """Held-out quality of each probe recipe: method (the paper's Adam head, difference of means, logistic
-regression solved to convergence) x pooling (mean, mean without the first token, last token), at one layer.
+regression solved to convergence) x pooling (mean, mean without the first token, last token, mean after the final
+norm), at one layer.
 
 Features of every pooling come from the same forward passes (``features.state_batches``). Each recipe is
 trained on the probe data's training split (``probe_test_fraction`` held out, as ``surgery probe`` does) and
@@ -21,6 +22,7 @@ import time
 import torch
 
 from surgery_plugin.config import SurgeryHyperParams
+from surgery_plugin.core import architectures
 from surgery_plugin.core.features import POOLINGS, pool, resolve_layer, state_batches
 from surgery_plugin.core.probe import ProbeTraining, train_probe
 from surgery_plugin.core.provenance import package_versions
@@ -38,10 +40,11 @@ def pooled_all_ways(model, tok, texts, index: int, max_length: int, desc: str) -
     out = {p: torch.empty(len(texts), 0) for p in POOLINGS}
     parts: dict[str, list] = {p: [] for p in POOLINGS}
     order: list[int] = []
+    norm = None if index == architectures.full_num_layers(model) else architectures.final_norm(model)
     for batch, hidden, _, mask in state_batches(model, tok, texts, [index], (), 16, max_length, desc=desc):
         order += batch
         for p in POOLINGS:
-            parts[p].append(pool(hidden[index], mask, p))
+            parts[p].append(pool(hidden[index], mask, p, norm))
     inverse = torch.empty(len(order), dtype=torch.long)
     inverse[torch.as_tensor(order)] = torch.arange(len(order))
     for p in POOLINGS:

@@ -105,8 +105,16 @@ def _model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def pool(states: torch.Tensor, mask: torch.Tensor, pooling: Pooling) -> torch.Tensor:
-    """Each text's states pooled over its real tokens (``mask``), as ``pooling`` says (:data:`POOLINGS`)."""
+def pool(
+    states: torch.Tensor, mask: torch.Tensor, pooling: Pooling, final_norm: nn.Module | None = None
+) -> torch.Tensor:
+    """Each text's states pooled over its real tokens (``mask``), as ``pooling`` says (:data:`POOLINGS`);
+    ``mean_final_norm`` runs ``final_norm`` over the states first (None: states that are normed already)."""
+    if pooling == "mean_final_norm":
+        if final_norm is not None:
+            with torch.no_grad():
+                states = final_norm(states)
+        pooling = "mean"
     states, mask = states.float().cpu(), mask.cpu()
     if pooling == "last":
         return states[torch.arange(states.shape[0]), mask.sum(1) - 1]
@@ -193,15 +201,13 @@ def pooled_states(
     hidden = {i: torch.empty(len(texts), width, dtype=torch.float32) for i in hidden_indices}
     gates = {layer: torch.empty(len(texts), width, dtype=torch.float32) for layer in gate_layers}
     batches = state_batches(model, tokenizer, texts, hidden_indices, gate_layers, batch_size, max_length, progress)
-    normed = pooling == "mean_final_norm"
-    norm = architectures.final_norm(model) if normed else None
+    norm = architectures.final_norm(model) if pooling == "mean_final_norm" else None
     full = architectures.full_num_layers(model)
-    plain: Pooling = "mean" if normed else pooling
     for batch, got_hidden, got_gates, mask in batches:
         for i, states in got_hidden.items():
-            hidden[i][batch] = pool(norm(states) if normed and i != full else states, mask, plain)
-        for layer, states in got_gates.items():
-            gates[layer][batch] = pool(states, mask, plain)
+            hidden[i][batch] = pool(states, mask, pooling, None if i == full else norm)
+        for layer, states in got_gates.items():  # normed by their own layer already
+            gates[layer][batch] = pool(states, mask, pooling)
     return hidden, gates
 
 
