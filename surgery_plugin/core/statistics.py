@@ -118,14 +118,22 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float:
     return float(np.corrcoef(rx, ry)[0, 1])
 
 
+def bootstrap_pairs(
+    statistic, x: Sequence[float], y: Sequence[float], n_boot: int = 2000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float, float]:
+    """``(statistic(x, y), low, high)``: a statistic of paired items and its percentile bootstrap interval over the
+    items (resamples where it is undefined, NaN, are left out)."""
+    a, b = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    draws = [statistic(a[i], b[i]) for i in rng.integers(0, a.size, size=(n_boot, a.size))]
+    draws = np.asarray([d for d in draws if d == d])
+    tail = (1 - level) / 2
+    low, high = np.quantile(draws, [tail, 1 - tail]) if draws.size else (float("nan"), float("nan"))
+    return float(statistic(a, b)), float(low), float(high)
+
+
 def bootstrap_spearman(
     x: Sequence[float], y: Sequence[float], n_boot: int = 2000, seed: int = 0, level: float = 0.95
 ) -> tuple[float, float, float]:
     """``(rho, low, high)``: Spearman's rho and its percentile bootstrap interval over the (x, y) pairs."""
-    a, b = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    rng = np.random.default_rng(seed)
-    draws = [spearman(a[i], b[i]) for i in rng.integers(0, a.size, size=(n_boot, a.size))]
-    draws = np.asarray([d for d in draws if d == d])
-    tail = (1 - level) / 2
-    low, high = np.quantile(draws, [tail, 1 - tail]) if draws.size else (float("nan"), float("nan"))
-    return spearman(a, b), float(low), float(high)
+    return bootstrap_pairs(spearman, x, y, n_boot, seed, level)
