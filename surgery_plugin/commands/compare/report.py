@@ -155,6 +155,11 @@ def render_markdown(result: dict, plot: str | None) -> str:
             "peak memory | saved edit | claim holds |",
             "|---|---|---|---|---|---|---|---|",
         ]
+        own = methods["surgery-shipped"].get("paired", {}).get("suites", {}).get(suite, {}).get("outcomes", {})
+        lines.append(
+            f"| **{methods['surgery-shipped']['label']}** | {_interval(own.get(f'toxic/{judge}'))} | 0 | - | "
+            "1x | 1x | 1x | - |"
+        )
         for e in equal:
             ratios = " | ".join(
                 "n/a" if e["cost_ratio"][k] is None else f"{e['cost_ratio'][k]:.3g}x" for k in COST_KEYS
