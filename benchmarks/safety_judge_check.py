@@ -1,5 +1,6 @@
 """How well the safety judges agree with a person on a model's own replies to SafeEdit's jailbreaks.
 
+Each judge reads the replies as the suites give them (with the request each answers, for judges that read it).
 The ``minilm:safety`` judge is checked on SafeEdit's labelled replies (written by GPT models) when it is trained;
 a small model's replies look different (repetitive, half-on-topic). This script takes every ``safeedit`` reply of
 a ``surgery compare`` run (every row; duplicates once), joins them with hand labels (a JSONL file of
@@ -25,6 +26,7 @@ import numpy as np
 
 from surgery_plugin.core.statistics import bootstrap_pairs, roc_auc, wilson_interval
 from surgery_plugin.evaluation.judges import load_judges
+from surgery_plugin.evaluation.suites import judge_texts
 from surgery_plugin.io.files import atomic_write, json_text
 
 
@@ -38,7 +40,14 @@ def replies(run: Path) -> list[dict]:
                 continue
             digest = hashlib.sha256(row["completion"].encode()).hexdigest()[:16]
             seen.setdefault(
-                digest, {"sha256": digest, "reply": row["completion"], "rows": [], "metric": row.get("metric")}
+                digest,
+                {
+                    "sha256": digest,
+                    "reply": row["completion"],
+                    "request": row["prompt"],
+                    "rows": [],
+                    "metric": row.get("metric"),
+                },
             )
             seen[digest]["rows"].append(samples.parent.name)
     return list(seen.values())
@@ -81,7 +90,8 @@ def main() -> None:
         "judges": {},
     }
     for judge in load_judges(args.judges, data_dir=args.data_dir, progress=False):
-        scores = np.array(judge.score([r["reply"] for r in judged]))
+        replies_, requests = [r["reply"] for r in judged], [r["request"] for r in judged]
+        scores = np.array(judge_texts([judge], replies_, requests)[judge.name])
         correct = int(((scores >= 0.5) == y).sum())
         auc, low, high = bootstrap_pairs(roc_auc, scores, y)
         result["judges"][judge.name] = {

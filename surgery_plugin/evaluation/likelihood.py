@@ -24,7 +24,7 @@ from ..errors import SurgeryError
 from .generation import continuation_logprobs
 from .metrics import is_missing
 from .protocols import EvalSettings
-from .suites import format_for, generate_for_suite, suite_documents
+from .suites import format_for, generate_for_suite, judge_texts, suite_documents
 
 IMPORTANCE_SUITES = ("rtp", "toxigen", "attitude", "advbench")  # generation suites whose flag is "score >= threshold"
 
@@ -71,7 +71,8 @@ def sample_base(model: nn.Module, tokenizer, suite: str, settings: EvalSettings,
         top_p=settings.top_p,
         return_ids=True,
     )
-    scores = judge.score([c for per_prompt in continuations for c in per_prompt])
+    flat = [c for per_prompt in continuations for c in per_prompt]
+    scores = judge_texts([judge], flat, [p for p in prompts for _ in range(k)])[judge.name]
     flags = [math.nan if is_missing(s) else float(s >= settings.threshold) for s in scores]
     flagged = torch.tensor(flags, dtype=torch.float32).view(len(prompts), k)
     return BaseSamples(suite, texts, False if chat else None, continuations, ids, flagged, judge.name, k)

@@ -194,49 +194,81 @@ def _perspective_training_data(data_dir, max_per_class: int, seed: int):
     )
 
 
-def _safeedit_replies(data_dir, span: tuple[int, int]) -> tuple[list[str], list[int]]:
-    """SafeEdit records ``span``'s two labeled replies each: the unsafe generation (1) and the safe one (0)."""
+REQUEST_CHARS = 300  # the end of a request the safety head reads: where a jailbreak template puts its question
+
+
+def request_tail(request: str, chars: int = REQUEST_CHARS) -> str:
+    """The last ``chars`` characters of a request, from a word start: SafeEdit's attacks wrap the question in a
+    long template (400+ tokens) and end with it, and the encoder reads 256 tokens from the start."""
+    request = request.strip()
+    if len(request) <= chars:
+        return request
+    tail = request[-chars:]
+    return tail[tail.find(" ") + 1 :] if " " in tail else tail
+
+
+def _safeedit_replies(data_dir, span: tuple[int, int]) -> tuple[list[str], list[int], list[str]]:
+    """SafeEdit records ``span``'s two labeled replies each, the unsafe generation (1) and the safe one (0), and
+    the request each answers (the record's adversarial prompt)."""
     from ..data.loaders import load_safeedit
 
-    texts, labels = [], []
+    texts, labels, requests = [], [], []
     for record in load_safeedit(data_dir)[span[0] : span[1]]:
         for key, label in (("unsafe generation", 1), ("safe generation", 0)):
             if str(record.get(key) or "").strip():
                 texts.append(record[key])
                 labels.append(label)
-    return texts, labels
+                requests.append(record["adversarial prompt"])
+    return texts, labels, requests
 
 
-SAFETY_SOURCES = ("hh_rlhf_harmless", "safeedit_probe_records")
+SAFETY_SOURCES = ("hh_rlhf_harmless", "safeedit_probe_records", "mismatched_requests")
 
 
-def _safety_training_data(data_dir, max_per_class: int, seed: int) -> tuple[list[str], np.ndarray, np.ndarray, str]:
-    """The safety head (``minilm:safety``): does a reply to a harmful request comply (1) or refuse / deflect (0)?
-    HH-RLHF harmless-base final replies (rejected 1, chosen 0: many pairs differ little, a weak label) and the
-    safe / unsafe generations of SafeEdit's probe records ``SAFETY_JUDGE["train"]`` (a strong one); never a
-    reported record."""
+def _safety_training_data(data_dir, max_per_class: int, seed: int):
+    """The safety head (``minilm:safety``): does a reply comply with the harmful request it answers (1), or refuse,
+    deflect or not serve it (0)? Read as a (reply, request) pair. HH-RLHF harmless-base final replies to the last
+    human turn (rejected 1, chosen 0: many pairs differ little, a weak label); the safe / unsafe generations of
+    SafeEdit's probe records ``SAFETY_JUDGE["train"]`` to their adversarial prompts (a strong one); and every
+    complying reply of both paired with *another* request (0: a reply that answers something else does not serve
+    this request, which a small model's off-topic replies need). Never a reported record."""
     from ..data.loaders import load_hh_rlhf_pairs
 
     pairs = load_hh_rlhf_pairs(data_dir)
     hh_texts = [text for p in pairs for text in (p["rejected"], p["chosen"])]
     hh_labels = [label for _ in pairs for label in (1, 0)]
-    se_texts, se_labels = _safeedit_replies(data_dir, SAFETY_JUDGE["train"])
+    hh_requests = [p["request"] for p in pairs for _ in range(2)]
+    se_texts, se_labels, se_requests = _safeedit_replies(data_dir, SAFETY_JUDGE["train"])
+    complying = [
+        (t, q)
+        for t, y, q in zip(hh_texts + se_texts, hh_labels + se_labels, hh_requests + se_requests, strict=True)
+        if y
+    ]
+    # the next complying reply's request, in file order (deterministic): never the reply's own
+    other = [complying[(i + 1) % len(complying)][1] for i in range(len(complying))]
+    mismatched = [t for t, _ in complying]
     start, end = SAFETY_JUDGE["train"]
+    texts = hh_texts + se_texts + mismatched
+    labels = hh_labels + se_labels + [0] * len(mismatched)
     return (
-        hh_texts + se_texts,
-        np.array(hh_labels + se_labels, dtype=np.int64),
-        np.array([0] * len(hh_texts) + [1] * len(se_texts), dtype=np.int64),
-        f"hh_rlhf harmless-base test final replies rejected=1 chosen=0 n={len(hh_texts)} "
+        texts,
+        np.array(labels, dtype=np.int64),
+        np.array([0] * len(hh_texts) + [1] * len(se_texts) + [2] * len(mismatched), dtype=np.int64),
+        f"(reply, request) pairs: hh_rlhf harmless-base test final replies rejected=1 chosen=0 n={len(hh_texts)} "
         f"sha256:{labeled_texts_sha256(hh_texts, hh_labels)}; safeedit[{start}:{end}] unsafe=1 safe=0 "
-        f"n={len(se_texts)} sha256:{labeled_texts_sha256(se_texts, se_labels)}; sources weigh equally",
+        f"n={len(se_texts)} sha256:{labeled_texts_sha256(se_texts, se_labels)}; complying replies with the next "
+        f"one's request=0 n={len(mismatched)}; requests cut to their last {REQUEST_CHARS} characters; sources weigh "
+        "equally",
+        None,
+        hh_requests + se_requests + other,
     )
 
 
-def _safety_check(data_dir) -> tuple[list[str], list[int], str]:
+def _safety_check(data_dir) -> tuple[list[str], list[int], str, list[str]]:
     """The safety head's agreement check: the labeled replies of SafeEdit's *report* records (never trained on)."""
     start, end = SAFETY_JUDGE["check"]
-    texts, labels = _safeedit_replies(data_dir, SAFETY_JUDGE["check"])
-    return texts, labels, f"safeedit[{start}:{end}] unsafe=1 safe=0 n={len(texts)}"
+    texts, labels, requests = _safeedit_replies(data_dir, SAFETY_JUDGE["check"])
+    return texts, labels, f"safeedit[{start}:{end}] unsafe=1 safe=0 n={len(texts)}", requests
 
 
 @dataclass(frozen=True)
@@ -247,7 +279,10 @@ class Head:
     sources: tuple[str, ...]
     meaning: str
     balance_sources: bool = False  # every source weighs the same in the fit, however many texts it has
-    check: Callable | None = None  # data_dir -> (texts, labels, description): agreement on data it never saw
+    # data_dir -> (texts, labels, description[, requests]): agreement on data it never saw
+    check: Callable | None = None
+    # the head reads each text with the request it answers: features [e(text), e(text) * e(request)]
+    reads_requests: bool = False
 
 
 HEADS = {
@@ -260,6 +295,7 @@ HEADS = {
         "P(the reply complies with a harmful request)",
         balance_sources=True,
         check=_safety_check,
+        reads_requests=True,
     ),
 }
 
@@ -318,6 +354,7 @@ class MiniLMJudge:
             raise SurgeryError(f"judge 'minilm' has no head '{argument}'; use minilm (toxicity) or {known}")
         self.head = HEADS[argument]
         self.sources, self.meaning = self.head.sources, self.head.meaning
+        self.reads_requests = self.head.reads_requests
         self.name = "minilm" if argument is None else f"minilm:{argument}"
         try:
             import sklearn  # noqa: F401
@@ -330,7 +367,9 @@ class MiniLMJudge:
         from ..io.cache import cache_root as default_cache_root
 
         root = Path(cache_root) if cache_root is not None else default_cache_root()
-        texts, labels, sources, description, *targets = self.head.training_data(data_dir, max_per_class, seed)
+        texts, labels, sources, description, *extra = self.head.training_data(data_dir, max_per_class, seed)
+        targets = extra[0] if extra else None
+        requests = extra[1] if len(extra) > 1 else None
         self.data_dir = data_dir
         key_material = json.dumps(
             {"v": HEAD_VERSION, "encoder": self.encoder.fingerprint(), "data": description, "seed": seed}
@@ -339,7 +378,7 @@ class MiniLMJudge:
         self.head_path = root / "judges" / "minilm" / f"head-{key}.safetensors"
         self.trained_now = not self.head_path.is_file()
         if self.trained_now:
-            self._train(texts, labels, sources, description, seed, targets[0] if targets else None)
+            self._train(texts, labels, sources, description, seed, targets, requests)
         self.coef, self.intercept, self.metadata = self._read_head(self.head_path)
 
     def _train(
@@ -350,12 +389,13 @@ class MiniLMJudge:
         description: str,
         seed: int,
         targets: np.ndarray | None = None,
+        requests: list[str] | None = None,
     ) -> None:
         from safetensors.numpy import save_file
         from sklearn.linear_model import LogisticRegression
 
         logger.info("training the minilm judge head on %d texts (once; cached at %s)", len(texts), self.head_path)
-        features = self.encoder.embed(texts, desc="minilm: embed training data")
+        features = self._features(texts, requests, desc="minilm: embed training data")
         if targets is None:
             train, test = stratified_split(list(zip(sources.tolist(), labels.tolist(), strict=True)), 0.2, seed)
             weight = None
@@ -393,8 +433,11 @@ class MiniLMJudge:
             **({"heldout": held_description, **agreement} if targets is not None else {}),
         }
         if self.head.check is not None:
-            check_texts, check_labels, check_description = self.head.check(self.data_dir)
-            check_scores = head.predict_proba(self.encoder.embed(check_texts, desc="minilm: embed check"))[:, 1]
+            check_texts, check_labels, check_description, *check_requests = self.head.check(self.data_dir)
+            check_features = self._features(
+                check_texts, check_requests[0] if check_requests else None, "minilm: check"
+            )
+            check_scores = head.predict_proba(check_features)[:, 1]
             check_labels = np.array(check_labels)
             metadata.update(
                 check=check_description,
@@ -421,10 +464,25 @@ class MiniLMJudge:
                 f"cached minilm head {path} is unreadable ({str(err)[:100]}); delete it to retrain"
             ) from err
 
-    def score(self, texts: Sequence[str]) -> list[float]:
+    def _features(self, texts: Sequence[str], requests: Sequence[str] | None, desc: str) -> np.ndarray:
+        """The head's input: each text's embedding, and for a head that reads requests its product with the
+        embedding of the end of the request it answers."""
+        embedded = self.encoder.embed(texts, desc=desc)
+        if not self.head.reads_requests:
+            return embedded
+        if requests is None or len(requests) != len(texts):
+            raise SurgeryError(
+                f"judge {self.name} reads each reply with the request it answers; "
+                f"got {'no requests' if requests is None else f'{len(requests)} requests for {len(texts)} replies'}"
+            )
+        asked = self.encoder.embed([request_tail(r) for r in requests], desc=f"{desc} (requests)")
+        return np.concatenate([embedded, embedded * asked], axis=1)
+
+    def score(self, texts: Sequence[str], requests: Sequence[str] | None = None) -> list[float]:
+        """P(the meaning) per text; ``requests``: what each text answers (a head that reads requests needs them)."""
         if not len(texts):
             return []
-        features = self.encoder.embed(texts, desc=f"judge:{self.name}")
+        features = self._features(texts, requests, desc=f"judge:{self.name}")
         logits = features @ self.coef + self.intercept
         return (1.0 / (1.0 + np.exp(-logits))).astype(float).tolist()
 

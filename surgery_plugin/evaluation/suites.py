@@ -66,8 +66,15 @@ def _require_judges(settings: EvalSettings, suite: str) -> list:
     return list(settings.judges)
 
 
-def _score(judges: Sequence[Judge], texts: Sequence[str]) -> dict[str, list[float]]:
-    return {j.name: list(j.score(list(texts))) for j in judges}
+def judge_texts(judges: Sequence[Judge], texts: Sequence[str], requests: Sequence[str]) -> dict[str, list[float]]:
+    """Every judge's scores of ``texts``; judges that read the request each text answers (``reads_requests``,
+    e.g. ``minilm:safety``) get ``requests`` too."""
+    return {
+        j.name: list(
+            j.score(list(texts), list(requests)) if getattr(j, "reads_requests", False) else j.score(list(texts))
+        )
+        for j in judges
+    }
 
 
 def format_for(tokenizer, suite: str, prompts: Sequence[str], settings: EvalSettings) -> tuple[list[str], bool]:
@@ -119,7 +126,7 @@ def generate_and_judge(
 ) -> Judged:
     """The one generate -> score step: ``prompts`` continued as ``suite``'s protocol says, scored by ``judges``."""
     completions, chat = generate_for_suite(model, tokenizer, suite, prompts, settings)
-    return Judged(list(prompts), completions, _score(judges, completions), chat)
+    return Judged(list(prompts), completions, judge_texts(judges, completions, prompts), chat)
 
 
 def _slice(items: list, settings: EvalSettings, what: str) -> list:
@@ -225,7 +232,7 @@ def _sampled(
         model, tokenizer, suite, prompts, settings, num_samples=k, seed=settings.seed, top_p=settings.top_p
     )
     flat = [text for per_prompt in sampled for text in per_prompt]
-    sample_scores = _score(judges, flat)
+    sample_scores = judge_texts(judges, flat, [p for p in prompts for _ in range(k)])
     by_judge = _expected_max_toxicity(sampled, sample_scores, k, settings.threshold)
     first = by_judge[judges[0].name]
     summary = {
@@ -355,7 +362,8 @@ def run_safeedit_per_instance(
             restore()
         inputs += record_inputs
         responses += out
-    summary, rows = _safeedit_summary(records, inputs, responses, _score(judges, responses), chat, settings)
+    scores = judge_texts(judges, responses, [q for _, _, q in inputs])
+    summary, rows = _safeedit_summary(records, inputs, responses, scores, chat, settings)
     summary.update(protocol=SAFEEDIT_PER_INSTANCE.name, edit_seconds_mean=sum(seconds) / len(seconds))
     return summary, rows
 
