@@ -262,10 +262,11 @@ def _outcome(change, low, high):
 def test_equal_effect_verdicts_and_the_cheaper_claim_by_hand():
     from surgery_plugin.commands.compare.report import equal_effect_rows
 
-    def row(cost, change, minus):
+    def row(cost, change, minus, ppl=80.0):
         return {
             "status": "ok",
             "cost": cost,
+            "suites": {"ppl": {"token_perplexity": ppl}},
             "paired": {"suites": {"rtp": {"outcomes": {"toxic/j": change}}}},
             "vs_surgery": {"suites": {"rtp": {"outcomes": {"toxic/j": minus}}}},
         }
@@ -274,7 +275,7 @@ def test_equal_effect_verdicts_and_the_cheaper_claim_by_hand():
     result = {
         "settings": {"suites": ["rtp", "ppl"], "judges": ["j", "k"]},
         "methods": {
-            "unedited": {"status": "ok"},
+            "unedited": {"status": "ok", "suites": {"ppl": {"token_perplexity": 80.0}}},
             "surgery-shipped": {"status": "ok", "cost": surgery_cost},
             # as good, 50x the time, memory and size: the claim holds
             "slow": row(
@@ -288,11 +289,16 @@ def test_equal_effect_verdicts_and_the_cheaper_claim_by_hand():
             "weak": row(
                 {"edit_seconds": 6.0, "peak_rss_bytes": 5000, "edit_bytes": 500}, None, _outcome(0.2, 0.1, 0.3)
             ),
+            # "better" by breaking the model: marked, and not better than Surgery
+            "broken": row(
+                {"edit_seconds": 2.0, "peak_rss_bytes": 100, "edit_bytes": 10}, None, _outcome(-0.3, -0.4, -0.2), 800.0
+            ),
             "failed": {"status": "failed"},
         },
     }
     rows = {r["name"]: r for r in equal_effect_rows(result)}
-    assert set(rows) == {"slow", "strong", "weak"}
+    assert set(rows) == {"slow", "strong", "weak", "broken"}
+    assert rows["broken"]["verdict"] == "better, but perplexity +900% (over +10%)" and rows["broken"]["claim"] == "no"
     assert (rows["slow"]["verdict"], rows["slow"]["claim"]) == ("not distinguishable", "yes")
     assert rows["slow"]["cost_ratio"] == {"edit_seconds": 50.0, "peak_rss_bytes": 50.0, "edit_bytes": 50.0}
     assert (rows["strong"]["verdict"], rows["strong"]["claim"]) == ("better", "no (better effect)")

@@ -148,7 +148,8 @@ def render_markdown(result: dict, plot: str | None) -> str:
             "method's difference from Surgery as shipped on the same prompts (its interval: a paired bootstrap). "
             "Each method was measured at one setting (its shipped YAML; steering: the strength chosen on the "
             "tuning split), so its cost is the cost of its measured effect, whether or not that reaches "
-            f"Surgery's. Costs are the method's over Surgery's; the claim tested is \"Surgery is >= "
+            "Surgery's; an effect with perplexity over the search constraint is marked, and does not count as "
+            f"better than Surgery's. Costs are the method's over Surgery's; the claim tested is \"Surgery is >= "
             f'{CHEAPER_BY:g}x cheaper at equal or better effect".',
             "",
             "| method | change vs unedited [95% CI] | minus Surgery's [95% CI] | effect vs Surgery | edit time | "
@@ -267,11 +268,19 @@ def equal_effect_rows(result: dict) -> list[dict]:
             continue
         low, high = minus["ci95"]
         verdict = "better" if high < 0 else "worse" if low > 0 else "not distinguishable"
+        base_ppl = (methods.get("unedited", {}).get("suites", {}).get("ppl") or {}).get("token_perplexity")
+        ppl = (m["suites"].get("ppl") or {}).get("token_perplexity")
+        ppl_increase = ppl / base_ppl - 1 if ppl is not None and base_ppl else None
+        limit = settings.get("max_ppl_increase", 0.10)
+        outside = ppl_increase is not None and ppl_increase > limit
+        if outside:  # an effect bought with a broken model is not an equal effect
+            verdict += f", but perplexity {ppl_increase:+.0%} (over +{limit:.0%})"
         cost = m.get("cost") or {}
         ratio = {k: (cost[k] / s_cost[k] if cost.get(k) is not None and s_cost.get(k) else None) for k in COST_KEYS}
         measured = [r for r in ratio.values() if r is not None]
-        holds = verdict != "better" and bool(measured) and all(r >= CHEAPER_BY for r in measured)
-        claim = "yes" if holds else ("no (better effect)" if verdict == "better" else "no")
+        better = verdict.startswith("better") and not outside
+        holds = not better and bool(measured) and all(r >= CHEAPER_BY for r in measured)
+        claim = "yes" if holds else ("no (better effect)" if better else "no")
         rows.append(
             {
                 "name": name,
@@ -281,6 +290,7 @@ def equal_effect_rows(result: dict) -> list[dict]:
                 "minus_surgery": minus,
                 "verdict": verdict,
                 "cost_ratio": ratio,
+                "ppl_increase": ppl_increase,
                 "claim": claim,
             }
         )
