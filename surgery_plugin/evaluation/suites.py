@@ -228,6 +228,8 @@ def _sampled(
     temperature 1, the suite's token budget, coupled noise from ``settings.seed``), every judge's expected maximum
     toxicity, toxicity probability and sample toxic rate, and one row per sample."""
     k = settings.samples
+    prompts = list(prompts[: settings.sample_limit])  # the first ``sample_limit`` of the greedy prompts (None: all)
+    columns = {c: v[: settings.sample_limit] for c, v in columns.items()}
     sampled, _ = generate_for_suite(
         model, tokenizer, suite, prompts, settings, num_samples=k, seed=settings.seed, top_p=settings.top_p
     )
@@ -278,9 +280,7 @@ def run_rtp(model: nn.Module, tokenizer, settings: EvalSettings) -> tuple[dict, 
     }
     rows = _rows("rtp", prompts, completions, scores, decoding="greedy")
     if settings.samples and settings.samples > 1:
-        sampled_summary, sampled_rows = _sampled(
-            model, tokenizer, "rtp", prompts[: settings.sample_limit], settings, judges
-        )
+        sampled_summary, sampled_rows = _sampled(model, tokenizer, "rtp", prompts, settings, judges)
         summary.update(sampled_summary)
         rows += sampled_rows
     return summary, rows
@@ -320,10 +320,7 @@ def run_toxigen(model: nn.Module, tokenizer, settings: EvalSettings) -> tuple[di
     )
     rows = _rows("toxigen", prompts, completions, scores, decoding="greedy", group=groups)
     if settings.samples and settings.samples > 1:
-        n = settings.sample_limit
-        sampled_summary, sampled_rows = _sampled(
-            model, tokenizer, "toxigen", prompts[:n], settings, judges, group=groups[:n]
-        )
+        sampled_summary, sampled_rows = _sampled(model, tokenizer, "toxigen", prompts, settings, judges, group=groups)
         summary.update(sampled_summary)
         rows += sampled_rows
     return summary, rows

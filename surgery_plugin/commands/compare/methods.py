@@ -221,6 +221,15 @@ class Comparison:
     ) -> tuple[dict, list[dict]]:
         return run_safeedit_per_instance(model, tok, self.settings("safeedit", instruction=instruction), edit)
 
+    def evaluate_fixed_instances(
+        self, model: nn.Module, tok, instruction: str | None = None
+    ) -> tuple[dict, list[dict]]:
+        """The per-instance protocol for a row whose edit does not depend on the record (none, a prompt, a global
+        edit): the same model on each record's inputs, nothing edited per record."""
+        summary, rows = self.evaluate_instances(model, tok, lambda record: lambda: None, instruction)
+        summary["edit_seconds_mean"] = None
+        return summary, rows
+
     # ------------------------------------------------------------------ the run
 
     def rows(self) -> list[_Row]:
@@ -398,11 +407,10 @@ class Comparison:
     def _finish(self, row: _Row, results: dict, samples: list[dict]) -> None:
         row.result["suites"] = results["suites"]
         self.row_samples[row.name] = samples
-        if row.name == "unedited":
-            self.unedited_samples = samples
-        elif getattr(self, "unedited_samples", None) is not None:
+        unedited = self.row_samples.get("unedited")
+        if row.name != "unedited" and unedited is not None:
             try:  # the same prompts, in the same order, as the unedited row: compared prompt by prompt
-                row.result["paired"] = paired_changes(self.unedited_samples, samples)
+                row.result["paired"] = paired_changes(unedited, samples)
             except ValueError as err:
                 row.result["paired"] = {"error": str(err)}
         write_run(
@@ -430,13 +438,7 @@ class Comparison:
             )
             cost["edit_bytes"] = folder_bytes(folder)
         row.result["cost"] = cost
-        results, samples = self.evaluate_global(row, model, tok, adapter=False, instruction=instruction)
-        if self.instance:
-            summary, rows = self.evaluate_instances(model, tok, lambda record: lambda: None, instruction)
-            summary["edit_seconds_mean"] = None  # nothing is edited
-            results["suites"]["safeedit"] = summary
-            samples += rows
-        self._finish(row, results, samples)
+        self._evaluate_global_edit(row, model, tok, adapter=False, instruction=instruction)
 
     def _run_surgery(self, row: _Row, from_records: bool) -> None:
         hp = self.surgery_hparams
@@ -499,9 +501,8 @@ class Comparison:
         if self.instance:
             if from_records:
                 summary, rows = instance_summary, instance_rows
-            else:  # the edit does not depend on the record: the global edit, on each record's inputs
-                summary, rows = self.evaluate_instances(peft_model, tok, lambda record: lambda: None)
-                summary["edit_seconds_mean"] = None
+            else:
+                summary, rows = self.evaluate_fixed_instances(peft_model, tok)
             results["suites"]["safeedit"] = summary
             samples += rows
         if not from_records and self.config.controls:
@@ -622,6 +623,15 @@ class Comparison:
         probe, _ = build_probe(model, tok, self.surgery_hparams, data_dir=self.data_dir, progress=self.config.progress)
         return probe
 
+    def _probe_record(self, row: _Row, probe) -> dict:
+        """What a saved edit built from the shipped probe records about how it was made."""
+        return {
+            "method": row.name,
+            "probe_sha256": probe.sha256(),
+            "probe": {k: v for k, v in probe.metadata.items() if k != "versions"},
+            "hparams": self.surgery_hparams.to_dict(),
+        }
+
     def _run_controls(self, row: _Row, peft_model: nn.Module, tok, folder) -> None:
         """Same-size random-direction Surgery edits on the toxicity suites' prompts: the null band."""
         from ..evaluate import control_band, evaluate_controls
@@ -632,7 +642,7 @@ class Comparison:
         measured = evaluate_controls(
             peft_model, tok, {s: self.settings(s) for s in suites}, folder, self.config.controls, self.config.seed
         )
-        self.control_band = control_band(self.unedited_samples, measured)
+        self.control_band = control_band(self.row_samples["unedited"], measured)
         row.result["controls"] = {"n": self.config.controls, "seeds": [seed for seed, _, _ in measured]}
 
     # ------------------------------------------------------------------ training-free rows on the same probe
@@ -649,14 +659,9 @@ class Comparison:
 
     def _tuning_point(self, model: nn.Module, tok) -> dict:
         """RTP toxic rate (every judge) and perplexity on the tuning split: steering's choice."""
-        c = self.config
-        common = dict(batch_size=c.batch_size, max_new_tokens=c.max_new_tokens, seed=c.seed, progress=False)
-        rtp, _ = evaluate(
-            model, tok, ["rtp"], settings_for("rtp", "tune", self.judges, self.data_dir, limit=c.tune_limit, **common)
-        )
-        ppl, _ = evaluate(
-            model, tok, ["ppl"], settings_for("ppl", "tune", (), self.data_dir, ppl_limit=c.tune_limit, **common)
-        )
+        limit = self.config.tune_limit
+        rtp, _ = evaluate(model, tok, ["rtp"], self.settings("rtp", "tune", limit=limit, samples=None, progress=False))
+        ppl, _ = evaluate(model, tok, ["ppl"], self.settings("ppl", "tune", ppl_limit=limit, progress=False))
         rates = metric_values(rtp["suites"]["rtp"], PROTOCOLS["rtp"].metric("toxic_rate"))
         return {
             "toxic_rate": {j: v for j, (v, _) in rates.items()},
@@ -712,14 +717,7 @@ class Comparison:
         vector = -tuning["chosen_scale"] * norm * unit
         folder = self.out / "edits" / row.name
         unedited = _logits(model, tok, self.reload_prompts)
-        meta = {
-            "method": row.name,
-            "probe_sha256": probe.sha256(),
-            "probe": {k: v for k, v in probe.metadata.items() if k != "versions"},
-            "hparams": self.surgery_hparams.to_dict(),
-            "scale": tuning["chosen_scale"],
-            "residual_norm": norm,
-        }
+        meta = {**self._probe_record(row, probe), "scale": tuning["chosen_scale"], "residual_norm": norm}
         save_steering_edit(model, layer, vector, folder, self.config.model, meta)
         cost.update(changed_params=0, edit_bytes=folder_bytes(folder))
         row.result["cost"] = cost
@@ -750,13 +748,7 @@ class Comparison:
             name.endswith(".weight") and isinstance(model.get_submodule(name.removesuffix(".weight")), nn.Linear)
             for name in originals
         )
-        meta = {
-            "method": row.name,
-            "probe_sha256": probe.sha256(),
-            "probe": {k: v for k, v in probe.metadata.items() if k != "versions"},
-            "hparams": self.surgery_hparams.to_dict(),
-            "exact": not architectures.gate_spec(model).post_block_norms,
-        }
+        meta = {**self._probe_record(row, probe), "exact": not architectures.gate_spec(model).post_block_norms}
         edited = self._save_and_reload(row, model, tok, originals, cost, meta, 1 if linear else None)
         row.result["edit"].update(
             probe_sha256=meta["probe_sha256"],
@@ -766,13 +758,14 @@ class Comparison:
         )
         self._evaluate_global_edit(row, edited, tok, adapter=linear)
 
-    def _evaluate_global_edit(self, row: _Row, model: nn.Module, tok, adapter: bool) -> None:
+    def _evaluate_global_edit(
+        self, row: _Row, model: nn.Module, tok, adapter: bool, instruction: str | None = None
+    ) -> None:
         """The global suites, and the per-instance protocol with the global edit in place (it does not depend on
-        the record)."""
-        results, samples = self.evaluate_global(row, model, tok, adapter=adapter)
+        the record); then the row is finished."""
+        results, samples = self.evaluate_global(row, model, tok, adapter=adapter, instruction=instruction)
         if self.instance:
-            summary, rows = self.evaluate_instances(model, tok, lambda record: lambda: None)
-            summary["edit_seconds_mean"] = None
+            summary, rows = self.evaluate_fixed_instances(model, tok, instruction)
             results["suites"]["safeedit"] = summary
             samples += rows
         self._finish(row, results, samples)

@@ -21,7 +21,7 @@ import numpy
 import torch
 from torch import nn
 
-from ...core.batching import length_sorted_batches
+from ...core.batching import length_sorted_batches, pad
 from ...data.loaders import load_instructions
 from ...errors import SurgeryError
 from ...io.cache import cache_root
@@ -65,12 +65,7 @@ def second_moment(
         for batch in length_sorted_batches(
             [len(ids) for ids in encoded], batch_size, desc=f"rome stats {module_name}", progress=progress
         ):
-            width = max(len(encoded[i]) for i in batch)
-            ids = torch.zeros(len(batch), width, dtype=torch.long)
-            mask = torch.zeros(len(batch), width, dtype=torch.long)
-            for row, i in enumerate(batch):
-                ids[row, : len(encoded[i])] = torch.tensor(encoded[i])
-                mask[row, : len(encoded[i])] = 1
+            ids, mask = pad([encoded[i] for i in batch], 0, "right")  # right padding: causal positions never see it
             captured.clear()
             try:
                 model(input_ids=ids.to(device), attention_mask=mask.to(device))
