@@ -679,12 +679,15 @@ def test_random_direction_controls_give_every_row_its_null_band(tiny_run):
 
 
 @pytest.mark.real_model
-def test_steering_chooses_its_strength_on_the_tuning_split_and_saves_a_vector(tiny_run):
+def test_steering_chooses_its_strength_on_the_tuning_split_and_saves_an_adapter(tiny_run):
     steering = tiny_run.result["methods"]["steering"]
     tuning, edit = steering["tuning"], steering["edit"]
     assert [p["scale"] for p in tuning["points"]] == [0.1, 1.0] and tuning["split"] == "tune"
     assert tuning["chosen_scale"] in (0.1, 1.0) and edit["scale"] == tuning["chosen_scale"]
-    assert edit["kind"] == "steering" and edit["layer"] == 1  # the tiny YAML's probe layer
+    assert edit["kind"] == "lora" and edit["layer"] == 1  # the tiny YAML's probe layer
+    # saved as a PEFT lora_bias adapter on the down projection before the probe layer (Llama: exact)
+    config = json.loads((tiny_run.out / "edits" / "steering" / "adapter_config.json").read_text())
+    assert config["lora_bias"] and config["target_modules"] == ["model.layers.0.mlp.down_proj"]
     assert edit["vector_norm"] == pytest.approx(edit["scale"] * edit["residual_norm"], rel=1e-4)
     assert steering["cost"]["changed_params"] == 0 and steering["cost"]["edit_bytes"] > 0
     assert edit["probe_sha256"] == tiny_run.result["methods"]["ablation"]["edit"]["probe_sha256"]
@@ -801,3 +804,72 @@ def test_the_saved_baselines_reproduce_the_evaluated_smollm2(smollm2_run, smollm
     model, tok = smollm2
     changed = _check_saved_edits_reproduce_the_evaluated_models(smollm2_run.out, model, tok, sorted(BASELINE_KINDS))
     assert changed == sorted(BASELINE_KINDS)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "phi3", "gpt_neox", "falcon"])
+def test_steering_saved_as_a_peft_lora_bias_adapter_equals_the_hook(tmp_path, model_type):
+    from peft import PeftModel
+
+    from surgery_plugin.core.steering import added_direction
+    from surgery_plugin.io.saved_edits import adapter_changed_params, save_steering
+
+    model = make_tiny(model_type)
+    size = model.config.hidden_size
+    vector = torch.randn(size, generator=torch.Generator().manual_seed(0))
+    with added_direction(model, 2, vector):
+        expected = _logits(model)
+    ids = torch.tensor([[5, 9, 13, 17, 21]])
+    folder = save_steering(model, 2, vector, tmp_path / "steer", f"tiny-{model_type}", ids, {"method": "test"})
+    record = read_edit_record(folder)
+    assert record["kind"] == "lora" and record["steering_layer"] == 2 and "hook_because" not in record
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert config["lora_bias"] is True and config["r"] == 1 and len(config["target_modules"]) == 1
+    assert config["target_modules"][0].split(".")[-3] == "1"  # the down projection of the layer before
+    assert adapter_changed_params(folder) == size  # the added bias, nothing else
+    reloaded, _ = load_saved_edit(make_tiny(model_type), folder)
+    assert isinstance(reloaded, PeftModel)
+    torch.testing.assert_close(_logits(reloaded), expected, rtol=1e-4, atol=1e-4)
+    with reloaded.disable_adapter():
+        torch.testing.assert_close(_logits(reloaded), _logits(make_tiny(model_type)), rtol=0, atol=0)
+    with pytest.raises(SurgeryError, match="made for other weights"):
+        load_saved_edit(make_tiny(model_type, seed=1), folder)
+    if reloaded.get_submodule("base_model.model." + config["target_modules"][0]).base_layer.bias is not None:
+        # a down projection with a bias (GPT-NeoX): PEFT merges the steering into the weights
+        torch.testing.assert_close(_logits(reloaded.merge_and_unload()), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_steering_falls_back_to_a_hook_where_a_bias_is_not_the_same_edit(tmp_path):
+    import transformers as tf
+
+    from surgery_plugin.core.steering import bias_reproduces_steering, steering_bias_module
+    from surgery_plugin.io.saved_edits import save_steering
+
+    ids = torch.tensor([[5, 9, 13, 17, 21]])
+    vector = torch.randn(32, generator=torch.Generator().manual_seed(0))
+    # post-LN OPT normalises after the residual sum: the stream never receives the bias as it is
+    post_ln = tf.AutoModelForCausalLM.from_config(
+        tf.OPTConfig(
+            hidden_size=32,
+            ffn_dim=48,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            word_embed_proj_dim=32,
+            vocab_size=96,
+            max_position_embeddings=64,
+            do_layer_norm_before=False,
+        )
+    ).eval()
+    assert not bias_reproduces_steering(post_ln, 2, vector, ids)
+    assert bias_reproduces_steering(make_tiny("opt"), 2, vector, ids)  # pre-LN OPT: exact
+    cases = {
+        "post-LN opt": (post_ln, 2, "does not reproduce"),
+        "gemma3": (make_tiny("gemma3_text"), 2, "normalises each block's output"),
+        "gpt2": (make_tiny("gpt2"), 2, "not a Linear module"),
+        "layer 0": (make_tiny("llama"), 0, "no down projection before it"),
+    }
+    for name, (model, layer, why) in cases.items():
+        folder = save_steering(model, layer, vector, tmp_path / name, name, ids)
+        record = read_edit_record(folder)
+        assert record["kind"] == "steering" and why in record["hook_because"], name
+    with pytest.raises(SurgeryError, match="normalises"):
+        steering_bias_module(make_tiny("gemma2"), 1)

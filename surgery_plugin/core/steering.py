@@ -2,7 +2,10 @@
 training-free baselines of ``surgery compare``.
 
 - *Activation addition* (steering): a vector added at one decoder layer's input, every position
-  (:func:`added_direction`, a context manager; :func:`add_direction_hook`, a hook that stays).
+  (:func:`added_direction`, a context manager; :func:`add_direction_hook`, a hook that stays). Where the layer
+  before adds its MLP output straight to the residual stream, the same vector is a bias on that MLP's down
+  projection (:func:`steering_bias_module`; :func:`bias_reproduces_steering` checks it on the model itself),
+  which a PEFT LoRA with ``lora_bias`` carries: a steering edit that loads at model-load time.
 - *Directional ablation* (Arditi et al. 2024): the direction's component removed from every decoder layer's
   input and from the final hidden state (:func:`ablated_direction`, hooks), or -- the abliteration recipe --
   from what every attention output and MLP down projection writes into the residual stream, in the weights
@@ -58,6 +61,55 @@ def added_direction(model: nn.Module, layer: int, vector: torch.Tensor) -> Itera
         yield
     finally:
         handle.remove()
+
+
+def steering_bias_module(model: nn.Module, layer: int) -> str:
+    """The module (name relative to the CausalLM) whose output, plus a bias ``v``, adds ``v`` to decoder layer
+    ``layer``'s input at every position: layer ``layer - 1``'s MLP down projection, the last writer into the
+    residual stream before it. An error where there is none: layer 0 (its input is the embeddings) and Gemma 2/3
+    (a norm sits between the down projection and the residual sum)."""
+    spec = architectures.gate_spec(model)
+    n_layers = len(architectures.decoder_layers(model))
+    if not 1 <= layer < n_layers:
+        raise SurgeryError(
+            f"steering at layer {layer} has no down projection before it to carry a bias (layers 1..{n_layers - 1} do)"
+        )
+    if spec.post_block_norms:
+        raise SurgeryError("this architecture normalises each block's output: a down-projection bias is not steering")
+    return f"{spec.layers_path}.{layer - 1}.{spec.down_path}"
+
+
+def bias_reproduces_steering(
+    model: nn.Module, layer: int, vector: torch.Tensor, input_ids: torch.Tensor, rtol: float = 1e-4
+) -> bool:
+    """Whether adding ``vector`` to the output of :func:`steering_bias_module` gives layer ``layer`` the same input
+    as :func:`added_direction` does, on ``input_ids`` (relative to the input's size): the architecture check,
+    measured on the model itself (post-LN blocks or parallel branches that read the stream twice would fail it)."""
+    writer = architectures.unwrap(model).get_submodule(steering_bias_module(model, layer))
+    block = architectures.decoder_layers(model)[layer]
+    seen: list[torch.Tensor] = []
+
+    def capture(_module, args, kwargs):
+        seen.append((args[0] if args else kwargs["hidden_states"]).detach().float())
+
+    def add_bias(_module, _args, output):
+        return output + vector.to(output.device, output.dtype)
+
+    with torch.no_grad():
+        with added_direction(model, layer, vector):
+            handle = block.register_forward_pre_hook(capture, with_kwargs=True)
+            try:
+                model(input_ids=input_ids)
+            finally:
+                handle.remove()
+        handles = [writer.register_forward_hook(add_bias), block.register_forward_pre_hook(capture, with_kwargs=True)]
+        try:
+            model(input_ids=input_ids)
+        finally:
+            for handle in handles:
+                handle.remove()
+    hooked, biased = seen
+    return bool((hooked - biased).abs().max() <= rtol * hooked.abs().max().clamp_min(1.0))
 
 
 def unit_vector(direction: torch.Tensor) -> torch.Tensor:

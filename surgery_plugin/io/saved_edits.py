@@ -10,7 +10,9 @@ and still load). One of:
 - ``tensors``: the changed weight tensors as they are after the edit (``edited_tensors.safetensors``),
   for dense changes (DINM, FT): only those tensors, the rest of the model is the base;
 - ``steering``: no weights, a vector added to the residual stream at one decoder layer's input
-  (``steering.safetensors``; activation addition): loading it registers a forward hook;
+  (``steering.safetensors``; activation addition): loading it registers a forward hook. Where the vector is a
+  bias on the layer before's down projection, :func:`save_steering_adapter` writes it as a ``lora`` instead: a
+  PEFT LoRA with ``lora_bias`` (zero ``B A``, the vector as ``lora_B``'s bias) that loads at model-load time;
 - ``prompt``: no weights, the instruction the model reads first (``edit.json`` only).
 
 :func:`load_saved_edit` checks that the model is the base the edit was made for (sha256 of every
@@ -32,7 +34,7 @@ from torch import nn
 from ..core import architectures
 from ..core.edit import revert_edit
 from ..core.provenance import fingerprint_mismatch, gate_fingerprint, package_versions, utc_now
-from ..core.steering import add_direction_hook
+from ..core.steering import add_direction_hook, bias_reproduces_steering, steering_bias_module
 from ..errors import SurgeryError
 from .adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_edited, parse_peft_key, peft_key, read_adapter
 from .files import MANIFEST as MANIFEST_NAME
@@ -43,6 +45,7 @@ EDITED_TENSORS = "edited_tensors.safetensors"
 STEERING_VECTOR = "steering.safetensors"
 FORMAT = "surgery_plugin/saved_edit/2"
 KINDS = ("surgery", "lora", "tensors", "steering", "prompt")
+LORA_BIAS_SUFFIX = ".lora_B.bias"  # PEFT's name of a lora_bias tensor
 
 
 def tensor_sha256(tensor: torch.Tensor) -> str:
@@ -60,12 +63,17 @@ def changed_params(model: nn.Module, originals: dict[str, torch.Tensor]) -> int:
 
 
 def lora_changed_params(tensors: dict[str, torch.Tensor]) -> int:
-    """How many weights a LoRA (PEFT names) changes: the nonzero entries of every ``B @ A``."""
+    """How many weights a LoRA (PEFT names) changes: the nonzero entries of every ``B @ A``, and of every
+    ``lora_B`` bias (PEFT's ``lora_bias``: an added bias)."""
     pairs: dict[str, dict[str, torch.Tensor]] = {}
+    biases = 0
     for key, tensor in tensors.items():
+        if key.endswith(LORA_BIAS_SUFFIX):
+            biases += int((tensor != 0).sum())
+            continue
         module_name, part = parse_peft_key(key)
         pairs.setdefault(module_name, {})[part] = tensor.float()
-    return int(sum(int((p["lora_B"] @ p["lora_A"] != 0).sum()) for p in pairs.values()))
+    return biases + int(sum(int((p["lora_B"] @ p["lora_A"] != 0).sum()) for p in pairs.values()))
 
 
 def folder_bytes(path: str | os.PathLike) -> int:
@@ -211,6 +219,92 @@ def save_steering_edit(
             ),
         )
     return Path(out_dir)
+
+
+def save_steering_adapter(
+    model: nn.Module,
+    layer: int,
+    vector: torch.Tensor,
+    out_dir: str | os.PathLike,
+    base_model: str,
+    metadata: dict | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """``kind: lora``: steering at decoder layer ``layer``'s input as a rank-1 PEFT LoRA on the down projection
+    before it (:func:`~surgery_plugin.core.steering.steering_bias_module`) with ``lora_bias``: ``B A = 0``, the
+    vector as ``lora_B``'s bias, ``lora_alpha = r`` so PEFT's scaling is 1. The caller checks that the bias
+    reproduces the steering on this architecture (:func:`~surgery_plugin.core.steering.bias_reproduces_steering`).
+    PEFT cannot merge it into a down projection without a bias (Llama's): it stays an adapter there."""
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    module_name = steering_bias_module(model, layer)
+    writer = model.get_submodule(module_name)
+    if not isinstance(writer, nn.Linear):
+        raise SurgeryError(f"'{module_name}' is not a Linear module; save the steering edit as a hook instead")
+    if vector.shape != (writer.out_features,):
+        raise SurgeryError(
+            f"steering vector has shape {tuple(vector.shape)}; '{module_name}' writes {writer.out_features} numbers"
+        )
+    tensors = {
+        peft_key(module_name, "lora_A"): torch.zeros(1, writer.in_features),
+        peft_key(module_name, "lora_B"): torch.zeros(writer.out_features, 1),
+        peft_key(module_name, "lora_B").removesuffix(".weight") + ".bias": vector.detach().float().cpu().contiguous(),
+    }
+    config = LoraConfig(
+        r=1,
+        lora_alpha=1,
+        lora_dropout=0.0,
+        target_modules=[module_name],
+        bias="none",
+        lora_bias=True,
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=base_model,
+        inference_mode=True,
+    )
+    with output(out_dir, "saved_edit", overwrite) as tmp:
+        config.save_pretrained(str(tmp))
+        save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        write_manifest(
+            tmp,
+            _record(
+                "lora",
+                base_model,
+                metadata,
+                rank=1,
+                modules=[module_name],
+                base_sha256={f"{module_name}.weight": tensor_sha256(writer.weight)},
+                steering_layer=layer,
+                vector_norm=float(vector.float().norm()),
+            ),
+        )
+    return Path(out_dir)
+
+
+def save_steering(
+    model: nn.Module,
+    layer: int,
+    vector: torch.Tensor,
+    out_dir: str | os.PathLike,
+    base_model: str,
+    input_ids: torch.Tensor,
+    metadata: dict | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """A steering edit as a PEFT adapter (:func:`save_steering_adapter`) where a down-projection bias reproduces it
+    on ``input_ids`` with this model, else as a hook (:func:`save_steering_edit`); the metadata says which form
+    and, for the hook, why."""
+    try:
+        module_name = steering_bias_module(model, layer)
+        if not isinstance(model.get_submodule(module_name), nn.Linear):
+            raise SurgeryError(f"'{module_name}' is not a Linear module (PEFT's lora_bias needs one)")
+        if not bias_reproduces_steering(model, layer, vector, input_ids):
+            raise SurgeryError(f"a bias on '{module_name}' does not reproduce the steering on this model")
+    except SurgeryError as err:
+        return save_steering_edit(
+            model, layer, vector, out_dir, base_model, {**(metadata or {}), "hook_because": str(err)}, overwrite
+        )
+    return save_steering_adapter(model, layer, vector, out_dir, base_model, metadata, overwrite)
 
 
 def read_edit_record(edit_dir: str | os.PathLike) -> dict:

@@ -71,7 +71,7 @@ from ...io.saved_edits import (
     load_saved_edit,
     save_low_rank_edit,
     save_prompt_edit,
-    save_steering_edit,
+    save_steering,
     save_tensors_edit,
 )
 from ...models import load_model
@@ -718,7 +718,9 @@ class Comparison:
         folder = self.out / "edits" / row.name
         unedited = _logits(model, tok, self.reload_prompts)
         meta = {**self._probe_record(row, probe), "scale": tuning["chosen_scale"], "residual_norm": norm}
-        save_steering_edit(model, layer, vector, folder, self.config.model, meta)
+        # a PEFT adapter (a down-projection bias) where that is the same edit on this model, else a hook
+        check_ids = tok(self.reload_prompts[0], return_tensors="pt").input_ids.to(model.device)
+        save_steering(model, layer, vector, folder, self.config.model, check_ids, meta)
         cost.update(changed_params=0, edit_bytes=folder_bytes(folder))
         row.result["cost"] = cost
         edited, record = load_saved_edit(model, folder)
@@ -731,12 +733,14 @@ class Comparison:
                 "vector_norm": record["vector_norm"],
                 "residual_norm": norm,
                 "probe_sha256": meta["probe_sha256"],
+                **({"hook_because": record["hook_because"]} if "hook_because" in record else {}),
             }
             row.result["tuning"] = tuning
             self._check_changes(row, unedited, _logits(edited, tok, self.reload_prompts))
-            self._evaluate_global_edit(row, edited, tok, adapter=False)
+            self._evaluate_global_edit(row, edited, tok, adapter=record["kind"] == "lora")
         finally:
-            record["hook"].remove()
+            if "hook" in record:
+                record["hook"].remove()
 
     def _run_ablation(self, row: _Row) -> None:
         model, tok = load_model(self.config.model, device=self.config.device)
