@@ -140,8 +140,6 @@ def save_low_rank_edit(
     share one rank ``r`` (the largest numerical rank found; a smaller one is padded with zeros), with
     ``lora_alpha = r`` so PEFT's scaling is 1.
     """
-    from peft import LoraConfig
-    from safetensors.torch import save_file
 
     if not originals:
         raise SurgeryError("the edit changed no weights; nothing to save")
@@ -159,12 +157,33 @@ def save_low_rank_edit(
         pad = rank - b.shape[1]
         tensors[peft_key(module_name, "lora_B")] = torch.nn.functional.pad(b, (0, pad)).contiguous()
         tensors[peft_key(module_name, "lora_A")] = torch.nn.functional.pad(a, (0, 0, 0, pad)).contiguous()
+    base = {name: tensor_sha256(originals[name]) for name in sorted(originals)}
+    return _write_lora(out_dir, base_model, tensors, rank, metadata, overwrite, base_sha256=base)
+
+
+def _write_lora(
+    out_dir: str | os.PathLike,
+    base_model: str,
+    tensors: dict[str, torch.Tensor],
+    rank: int,
+    metadata: dict | None,
+    overwrite: bool,
+    lora_bias: bool = False,
+    **fields: Any,
+) -> Path:
+    """A ``kind: lora`` folder: PEFT's config (``lora_alpha = r``, so PEFT's scaling is 1) and tensors, and the
+    manifest with ``fields``."""
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    modules = sorted({parse_peft_key(k)[0] for k in tensors if not k.endswith(LORA_BIAS_SUFFIX)})
     config = LoraConfig(
         r=rank,
         lora_alpha=rank,
         lora_dropout=0.0,
-        target_modules=sorted(factors),
+        target_modules=modules,
         bias="none",
+        lora_bias=lora_bias,
         task_type="CAUSAL_LM",
         base_model_name_or_path=base_model,
         inference_mode=True,
@@ -172,10 +191,7 @@ def save_low_rank_edit(
     with output(out_dir, "saved_edit", overwrite) as tmp:
         config.save_pretrained(str(tmp))
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-        base = {name: tensor_sha256(originals[name]) for name in sorted(originals)}
-        write_manifest(
-            tmp, _record("lora", base_model, metadata, rank=rank, modules=sorted(factors), base_sha256=base)
-        )
+        write_manifest(tmp, _record("lora", base_model, metadata, rank=rank, modules=modules, **fields))
     return Path(out_dir)
 
 
@@ -235,8 +251,6 @@ def save_steering_adapter(
     vector as ``lora_B``'s bias, ``lora_alpha = r`` so PEFT's scaling is 1. The caller checks that the bias
     reproduces the steering on this architecture (:func:`~surgery_plugin.core.steering.bias_reproduces_steering`).
     PEFT cannot merge it into a down projection without a bias (Llama's): it stays an adapter there."""
-    from peft import LoraConfig
-    from safetensors.torch import save_file
 
     module_name = steering_bias_module(model, layer)
     writer = model.get_submodule(module_name)
@@ -251,34 +265,18 @@ def save_steering_adapter(
         peft_key(module_name, "lora_B"): torch.zeros(writer.out_features, 1),
         peft_key(module_name, "lora_B").removesuffix(".weight") + ".bias": vector.detach().float().cpu().contiguous(),
     }
-    config = LoraConfig(
-        r=1,
-        lora_alpha=1,
-        lora_dropout=0.0,
-        target_modules=[module_name],
-        bias="none",
+    return _write_lora(
+        out_dir,
+        base_model,
+        tensors,
+        1,
+        metadata,
+        overwrite,
         lora_bias=True,
-        task_type="CAUSAL_LM",
-        base_model_name_or_path=base_model,
-        inference_mode=True,
+        base_sha256={f"{module_name}.weight": tensor_sha256(writer.weight)},
+        steering_layer=layer,
+        vector_norm=float(vector.float().norm()),
     )
-    with output(out_dir, "saved_edit", overwrite) as tmp:
-        config.save_pretrained(str(tmp))
-        save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-        write_manifest(
-            tmp,
-            _record(
-                "lora",
-                base_model,
-                metadata,
-                rank=1,
-                modules=[module_name],
-                base_sha256={f"{module_name}.weight": tensor_sha256(writer.weight)},
-                steering_layer=layer,
-                vector_norm=float(vector.float().norm()),
-            ),
-        )
-    return Path(out_dir)
 
 
 def save_steering(
