@@ -55,6 +55,11 @@ def main() -> None:
         default="independent,sequential",
         help="which stacks of all the behaviors to measure (several behaviors only); '' for none",
     )
+    parser.add_argument(
+        "--hparams",
+        default="",
+        help="behavior=yaml,...: a YAML instead of the behavior's shipped one (e.g. a candidate being validated)",
+    )
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--out", default="benchmarks/results/behaviors_smollm2.json")
     args = parser.parse_args()
@@ -62,7 +67,12 @@ def main() -> None:
     started = time.perf_counter()
     names = [b.strip() for b in args.behaviors.split(",") if b.strip()]
     specs = {name: behavior(name) for name in names}
-    hparams = {name: SurgeryHyperParams.from_hparams(hparams_for(args.model, name)) for name in names}
+    overrides = dict(item.split("=", 1) for item in args.hparams.split(",") if item.strip())
+    if set(overrides) - set(names):
+        parser.error(f"--hparams names behaviors outside --behaviors {names}: {sorted(set(overrides) - set(names))}")
+    hparams = {
+        name: SurgeryHyperParams.from_hparams(overrides.get(name) or hparams_for(args.model, name)) for name in names
+    }
     model, tok = load_model(args.model)
     judges = {name: load_judges(spec.judges, data_dir=args.data_dir, progress=False) for name, spec in specs.items()}
     all_judges = {j.name: j for js in judges.values() for j in js}
@@ -91,6 +101,7 @@ def main() -> None:
             f"--ppl-limit {args.ppl_limit} --stacks '{args.stacks}'"
             + (" --skip-surrender" if args.skip_surrender else "")
             + (f" --singles '{args.singles}'" if args.singles is not None else "")
+            + (f" --hparams '{args.hparams}'" if args.hparams else "")
         )
         write_json(args.out, result)
         lines = []
