@@ -91,6 +91,30 @@ def test_adapter_is_no_further_from_float64_than_the_in_place_edit(shipped_edit_
     assert lora_error <= 1.5 * in_place_error + 1e-6, (lora_error, in_place_error)
 
 
+def test_steering_saved_as_a_peft_adapter_equals_the_hook_on_smollm2(smollm2, tmp_path):
+    """On the real weights: the lora_bias adapter `surgery compare` saves for steering is the hook's edit."""
+    from surgery_plugin.core.steering import added_direction
+    from surgery_plugin.io.saved_edits import load_saved_edit, read_edit_record, save_steering
+
+    model, tok = smollm2
+    ids = tok("The weather today is", return_tensors="pt")["input_ids"]
+    vector = 4 * torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        base = model(ids).logits.clone()
+        with added_direction(model, 10, vector):
+            expected = model(ids).logits.clone()
+    folder = save_steering(model, 10, vector, tmp_path / "steering", "smollm2-135m", ids)
+    assert read_edit_record(folder)["kind"] == "lora"
+    peft_model, _ = load_saved_edit(model, folder)
+    try:
+        with torch.no_grad():
+            got = peft_model(ids).logits.clone()
+    finally:
+        peft_model.unload()  # give the shared fixture model back without LoRA layers
+    assert (expected - base).abs().max() > 1e-2  # the steering changes the model
+    assert (got - expected).abs().max() <= 1e-4 * expected.abs().max()
+
+
 # ---------------------------------------------------------------- the demo
 
 
