@@ -12,7 +12,7 @@ import types
 
 import pytest
 import torch
-from helpers import assert_one_line_error, easyedit_python, make_tiny, run_cli, tiny_hf_tokenizer
+from helpers import assert_one_line_error, easyedit_python, make_tiny, run_cli, tiny_config, tiny_hf_tokenizer
 
 from surgery_plugin.commands.compare.config import METHODS, NO_CHANGE_BELOW, parse_methods, parse_sets
 from surgery_plugin.commands.compare.report import cost_ratios, prompt_ranges
@@ -839,7 +839,7 @@ def test_steering_saved_as_a_peft_lora_bias_adapter_equals_the_hook(tmp_path, mo
 
 
 def test_steering_falls_back_to_a_hook_where_a_bias_is_not_the_same_edit(tmp_path):
-    import transformers as tf
+    from transformers import AutoModelForCausalLM
 
     from surgery_plugin.core.steering import bias_reproduces_steering, steering_bias_module
     from surgery_plugin.io.saved_edits import save_steering
@@ -847,18 +847,9 @@ def test_steering_falls_back_to_a_hook_where_a_bias_is_not_the_same_edit(tmp_pat
     ids = torch.tensor([[5, 9, 13, 17, 21]])
     vector = torch.randn(32, generator=torch.Generator().manual_seed(0))
     # post-LN OPT normalises after the residual sum: the stream never receives the bias as it is
-    post_ln = tf.AutoModelForCausalLM.from_config(
-        tf.OPTConfig(
-            hidden_size=32,
-            ffn_dim=48,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            word_embed_proj_dim=32,
-            vocab_size=96,
-            max_position_embeddings=64,
-            do_layer_norm_before=False,
-        )
-    ).eval()
+    config = tiny_config("opt")
+    config.do_layer_norm_before = False
+    post_ln = AutoModelForCausalLM.from_config(config).eval()
     assert not bias_reproduces_steering(post_ln, 2, vector, ids)
     assert bias_reproduces_steering(make_tiny("opt"), 2, vector, ids)  # pre-LN OPT: exact
     cases = {

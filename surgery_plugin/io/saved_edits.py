@@ -140,7 +140,6 @@ def save_low_rank_edit(
     share one rank ``r`` (the largest numerical rank found; a smaller one is padded with zeros), with
     ``lora_alpha = r`` so PEFT's scaling is 1.
     """
-
     if not originals:
         raise SurgeryError("the edit changed no weights; nothing to save")
     params = dict(model.named_parameters())
@@ -237,6 +236,16 @@ def save_steering_edit(
     return Path(out_dir)
 
 
+def _steering_writer(model: nn.Module, layer: int) -> tuple[str, nn.Linear]:
+    """The down projection that carries steering at ``layer`` as a bias (its name and module); an error where there
+    is none or it is not a Linear module (PEFT's ``lora_bias`` needs one)."""
+    module_name = steering_bias_module(model, layer)
+    writer = architectures.unwrap(model).get_submodule(module_name)
+    if not isinstance(writer, nn.Linear):
+        raise SurgeryError(f"'{module_name}' is not a Linear module (PEFT's lora_bias needs one)")
+    return module_name, writer
+
+
 def save_steering_adapter(
     model: nn.Module,
     layer: int,
@@ -251,11 +260,7 @@ def save_steering_adapter(
     vector as ``lora_B``'s bias, ``lora_alpha = r`` so PEFT's scaling is 1. The caller checks that the bias
     reproduces the steering on this architecture (:func:`~surgery_plugin.core.steering.bias_reproduces_steering`).
     PEFT cannot merge it into a down projection without a bias (Llama's): it stays an adapter there."""
-
-    module_name = steering_bias_module(model, layer)
-    writer = model.get_submodule(module_name)
-    if not isinstance(writer, nn.Linear):
-        raise SurgeryError(f"'{module_name}' is not a Linear module; save the steering edit as a hook instead")
+    module_name, writer = _steering_writer(model, layer)
     if vector.shape != (writer.out_features,):
         raise SurgeryError(
             f"steering vector has shape {tuple(vector.shape)}; '{module_name}' writes {writer.out_features} numbers"
@@ -293,9 +298,7 @@ def save_steering(
     on ``input_ids`` with this model, else as a hook (:func:`save_steering_edit`); the metadata says which form
     and, for the hook, why."""
     try:
-        module_name = steering_bias_module(model, layer)
-        if not isinstance(model.get_submodule(module_name), nn.Linear):
-            raise SurgeryError(f"'{module_name}' is not a Linear module (PEFT's lora_bias needs one)")
+        module_name, _ = _steering_writer(model, layer)
         if not bias_reproduces_steering(model, layer, vector, input_ids):
             raise SurgeryError(f"a bias on '{module_name}' does not reproduce the steering on this model")
     except SurgeryError as err:
