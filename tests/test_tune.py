@@ -236,7 +236,8 @@ def searched(tmp_path_factory, data_dir):
     first = tune(model, tok, _settings(data_dir), out, progress=False)
     files = {name: (out / name).is_file() for name in ("study.db", "front.json", "front.png", "chosen.yaml")}
     chosen_yaml = (out / "chosen.yaml").read_text()
-    resumed = tune(model, tok, _settings(data_dir, trials=4), out, progress=False)
+    # the validation's controls are not part of what a resumed study must share
+    resumed = tune(model, tok, _settings(data_dir, trials=4, validation_controls=2), out, progress=False)
     return types.SimpleNamespace(
         first=first, resumed=resumed, out=out, files=files, chosen_yaml=chosen_yaml, model=model, tok=tok
     )
@@ -289,6 +290,20 @@ def test_the_chosen_point_is_validated_against_the_unedited_model(searched):
     assert validation["edited"]["token_perplexity"] != validation["unedited"]["token_perplexity"]
     toxic = validation["paired"]["suites"]["rtp"]["outcomes"]["toxic/profanity"]
     assert toxic["n"] == 3 and len(toxic["ci95"]) == 2, "the validation is paired, prompt by prompt"
+
+
+def test_the_validation_controls_are_same_size_random_edits_on_the_same_prompts(searched):
+    assert "controls" not in searched.first["chosen"]["validation"], "none unless asked"
+    validation = searched.resumed["chosen"]["validation"]
+    controls = validation["controls"]
+    assert controls["seeds"] == [0, 1]
+    band = controls["band"]["rtp"]["toxic/profanity"]
+    assert band["seeds"] == [0, 1] and len(band["changes"]) == 2
+    assert band["range"] == [min(band["changes"]), max(band["changes"])]
+    # each control moves the model (a random direction of the edit's size), and not as the edit does
+    kls = [c["mean_kl"] for c in controls["costs"]]
+    assert all(kl > 0 for kl in kls) and validation["edited"]["mean_kl"] not in kls
+    assert kls[0] != kls[1], "two seeds, two directions"
 
 
 def test_trials_carry_standard_errors_and_the_choice_says_why(searched):

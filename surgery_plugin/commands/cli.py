@@ -534,6 +534,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="the chosen point's paired validation also runs the sampled protocol with k samples per prompt",
     )
     p.add_argument(
+        "--validation-controls",
+        type=NON_NEGATIVE_INT,
+        default=0,
+        help="the chosen point's paired validation also measures N edits of its size along random directions "
+        "(same rows, layers and step; seeds 0..N-1): the band any perturbation of that size gives",
+    )
+    p.add_argument(
         "--max-ppl-increase",
         type=_number(float, 0, low_open=True),
         default=0.10,

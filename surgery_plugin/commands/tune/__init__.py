@@ -55,6 +55,7 @@ def run_tune(model: nn.Module, tokenizer, args, hparams: SurgeryHyperParams, inp
         objective=args.objective,
         samples=args.samples,
         validation_samples=args.validation_samples or 0,
+        validation_controls=args.validation_controls,
         max_ppl_increase=args.max_ppl_increase,
         max_kl=args.max_kl,
         seed=args.seed,

@@ -46,6 +46,7 @@ from torch import nn
 
 from ...config import SurgeryHyperParams
 from ...core import architectures
+from ...core.edit import SurgeryEdit, control_edit
 from ...core.importance import mean_and_se, self_normalised_rate
 from ...core.provenance import file_sha256, gate_fingerprint, package_versions
 from ...data.splits import RTP_BENIGN, RTP_CHALLENGING, TOXIGEN_SPLITS, toxigen_split
@@ -61,6 +62,7 @@ from ...evaluation.runner import evaluate
 from ...io.adapter import ADAPTER_WEIGHTS, export_adapter, load_edited, set_alpha
 from ...io.files import atomic_path, atomic_write, write_json
 from ...pipeline import EditCache, build_edit
+from ..evaluate import control_band
 from .report import OBJECTIVES, pareto_front, plot_front, trial_record
 from .space import Shape, point_hparams, sample, start_point
 
@@ -90,6 +92,7 @@ class TuneSettings:
     objective: str = "likelihood"  # likelihood | sampled | greedy (OBJECTIVE_KINDS)
     samples: int = 8  # likelihood: base samples per prompt (judged once); sampled: samples per prompt per trial
     validation_samples: int = 0  # the chosen point's validation: also the sampled protocol with k samples
+    validation_controls: int = 0  # the chosen point's validation: also N same-size random-direction edits
     max_ppl_increase: float | None = 0.10
     max_kl: float | None = None
     seed: int = 0
@@ -108,7 +111,8 @@ class TuneSettings:
         return {
             k: v
             for k, v in self.describe().items()
-            if k not in ("trials", "validation_limit", "validation_samples", "data_dir", "stack_on")
+            if k
+            not in ("trials", "validation_limit", "validation_samples", "validation_controls", "data_dir", "stack_on")
         }
 
 
@@ -320,12 +324,46 @@ class Tuner:
                 self.peft_model.delete_adapter(self.adapters.pop(next(iter(self.adapters))))
         else:
             self.adapters[structure] = self.adapters.pop(structure)  # most recently used
+        self._activate(name)
+        set_alpha(self.peft_model, hp.alpha, name)
+        return self.peft_model
+
+    def _activate(self, name: str) -> None:
+        """Adapter ``name`` active, with the stack's fixed adapters under it."""
         if self.fixed:
             self.peft_model.base_model.set_adapter([*self.fixed, name], inference_mode=True)
         else:
             self.peft_model.set_adapter(name)
-        set_alpha(self.peft_model, hp.alpha, name)
-        return self.peft_model
+
+    def _validate_controls(self, edit: SurgeryEdit, base_rows: list[dict], samples: int | None) -> dict:
+        """The null band of the chosen edit on the validation prompts: ``validation_controls`` edits of its size
+        (:func:`~surgery_plugin.core.edit.control_edit`: same rows, layers and step, random directions, seeds
+        0..N-1), each measured like the edit and paired with the unedited model on the same prompts and seeds.
+        Without it an interval that excludes zero may be what any perturbation of that size does."""
+        controls, costs = [], []
+        for seed in range(self.settings.validation_controls):
+            name = f"control{seed}"
+            folder = export_adapter(
+                control_edit(edit, seed),
+                self.model,
+                Path(self.workdir.name) / name,
+                base_model_name=self.settings.model,
+                metadata={"control": True},
+            )
+            self.peft_model = load_edited(self.peft_model or self.model, folder, adapter_name=name)
+            self._activate(name)
+            logger.info("tune: validation control %d of %d", seed + 1, self.settings.validation_controls)
+            measured = self._measure(self.peft_model, "validation", samples=samples, progress=True)
+            controls.append((seed, measured, [r for suite in self.settings.suites for r in measured["rows"][suite]]))
+            costs.append(
+                {
+                    "seed": seed,
+                    "token_perplexity": measured["ppl"]["token_perplexity"],
+                    "mean_kl": measured["kl"]["mean_kl"],
+                }
+            )
+            self.peft_model.delete_adapter(name)
+        return {"seeds": [c["seed"] for c in costs], "band": control_band(base_rows, controls), "costs": costs}
 
     # ------------------------------------------------------------------ the search
 
@@ -493,10 +531,11 @@ class Tuner:
             edit = build_edit(model, self.tok, hp, cache=self.cache, data_dir=self.settings.data_dir, progress=False)
         with atomic_path(self.out_dir / "chosen_adapter") as tmp:
             export_adapter(edit.edit, self.model, tmp, base_model_name=self.settings.model)
+        base_rows = [r for suite in self.settings.suites for r in base_validation["rows"][suite]]
         paired = paired_changes(
-            [r for suite in self.settings.suites for r in base_validation["rows"][suite]],
-            [r for suite in self.settings.suites for r in edited_validation["rows"][suite]],
+            base_rows, [r for suite in self.settings.suites for r in edited_validation["rows"][suite]]
         )
+        controls = self._validate_controls(edit.edit, base_rows, k) if self.settings.validation_controls else None
         result = {
             "settings": self.settings.describe(),
             "splits": {"rtp_challenging": RTP_CHALLENGING, "rtp_benign": RTP_BENIGN, "toxigen": TOXIGEN_SPLITS},
@@ -528,6 +567,7 @@ class Tuner:
                         "mean_kl": edited_validation["kl"]["mean_kl"],
                     },
                     "paired": paired,
+                    **({"controls": controls} if controls else {}),
                 },
             },
             "versions": study.user_attrs.get("versions"),
