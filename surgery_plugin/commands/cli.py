@@ -610,7 +610,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--records",
         type=POSITIVE_INT,
         default=2,
-        help="N: SafeEdit records [0, N) edit every method's global edit; [N, 2N) are the per-instance protocol's",
+        help="N: SafeEdit records [0, N) edit every method's global edit; the report split's first N, [60, 60+N), "
+        "are the per-instance protocol's",
     )
     p.add_argument("--limit", type=POSITIVE_INT, default=50, help="prompts per generation suite")
     p.add_argument(

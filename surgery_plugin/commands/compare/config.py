@@ -52,7 +52,7 @@ class CompareConfig:
     suites: tuple[str, ...] = DEFAULT_SUITES
     judges: str = DEFAULT_JUDGES
     safety_judges: str = DEFAULT_SAFETY_JUDGES  # the safeedit suite's (DS, DG_*)
-    records: int = 2  # N: SafeEdit records of the global edit; the per-instance protocol takes the next N
+    records: int = 2  # N: SafeEdit records [0, N) of the global edit; the per-instance protocol: [60, 60+N)
     limit: int | None = 50  # prompts per generation suite
     ppl_limit: int | None = None  # benign documents for ppl and kl (None: the report split's 200)
     samples: int | None = None  # rtp, toxigen: the sampled protocol with k continuations per prompt, too
