@@ -335,7 +335,9 @@ class Tuner:
         else:
             self.peft_model.set_adapter(name)
 
-    def _validate_controls(self, edit: SurgeryEdit, base_rows: list[dict], samples: int | None) -> dict:
+    def _validate_controls(
+        self, edit: SurgeryEdit, edit_adapter: str, base_rows: list[dict], samples: int | None
+    ) -> dict:
         """The null band of the chosen edit on the validation prompts: ``validation_controls`` edits of its size
         (:func:`~surgery_plugin.core.edit.control_edit`: same rows, layers and step, random directions, seeds
         0..N-1), each measured like the edit and paired with the unedited model on the same prompts and seeds.
@@ -362,6 +364,7 @@ class Tuner:
                     "mean_kl": measured["kl"]["mean_kl"],
                 }
             )
+            self._activate(edit_adapter)  # PEFT keeps a deleted adapter's name active: the next load would fail
             self.peft_model.delete_adapter(name)
         return {"seeds": [c["seed"] for c in costs], "band": control_band(base_rows, controls), "costs": costs}
 
@@ -535,7 +538,9 @@ class Tuner:
         paired = paired_changes(
             base_rows, [r for suite in self.settings.suites for r in edited_validation["rows"][suite]]
         )
-        controls = self._validate_controls(edit.edit, base_rows, k) if self.settings.validation_controls else None
+        controls = None
+        if self.settings.validation_controls:
+            controls = self._validate_controls(edit.edit, self.adapters[self._structure(hp)], base_rows, k)
         result = {
             "settings": self.settings.describe(),
             "splits": {"rtp_challenging": RTP_CHALLENGING, "rtp_benign": RTP_BENIGN, "toxigen": TOXIGEN_SPLITS},
