@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,17 +62,44 @@ def headline(results: dict, behavior: Behavior | None) -> dict | None:
     return {"suite": suite, "key": key, "values": {j: v for j, (v, _) in values.items()}}
 
 
+def control_adapters(
+    peft_model: nn.Module,
+    edit,
+    base_name: str,
+    n: int,
+    activate: Callable[[str], None],
+    restore: Callable[[], None],
+    seed: int = 0,
+) -> Iterator[int]:
+    """Each of ``n`` null edits of ``edit``'s size (:func:`surgery_plugin.core.edit.control_edit`: same rows, layers
+    and step, random directions orthogonal to the edit's, seeds ``seed .. seed + n - 1``) in turn, as an adapter of
+    ``peft_model`` made active by ``activate(name)``; yields its seed while it is active. Afterwards ``restore()``
+    activates the caller's adapter again before the control is deleted: PEFT keeps a deleted adapter's name active,
+    and the next load would fail on it."""
+    from ..core.architectures import ModelGates
+    from ..core.edit import control_edit
+    from ..io.adapter import load_edited, write_adapter
+
+    gates = ModelGates(peft_model)
+    with tempfile.TemporaryDirectory(prefix="surgery-controls-") as work:
+        for i in range(n):
+            name = f"control{i}"
+            folder = Path(work) / name
+            folder.mkdir()
+            write_adapter(control_edit(edit, seed + i), gates, folder, base_name, {"control": True})
+            load_edited(peft_model, folder, adapter_name=name)
+            activate(name)
+            yield seed + i
+            restore()
+            peft_model.delete_adapter(name)
+
+
 def evaluate_controls(
     peft_model: nn.Module, tokenizer, settings: dict[str, EvalSettings], adapter_dir, n: int, seed: int = 0
 ) -> list[tuple[int, dict, list[dict]]]:
-    """``n`` null edits of the adapter's size (:func:`surgery_plugin.core.edit.control_edit`: same rows, layers and
-    step, random directions orthogonal to the edit's, seeds ``seed .. seed + n - 1``), each evaluated on the same
-    prompts and seeds as the edit; the adapter ``default`` is active again afterwards."""
-    import tempfile
-
-    from ..core.architectures import ModelGates
-    from ..core.edit import control_edit
-    from ..io.adapter import edit_of, load_edited, read_adapter, write_adapter
+    """``n`` null edits of the adapter's size (:func:`control_adapters`), each evaluated on the same prompts and
+    seeds as the edit; the adapter ``default`` is active again afterwards."""
+    from ..io.adapter import edit_of, read_adapter
     from ..io.stack import is_stack
 
     if is_stack(adapter_dir):
@@ -79,20 +107,18 @@ def evaluate_controls(
             "--controls are null edits of one adapter's size; a stack has several (control each adapter)"
         )
     edit = edit_of(read_adapter(adapter_dir))
-    gates = ModelGates(peft_model)
-    base_name = edit.metadata.get("base_model", "")
     out = []
-    with tempfile.TemporaryDirectory(prefix="surgery-controls-") as work:
-        for i in range(n):
-            folder = Path(work) / f"control{i}"
-            folder.mkdir()
-            write_adapter(control_edit(edit, seed + i), gates, folder, base_name, {"control": True})
-            load_edited(peft_model, folder, adapter_name=f"control{i}")
-            peft_model.set_adapter(f"control{i}")
-            results, samples = evaluate_plan(peft_model, tokenizer, settings)
-            out.append((seed + i, results, samples))
-            peft_model.set_adapter("default")
-            peft_model.delete_adapter(f"control{i}")
+    for control_seed in control_adapters(
+        peft_model,
+        edit,
+        edit.metadata.get("base_model", ""),
+        n,
+        activate=peft_model.set_adapter,
+        restore=lambda: peft_model.set_adapter("default"),
+        seed=seed,
+    ):
+        results, samples = evaluate_plan(peft_model, tokenizer, settings)
+        out.append((control_seed, results, samples))
     return out
 
 

@@ -46,7 +46,7 @@ from torch import nn
 
 from ...config import SurgeryHyperParams
 from ...core import architectures
-from ...core.edit import SurgeryEdit, control_edit
+from ...core.edit import SurgeryEdit
 from ...core.importance import mean_and_se, self_normalised_rate
 from ...core.provenance import file_sha256, gate_fingerprint, package_versions
 from ...data.splits import RTP_BENIGN, RTP_CHALLENGING, TOXIGEN_SPLITS, toxigen_split
@@ -62,7 +62,7 @@ from ...evaluation.runner import evaluate
 from ...io.adapter import ADAPTER_WEIGHTS, export_adapter, load_edited, set_alpha
 from ...io.files import atomic_path, atomic_write, write_json
 from ...pipeline import EditCache, build_edit
-from ..evaluate import control_band
+from ..evaluate import control_adapters, control_band
 from .report import OBJECTIVES, pareto_front, plot_front, trial_record
 from .space import Shape, point_hparams, sample, start_point
 
@@ -339,22 +339,15 @@ class Tuner:
         self, edit: SurgeryEdit, edit_adapter: str, base_rows: list[dict], samples: int | None
     ) -> dict:
         """The null band of the chosen edit on the validation prompts: ``validation_controls`` edits of its size
-        (:func:`~surgery_plugin.core.edit.control_edit`: same rows, layers and step, random directions, seeds
-        0..N-1), each measured like the edit and paired with the unedited model on the same prompts and seeds.
-        Without it an interval that excludes zero may be what any perturbation of that size does."""
+        (:func:`~surgery_plugin.commands.evaluate.control_adapters`, seeds 0..N-1), each measured like the edit and
+        paired with the unedited model on the same prompts and seeds. Without it an interval that excludes zero may
+        be what any perturbation of that size does."""
+        n = self.settings.validation_controls
         controls, costs = [], []
-        for seed in range(self.settings.validation_controls):
-            name = f"control{seed}"
-            folder = export_adapter(
-                control_edit(edit, seed),
-                self.model,
-                Path(self.workdir.name) / name,
-                base_model_name=self.settings.model,
-                metadata={"control": True},
-            )
-            self.peft_model = load_edited(self.peft_model or self.model, folder, adapter_name=name)
-            self._activate(name)
-            logger.info("tune: validation control %d of %d", seed + 1, self.settings.validation_controls)
+        for seed in control_adapters(
+            self.peft_model, edit, self.settings.model, n, self._activate, lambda: self._activate(edit_adapter)
+        ):
+            logger.info("tune: validation control %d of %d", seed + 1, n)
             measured = self._measure(self.peft_model, "validation", samples=samples, progress=True)
             controls.append((seed, measured, [r for suite in self.settings.suites for r in measured["rows"][suite]]))
             costs.append(
@@ -364,8 +357,6 @@ class Tuner:
                     "mean_kl": measured["kl"]["mean_kl"],
                 }
             )
-            self._activate(edit_adapter)  # PEFT keeps a deleted adapter's name active: the next load would fail
-            self.peft_model.delete_adapter(name)
         return {"seeds": [c["seed"] for c in costs], "band": control_band(base_rows, controls), "costs": costs}
 
     # ------------------------------------------------------------------ the search
