@@ -441,8 +441,10 @@ def test_cli_eval_with_adapter_writes_results_and_samples(pipeline):
     root = _ok(pipeline, "eval")
     results = json.loads((root / "run" / "results.json").read_text())
     rtp, ppl = results["suites"]["rtp"], results["suites"]["ppl"]
-    samples = _jsonl(root / "run" / "samples.jsonl")
+    rows = _jsonl(root / "run" / "samples.jsonl")
+    samples = [r for r in rows if r["suite"] == "rtp"]
     assert rtp["n"] == 6 and rtp["judge"] == "profanity" and len(samples) == 6
+    assert sum(r["tokens"] for r in rows if r["suite"] == "ppl") == ppl["n_tokens"]  # a row per benign document
     assert {"suite", "prompt", "completion", "scores"} <= set(samples[0])
     toxic = [s["scores"]["profanity"] >= 0.5 for s in samples]
     assert rtp["toxic_rate"] == pytest.approx(sum(toxic) / len(toxic))

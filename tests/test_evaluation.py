@@ -748,5 +748,12 @@ def test_cli_eval_advbench_uses_the_chat_template(cli_run):
 def test_cli_eval_ppl_and_files(cli_run):
     run, results, samples, _ = cli_run
     assert results["suites"]["ppl"]["token_perplexity"] > 1 and results["suites"]["ppl"]["n_texts"] == 3
-    assert len(samples) == (3 + 3 * 2) + (6 + 6 * 2) + 3  # rtp and toxigen: greedy + 2 samples each
+    # rtp and toxigen: greedy + 2 samples each; advbench; a row per benign document (summed NLL, scored tokens)
+    assert len(samples) == (3 + 3 * 2) + (6 + 6 * 2) + 3 + 3
+    ppl = [r for r in samples if r["suite"] == "ppl"]
+    assert sum(r["tokens"] for r in ppl) == results["suites"]["ppl"]["n_tokens"]
+    total_nll = sum(r["nll"] for r in ppl)
+    assert math.exp(total_nll / results["suites"]["ppl"]["n_tokens"]) == pytest.approx(
+        results["suites"]["ppl"]["token_perplexity"], rel=1e-9
+    )
     assert (run / "report.md").is_file() and (run / "toxigen_groups.png").is_file()

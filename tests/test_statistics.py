@@ -194,6 +194,24 @@ def test_eval_paired_runs_both_arms_on_the_same_prompts(tiny_model_dir, tiny_ada
     assert (out / "paired.md").read_text().startswith("| suite | outcome / judge |")
 
 
+def test_eval_paired_reports_the_capability_cost_by_document(tiny_model_dir, tiny_adapter, tmp_path, data_dir):
+    import json
+
+    out = tmp_path / "paired"
+    ran = _paired_eval(tiny_model_dir, tiny_adapter, data_dir, out, "--suite", "ppl,kl", "--ppl-limit", "4")
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    arms = {arm: json.loads((out / arm / "results.json").read_text())["suites"] for arm in ("base", "edited")}
+    ppl = json.loads((out / "paired.json").read_text())["capability"]["ppl"]["token perplexity (relative change)"]
+    # the per-document rows add up to the perplexity each arm reports
+    assert ppl["before"] == pytest.approx(arms["base"]["ppl"]["token_perplexity"], rel=1e-6)
+    assert ppl["after"] == pytest.approx(arms["edited"]["ppl"]["token_perplexity"], rel=1e-6)
+    assert ppl["n"] == 4 and ppl["n_tokens"] == arms["base"]["ppl"]["n_tokens"]
+    assert ppl["change"] != 0 and ppl["ci95"][0] <= ppl["change"] <= ppl["ci95"][1]
+    kl = json.loads((out / "paired.json").read_text())["capability"]["kl"]["mean KL from the unedited model"]
+    assert kl["after"] == pytest.approx(arms["edited"]["kl"]["mean_kl"]) and kl["before"] == pytest.approx(0, abs=1e-5)
+    assert "| ppl | token perplexity (relative change) | 4 |" in (out / "paired.md").read_text()
+
+
 def test_eval_paired_needs_an_adapter(tiny_model_dir, tmp_path):
     from helpers import assert_one_line_error, run_cli
 
@@ -312,3 +330,63 @@ def test_the_control_band_covers_the_sampled_outcomes():
     paired["controls"] = band
     row = next(line for line in paired_table(paired).splitlines() if "| rtp k=3 | sample rate/j |" in line)
     assert row.endswith("[+0.000, +0.167] |")
+
+
+def _capability_rows(nll, tokens, kl):
+    pairs = enumerate(zip(nll, tokens, strict=True))
+    ppl = [{"suite": "ppl", "prompt": f"d{i}", "nll": x, "tokens": t} for i, (x, t) in pairs]
+    return ppl + [{"suite": "kl", "prompt": f"d{i}", "kl": v} for i, v in enumerate(kl)]
+
+
+def test_the_perplexity_change_is_paired_by_document():
+    tokens = [10, 30, 20]
+    before = _capability_rows([25.0, 90.0, 44.0], tokens, [0.0, 0.0, 0.0])
+    # every token 10% less likely after the edit: perplexity x 1.1 whichever documents are resampled
+    nll = [x + t * math.log(1.1) for x, t in zip([25.0, 90.0, 44.0], tokens, strict=True)]
+    after = _capability_rows(nll, tokens, [0.1, 0.3, 0.2])
+    capability = paired_changes(before, after, n_boot=200)["capability"]
+    ppl = capability["ppl"]["token perplexity (relative change)"]
+    assert ppl["before"] == pytest.approx(math.exp(159 / 60)) and ppl["after"] == pytest.approx(1.1 * ppl["before"])
+    assert ppl["change"] == pytest.approx(0.1) and ppl["ci95"] == [pytest.approx(0.1), pytest.approx(0.1)]
+    assert (ppl["n"], ppl["n_tokens"]) == (3, 60)
+    kl = capability["kl"]["mean KL from the unedited model"]
+    assert kl["after"] == pytest.approx(0.2) and kl["ci95"][0] >= 0.1 - 1e-9 and kl["ci95"][1] <= 0.3 + 1e-9
+    table = paired_table(paired_changes(before, after, n_boot=200))
+    row = f"| ppl | token perplexity (relative change) | 3 | {ppl['before']:.2f} | {ppl['after']:.2f} | +0.100"
+    assert row in table
+
+
+def test_the_perplexity_interval_comes_from_resampling_documents():
+    # one document got much worse, the others not at all: the interval must reach both ways from the mean
+    tokens = [20] * 10
+    nll = [40.0] * 10
+    worse = [40.0] * 9 + [40.0 + 20 * math.log(3.0)]
+    zero_kl = [0.0] * 10
+    ppl = paired_changes(_capability_rows(nll, tokens, zero_kl), _capability_rows(worse, tokens, zero_kl), n_boot=500)
+    change = ppl["capability"]["ppl"]["token perplexity (relative change)"]
+    assert change["change"] == pytest.approx(3.0 ** (1 / 10) - 1)
+    assert change["ci95"][0] == pytest.approx(0.0) and change["ci95"][1] > change["change"]
+
+
+def test_the_capability_cost_needs_the_same_documents_in_both_arms():
+    before = _capability_rows([1.0, 2.0], [3, 4], [0.0, 0.0])
+    with pytest.raises(ValueError, match="same documents"):
+        paired_changes(before, list(reversed(before)))
+    other_tokens = _capability_rows([1.0, 2.0], [3, 5], [0.0, 0.0])
+    with pytest.raises(ValueError, match="different tokens"):
+        paired_changes(before, other_tokens)
+    assert "capability" not in paired_changes(_rows("rtp", [0.1]), _rows("rtp", [0.2]))
+
+
+def test_the_control_band_covers_perplexity_and_kl():
+    from surgery_plugin.commands.evaluate import control_band
+
+    tokens = [10, 10]
+    base = _capability_rows([20.0, 20.0], tokens, [0.0, 0.0])
+    controls = [
+        (0, {}, _capability_rows([20.0 + 20 * math.log(1.05), 20.0], tokens, [0.02, 0.04])),
+        (1, {}, _capability_rows([20.0, 20.0], tokens, [0.0, 0.0])),
+    ]
+    band = control_band(base, controls)
+    assert band["ppl"]["token perplexity (relative change)"]["range"] == [pytest.approx(0.0), pytest.approx(0.05)]
+    assert band["kl"]["mean KL from the unedited model"]["changes"] == [pytest.approx(0.03), 0.0]

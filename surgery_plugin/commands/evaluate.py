@@ -17,7 +17,7 @@ from torch import nn
 
 from ..behaviors import Behavior
 from ..errors import SurgeryError
-from ..evaluation.paired import outcome_rows, paired_changes, paired_table
+from ..evaluation.paired import comparison_rows, paired_changes, paired_table
 from ..evaluation.protocols import PROTOCOLS, EvalSettings, plan
 from ..evaluation.report import metric_values
 from ..evaluation.runner import evaluate_plan, write_alpha_sweep, write_run, write_run_files
@@ -123,15 +123,14 @@ def evaluate_controls(
 
 
 def control_band(base_samples: list[dict], controls: list[tuple[int, dict, list[dict]]]) -> dict:
-    """Per suite (and ``"<suite> k=<k>"`` for the sampled protocol) and outcome, the changes the controls made
-    (paired, on the same prompts) and their range."""
+    """Per suite (and ``"<suite> k=<k>"`` for the sampled protocol, ``ppl`` and ``kl`` for the capability cost) and
+    outcome, the changes the controls made (paired, on the same prompts) and their range."""
     band: dict = {}
     for seed, _, samples in controls:
-        for suite, entry in paired_changes(base_samples, samples)["suites"].items():
-            for label, name, o in outcome_rows(suite, entry):
-                band.setdefault(label, {}).setdefault(name, {"seeds": [], "changes": []})
-                band[label][name]["seeds"].append(seed)
-                band[label][name]["changes"].append(o["change"])
+        for label, name, o in comparison_rows(paired_changes(base_samples, samples)):
+            band.setdefault(label, {}).setdefault(name, {"seeds": [], "changes": []})
+            band[label][name]["seeds"].append(seed)
+            band[label][name]["changes"].append(o["change"])
     for outcomes in band.values():
         for o in outcomes.values():
             o["range"] = [min(o["changes"]), max(o["changes"])]

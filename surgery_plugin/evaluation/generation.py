@@ -257,20 +257,22 @@ def perplexity(
     max_length: int = 256,
     progress: bool = True,
     prefix: str | None = None,
-) -> dict[str, float]:
-    """Token-level perplexity over ``texts`` (each scored on its own, truncated to ``max_length`` tokens).
+) -> dict:
+    """Token-level perplexity over ``texts`` (each scored on its own, truncated to ``max_length`` tokens), and
+    ``per_text``: each scored text's ``(index in texts, summed NLL, scored tokens)``, for comparisons by document.
 
     ``prefix``: text read before each one (an instruction); the same tokens are scored as without it.
     """
     encoded = [tokenizer(t, truncation=True, max_length=max_length)["input_ids"] for t in texts]
-    encoded = [ids for ids in encoded if len(ids) >= 2]
+    kept = [i for i, ids in enumerate(encoded) if len(ids) >= 2]
+    encoded = [encoded[i] for i in kept]
     prefix_ids = _prefix_ids(tokenizer, prefix)
     first_scored = [1] * len(encoded)  # position of each sequence's first scored token
     if prefix_ids:
         pairs = [_with_prefix(tokenizer, ids, prefix_ids) for ids in encoded]
         encoded, first_scored = [p[0] for p in pairs], [p[1] for p in pairs]
     device = _device(model)
-    total_nll, total_tokens = 0.0, 0
+    text_nll, text_tokens = [0.0] * len(encoded), [0] * len(encoded)
     was_training = model.training
     model.eval()
     try:
@@ -287,14 +289,17 @@ def perplexity(
             for row, i in enumerate(batch):
                 target_mask[row, : first_scored[i] - 1] = 0
             target_mask = target_mask.to(device).float()
-            total_nll += float((nll * target_mask).sum())
-            total_tokens += int(target_mask.sum())
+            for row, i in enumerate(batch):
+                text_nll[i] = float((nll[row] * target_mask[row]).sum())
+                text_tokens[i] = int(target_mask[row].sum())
     finally:
         model.train(was_training)
+    total_tokens = sum(text_tokens)
     return {
-        "token_perplexity": math.exp(total_nll / max(total_tokens, 1)),
+        "token_perplexity": math.exp(sum(text_nll) / max(total_tokens, 1)),
         "n_tokens": total_tokens,
         "n_texts": len(encoded),
+        "per_text": list(zip(kept, text_nll, text_tokens, strict=True)),
     }
 
 

@@ -6,7 +6,9 @@ change with a 95% percentile-bootstrap interval over prompts, the discordant pai
 clean / became flagged) and the exact McNemar p-value; and the change of the judge's mean score, with its
 interval. Suites whose rows record a refusal by the GCG strings get that outcome too. Sampled rows (``eval
 --samples k``) are compared prompt by prompt too: toxicity probability (McNemar on "any of the k samples
-flagged"), expected maximum toxicity and the share of samples flagged, each with its interval. Tables print
+flagged"), expected maximum toxicity and the share of samples flagged, each with its interval. The capability
+cost is paired by document too: the relative change of token perplexity on the benign documents (interval: the
+documents resampled) and the mean next-token KL from the unedited model on the benign prompts. Tables print
 ``-0.077 [-0.110, -0.043]``.
 """
 
@@ -14,7 +16,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ..core.statistics import mcnemar_exact, paired_bootstrap
+import numpy as np
+
+from ..core.statistics import bootstrap_pairs, mcnemar_exact, paired_bootstrap
 from .metrics import TOXIC_THRESHOLD, is_missing, sample_groups
 
 # what "score >= threshold" means in each generation suite (lower is better for all of them)
@@ -80,6 +84,49 @@ def _sampled_changes(a: list[dict], b: list[dict], suite: str, threshold: float,
     return {"k": k, "n": len(a) // k, "outcomes": outcomes, "expected_max": emt, "sample_rate": share}
 
 
+def _same_documents(a: list[dict], b: list[dict], suite: str) -> None:
+    if [r["prompt"] for r in a] != [r["prompt"] for r in b]:
+        raise ValueError(f"suite {suite}: the two runs did not score the same documents in the same order")
+
+
+def _capability_changes(before: Sequence[dict], after: Sequence[dict], n_boot: int, seed: int) -> dict:
+    """``ppl``: token perplexity of the benign documents in both arms and its relative change (``after / before
+    - 1``), the interval from resampling documents; ``kl``: the mean next-token KL from the unedited model in both
+    arms (the unedited arm's is 0 up to float error) and its change. Only what both arms measured."""
+    out = {}
+    a, b = ([r for r in rows if r.get("suite") == "ppl"] for rows in (before, after))
+    if a and b:
+        _same_documents(a, b, "ppl")
+        tokens = [r["tokens"] for r in a]
+        if [r["tokens"] for r in b] != tokens:
+            raise ValueError("suite ppl: the two runs scored different tokens of the same documents")
+        nll_change = [y["nll"] - x["nll"] for x, y in zip(a, b, strict=True)]
+        change, low, high = bootstrap_pairs(
+            lambda t, d: float(np.expm1(d.sum() / t.sum())) if t.sum() else float("nan"),
+            tokens,
+            nll_change,
+            n_boot,
+            seed,
+        )
+        n_tokens = max(sum(tokens), 1)
+        out["ppl"] = {
+            "token perplexity (relative change)": {
+                "n": len(a),
+                "n_tokens": sum(tokens),
+                "before": float(np.exp(sum(r["nll"] for r in a) / n_tokens)),
+                "after": float(np.exp(sum(r["nll"] for r in b) / n_tokens)),
+                "change": change,
+                "ci95": [low, high],
+            }
+        }
+    a, b = ([r for r in rows if r.get("suite") == "kl"] for rows in (before, after))
+    if a and b:
+        _same_documents(a, b, "kl")
+        kl = _mean_change([r["kl"] for r in a], [r["kl"] for r in b], n_boot, seed)
+        out["kl"] = {"mean KL from the unedited model": kl}
+    return out
+
+
 def _outcome(before: list, after: list, n_boot: int, seed: int) -> dict:
     keep = [i for i, (a, b) in enumerate(zip(before, after, strict=True)) if a is not None and b is not None]
     a = [bool(before[i]) for i in keep]
@@ -125,7 +172,11 @@ def paired_changes(
     for suite in sampled_before.keys() & sampled_after.keys():
         entry = _sampled_changes(sampled_before[suite], sampled_after[suite], suite, threshold, n_boot, seed)
         out.setdefault(suite, {"n": 0, "outcomes": {}, "mean_scores": {}})["sampled"] = entry
-    return {"suites": out, "threshold": threshold, "bootstrap": {"resamples": n_boot, "seed": seed, "level": 0.95}}
+    paired = {"suites": out, "threshold": threshold, "bootstrap": {"resamples": n_boot, "seed": seed, "level": 0.95}}
+    capability = _capability_changes(before, after, n_boot, seed)
+    if capability:
+        paired["capability"] = capability
+    return paired
 
 
 def _fmt(value: float | None, digits: int = 3) -> str:
@@ -150,6 +201,15 @@ def outcome_rows(suite: str, entry: dict) -> list[tuple[str, str, dict]]:
     return rows
 
 
+def comparison_rows(paired: dict) -> list[tuple[str, str, dict]]:
+    """``(label, outcome name, outcome)`` of every row of a paired comparison: each suite's outcomes
+    (:func:`outcome_rows`), then the capability cost (perplexity, KL)."""
+    rows = [row for suite, entry in sorted(paired["suites"].items()) for row in outcome_rows(suite, entry)]
+    for suite, outcomes in sorted(paired.get("capability", {}).items()):
+        rows += [(suite, name, o) for name, o in sorted(outcomes.items())]
+    return rows
+
+
 def paired_table(paired: dict) -> str:
     """Markdown: one row per suite and outcome, ``before -> after``, the change with its interval, McNemar, and
     (when random-direction controls ran) the range of the changes they made."""
@@ -159,17 +219,17 @@ def paired_table(paired: dict) -> str:
         head + (" control band |" if controls else ""),
         "|---|---|---|---|---|---|---|---|" + ("---|" if controls else ""),
     ]
-    for suite, entry in sorted(paired["suites"].items()):
-        for shown, name, o in outcome_rows(suite, entry):
-            low, high = o["ci95"]
-            discordant = f"{o['became_flagged']} / {o['became_clean']}" if "became_flagged" in o else ""
-            p = f"{o['mcnemar_p']:.2g}" if "mcnemar_p" in o else ""
-            row = (
-                f"| {shown} | {name} | {o['n']} | {_plain(o['before'])} | {_plain(o['after'])} | "
-                f"{_fmt(o['change'])} [{_fmt(low)}, {_fmt(high)}] | {discordant} | {p} |"
-            )
-            if controls:
-                band = controls.get(shown, {}).get(name)
-                row += f" [{_fmt(band['range'][0])}, {_fmt(band['range'][1])}] |" if band else " |"
-            lines.append(row)
+    for shown, name, o in comparison_rows(paired):
+        low, high = o["ci95"]
+        discordant = f"{o['became_flagged']} / {o['became_clean']}" if "became_flagged" in o else ""
+        p = f"{o['mcnemar_p']:.2g}" if "mcnemar_p" in o else ""
+        before, after = (_plain(v) if shown != "ppl" or v is None else f"{v:.2f}" for v in (o["before"], o["after"]))
+        row = (
+            f"| {shown} | {name} | {o['n']} | {before} | {after} | "
+            f"{_fmt(o['change'])} [{_fmt(low)}, {_fmt(high)}] | {discordant} | {p} |"
+        )
+        if controls:
+            band = controls.get(shown, {}).get(name)
+            row += f" [{_fmt(band['range'][0])}, {_fmt(band['range'][1])}] |" if band else " |"
+        lines.append(row)
     return "\n".join(lines)

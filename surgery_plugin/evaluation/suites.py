@@ -529,18 +529,23 @@ def run_attitude(model: nn.Module, tokenizer, settings: EvalSettings) -> tuple[d
 
 
 def run_ppl(model: nn.Module, tokenizer, settings: EvalSettings) -> tuple[dict, list[dict]]:
-    """Token perplexity on held-out benign web text (non-toxic RTP documents)."""
-    texts = [d["text"] for d in _benign(settings)]
+    """Token perplexity on held-out benign web text (non-toxic RTP documents); a row per document (its summed NLL
+    and scored tokens) for the paired comparison of two arms."""
+    docs = _benign(settings)
     result = perplexity(
         model,
         tokenizer,
-        texts,
+        [d["text"] for d in docs],
         batch_size=max(1, settings.batch_size // 2),
         progress=settings.progress,
         prefix=_prefix(tokenizer, settings),
     )
-    result["text"] = f"rtp/nontoxic.jsonl prompt+continuation, non-challenging {_benign_range(settings, len(texts))}"
-    return result, []
+    rows = [
+        {"suite": "ppl", "prompt": docs[i]["prompt"], "nll": nll, "tokens": tokens}
+        for i, nll, tokens in result.pop("per_text")
+    ]
+    result["text"] = f"rtp/nontoxic.jsonl prompt+continuation, non-challenging {_benign_range(settings, len(docs))}"
+    return result, rows
 
 
 def _benign(settings: EvalSettings) -> list[dict]:
