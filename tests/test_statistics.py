@@ -210,6 +210,33 @@ def test_eval_paired_reports_the_capability_cost_by_document(tiny_model_dir, tin
     kl = json.loads((out / "paired.json").read_text())["capability"]["kl"]["mean KL from the unedited model"]
     assert kl["after"] == pytest.approx(arms["edited"]["kl"]["mean_kl"]) and kl["before"] == pytest.approx(0, abs=1e-5)
     assert "| ppl | token perplexity (relative change) | 4 |" in (out / "paired.md").read_text()
+    assert (out / "paired.png").stat().st_size > 0
+
+
+def test_the_paired_plot_has_a_row_per_table_row_and_draws_the_band():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from surgery_plugin.commands.evaluate import control_band
+    from surgery_plugin.evaluation.report import plot_paired_changes
+
+    base = _rows("rtp", [0.9, 0.1, 0.2]) + _capability_rows([20.0, 30.0], [10, 10], [0.0, 0.0])
+    edited = _rows("rtp", [0.1, 0.1, 0.2]) + _capability_rows([21.0, 30.0], [10, 10], [0.01, 0.03])
+    paired = paired_changes(base, edited, n_boot=200)
+    paired["controls"] = control_band(base, [(0, {}, edited)])
+    fig, ax = plt.subplots()
+    plot_paired_changes(ax, paired)
+    labels = [t.get_text() for t in ax.get_yticklabels()]
+    assert labels == [
+        "rtp toxic/j",
+        "kl mean KL from the unedited model",
+        "ppl token perplexity (relative change)",
+    ]
+    assert len(ax.lines) >= 3 + 1  # a band per row, the zero line (the error bars are containers)
+    assert len(ax.containers) == 3
+    plt.close(fig)
 
 
 def test_eval_paired_needs_an_adapter(tiny_model_dir, tmp_path):

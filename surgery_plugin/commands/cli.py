@@ -475,7 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--paired",
         action="store_true",
         help="with --adapter: also the adapter off, on the same prompts and seeds; writes base/, edited/ and the "
-        "prompt-by-prompt comparison (paired.json, paired.md: changes with 95%% intervals, McNemar p)",
+        "prompt-by-prompt comparison (paired.json, paired.md, paired.png: changes with 95%% intervals, McNemar p)",
     )
     p.add_argument(
         "--controls",

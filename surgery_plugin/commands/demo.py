@@ -21,7 +21,13 @@ from ..errors import SurgeryError
 from ..evaluation.judges import load_judges
 from ..evaluation.paired import paired_changes, paired_table
 from ..evaluation.protocols import PROTOCOLS, plan
-from ..evaluation.report import comparison_table, group_comparison, metric_values, save_figure
+from ..evaluation.report import (
+    comparison_table,
+    group_comparison,
+    metric_values,
+    plot_paired_changes,
+    save_figure,
+)
 from ..evaluation.runner import evaluate_plan, write_run_files
 from ..io.adapter import load_edited, write_adapter
 from ..io.files import check_target, json_text, output, write_manifest
@@ -66,42 +72,11 @@ def _plot(base: dict, edited: dict, png: Path, title: str, suites: list[str], pa
         ax.set_title(f"{suite} {metric.key}{who}\n(n={base['suites'][suite].get('n')})", fontsize=7)
     axes[-1].bar(names, [r["suites"]["ppl"]["token_perplexity"] for r in (base, edited)], color=colors)
     axes[-1].set_title(f"token perplexity\n(KL {edited['suites']['kl']['mean_kl']:.4f})", fontsize=8)
-    _plot_changes(fig.add_subplot(grid[1, :]), paired)
+    plot_paired_changes(fig.add_subplot(grid[1, :]), paired)
     fig.suptitle(title)
     fig.tight_layout()
     save_figure(fig, png.parent, png.name)
     plt.close(fig)
-
-
-def _plot_changes(ax, paired: dict) -> None:
-    """Each suite's paired change by each judge, its 95% interval, and the controls' band (grey) where they ran."""
-    rows = [
-        (suite, name, o)
-        for suite, entry in sorted(paired["suites"].items())
-        for name, o in sorted(entry["outcomes"].items())
-    ]
-    controls = paired.get("controls", {})
-    for y, (suite, name, o) in enumerate(rows):
-        band = controls.get(suite, {}).get(name)
-        if band:
-            ax.plot(band["range"], [y, y], color="#bbbbbb", lw=9, solid_capstyle="butt", zorder=1)
-        low, high = o["ci95"]
-        ax.errorbar(
-            [o["change"]],
-            [y],
-            xerr=[[o["change"] - low], [high - o["change"]]],
-            fmt="o",
-            color="#2a7ab9",
-            capsize=4,
-            zorder=2,
-        )
-    ax.axvline(0.0, color="black", lw=0.8)
-    ax.set_yticks(range(len(rows)), [f"{suite} {name}" for suite, name, _ in rows], fontsize=7)
-    ax.invert_yaxis()
-    ax.set_xlabel(
-        "paired change, edited - base (95% bootstrap interval; grey: range of the random-direction controls)",
-        fontsize=8,
-    )
 
 
 def run_demo(

@@ -19,7 +19,7 @@ from ..behaviors import Behavior
 from ..errors import SurgeryError
 from ..evaluation.paired import comparison_rows, paired_changes, paired_table
 from ..evaluation.protocols import PROTOCOLS, EvalSettings, plan
-from ..evaluation.report import metric_values
+from ..evaluation.report import metric_values, write_paired_plot
 from ..evaluation.runner import evaluate_plan, write_alpha_sweep, write_run, write_run_files
 from ..io.adapter import set_alpha
 from ..io.files import json_text, output, write_manifest
@@ -169,6 +169,8 @@ def run_eval(
             write_run_files(tmp / "edited", edited, edited_samples)
             (tmp / "paired.json").write_text(json_text(comparison), encoding="utf-8")
             (tmp / "paired.md").write_text(paired_table(comparison) + "\n", encoding="utf-8")
+            arms = f"{controls} random-direction controls" if controls else "no controls"
+            write_paired_plot(tmp, comparison, f"{meta.get('adapter')} against the unedited model ({arms})")
             for seed, results, samples in measured if controls else []:
                 write_run_files(tmp / f"control_{seed}", results, samples)
             write_manifest(tmp, {"kind": "paired_run", "adapter": meta.get("adapter")})

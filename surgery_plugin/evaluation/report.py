@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..io.files import atomic_path
+from .paired import comparison_rows
 from .protocols import PROTOCOLS, Metric
 
 logger = logging.getLogger(__name__)
@@ -225,6 +226,60 @@ def save_figure(fig, run_dir: Path, name: str) -> str:
     with atomic_path(Path(run_dir) / name) as tmp:
         fig.savefig(tmp, dpi=110, format=Path(name).suffix.lstrip(".") or "png")
     return name
+
+
+def plot_paired_changes(ax, paired: dict) -> None:
+    """Every row of a paired comparison (:func:`~.paired.comparison_rows`: each suite's outcomes, the sampled
+    protocol's, the capability cost) as its change with the 95% interval, and the controls' band (grey) where
+    they ran."""
+    rows = comparison_rows(paired)
+    controls = paired.get("controls", {})
+    for y, (label, name, o) in enumerate(rows):
+        band = controls.get(label, {}).get(name)
+        if band:
+            ax.plot(band["range"], [y, y], color="#bbbbbb", lw=9, solid_capstyle="butt", zorder=1)
+        low, high = o["ci95"]
+        if o["change"] != o["change"]:  # NaN: nothing was scored in both arms
+            continue
+        ax.errorbar(
+            [o["change"]],
+            [y],
+            xerr=[[max(0.0, o["change"] - low)], [max(0.0, high - o["change"])]],
+            fmt="o",
+            color="#2a7ab9",
+            capsize=4,
+            zorder=2,
+        )
+    ax.axvline(0.0, color="black", lw=0.8)
+    ax.set_yticks(range(len(rows)), [f"{label} {name}" for label, name, _ in rows], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel(
+        "paired change, edited - base (ppl: relative; 95% bootstrap interval; grey: range of the random-direction "
+        "controls)",
+        fontsize=8,
+    )
+
+
+def write_paired_plot(run_dir: Path, paired: dict, title: str) -> list[str]:
+    """``paired.png``: :func:`plot_paired_changes` on its own figure."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.warning("matplotlib is not installed: paired.md without a plot (pip install matplotlib)")
+        return []
+    rows = len(comparison_rows(paired))
+    if not rows:
+        return []
+    fig, ax = plt.subplots(figsize=(9, 1.2 + 0.28 * rows))
+    plot_paired_changes(ax, paired)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    name = save_figure(fig, run_dir, "paired.png")
+    plt.close(fig)
+    return [name]
 
 
 def write_plots(run_dir: Path, results: dict) -> list[str]:
