@@ -84,9 +84,10 @@ def _sampled_changes(a: list[dict], b: list[dict], suite: str, threshold: float,
     return {"k": k, "n": len(a) // k, "outcomes": outcomes, "expected_max": emt, "sample_rate": share}
 
 
-def _same_documents(a: list[dict], b: list[dict], suite: str) -> None:
+def _check_same_order(a: Sequence[dict], b: Sequence[dict], suite: str, seen: str = "see the same prompts") -> None:
+    """Both arms' rows of ``suite`` are of the same prompts in the same order, else a paired comparison is void."""
     if [r["prompt"] for r in a] != [r["prompt"] for r in b]:
-        raise ValueError(f"suite {suite}: the two runs did not score the same documents in the same order")
+        raise ValueError(f"suite {suite}: the two runs did not {seen} in the same order")
 
 
 def _capability_changes(before: Sequence[dict], after: Sequence[dict], n_boot: int, seed: int) -> dict:
@@ -96,7 +97,7 @@ def _capability_changes(before: Sequence[dict], after: Sequence[dict], n_boot: i
     out = {}
     a, b = ([r for r in rows if r.get("suite") == "ppl"] for rows in (before, after))
     if a and b:
-        _same_documents(a, b, "ppl")
+        _check_same_order(a, b, "ppl", "score the same documents")
         tokens = [r["tokens"] for r in a]
         if [r["tokens"] for r in b] != tokens:
             raise ValueError("suite ppl: the two runs scored different tokens of the same documents")
@@ -108,20 +109,20 @@ def _capability_changes(before: Sequence[dict], after: Sequence[dict], n_boot: i
             n_boot,
             seed,
         )
-        n_tokens = max(sum(tokens), 1)
+        n_tokens = sum(tokens)
         out["ppl"] = {
             "token perplexity (relative change)": {
                 "n": len(a),
-                "n_tokens": sum(tokens),
-                "before": float(np.exp(sum(r["nll"] for r in a) / n_tokens)),
-                "after": float(np.exp(sum(r["nll"] for r in b) / n_tokens)),
+                "n_tokens": n_tokens,
+                "before": float(np.exp(sum(r["nll"] for r in a) / max(n_tokens, 1))),
+                "after": float(np.exp(sum(r["nll"] for r in b) / max(n_tokens, 1))),
                 "change": change,
                 "ci95": [low, high],
             }
         }
     a, b = ([r for r in rows if r.get("suite") == "kl"] for rows in (before, after))
     if a and b:
-        _same_documents(a, b, "kl")
+        _check_same_order(a, b, "kl", "score the same documents")
         kl = _mean_change([r["kl"] for r in a], [r["kl"] for r in b], n_boot, seed)
         out["kl"] = {"mean KL from the unedited model": kl}
     return out
@@ -157,8 +158,7 @@ def paired_changes(
     out = {}
     for suite in by_before.keys() & by_after.keys():
         a, b = by_before[suite], by_after[suite]
-        if [r["prompt"] for r in a] != [r["prompt"] for r in b]:
-            raise ValueError(f"suite {suite}: the two runs did not see the same prompts in the same order")
+        _check_same_order(a, b, suite)
         outcomes, scores = {}, {}
         for judge in a[0].get("scores", {}).keys() & b[0].get("scores", {}).keys():
             sa, sb = _score_list(a, judge), _score_list(b, judge)

@@ -228,6 +228,20 @@ def save_figure(fig, run_dir: Path, name: str) -> str:
     return name
 
 
+def _pyplot(left_out: str):
+    """matplotlib's pyplot on the Agg backend; without matplotlib (an optional extra) None, and a warning saying
+    what the run leaves out."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.warning("matplotlib is not installed: %s (pip install matplotlib)", left_out)
+        return None
+    return plt
+
+
 def plot_paired_changes(ax, paired: dict) -> None:
     """Every row of a paired comparison (:func:`~.paired.comparison_rows`: each suite's outcomes, the sampled
     protocol's, the capability cost) as its change with the 95% interval, and the controls' band (grey) where
@@ -262,13 +276,8 @@ def plot_paired_changes(ax, paired: dict) -> None:
 
 def write_paired_plot(run_dir: Path, paired: dict, title: str) -> list[str]:
     """``paired.png``: :func:`plot_paired_changes` on its own figure."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        logger.warning("matplotlib is not installed: paired.md without a plot (pip install matplotlib)")
+    plt = _pyplot("paired.md without a plot")
+    if plt is None:
         return []
     rows = len(comparison_rows(paired))
     if not rows:
@@ -284,13 +293,8 @@ def write_paired_plot(run_dir: Path, paired: dict, title: str) -> list[str]:
 
 def write_plots(run_dir: Path, results: dict) -> list[str]:
     """``toxigen_groups.png`` (per-group bars, a colour per judge) and ``judges.png`` (judged headline rates)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        logger.warning("matplotlib is not installed: report.md without plots (pip install matplotlib)")
+    plt = _pyplot("report.md without plots")
+    if plt is None:
         return []
     written = []
     suites = results.get("suites", {})
