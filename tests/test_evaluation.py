@@ -191,6 +191,23 @@ def test_the_coupled_sampler_draws_from_the_nucleus():
         CoupledNucleusSampler([0], top_p=0.0)
 
 
+def test_the_nucleus_from_sorted_heads_equals_the_full_sort():
+    """Rows decided by the first head, the second, and only by the full sort all get the nucleus by definition."""
+    from surgery_plugin.evaluation.generation import nucleus_mask
+
+    generator = torch.Generator().manual_seed(0)
+    # concentration 40 .. 0.1: nuclei of one token up to most of the 50-token vocabulary
+    logits = torch.randn(60, 50, generator=generator, dtype=torch.float64) * torch.linspace(40, 0.1, 60)[:, None]
+    probs = logits.softmax(dim=-1)
+    ordered, order = probs.sort(dim=-1, descending=True)
+    for top_p in (0.5, 0.9, 1.0):
+        outside = (ordered.cumsum(dim=-1) - ordered) >= top_p
+        expected = ~outside.scatter(-1, order, outside)
+        sizes = expected.sum(dim=-1)
+        assert sizes.min() == 1 and (sizes > 8).any() and ((sizes > 2) & (sizes <= 8)).any()
+        assert torch.equal(nucleus_mask(probs, top_p, heads=(2, 8)), expected)
+
+
 def test_greedy_does_not_depend_on_the_batch_size(tiny):
     model, tok = tiny
     by_two = generate_continuations(model, tok, PROMPTS, max_new_tokens=6, batch_size=2, progress=False)

@@ -124,6 +124,30 @@ def sample_seed(seed: int, text: str, sample: int) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
+def nucleus_mask(probs: torch.Tensor, top_p: float, heads: Sequence[int] = (64, 1024)) -> torch.Tensor:
+    """Each row's nucleus: the tokens, most probable first, before whose position the mass has not reached ``top_p``.
+
+    A full sort of a 50k vocabulary costs as much per step as a small model's forward pass; the nucleus of a
+    language model usually lies in its first few dozen tokens. So each row's most probable ``heads[0]`` tokens
+    are sorted first; a row whose head already reaches ``top_p`` is decided (every token beyond it has at least
+    that mass before it), the others try the next head size, and the full sort is the last resort.
+    """
+    keep = torch.zeros_like(probs, dtype=torch.bool)
+    todo = torch.arange(probs.shape[0], device=probs.device)
+    vocab = probs.shape[-1]
+    for size in [*(h for h in heads if h < vocab), vocab]:
+        head, index = probs[todo].topk(size, dim=-1)  # sorted, largest first
+        mass = head.cumsum(dim=-1)
+        decided = (mass[:, -1] >= top_p) | (size == vocab)
+        inside = (mass - head) < top_p
+        rows = todo[decided]
+        keep[rows] = keep[rows].scatter(-1, index[decided], inside[decided])
+        todo = todo[~decided]
+        if todo.numel() == 0:
+            break
+    return keep
+
+
 class CoupledNucleusSampler:
     """Nucleus sampling (``top_p``, ``temperature``) by the Gumbel-max trick, one noise stream per row.
 
@@ -142,10 +166,7 @@ class CoupledNucleusSampler:
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         logits = scores.float() / self.temperature
-        ordered, order = logits.sort(dim=-1, descending=True)
-        probs = ordered.softmax(dim=-1)
-        outside = (probs.cumsum(dim=-1) - probs) >= self.top_p  # the mass before a token already reaches top_p
-        logits = logits.masked_fill(outside.scatter(-1, order, outside), float("-inf"))
+        logits = logits.masked_fill(~nucleus_mask(logits.softmax(dim=-1), self.top_p), float("-inf"))
         uniform = torch.stack([torch.rand(logits.shape[-1], generator=g) for g in self.generators])
         gumbel = -torch.log(-torch.log(uniform.clamp(1e-20, 1.0 - 1e-7)))
         choice = (logits + gumbel.to(logits.device)).argmax(dim=-1)
