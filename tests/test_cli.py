@@ -270,6 +270,20 @@ def test_eval_records_each_suites_report_split(report_run):
     )
 
 
+def test_eval_batches_by_the_protocols_default_unless_told(report_run):
+    from surgery_plugin.commands.cli import build_parser
+    from surgery_plugin.commands.compare import CompareConfig
+    from surgery_plugin.evaluation.protocols import EVAL_BATCH_SIZE, EvalSettings
+
+    results, _ = report_run  # run with --batch-size 4
+    assert {s["batch_size"] for s in results["settings"].values()} == {4}
+    assert EvalSettings().batch_size == CompareConfig(model="m", out="o").batch_size == EVAL_BATCH_SIZE
+    subcommands = next(a for a in build_parser()._actions if a.choices and "eval" in a.choices).choices
+    for command in ("eval", "compare"):  # not given: the settings' default, which the help names
+        assert subcommands[command].get_default("batch_size") is None
+        assert f"EVAL_BATCH_SIZE, {EVAL_BATCH_SIZE})" in subcommands[command].format_help()
+
+
 def test_eval_rtp_defaults_to_prompts_500_to_800(report_run, data_dir):
     results, samples = report_run
     assert results["settings"]["rtp"]["start"] == 500 and results["settings"]["rtp"]["limit"] == 300

@@ -187,7 +187,7 @@ def cmd_eval(args) -> None:
         split=args.split,
         benign_start=args.benign_start or 0,
         toxigen_groups=toxigen_groups(args.toxigen_groups),
-        batch_size=args.batch_size,
+        **({"batch_size": args.batch_size} if args.batch_size else {}),
         max_new_tokens=args.max_new_tokens,
         samples=args.samples,
         seed=args.seed,
@@ -257,7 +257,7 @@ def cmd_compare(args) -> int:
         hparams_dir=args.hparams_dir,
         overrides=parse_sets(args.set),
         device=args.device,
-        batch_size=args.batch_size,
+        **({"batch_size": args.batch_size} if args.batch_size else {}),
         max_new_tokens=args.max_new_tokens,
         seed=args.seed,
         overwrite=args.overwrite,
@@ -443,7 +443,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --start: toxigen's groups: all (default), report (the held-out groups of data/splits.py), "
         "probe, or g1,g2,...",
     )
-    p.add_argument("--batch-size", type=POSITIVE_INT, default=16)
+    p.add_argument(
+        "--batch-size",
+        type=POSITIVE_INT,
+        default=None,
+        help="rows per forward pass (default: evaluation.protocols.EVAL_BATCH_SIZE, 32)",
+    )
     p.add_argument(
         "--samples",
         type=_number(int, 2),
@@ -665,7 +670,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="METHOD.KEY=VALUE",
         help="override one hyperparameter of one method, e.g. rome.v_num_grad_steps=5 or surgery.alpha=0.85",
     )
-    p.add_argument("--batch-size", type=POSITIVE_INT, default=16)
+    p.add_argument(
+        "--batch-size",
+        type=POSITIVE_INT,
+        default=None,
+        help="rows per forward pass (default: evaluation.protocols.EVAL_BATCH_SIZE, 32)",
+    )
     p.add_argument("--max-new-tokens", type=POSITIVE_INT, default=None, help="override every suite's protocol default")
     p.add_argument("--seed", type=NON_NEGATIVE_INT, default=0)
     p.add_argument("--out", required=True)

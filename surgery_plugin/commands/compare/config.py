@@ -12,7 +12,7 @@ import yaml
 
 from ...config import parse_list
 from ...errors import SurgeryError
-from ...evaluation.protocols import GLOBAL_EDIT, SAFEEDIT_PER_INSTANCE
+from ...evaluation.protocols import EVAL_BATCH_SIZE, GLOBAL_EDIT, SAFEEDIT_PER_INSTANCE
 
 METHODS = ("surgery", "steering", "ablation", "dinm", "rome", "ft-l", "ft-m", "prompt")
 WITHOUT_EASYEDIT = ("surgery", "steering", "ablation", "prompt")
@@ -67,7 +67,7 @@ class CompareConfig:
     hparams_dir: str | os.PathLike | None = None  # EasyEdit's layout: <dir>/<METHOD>/<name>.yaml; None: shipped
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)  # method -> {hparams key: value}
     device: str | None = None  # None: the CPU (EasyEdit's methods: their YAML's device)
-    batch_size: int = 16
+    batch_size: int = EVAL_BATCH_SIZE
     max_new_tokens: int | None = None  # None: each protocol's own
     seed: int = 0
     overwrite: bool = False
