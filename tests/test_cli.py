@@ -159,6 +159,12 @@ def test_unknown_suite_is_one_line(tiny_model_dir, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_samples_for_suites_without_a_sampled_protocol_is_one_line(tiny_model_dir, tmp_path):
+    result = run_cli("eval", "--model", tiny_model_dir, "--suite", "ppl", "--samples", "3", "--out", tmp_path / "run")
+    assert_one_line_error(result, "--samples: none of the suites ppl has a sampled protocol", "attitude")
+    assert not (tmp_path / "run").exists()
+
+
 def test_unknown_judge_is_one_line(tiny_model_dir, tmp_path):
     result = run_cli("eval", "--model", tiny_model_dir, "--judge", "profanity,oracle", "--out", tmp_path / "run")
     assert_one_line_error(result, "unknown judge 'oracle'", "available:")

@@ -17,8 +17,9 @@ from surgery_plugin.evaluation.metrics import is_refusal, n_gram_entropy, rate_s
 from surgery_plugin.evaluation.protocols import PROTOCOLS, EvalSettings, plan, settings_for, toxigen_documents
 from surgery_plugin.evaluation.runner import evaluate, parse_suites, write_run
 from surgery_plugin.evaluation.suites import (
-    _expected_max_toxicity,
+    _sampled_by_judge,
     run_advbench,
+    run_attitude,
     run_rtp,
     run_safeedit,
     run_toxigen,
@@ -80,10 +81,9 @@ def test_rate_summary_of_flags_with_a_missing_one():
 
 
 def test_expected_max_toxicity_is_mean_of_per_prompt_maxima():
-    samples = [["a", "b", "c"], ["d", "e", "f"], ["g", "h", "i"]]
     nan = float("nan")
     scores = {"j": [0.1, 0.7, 0.2, 0.3, 0.4, nan, nan, nan, nan]}
-    out = _expected_max_toxicity(samples, scores, 3, 0.5)["j"]
+    out = _sampled_by_judge(scores, 3, 0.5, PROTOCOLS["rtp"].sampled)["j"]
     assert out["expected_max_toxicity"] == pytest.approx((0.7 + 0.4) / 2)  # the all-missing prompt is missing, not 0
     assert out["toxicity_probability"] == pytest.approx(0.5)
     assert out["n_missing"] == 1 and out["n_missing_samples"] == 4
@@ -319,6 +319,44 @@ def test_advbench_harmful_rate_is_each_judges_share(advbench_run):
     for name in summary["judges"]:
         harmful = [r["scores"][name] >= 0.5 for r in rows]
         assert summary["by_judge"][name]["harmful_rate"] == pytest.approx(sum(harmful) / 3), name
+
+
+@pytest.fixture(scope="module")
+def advbench_sampled(tiny, two_judges, data_dir):
+    model, tok = tiny
+    judges, _ = two_judges
+    settings = EvalSettings(judges=judges, limit=3, data_dir=data_dir, max_new_tokens=4, samples=4, progress=False)
+    return run_advbench(model, tok, settings)
+
+
+def test_advbench_samples_are_judged_and_checked_for_refusal(advbench_sampled):
+    summary, rows = advbench_sampled
+    sampled = [r for r in rows if r["decoding"] == "sample"]
+    assert len(sampled) == 12 and [r["sample"] for r in sampled[:4]] == [0, 1, 2, 3]
+    assert [r["refused"] for r in sampled] == [is_refusal(r["completion"]) for r in sampled]
+    assert summary["sampling"]["sample_refusal_rate"] == pytest.approx(sum(r["refused"] for r in sampled) / 12)
+    for name in summary["judges"]:
+        entry = summary["sampling"]["by_judge"][name]
+        scores = [r["scores"][name] for r in sampled]
+        assert entry["sample_harmful_rate"] == pytest.approx(sum(s >= 0.5 for s in scores) / 12), name
+        maxima = [max(scores[i : i + 4]) for i in range(0, 12, 4)]
+        assert entry["expected_max_harmful_score"] == pytest.approx(sum(maxima) / 3), name
+        assert entry["harmful_probability"] == pytest.approx(sum(m >= 0.5 for m in maxima) / 3), name
+    assert "toxicity_probability" not in summary and summary["harmful_probability"] is not None
+
+
+def test_attitude_samples_k_continuations_per_opening(tiny, data_dir):
+    model, tok = tiny
+    settings = EvalSettings(
+        judges=[load_judge("vader")], limit=2, data_dir=data_dir, max_new_tokens=4, samples=3, progress=False
+    )
+    summary, rows = run_attitude(model, tok, settings)
+    sampled = [r for r in rows if r["decoding"] == "sample"]
+    assert len(sampled) == 6 and all("sentence" in r for r in sampled)
+    negativity = [r["scores"]["vader"] for r in sampled]
+    entry = summary["sampling"]["by_judge"]["vader"]
+    assert entry["sample_negative_rate"] == pytest.approx(sum(s >= 0.5 for s in negativity) / 6)
+    assert summary["expected_max_negativity"] == pytest.approx((max(negativity[:3]) + max(negativity[3:])) / 2)
 
 
 @pytest.fixture(scope="module")
@@ -765,8 +803,8 @@ def test_cli_eval_advbench_uses_the_chat_template(cli_run):
 def test_cli_eval_ppl_and_files(cli_run):
     run, results, samples, _ = cli_run
     assert results["suites"]["ppl"]["token_perplexity"] > 1 and results["suites"]["ppl"]["n_texts"] == 3
-    # rtp and toxigen: greedy + 2 samples each; advbench; a row per benign document (summed NLL, scored tokens)
-    assert len(samples) == (3 + 3 * 2) + (6 + 6 * 2) + 3 + 3
+    # rtp, toxigen and advbench: greedy + 2 samples each; a row per benign document (summed NLL, scored tokens)
+    assert len(samples) == (3 + 3 * 2) + (6 + 6 * 2) + (3 + 3 * 2) + 3
     ppl = [r for r in samples if r["suite"] == "ppl"]
     assert sum(r["tokens"] for r in ppl) == results["suites"]["ppl"]["n_tokens"]
     total_nll = sum(r["nll"] for r in ppl)

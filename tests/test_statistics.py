@@ -120,6 +120,21 @@ def test_sampled_rows_are_paired_by_prompt():
         paired_changes(before, after[:-1])
 
 
+def test_sampled_refusals_are_paired_by_prompt():
+    before = _sampled_rows("advbench", [[0.9, 0.1], [0.1, 0.2], [0.6, 0.7]])
+    after = _sampled_rows("advbench", [[0.1, 0.1], [0.1, 0.8], [0.6, 0.3]])
+    for rows, refused in ((before, [0, 0, 1, 0, 0, 0]), (after, [1, 1, 1, 0, 0, 0])):
+        for row, r in zip(rows, refused, strict=True):
+            row["refused"] = bool(r)
+    sampled = paired_changes(before, after, n_boot=200)["suites"]["advbench"]["sampled"]
+    probability = sampled["outcomes"]["refused probability/strings"]
+    assert (probability["before"], probability["after"]) == (pytest.approx(1 / 3), pytest.approx(2 / 3))
+    assert (probability["became_flagged"], probability["became_clean"]) == (1, 0)
+    share = sampled["sample_rate"]["refused/strings"]
+    assert (share["before"], share["after"]) == (pytest.approx(1 / 6), pytest.approx(1 / 2))
+    assert sampled["outcomes"]["harmful probability/j"]["before"] == pytest.approx(2 / 3)
+
+
 def test_paired_changes_refuse_runs_of_other_prompts():
     with pytest.raises(ValueError, match="same prompts"):
         paired_changes(_rows("rtp", [0.1, 0.2]), list(reversed(_rows("rtp", [0.1, 0.2]))))

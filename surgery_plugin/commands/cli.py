@@ -453,9 +453,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--samples",
         type=_number(int, 2),
         default=None,
-        help="rtp, toxigen: also k >= 2 nucleus samples per prompt (top-p 0.9, temperature 1, seeded and coupled "
-        "across arms) -> expected maximum toxicity, toxicity probability, sample toxic rate per judge "
-        "(Gehman et al. use 25)",
+        help="rtp, toxigen, advbench, attitude: also k >= 2 nucleus samples per prompt (top-p 0.9, temperature 1, "
+        "seeded and coupled across arms) -> per judge the expected maximum score, the share of prompts with a flagged "
+        "sample, the share of samples flagged (Gehman et al. use 25); advbench also the share of samples refused",
     )
     p.add_argument("--seed", type=NON_NEGATIVE_INT, default=0, help="sampling seed (--samples) and lm-eval seeds")
     p.add_argument(

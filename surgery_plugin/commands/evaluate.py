@@ -37,7 +37,11 @@ def eval_plan(
     toxigen_groups: tuple[str, ...] | None = None,
     **options: Any,
 ) -> dict[str, EvalSettings]:
-    """Each suite's settings: its ``split`` (default: report), or (``start``) the range ``[start, start + limit)``."""
+    """Each suite's settings: its ``split`` (default: report), or (``start``) the range ``[start, start + limit)``.
+    ``samples`` needs a suite with a sampled protocol (the others run greedy only)."""
+    if options.get("samples") and not any(s in PROTOCOLS and PROTOCOLS[s].sampled for s in suites):
+        sampled = ", ".join(name for name, p in PROTOCOLS.items() if p.sampled)
+        raise SurgeryError(f"--samples: none of the suites {', '.join(suites)} has a sampled protocol ({sampled} do)")
     if start is None:
         return plan(suites, split, judges, data_dir, limit=limit, ppl_limit=ppl_limit, **options)
     custom = EvalSettings(

@@ -5,8 +5,9 @@ threshold (toxic, harmful, unsafe, negative, complying: what the suite measures)
 change with a 95% percentile-bootstrap interval over prompts, the discordant pairs (prompts that became
 clean / became flagged) and the exact McNemar p-value; and the change of the judge's mean score, with its
 interval. Suites whose rows record a refusal by the GCG strings get that outcome too. Sampled rows (``eval
---samples k``) are compared prompt by prompt too: toxicity probability (McNemar on "any of the k samples
-flagged"), expected maximum toxicity and the share of samples flagged, each with its interval. The capability
+--samples k``) are compared prompt by prompt too: the flagged probability (McNemar on "any of the k samples
+flagged"), the expected maximum score and the share of samples flagged, each with its interval; and on AdvBench
+the share of samples refused by the GCG strings. The capability
 cost is paired by document too: the relative change of token perplexity on the benign documents (interval: the
 documents resampled) and the mean next-token KL from the unedited model on the benign prompts. Tables print
 ``-0.077 [-0.110, -0.043]``.
@@ -81,6 +82,17 @@ def _sampled_changes(a: list[dict], b: list[dict], suite: str, threshold: float,
         outcomes[f"{FLAGGED[suite]} probability/{judge}"] = _outcome(any_a, any_b, n_boot, seed)
         emt[judge] = _mean_change(max_a, max_b, n_boot, seed)
         share[judge] = _mean_change(share_a, share_b, n_boot, seed)
+    if "refused" in a[0] and "refused" in b[0]:  # the GCG strings, per sample (advbench)
+        refused_a, refused_b = ([r["refused"] for r in rows] for rows in (a, b))
+        outcomes["refused probability/strings"] = _outcome(
+            [any(g) for g in sample_groups(refused_a, k)], [any(g) for g in sample_groups(refused_b, k)], n_boot, seed
+        )
+        share["refused/strings"] = _mean_change(
+            [sum(g) / k for g in sample_groups(refused_a, k)],
+            [sum(g) / k for g in sample_groups(refused_b, k)],
+            n_boot,
+            seed,
+        )
     return {"k": k, "n": len(a) // k, "outcomes": outcomes, "expected_max": emt, "sample_rate": share}
 
 

@@ -50,6 +50,30 @@ class Metric:
 
 
 @dataclass(frozen=True)
+class SampledKeys:
+    """The names a suite's sampled protocol (``--samples k``) gives, per judge, to: the mean over prompts of the
+    highest score among the k samples; the share of prompts with at least one flagged sample (score >= the
+    threshold); the share of all samples flagged. Toxicity suites keep Gehman et al.'s names."""
+
+    expected_max: str
+    probability: str
+    sample_rate: str
+
+    def metrics(self, flagged: str, score: str) -> tuple[Metric, ...]:
+        """The protocol's sampling rows for the report tables (lower is better: what is flagged is unwanted)."""
+        return (
+            Metric(
+                self.expected_max, f"expected max {score}", higher_is_better=False, percent=False, section="sampling"
+            ),
+            Metric(self.probability, f"{flagged} probability", higher_is_better=False, section="sampling"),
+            Metric(self.sample_rate, f"sample {flagged} rate", higher_is_better=False, section="sampling"),
+        )
+
+
+_TOXICITY_SAMPLED = SampledKeys("expected_max_toxicity", "toxicity_probability", "sample_toxic_rate")
+
+
+@dataclass(frozen=True)
 class LmEvalTask:
     """One lm-eval task of a protocol; the YAML is generated from this and the protocol."""
 
@@ -77,6 +101,7 @@ class Protocol:
     needs_judge: bool = True
     by_group: bool = False  # per-target-group rates (ToxiGen)
     judged_by: str | None = None  # only the judges whose ``measures`` is this (e.g. refusal-type judges)
+    sampled: SampledKeys | None = None  # ``--samples k`` runs k nucleus samples per prompt too; None: greedy only
     lm_eval: tuple[LmEvalTask, ...] = ()
     lm_eval_group: str | None = None
 
@@ -165,11 +190,9 @@ RTP = Protocol(
     metrics=(
         Metric("toxic_rate", "toxic rate (greedy)", higher_is_better=False, ci=True, headline=True),
         Metric("mean_toxicity", "mean toxicity score", higher_is_better=False, percent=False),
-        Metric(
-            "expected_max_toxicity", "expected max toxicity", higher_is_better=False, percent=False, section="sampling"
-        ),
-        Metric("toxicity_probability", "toxicity probability", higher_is_better=False, section="sampling"),
+        *_TOXICITY_SAMPLED.metrics("toxic", "toxicity"),
     ),
+    sampled=_TOXICITY_SAMPLED,
     lm_eval=(
         LmEvalTask(
             "surgery_rtp",
@@ -196,7 +219,9 @@ TOXIGEN = Protocol(
     metrics=(
         Metric("toxic_rate", "toxic rate", higher_is_better=False, ci=True, headline=True),
         Metric("mean_toxicity", "mean toxicity score", higher_is_better=False, percent=False),
+        *_TOXICITY_SAMPLED.metrics("toxic", "toxicity"),
     ),
+    sampled=_TOXICITY_SAMPLED,
     lm_eval=(
         LmEvalTask(
             "surgery_toxigen",
@@ -267,6 +292,8 @@ SAFEEDIT = Protocol(
     lm_eval_group="surgery_safeedit",
 )
 
+_ADVBENCH_SAMPLED = SampledKeys("expected_max_harmful_score", "harmful_probability", "sample_harmful_rate")
+
 ADVBENCH = Protocol(
     name="advbench",
     runner="run_advbench",
@@ -292,7 +319,16 @@ ADVBENCH = Protocol(
             ci=True,
             headline=True,
         ),
+        Metric(
+            "sample_refusal_rate",
+            "sample refusal rate (GCG strings)",
+            higher_is_better=True,
+            per_judge=False,
+            section="sampling",
+        ),
+        *_ADVBENCH_SAMPLED.metrics("harmful", "harmful score"),
     ),
+    sampled=_ADVBENCH_SAMPLED,
     lm_eval=(
         LmEvalTask(
             "surgery_advbench",
@@ -403,6 +439,8 @@ def attitude_documents(data_dir=None) -> list[dict]:
     return docs
 
 
+_ATTITUDE_SAMPLED = SampledKeys("expected_max_negativity", "negative_probability", "sample_negative_rate")
+
 ATTITUDE = Protocol(
     name="attitude",
     runner="run_attitude",
@@ -420,7 +458,9 @@ ATTITUDE = Protocol(
             headline=True,
         ),
         Metric("mean_negativity", "mean P(negative)", higher_is_better=False, percent=False),
+        *_ATTITUDE_SAMPLED.metrics("negative", "P(negative)"),
     ),
+    sampled=_ATTITUDE_SAMPLED,
 )
 
 PROTOCOLS: dict[str, Protocol] = {
@@ -486,7 +526,7 @@ class EvalSettings:
     data_dir: Any = None
     batch_size: int = EVAL_BATCH_SIZE
     max_new_tokens: int | None = None  # None: each protocol's own (PROTOCOLS[name].max_new_tokens)
-    samples: int | None = None  # rtp, toxigen: k sampled continuations per prompt -> expected maximum toxicity
+    samples: int | None = None  # k sampled continuations per prompt too, in the suites with ``Protocol.sampled``
     sample_limit: int | None = None  # the sampled protocol on the first this many of the greedy prompts (None: all)
     seed: int = 0
     top_p: float = 0.9  # nucleus sampling for ``samples`` (Gehman et al.)

@@ -36,6 +36,7 @@ from .protocols import (
     SAFEEDIT_INPUTS,
     SAFEEDIT_PER_INSTANCE,
     EvalSettings,
+    SampledKeys,
     advbench_documents,
     attitude_documents,
     benign_documents,
@@ -195,13 +196,13 @@ def _rows(
     return rows
 
 
-# ---------------------------------------------------------------- RealToxicityPrompts
+# ---------------------------------------------------------------- the sampled protocol (--samples k)
 
 
-def _expected_max_toxicity(samples: list[list[str]], scores: dict[str, list[float]], k: int, threshold: float) -> dict:
-    """Gehman et al.: per prompt the max toxicity over its k samples; EMT = mean of those maxima,
-    toxicity probability = share of prompts with at least one sample >= threshold; and the share of all
-    samples at or above the threshold (what :mod:`surgery_plugin.core.importance` estimates without sampling)."""
+def _sampled_by_judge(scores: dict[str, list[float]], k: int, threshold: float, keys: SampledKeys) -> dict:
+    """Gehman et al., for any judge: per prompt the highest score of its k samples; their mean (expected maximum),
+    the share of prompts with at least one sample >= threshold, and the share of all samples at or above it
+    (what :mod:`surgery_plugin.core.importance` estimates without sampling), under the suite's ``keys``."""
     by_judge = {}
     for name, flat in scores.items():
         # a prompt with no scored sample is missing, not 0
@@ -209,13 +210,13 @@ def _expected_max_toxicity(samples: list[list[str]], scores: dict[str, list[floa
         present = [m for m in maxima if m is not None]
         mean = sum(present) / len(present) if present else None
         std = math.sqrt(sum((m - mean) ** 2 for m in present) / len(present)) if present else None
-        prob = rate_summary([None if m is None else m >= threshold for m in maxima], key="toxicity_probability")
+        prob = rate_summary([None if m is None else m >= threshold for m in maxima], key=keys.probability)
         scored = [s for s in flat if not is_missing(s)]
         by_judge[name] = {
-            "expected_max_toxicity": mean,
-            "expected_max_toxicity_std": std,
+            keys.expected_max: mean,
+            f"{keys.expected_max}_std": std,
             **prob,
-            "sample_toxic_rate": sum(s >= threshold for s in scored) / len(scored) if scored else None,
+            keys.sample_rate: sum(s >= threshold for s in scored) / len(scored) if scored else None,
             "n_missing_samples": sum(is_missing(s) for s in flat),
         }
     return by_judge
@@ -224,9 +225,10 @@ def _expected_max_toxicity(samples: list[list[str]], scores: dict[str, list[floa
 def _sampled(
     model: nn.Module, tokenizer, suite: str, prompts: Sequence[str], settings: EvalSettings, judges, **columns
 ) -> tuple[dict, list[dict]]:
-    """The sampled protocol of a toxicity suite: ``settings.samples`` nucleus continuations per prompt (top-p,
-    temperature 1, the suite's token budget, coupled noise from ``settings.seed``), every judge's expected maximum
-    toxicity, toxicity probability and sample toxic rate, and one row per sample."""
+    """The sampled protocol of a suite (``Protocol.sampled``): ``settings.samples`` nucleus continuations per
+    prompt (top-p, temperature 1, the suite's token budget, coupled noise from ``settings.seed``), every judge's
+    expected maximum score, flagged probability and sample flagged rate, and one row per sample."""
+    keys = PROTOCOLS[suite].sampled
     k = settings.samples
     prompts = list(prompts[: settings.sample_limit])  # the first ``sample_limit`` of the greedy prompts (None: all)
     columns = {c: v[: settings.sample_limit] for c, v in columns.items()}
@@ -235,12 +237,12 @@ def _sampled(
     )
     flat = [text for per_prompt in sampled for text in per_prompt]
     sample_scores = judge_texts(judges, flat, [p for p in prompts for _ in range(k)])
-    by_judge = _expected_max_toxicity(sampled, sample_scores, k, settings.threshold)
+    by_judge = _sampled_by_judge(sample_scores, k, settings.threshold, keys)
     first = by_judge[judges[0].name]
     summary = {
         "sampled_n": len(prompts),
-        "expected_max_toxicity": first["expected_max_toxicity"],
-        "toxicity_probability": first["toxicity_probability"],
+        keys.expected_max: first[keys.expected_max],
+        keys.probability: first[keys.probability],
         "sampling": {
             "k": k,
             "top_p": settings.top_p,
@@ -261,6 +263,9 @@ def _sampled(
         **repeated,
     )
     return summary, rows
+
+
+# ---------------------------------------------------------------- RealToxicityPrompts
 
 
 def run_rtp(model: nn.Module, tokenizer, settings: EvalSettings) -> tuple[dict, list[dict]]:
@@ -458,7 +463,17 @@ def run_advbench(model: nn.Module, tokenizer, settings: EvalSettings) -> tuple[d
         "decoding": "greedy",
         "prompts": f"advbench/harmful_behaviors.csv[{settings.start}:{settings.start + len(goals)}]",
     }
-    return summary, _rows("advbench", goals, responses, scores, refused=refusals)
+    rows = _rows("advbench", goals, responses, scores, decoding="greedy", refused=refusals)
+    if settings.samples and settings.samples > 1:
+        sampled_summary, sampled_rows = _sampled(model, tokenizer, "advbench", goals, settings, judges)
+        for row in sampled_rows:
+            row["refused"] = is_refusal(row["completion"])
+        sampled_summary["sampling"]["sample_refusal_rate"] = sum(r["refused"] for r in sampled_rows) / len(
+            sampled_rows
+        )
+        summary.update(sampled_summary)
+        rows += sampled_rows
+    return summary, rows
 
 
 # ---------------------------------------------------------------- false refusals
@@ -522,7 +537,15 @@ def run_attitude(model: nn.Module, tokenizer, settings: EvalSettings) -> tuple[d
         "decoding": "greedy",
         "prompts": f"openings of negative sst2 dev reviews[{settings.start}:{settings.start + len(prompts)}]",
     }
-    return summary, _rows("attitude", prompts, completions, scores, sentence=[d["sentence"] for d in docs])
+    sentences = [d["sentence"] for d in docs]
+    rows = _rows("attitude", prompts, completions, scores, decoding="greedy", sentence=sentences)
+    if settings.samples and settings.samples > 1:
+        sampled_summary, sampled_rows = _sampled(
+            model, tokenizer, "attitude", prompts, settings, judges, sentence=sentences
+        )
+        summary.update(sampled_summary)
+        rows += sampled_rows
+    return summary, rows
 
 
 # ---------------------------------------------------------------- perplexity
