@@ -26,6 +26,7 @@ from ..evaluation.report import (
     group_comparison,
     metric_values,
     plot_paired_changes,
+    pyplot,
     save_figure,
 )
 from ..evaluation.runner import evaluate_plan, write_run_files
@@ -43,11 +44,9 @@ MODEL = "smollm2-135m"
 def _plot(base: dict, edited: dict, png: Path, title: str, suites: list[str], paired: dict) -> None:
     """The headline judged rates of each suite (one panel per judge), base vs. edited, and perplexity; below,
     every paired change with its 95% interval and, where controls ran, their band."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot("the demo without summary.png")
+    if plt is None:
+        return
     panels = [
         (suite, metric, judge)
         for suite in suites

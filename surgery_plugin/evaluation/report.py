@@ -228,7 +228,7 @@ def save_figure(fig, run_dir: Path, name: str) -> str:
     return name
 
 
-def _pyplot(left_out: str):
+def pyplot(left_out: str):
     """matplotlib's pyplot on the Agg backend; without matplotlib (an optional extra) None, and a warning saying
     what the run leaves out."""
     try:
@@ -276,7 +276,7 @@ def plot_paired_changes(ax, paired: dict) -> None:
 
 def write_paired_plot(run_dir: Path, paired: dict, title: str) -> list[str]:
     """``paired.png``: :func:`plot_paired_changes` on its own figure."""
-    plt = _pyplot("paired.md without a plot")
+    plt = pyplot("paired.md without a plot")
     if plt is None:
         return []
     rows = len(comparison_rows(paired))
@@ -293,7 +293,7 @@ def write_paired_plot(run_dir: Path, paired: dict, title: str) -> list[str]:
 
 def write_plots(run_dir: Path, results: dict) -> list[str]:
     """``toxigen_groups.png`` (per-group bars, a colour per judge) and ``judges.png`` (judged headline rates)."""
-    plt = _pyplot("report.md without plots")
+    plt = pyplot("report.md without plots")
     if plt is None:
         return []
     written = []

@@ -21,6 +21,7 @@ from ..errors import SurgeryError, first_line
 from ..io.files import json_safe, json_text, output, write_manifest
 from .judges import judge_info
 from .protocols import PROTOCOLS, EvalSettings
+from .report import pyplot, render_report, save_figure, write_plots
 from .suites import run_suite
 
 logger = logging.getLogger(__name__)
@@ -107,8 +108,6 @@ def write_run_files(run_dir: Path, results: dict, samples: list[dict], report: b
     )
     (run_dir / "results.json").write_text(json_text(results, indent=2), encoding="utf-8")
     if report:
-        from .report import render_report, write_plots
-
         try:
             plots = write_plots(run_dir, results)
         except Exception as err:  # a plot is a view of the numbers: losing it must not lose the run
@@ -133,12 +132,8 @@ def write_alpha_sweep(run_dir: Path, runs: list[dict]) -> Path:
     (the runs of each alpha beside them, :func:`write_run_files`); the manifest last."""
     run_dir = Path(run_dir)
     (run_dir / "sweep.json").write_text(json_text({"runs": runs}, indent=2), encoding="utf-8")
-    if all({"rtp", "ppl"} <= set(r["suites"]) for r in runs):
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+    plt = pyplot("sweep.json without sweep.png")
+    if plt is not None and all({"rtp", "ppl"} <= set(r["suites"]) for r in runs):
         fig, ax = plt.subplots(figsize=(6, 4))
         xs = [r["suites"]["ppl"]["token_perplexity"] for r in runs]
         ys = [r["suites"]["rtp"]["toxic_rate"] for r in runs]
@@ -149,8 +144,6 @@ def write_alpha_sweep(run_dir: Path, runs: list[dict]) -> Path:
         ax.set_ylabel(f"toxic rate (RTP, {runs[0]['suites']['rtp']['judge']})")
         ax.set_title("alpha sweep of one surgery adapter")
         fig.tight_layout()
-        from .report import save_figure
-
         save_figure(fig, run_dir, "sweep.png")
         plt.close(fig)
     write_manifest(run_dir, {"kind": "sweep", "alphas": [r["alpha"] for r in runs]})

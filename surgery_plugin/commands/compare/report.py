@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ...evaluation.paired import paired_table
 from ...evaluation.protocols import PROTOCOLS
-from ...evaluation.report import comparison_table, metric_values, save_figure
+from ...evaluation.report import comparison_table, metric_values, pyplot, save_figure
 from ...io.files import json_text, write_manifest
 
 
@@ -323,11 +323,9 @@ def _tradeoff_points(result: dict, suite: str, judge: str, cost_key: tuple[str, 
 def write_tradeoff_plot(out: Path, result: dict) -> str | None:
     """``tradeoff.png``: toxic rate (RTP, else ToxiGen; one row of panels per judge) against KL and perplexity;
     Surgery's alpha curve as a line, every other row as a point."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot("compare.md without tradeoff.png")
+    if plt is None:
+        return None
     suites = result["settings"]["suites"]
     tox = next((s for s in ("rtp", "toxigen") if s in suites), None)
     costs = [c for c in (("kl", "mean_kl"), ("ppl", "token_perplexity")) if c[0] in suites]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ...evaluation.report import save_figure
+from ...evaluation.report import pyplot, save_figure
 
 OBJECTIVES = ("undesired", "kl", "ppl_increase")
 
@@ -36,11 +36,9 @@ def trial_record(trial, on_front: bool) -> dict:
 
 def plot_front(result: dict, png: Path) -> None:
     """Toxic objective against perplexity increase (colour: KL), the front joined, the chosen point starred."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot("the study without front.png")
+    if plt is None:
+        return
     trials = result["trials"]
     fig, ax = plt.subplots(figsize=(8, 5.5))
     xs = [100 * t["values"]["ppl_increase"] for t in trials]
