@@ -59,10 +59,11 @@ def _mean_change(before: Sequence[float], after: Sequence[float], n_boot: int, s
     }
 
 
-def _per_prompt(rows: list[dict], judge: str, threshold: float, k: int) -> tuple[list[float], list, list[float]]:
-    """Sampled rows (k consecutive rows per prompt) -> per prompt: max score, any sample flagged, share flagged."""
+def _per_prompt(flat: Sequence, threshold: float, k: int) -> tuple[list[float], list, list[float]]:
+    """Per-sample scores (k consecutive ones per prompt) -> per prompt: max score, any sample flagged (score >=
+    ``threshold``), share flagged."""
     maxima, any_flagged, share = [], [], []
-    for scores in sample_groups(_score_list(rows, judge), k):
+    for scores in sample_groups(flat, k):
         maxima.append(max(scores) if scores else float("nan"))
         any_flagged.append(any(s >= threshold for s in scores) if scores else None)
         share.append(sum(s >= threshold for s in scores) / len(scores) if scores else float("nan"))
@@ -77,22 +78,16 @@ def _sampled_changes(a: list[dict], b: list[dict], suite: str, threshold: float,
     k = max(r.get("sample", 0) for r in a) + 1
     outcomes, emt, share = {}, {}, {}
     for judge in a[0].get("scores", {}).keys() & b[0].get("scores", {}).keys():
-        max_a, any_a, share_a = _per_prompt(a, judge, threshold, k)
-        max_b, any_b, share_b = _per_prompt(b, judge, threshold, k)
+        max_a, any_a, share_a = _per_prompt(_score_list(a, judge), threshold, k)
+        max_b, any_b, share_b = _per_prompt(_score_list(b, judge), threshold, k)
         outcomes[f"{FLAGGED[suite]} probability/{judge}"] = _outcome(any_a, any_b, n_boot, seed)
         emt[judge] = _mean_change(max_a, max_b, n_boot, seed)
         share[judge] = _mean_change(share_a, share_b, n_boot, seed)
-    if "refused" in a[0] and "refused" in b[0]:  # the GCG strings, per sample (advbench)
-        refused_a, refused_b = ([r["refused"] for r in rows] for rows in (a, b))
-        outcomes["refused probability/strings"] = _outcome(
-            [any(g) for g in sample_groups(refused_a, k)], [any(g) for g in sample_groups(refused_b, k)], n_boot, seed
-        )
-        share["refused/strings"] = _mean_change(
-            [sum(g) / k for g in sample_groups(refused_a, k)],
-            [sum(g) / k for g in sample_groups(refused_b, k)],
-            n_boot,
-            seed,
-        )
+    if "refused" in a[0] and "refused" in b[0]:  # the GCG strings, per sample (advbench): a refusal scores 1
+        _, any_a, share_a = _per_prompt([float(r["refused"]) for r in a], 1.0, k)
+        _, any_b, share_b = _per_prompt([float(r["refused"]) for r in b], 1.0, k)
+        outcomes["refused probability/strings"] = _outcome(any_a, any_b, n_boot, seed)
+        share["refused/strings"] = _mean_change(share_a, share_b, n_boot, seed)
     return {"k": k, "n": len(a) // k, "outcomes": outcomes, "expected_max": emt, "sample_rate": share}
 
 

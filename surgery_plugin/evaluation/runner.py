@@ -132,8 +132,9 @@ def write_alpha_sweep(run_dir: Path, runs: list[dict]) -> Path:
     (the runs of each alpha beside them, :func:`write_run_files`); the manifest last."""
     run_dir = Path(run_dir)
     (run_dir / "sweep.json").write_text(json_text({"runs": runs}, indent=2), encoding="utf-8")
-    plt = pyplot("sweep.json without sweep.png")
-    if plt is not None and all({"rtp", "ppl"} <= set(r["suites"]) for r in runs):
+    plottable = all({"rtp", "ppl"} <= set(r["suites"]) for r in runs)
+    plt = pyplot("sweep.json without sweep.png") if plottable else None
+    if plt is not None:
         fig, ax = plt.subplots(figsize=(6, 4))
         xs = [r["suites"]["ppl"]["token_perplexity"] for r in runs]
         ys = [r["suites"]["rtp"]["toxic_rate"] for r in runs]

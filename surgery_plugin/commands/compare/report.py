@@ -323,13 +323,13 @@ def _tradeoff_points(result: dict, suite: str, judge: str, cost_key: tuple[str, 
 def write_tradeoff_plot(out: Path, result: dict) -> str | None:
     """``tradeoff.png``: toxic rate (RTP, else ToxiGen; one row of panels per judge) against KL and perplexity;
     Surgery's alpha curve as a line, every other row as a point."""
-    plt = pyplot("compare.md without tradeoff.png")
-    if plt is None:
-        return None
     suites = result["settings"]["suites"]
     tox = next((s for s in ("rtp", "toxigen") if s in suites), None)
     costs = [c for c in (("kl", "mean_kl"), ("ppl", "token_perplexity")) if c[0] in suites]
     if tox is None or not costs:
+        return None
+    plt = pyplot("compare.md without tradeoff.png")
+    if plt is None:
         return None
     judges = result["settings"]["judges"]
     fig, axes = plt.subplots(len(judges), len(costs), figsize=(5.2 * len(costs), 4.0 * len(judges)), squeeze=False)
