@@ -41,3 +41,17 @@ def tiny_tokenizer():
 def tiny_model_dir(tmp_path_factory):
     """A tiny random Llama with a tiny BPE tokenizer (chat template included), saved as an ordinary HF folder."""
     return save_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-llama")
+
+
+@pytest.fixture(scope="module")
+def tiny_adapter(tiny_model_dir, tmp_path_factory):
+    """A surgery adapter for the tiny model folder: large enough a step to change its continuations."""
+    import torch
+
+    from surgery_plugin import SurgeryHyperParams, execute_surgery, export_adapter
+    from surgery_plugin.models import load_model
+
+    model, _ = load_model(str(tiny_model_dir))
+    torch.manual_seed(3)
+    edit = execute_surgery(model, torch.randn(32), SurgeryHyperParams(top_k=8, alpha=2.0, normalize=True))
+    return export_adapter(edit, model, tmp_path_factory.mktemp("adapter") / "adapter", str(tiny_model_dir))

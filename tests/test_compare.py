@@ -12,7 +12,15 @@ import types
 
 import pytest
 import torch
-from helpers import assert_one_line_error, easyedit_python, make_tiny, run_cli, tiny_config, tiny_hf_tokenizer
+from helpers import (
+    assert_one_line_error,
+    easyedit_python,
+    make_tiny,
+    run_cli,
+    tiny_config,
+    tiny_hf_tokenizer,
+    write_tiny_hparams,
+)
 
 from surgery_plugin.commands.compare.config import METHODS, NO_CHANGE_BELOW, parse_methods, parse_sets
 from surgery_plugin.commands.compare.report import cost_ratios, prompt_ranges
@@ -319,88 +327,6 @@ def test_the_report_names_every_suites_prompt_range():
 # ---------------------------------------------------------------------------- the driver on a tiny model
 
 
-def _tiny_hparams(root, model_dir) -> None:
-    common = dict(model_name=str(model_dir), device="cpu", model_parallel=False)
-    modules = dict(
-        rewrite_module_tmp="model.layers.{}.mlp.down_proj.weight",
-        layer_module_tmp="model.layers.{}",
-        mlp_module_tmp="model.layers.{}.mlp",
-        attn_module_tmp="model.layers.{}.self_attn",
-        ln_f_module="model.norm",
-        lm_head_module="lm_head",
-    )
-    files = {
-        "Surgery": dict(
-            alg_name="Surgery",
-            max_length=64,
-            batch_size=1,
-            probe_data="davidson",
-            probe_layer=1,
-            probe_max_per_class=20,
-            probe_epochs=2,
-            feature_batch_size=8,
-            top_k=0.2,
-            alpha=0.5,
-            normalize=True,
-            **common,
-        ),
-        "DINM": dict(
-            alg_name="DINM",
-            model_class="LlamaForCausalLM",
-            tokenizer_class="AutoTokenizer",
-            suffix_system_prompt="Please give the right response:",
-            layers=[],
-            num_steps=2,
-            max_length=256,
-            max_output_length=16,
-            lr=1e-3,
-            weight_decay=0,
-            kl_factor=0.1,
-            norm_constraint=False,
-            **modules,
-            **common,
-        ),
-        "FT": dict(
-            alg_name="FT",
-            layers=[1],
-            num_steps=2,
-            batch_size=1,
-            max_length=40,
-            lr=1e-3,
-            weight_decay=0,
-            kl_factor=0,
-            norm_constraint=False,
-            objective_optimization="prompt_last",
-            **modules,
-            **common,
-        ),
-        "ROME": dict(  # layer 5 of a 3-layer model: this method fails in the middle of the run
-            alg_name="ROME",
-            stats_dir="./stats",
-            layers=[5],
-            fact_token="subject_last",
-            v_num_grad_steps=2,
-            v_lr=0.5,
-            v_loss_layer=1,
-            v_weight_decay=1e-3,
-            clamp_norm_factor=4,
-            kl_factor=0.0625,
-            mom2_adjustment=False,
-            context_template_length_params=[],
-            mom2_dataset="wikipedia",
-            mom2_n_samples=1000,
-            mom2_dtype="float32",
-            **{k: v.removesuffix(".weight") for k, v in modules.items()},
-            **common,
-        ),
-    }
-    import yaml
-
-    for method, config in files.items():
-        (root / method).mkdir(parents=True)
-        (root / method / "tiny.yaml").write_text(yaml.safe_dump(config))
-
-
 def _compare_in(cwd, *args):
     """``surgery compare ARGS`` in this process, from ``cwd`` (EasyEdit would write ./logs there)."""
     with pytest.MonkeyPatch.context() as mp:
@@ -457,7 +383,7 @@ def tiny_run(tmp_path_factory, tiny_model_dir, data_dir):
     _require_easyedit_here()
     root = tmp_path_factory.mktemp("compare")
     hparams = root / "hparams"
-    _tiny_hparams(hparams, tiny_model_dir)
+    write_tiny_hparams(hparams, tiny_model_dir)
     out = root / "run"
     ran = _compare_in(
         root,

@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+from helpers import paired_eval
 
 from surgery_plugin.core.statistics import mcnemar_exact, paired_bootstrap, wilson_interval
 from surgery_plugin.evaluation.paired import paired_changes, paired_table
@@ -140,46 +141,11 @@ def test_paired_changes_refuse_runs_of_other_prompts():
         paired_changes(_rows("rtp", [0.1, 0.2]), list(reversed(_rows("rtp", [0.1, 0.2]))))
 
 
-@pytest.fixture
-def tiny_adapter(tiny_model_dir, tmp_path):
-    """A surgery adapter for the tiny model folder: large enough a step to change its continuations."""
-    import torch
-
-    from surgery_plugin import SurgeryHyperParams, execute_surgery, export_adapter
-    from surgery_plugin.models import load_model
-
-    model, _ = load_model(str(tiny_model_dir))
-    torch.manual_seed(3)
-    edit = execute_surgery(model, torch.randn(32), SurgeryHyperParams(top_k=8, alpha=2.0, normalize=True))
-    return export_adapter(edit, model, tmp_path / "adapter", str(tiny_model_dir))
-
-
-def _paired_eval(model_dir, adapter, data_dir, out, *options):
-    """``surgery eval --paired`` of the tiny adapter with the profanity judge, in process; ``options``: the rest."""
-    from helpers import run_cli
-
-    return run_cli(
-        "eval",
-        "--model",
-        model_dir,
-        "--adapter",
-        adapter,
-        "--paired",
-        "--judge",
-        "profanity",
-        "--data-dir",
-        data_dir,
-        "--out",
-        out,
-        *options,
-    )
-
-
 def test_eval_paired_runs_both_arms_on_the_same_prompts(tiny_model_dir, tiny_adapter, tmp_path, data_dir):
     import json
 
     out = tmp_path / "paired"
-    ran = _paired_eval(
+    ran = paired_eval(
         tiny_model_dir,
         tiny_adapter,
         data_dir,
@@ -213,7 +179,7 @@ def test_eval_paired_reports_the_capability_cost_by_document(tiny_model_dir, tin
     import json
 
     out = tmp_path / "paired"
-    ran = _paired_eval(tiny_model_dir, tiny_adapter, data_dir, out, "--suite", "ppl,kl", "--ppl-limit", "4")
+    ran = paired_eval(tiny_model_dir, tiny_adapter, data_dir, out, "--suite", "ppl,kl", "--ppl-limit", "4")
     assert ran.returncode == 0, ran.stderr[-2000:]
     arms = {arm: json.loads((out / arm / "results.json").read_text())["suites"] for arm in ("base", "edited")}
     ppl = json.loads((out / "paired.json").read_text())["capability"]["ppl"]["token perplexity (relative change)"]
@@ -308,7 +274,7 @@ def test_eval_controls_add_the_band_of_null_edits(tiny_model_dir, tiny_adapter, 
     import json
 
     out = tmp_path / "paired"
-    ran = _paired_eval(
+    ran = paired_eval(
         tiny_model_dir,
         tiny_adapter,
         data_dir,

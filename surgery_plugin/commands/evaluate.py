@@ -17,6 +17,7 @@ from torch import nn
 
 from ..behaviors import Behavior
 from ..errors import SurgeryError
+from ..evaluation.arms import ArmStore, paired_run_identity
 from ..evaluation.paired import comparison_rows, paired_changes, paired_table
 from ..evaluation.protocols import PROTOCOLS, EvalSettings, plan
 from ..evaluation.report import metric_values, write_paired_plot
@@ -99,10 +100,17 @@ def control_adapters(
 
 
 def evaluate_controls(
-    peft_model: nn.Module, tokenizer, settings: dict[str, EvalSettings], adapter_dir, n: int, seed: int = 0
+    peft_model: nn.Module,
+    tokenizer,
+    settings: dict[str, EvalSettings],
+    adapter_dir,
+    n: int,
+    seed: int = 0,
+    store: ArmStore | None = None,
 ) -> list[tuple[int, dict, list[dict]]]:
     """``n`` null edits of the adapter's size (:func:`control_adapters`), each evaluated on the same prompts and
-    seeds as the edit; the adapter ``default`` is active again afterwards."""
+    seeds as the edit (or read from ``store`` where an interrupted run finished it); the adapter ``default`` is
+    active again afterwards."""
     from ..io.adapter import edit_of, read_adapter
     from ..io.stack import is_stack
 
@@ -121,7 +129,11 @@ def evaluate_controls(
         restore=lambda: peft_model.set_adapter("default"),
         seed=seed,
     ):
-        results, samples = evaluate_plan(peft_model, tokenizer, settings)
+
+        def measure() -> tuple[dict, list[dict]]:
+            return evaluate_plan(peft_model, tokenizer, settings)
+
+        results, samples = store.arm(f"control_{control_seed}", measure) if store else measure()
         out.append((control_seed, results, samples))
     return out
 
@@ -157,16 +169,24 @@ def run_eval(
     """Evaluate and write RUN_DIR; with ``alphas`` (an adapter loaded as ``default``) one run per alpha
     under ``RUN_DIR/alpha_<a>/`` and ``sweep.json``, from one model load; with ``paired`` the adapter(s)
     off and on, on the same prompts and seeds, under ``RUN_DIR/base/`` and ``RUN_DIR/edited/``, and their
-    prompt-by-prompt comparison in ``paired.json`` / ``paired.md``. RUN_DIR is written whole at the end."""
+    prompt-by-prompt comparison in ``paired.json`` / ``paired.md``. RUN_DIR is written whole at the end; the arms
+    of a paired run are kept in ``RUN_DIR.arms/`` as each finishes, so the same command resumes an interrupted
+    run (:mod:`surgery_plugin.evaluation.arms`)."""
     if paired:
-        with model.disable_adapter():
-            base, base_samples = evaluate_plan(model, tokenizer, settings)
-        edited, edited_samples = evaluate_plan(model, tokenizer, settings)
+        dtype = str(next(model.parameters()).dtype)
+        store = ArmStore(out, paired_run_identity(meta.get("model"), dtype, meta.get("adapter"), settings))
+
+        def measure_base() -> tuple[dict, list[dict]]:
+            with model.disable_adapter():
+                return evaluate_plan(model, tokenizer, settings)
+
+        base, base_samples = store.arm("base", measure_base)
+        edited, edited_samples = store.arm("edited", lambda: evaluate_plan(model, tokenizer, settings))
         for results, arm_alpha, adapter in ((base, None, None), (edited, alpha, meta.get("adapter"))):
             results.update(meta, adapter=adapter, alpha=arm_alpha, metric=headline(results, behavior))
         comparison = paired_changes(base_samples, edited_samples)
         if controls:
-            measured = evaluate_controls(model, tokenizer, settings, meta["adapter"], controls)
+            measured = evaluate_controls(model, tokenizer, settings, meta["adapter"], controls, store=store)
             comparison["controls"] = control_band(base_samples, measured)
         with output(out, "paired_run", overwrite) as tmp:
             write_run_files(tmp / "base", base, base_samples)
@@ -178,6 +198,7 @@ def run_eval(
             for seed, results, samples in measured if controls else []:
                 write_run_files(tmp / f"control_{seed}", results, samples)
             write_manifest(tmp, {"kind": "paired_run", "adapter": meta.get("adapter")})
+        store.discard()
         print(paired_table(comparison))
         return [base, edited]
     if not alphas:

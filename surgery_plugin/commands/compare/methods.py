@@ -34,11 +34,13 @@ from __future__ import annotations
 
 import copy as copy_module
 import dataclasses
+import json
 import logging
 import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -55,15 +57,16 @@ from ...data.loaders import load_benign_documents, load_safeedit, safeedit_reque
 from ...data.paths import resolve_data_dir
 from ...data.splits import SAFEEDIT
 from ...errors import SurgeryError, first_line
+from ...evaluation.arms import ArmStore, read_arm
 from ...evaluation.generation import next_token_logprobs
 from ...evaluation.judges import judge_info, load_judges
 from ...evaluation.paired import paired_changes
 from ...evaluation.protocols import EDIT_PROTOCOLS, GLOBAL_EDIT, PROTOCOLS, EvalSettings, settings_for
 from ...evaluation.report import metric_values
-from ...evaluation.runner import SCHEMA_VERSION, evaluate, write_run
+from ...evaluation.runner import SCHEMA_VERSION, evaluate, write_run, write_run_files
 from ...evaluation.suites import run_safeedit_per_instance
 from ...io.adapter import load_edited, set_alpha, write_adapter
-from ...io.files import check_target, output
+from ...io.files import check_target, json_text, output
 from ...io.saved_edits import (
     adapter_changed_params,
     changed_params,
@@ -168,6 +171,28 @@ class Comparison:
             d["prompt"] for d in load_benign_documents(self.data_dir, limit=kl.ppl_limit, start=kl.benign_start)
         ]
         self.kl_reference: torch.Tensor | None = None
+        # each finished row kept beside --out: the same command resumes an interrupted comparison
+        self.store = ArmStore(self.target, self._identity())
+        self.resumed: list[str] = []
+
+    def _identity(self) -> dict:
+        """What every row of this comparison depends on besides its own name (the arms' fingerprint)."""
+        from ... import __version__
+
+        shared = {
+            k: v
+            for k, v in self.config.describe().items()
+            if k not in ("out", "overwrite", "progress", "command", "methods")
+        }
+        return {
+            **shared,
+            "data_dir": str(self.data_dir),
+            "surgery_hparams": self.surgery_hparams.to_dict() if self.surgery_hparams else None,
+            "baseline_hparams": {m: dataclasses.asdict(hp) for m, hp in self.baseline_hparams.items()},
+            "judges": [j.name for j in self.judges],
+            "safety_judges": [j.name for j in self.safety_judges],
+            "version": __version__,
+        }
 
     # ------------------------------------------------------------------ settings per suite
 
@@ -301,13 +326,59 @@ class Comparison:
         return rows
 
     def run(self) -> dict:
-        """Every row, written into a temp folder that replaces ``--out`` whole at the end."""
+        """Every row, written into a temp folder that replaces ``--out`` whole at the end; rows an interrupted run
+        of this comparison finished are read back from its store (:mod:`surgery_plugin.evaluation.arms`)."""
         with output(self.target, "compare", self.config.overwrite) as tmp:
             self.out = tmp
             try:
-                return self._run_rows()
+                result = self._run_rows()
             finally:
                 self.out = self.target
+        self.store.discard()
+        return result
+
+    # the folders a row writes under the output, each restored with it
+    ROW_FOLDERS = ("edits", "runs", "easyedit")
+
+    def _keep(self, row: _Row) -> None:
+        """Keep a finished row (its result, its generations, its folders, the control band it measured)."""
+
+        def write(folder: Path) -> None:
+            write_run_files(folder, row.result, self.row_samples.get(row.name, []), report=False)
+            if row.result.get("controls") and self.control_band is not None:
+                (folder / "control_band.json").write_text(json_text(self.control_band), encoding="utf-8")
+            for sub in self.ROW_FOLDERS:
+                if (self.out / sub / row.name).exists():
+                    shutil.copytree(self.out / sub / row.name, folder / sub)
+
+        try:
+            self.store.keep(row.name, write)
+        except (OSError, SurgeryError) as err:  # the row itself is measured: losing only the resume must not lose it
+            logger.warning("compare: %s could not be kept for a resume (%s)", row.name, first_line(err))
+
+    def _restore(self, row: _Row) -> bool:
+        """Whether the store held ``row`` finished by an interrupted run of this comparison (then it is back)."""
+        folder = self.store.finished(row.name)
+        if folder is None:
+            return False
+        try:
+            result, samples = read_arm(folder)
+            band = folder / "control_band.json"
+            control_band = json.loads(band.read_text(encoding="utf-8")) if band.exists() else None
+            for sub in self.ROW_FOLDERS:
+                if (folder / sub).exists():
+                    shutil.copytree(folder / sub, self.out / sub / row.name)
+        except (OSError, ValueError) as err:
+            logger.info("compare: %s's kept row is unreadable (%s); running it again", row.name, err)
+            for sub in self.ROW_FOLDERS:
+                shutil.rmtree(self.out / sub / row.name, ignore_errors=True)
+            return False
+        row.result = result
+        self.row_samples[row.name] = samples
+        if control_band is not None:
+            self.control_band = control_band
+        self.resumed.append(row.name)
+        return True
 
     def _run_rows(self) -> dict:
         started = time.perf_counter()
@@ -323,6 +394,8 @@ class Comparison:
             torch.manual_seed(self.config.seed)
             if row.name not in ("unedited", "prompt"):
                 base_model = base_tok = None  # every edit loads its own copy
+            if self._restore(row):
+                continue
             try:
                 if row.name in ("unedited", "prompt"):
                     self._run_unedited(row, base_model, base_tok)
@@ -337,6 +410,7 @@ class Comparison:
                 else:
                     self._run_baseline(row)
                 row.result["status"] = "ok"
+                self._keep(row)
             except Exception as err:  # one failed method must not stop the others
                 if row.name == "unedited":
                     raise
@@ -398,6 +472,8 @@ class Comparison:
             "judge_info": {j.name: judge_info(j) for j in [*self.judges, *self.safety_judges]},
             "torch_threads": torch.get_num_threads(),
             "seconds": round(seconds, 1),
+            # rows an interrupted run of this comparison had finished (their costs are that run's)
+            "resumed_rows": list(self.resumed),
             "created": utc_now(),
             "versions": package_versions(("lm_eval", "easyeditor")),
         }

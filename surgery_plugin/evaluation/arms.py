@@ -1,0 +1,163 @@
+"""Finished arms of a long paired run, kept so an interrupted run resumes where it stopped.
+
+A paired evaluation with controls is several arms (the unedited model, the edit, N null edits) of the same
+prompts and seeds; on a CPU one sampled arm takes up to half an hour. :class:`ArmStore` writes each finished arm
+(its ``results.json`` and ``samples.jsonl``) into ``<out>.arms/<arm>/`` beside the run's ``--out`` and, when the
+same command runs again, reads back every arm whose *fingerprint* matches instead of measuring it again. The
+fingerprint is a digest of everything that decides an arm's rows: the model, the adapter's files, each suite's
+settings and judges, the package version and the arm's name (a control's seed). An arm whose fingerprint
+differs is measured again and replaced. When the run's output is written whole, :meth:`ArmStore.discard`
+removes the store: its arms are in the output.
+
+The store deletes only what it wrote: a folder at ``<out>.arms`` without the store's marker is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+from ..errors import SurgeryError
+from ..io.files import (
+    MANIFEST,
+    atomic_path,
+    atomic_write,
+    json_text,
+    manifest_files,
+    read_manifest,
+    verify_files,
+    write_manifest,
+)
+from .runner import write_run_files
+
+logger = logging.getLogger(__name__)
+
+STORE_KIND = "paired_arms"
+ARM_KIND = "arm"
+
+Measure = Callable[[], tuple[dict, list[dict]]]
+
+
+def folder_digest(folder: str | os.PathLike) -> str:
+    """One sha256 over the names and contents of every file in ``folder`` (its manifest included)."""
+    folder = Path(folder)
+    files = manifest_files(folder, sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()))
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+
+
+def fingerprint(record: dict) -> str:
+    """The digest of a JSON-able description of an arm (canonical: sorted keys)."""
+    return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def paired_run_identity(model: str | None, dtype: str, adapter: str | os.PathLike | None, settings: dict) -> dict:
+    """What every arm of one paired run shares: the model, the adapter's files, each suite's settings and judges."""
+    from .. import __version__
+
+    return {
+        "model": model,
+        "dtype": dtype,
+        "adapter": folder_digest(adapter) if adapter and Path(adapter).is_dir() else adapter,
+        "settings": {
+            suite: {**s.describe(), "judges": [j.name for j in s.judges], "data_dir": str(s.data_dir)}
+            for suite, s in settings.items()
+        },
+        "version": __version__,
+    }
+
+
+def read_arm(folder: Path) -> tuple[dict, list[dict]]:
+    """``results.json`` and ``samples.jsonl`` of a kept arm (:func:`.runner.write_run_files`)."""
+    results = json.loads((folder / "results.json").read_text(encoding="utf-8"))
+    with open(folder / "samples.jsonl", encoding="utf-8") as f:
+        samples = [json.loads(line) for line in f if line.strip()]
+    return results, samples
+
+
+class ArmStore:
+    """``<out>.arms/``: one folder per finished arm, each with a manifest holding its fingerprint."""
+
+    def __init__(self, out: str | os.PathLike, run: dict):
+        out = Path(os.path.abspath(os.path.expanduser(os.fspath(out))))
+        self.folder = out.with_name(f"{out.name}.arms")
+        self.run = run  # what every arm of this run shares (model, adapter digest, settings, version)
+        if self.folder.exists() and not self._is_store():
+            raise SurgeryError(
+                f"{self.folder} exists and is not a store of finished arms (of a paired run or a comparison); it is "
+                "left alone: "
+                "move it or choose another --out"
+            )
+
+    def _is_store(self) -> bool:
+        try:
+            return read_manifest(self.folder, "store of finished arms").get("kind") == STORE_KIND
+        except SurgeryError:
+            return False
+
+    def _key(self, arm: str) -> str:
+        return fingerprint({**self.run, "arm": arm})
+
+    def finished(self, arm: str) -> Path | None:
+        """The folder of ``arm`` when the store holds it, finished by this run (same fingerprint) and intact."""
+        folder = self.folder / arm
+        if not folder.exists():
+            return None
+        try:
+            record = read_manifest(folder, "finished arm")
+            if record.get("kind") != ARM_KIND or record.get("fingerprint") != self._key(arm):
+                logger.info("arm %s: the stored one was measured with other settings; measuring it again", arm)
+                return None
+            verify_files(folder, record)
+        except SurgeryError as err:
+            logger.info("arm %s: the stored one is damaged (%s); measuring it again", arm, err)
+            return None
+        logger.info("arm %s: reusing the finished arm in %s", arm, folder)
+        return folder
+
+    def keep(self, arm: str, write: Callable[[Path], None]) -> Path:
+        """Store ``arm``: ``write(folder)`` fills a new folder, the manifest with its fingerprint comes last, and the
+        folder replaces an older one of that name whole (a crash leaves the old one or nothing)."""
+        if not self._is_store():
+            self.folder.mkdir(parents=True, exist_ok=True)
+            atomic_write(self.folder / MANIFEST, json_text({"kind": STORE_KIND, "run": self.run}))
+        with atomic_path(self.folder / arm) as tmp:
+            tmp.mkdir()
+            write(tmp)
+            write_manifest(tmp, {"kind": ARM_KIND, "arm": arm, "fingerprint": self._key(arm)})
+        logger.info("arm %s: finished; kept in %s until the run is written (rerun to resume)", arm, self.folder / arm)
+        return self.folder / arm
+
+    def arm(self, arm: str, measure: Measure) -> tuple[dict, list[dict]]:
+        """``(results, samples)`` of an evaluation arm: read back when the store holds it, else measured by
+        ``measure()`` and kept before it is returned."""
+        folder = self.finished(arm)
+        if folder is not None:
+            try:
+                return read_arm(folder)
+            except (OSError, ValueError) as err:
+                logger.info("arm %s: unreadable (%s); measuring it again", arm, err)
+        results, samples = measure()
+        self.keep(arm, lambda tmp: write_run_files(tmp, results, samples, report=False))
+        return results, samples
+
+    def discard(self) -> None:
+        """Remove the store once the run's output holds its arms: only the arm folders and marker it wrote."""
+        if not self._is_store():
+            return
+        for child in self.folder.iterdir():
+            try:
+                ours = child.is_dir() and read_manifest(child, "finished arm").get("kind") == ARM_KIND
+            except SurgeryError:
+                ours = False
+            if ours:
+                shutil.rmtree(child)
+        (self.folder / MANIFEST).unlink(missing_ok=True)
+        try:
+            self.folder.rmdir()
+        except OSError:  # something else was put there: left alone
+            logger.warning("%s holds files this run did not write; left in place", self.folder)

@@ -1,0 +1,192 @@
+"""A paired run keeps its finished arms beside --out, and the same command resumes an interrupted run from them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from helpers import assert_one_line_error, paired_eval, run_cli, write_tiny_hparams
+
+OPTIONS = ("--controls", "1", "--suite", "rtp", "--limit", "3", "--max-new-tokens", "3")
+
+
+def _interrupted(monkeypatch, *args):
+    """The paired run, stopped after every arm finished and before its output was written."""
+    import surgery_plugin.commands.evaluate as evaluate
+
+    def stop(*_, **__):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(evaluate, "control_band", stop)
+        assert paired_eval(*args).returncode == 130
+
+
+def _counting(monkeypatch) -> list:
+    """Counts the arms measured (not read back) from here on."""
+    import surgery_plugin.commands.evaluate as evaluate
+
+    measured, real = [], evaluate.evaluate_plan
+
+    def counted(*args, **kwargs):
+        measured.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "evaluate_plan", counted)
+    return measured
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_model_dir, tiny_adapter, data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("arms") / "whole"
+    ran = paired_eval(tiny_model_dir, tiny_adapter, data_dir, out, *OPTIONS)
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    return out
+
+
+def test_an_interrupted_paired_run_resumes_from_its_finished_arms(
+    tiny_model_dir, tiny_adapter, data_dir, tmp_path, monkeypatch, uninterrupted
+):
+    out = tmp_path / "paired"
+    args = (tiny_model_dir, tiny_adapter, data_dir, out, *OPTIONS)
+    _interrupted(monkeypatch, *args)
+    store = tmp_path / "paired.arms"
+    assert not out.exists() and sorted(p.name for p in store.iterdir()) == [
+        "base",
+        "control_0",
+        "edited",
+        "surgery.json",
+    ]
+    measured = _counting(monkeypatch)
+    ran = paired_eval(*args)
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    assert measured == [], "every arm had finished: none is measured again"
+    assert not store.exists(), "the store goes once the run is written"
+    for name in ("paired.json", "base/samples.jsonl", "edited/samples.jsonl", "control_0/samples.jsonl"):
+        assert (out / name).read_text() == (uninterrupted / name).read_text(), name
+
+
+def test_an_arm_of_other_settings_is_measured_again(tiny_model_dir, tiny_adapter, data_dir, tmp_path, monkeypatch):
+    out = tmp_path / "paired"
+    _interrupted(monkeypatch, tiny_model_dir, tiny_adapter, data_dir, out, *OPTIONS)
+    measured = _counting(monkeypatch)
+    other = [*OPTIONS[:-1], "2"]  # two new tokens instead of three: other rows
+    ran = paired_eval(tiny_model_dir, tiny_adapter, data_dir, out, *other)
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    assert len(measured) == 3
+    rows = [json.loads(line) for line in (out / "edited" / "samples.jsonl").read_text().splitlines()]
+    assert json.loads((out / "edited" / "results.json").read_text())["settings"]["rtp"]["max_new_tokens"] == 2
+    assert len(rows) == 3
+
+
+def test_a_damaged_arm_is_measured_again(tiny_model_dir, tiny_adapter, data_dir, tmp_path, monkeypatch):
+    out = tmp_path / "paired"
+    args = (tiny_model_dir, tiny_adapter, data_dir, out, *OPTIONS)
+    _interrupted(monkeypatch, *args)
+    samples = tmp_path / "paired.arms" / "edited" / "samples.jsonl"
+    samples.write_text(samples.read_text().replace('"prompt"', '"prompt "', 1))
+    measured = _counting(monkeypatch)
+    ran = paired_eval(*args)
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    assert len(measured) == 1
+
+
+def test_a_folder_of_someone_elses_at_the_stores_place_is_refused_and_left(
+    tiny_model_dir, tiny_adapter, data_dir, tmp_path
+):
+    theirs = tmp_path / "paired.arms"
+    theirs.mkdir()
+    (theirs / "notes.txt").write_text("mine")
+    ran = paired_eval(tiny_model_dir, tiny_adapter, data_dir, tmp_path / "paired", *OPTIONS)
+    assert_one_line_error(ran, "paired.arms", "not a store")
+    assert (theirs / "notes.txt").read_text() == "mine" and not (tmp_path / "paired").exists()
+
+
+# ---------------------------------------------------------------- surgery compare
+
+
+def _compare(root, model_dir, data_dir, out):
+    """A small comparison of the rows that need no EasyEdit."""
+    if not (root / "hparams").exists():
+        write_tiny_hparams(root / "hparams", model_dir)
+    return run_cli(
+        "compare",
+        "--model",
+        model_dir,
+        "--methods",
+        "surgery,steering,ablation,prompt",
+        "--suite",
+        "rtp,ppl,kl",
+        "--hparams-dir",
+        root / "hparams",
+        "--data-dir",
+        data_dir,
+        "--judge",
+        "profanity",
+        "--records",
+        "1",
+        "--limit",
+        "2",
+        "--ppl-limit",
+        "3",
+        "--max-new-tokens",
+        "3",
+        "--alphas",
+        "",
+        "--samples",
+        "2",
+        "--sample-limit",
+        "2",
+        "--controls",
+        "1",
+        "--steering-scales",
+        "0.1",
+        "--tune-limit",
+        "2",
+        "--out",
+        out,
+    )
+
+
+def _measured_parts(result: dict) -> dict:
+    """What a comparison measured, per row (not how long it took)."""
+    return {
+        name: {"suites": row["suites"], "paired": row.get("paired"), "status": row["status"]}
+        for name, row in result["methods"].items()
+    }
+
+
+def test_an_interrupted_comparison_resumes_from_its_finished_rows(tiny_model_dir, data_dir, tmp_path, monkeypatch):
+    from surgery_plugin.commands.compare.methods import Comparison
+
+    whole = _compare(tmp_path, tiny_model_dir, data_dir, tmp_path / "whole")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    out = tmp_path / "resumed"
+
+    def stop(*_, **__):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:  # interrupted at the last row
+        patch.setattr(Comparison, "_run_ablation", stop)
+        assert _compare(tmp_path, tiny_model_dir, data_dir, out).returncode == 130
+    kept = sorted(p.name for p in (tmp_path / "resumed.arms").iterdir())
+    assert not out.exists() and kept == [
+        "prompt",
+        "steering",
+        "surgery-records",
+        "surgery-shipped",
+        "surgery.json",
+        "unedited",
+    ]
+    for method in ("_run_unedited", "_run_surgery", "_run_steering"):
+        monkeypatch.setattr(Comparison, method, stop)  # a finished row measured again would interrupt the run
+    ran = _compare(tmp_path, tiny_model_dir, data_dir, out)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    result = json.loads((out / "compare.json").read_text())
+    expected = json.loads((tmp_path / "whole" / "compare.json").read_text())
+    assert _measured_parts(result) == _measured_parts(expected)
+    assert result["methods"]["ablation"]["paired"]["controls"] == expected["methods"]["ablation"]["paired"]["controls"]
+    assert sorted(result["settings"]["resumed_rows"]) == [k for k in kept if k != "surgery.json"]
+    for name in ("surgery-shipped", "steering", "prompt"):  # the restored rows' saved edits are in the output
+        assert (out / "edits" / name).is_dir() and (out / "runs" / name / "samples.jsonl").is_file(), name
+    assert not (tmp_path / "resumed.arms").exists()
