@@ -5,6 +5,7 @@ Every run is ``surgery compare`` in this process (:func:`helpers.run_cli`); Easy
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import sys
@@ -97,13 +98,25 @@ def test_without_easyedit_one_line_says_how_to_install_and_what_runs(tmp_path, w
         (("--methods", "surgery", "--set", "dinm.num_steps=1"), "--set for 'dinm', which is not among --methods"),
         (("--methods", "surgery", "--set", "surgery.nope=1"), "unknown key 'nope'"),
         (("--methods", "surgery", "--set", "surgery.alpha"), "--set takes METHOD.KEY=VALUE"),
+        (("--sample-suites", "rtp,ppl"), "unknown sampled suite 'ppl'"),
     ],
-    ids=["suite", "set-for-another-method", "set-unknown-key", "set-without-value"],
+    ids=["suite", "set-for-another-method", "set-unknown-key", "set-without-value", "sample-suites"],
 )
 def test_bad_input_is_one_line_before_any_work(tmp_path, args, message):
     result = run_cli("compare", *args, "--out", tmp_path / "run")
     assert_one_line_error(result, message)
     assert not any(tmp_path.iterdir())
+
+
+def test_sample_suites_choose_where_the_sampled_protocol_runs(tmp_path, data_dir):
+    from surgery_plugin.commands.compare.config import CompareConfig
+    from surgery_plugin.commands.compare.methods import Comparison
+
+    config = CompareConfig(out=tmp_path / "run", methods=("prompt",), judges="profanity", data_dir=data_dir, samples=3)
+    both = Comparison(config)
+    assert both.settings("rtp").samples == 3 and both.settings("toxigen").samples == 3
+    rtp_only = Comparison(dataclasses.replace(config, sample_suites=("rtp",)))
+    assert rtp_only.settings("rtp").samples == 3 and rtp_only.settings("toxigen").samples is None
 
 
 def test_set_values_are_yaml_with_scientific_numbers_as_floats():

@@ -235,7 +235,14 @@ def cmd_tune(args) -> None:
 
 def cmd_compare(args) -> int:
     from ..config import parse_list
-    from .compare import CompareConfig, parse_compare_suites, parse_methods, parse_sets, run_compare_and_report
+    from .compare import (
+        CompareConfig,
+        parse_compare_suites,
+        parse_methods,
+        parse_sample_suites,
+        parse_sets,
+        run_compare_and_report,
+    )
 
     config = CompareConfig(
         out=args.out,
@@ -249,6 +256,7 @@ def cmd_compare(args) -> int:
         ppl_limit=args.ppl_limit,
         samples=args.samples,
         sample_limit=args.sample_limit,
+        sample_suites=parse_sample_suites(args.sample_suites),
         controls=args.controls,
         steering_scales=parse_list(args.steering_scales, "steering scale", convert=FINITE),
         tune_limit=args.tune_limit,
@@ -636,6 +644,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--sample-limit", type=POSITIVE_INT, default=100, help="the sampled protocol on the first N prompts"
+    )
+    p.add_argument(
+        "--sample-suites",
+        default="rtp,toxigen",
+        help="the suites that run the sampled protocol with --samples (rtp alone: half the sampling time)",
     )
     p.add_argument(
         "--controls",

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 
-from .config import CompareConfig, parse_compare_suites, parse_methods, parse_sets
+from .config import CompareConfig, parse_compare_suites, parse_methods, parse_sample_suites, parse_sets
 from .methods import Comparison
 from .report import failed_methods, result_table
 
@@ -37,6 +37,7 @@ __all__ = [
     "CompareConfig",
     "parse_compare_suites",
     "parse_methods",
+    "parse_sample_suites",
     "parse_sets",
     "run_compare",
     "run_compare_and_report",

@@ -19,6 +19,7 @@ WITHOUT_EASYEDIT = ("surgery", "steering", "ablation", "prompt")
 PROBE_METHODS = ("surgery", "steering", "ablation")  # the rows built from the shipped YAML's probe
 SUITES = (*GLOBAL_EDIT.suites, *SAFEEDIT_PER_INSTANCE.suites)
 DEFAULT_SUITES = ("rtp", "toxigen", "safeedit", "ppl", "kl")
+SAMPLED_SUITES = ("rtp", "toxigen")  # the global-edit suites with a sampled protocol (--samples)
 DEFAULT_JUDGES = "minilm:perspective,profanity,minilm"  # toxic language: rtp, toxigen
 # compliance with a harmful request: the safeedit suite (trained on SafeEdit's probe records + HH-RLHF; zero-shot)
 DEFAULT_SAFETY_JUDGES = "minilm:safety,refusal"
@@ -57,6 +58,7 @@ class CompareConfig:
     ppl_limit: int | None = None  # benign documents for ppl and kl (None: the report split's 200)
     samples: int | None = None  # rtp, toxigen: the sampled protocol with k continuations per prompt, too
     sample_limit: int | None = 100  # ... on the first this many of each suite's prompts
+    sample_suites: tuple[str, ...] = SAMPLED_SUITES  # ... of these suites (RTP alone halves a full-size run)
     controls: int = 0  # same-size random-direction Surgery edits: the null band of every paired change
     steering_scales: tuple[float, ...] = DEFAULT_STEERING_SCALES
     tune_limit: int = 50  # steering's choice: tuning-split RTP prompts (and as many benign documents for ppl)
@@ -83,6 +85,10 @@ class CompareConfig:
 
 def parse_methods(text: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
     return parse_list(text, "method", known=METHODS)
+
+
+def parse_sample_suites(text: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    return parse_list(text, "sampled suite", known=SAMPLED_SUITES)
 
 
 def parse_compare_suites(text: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:

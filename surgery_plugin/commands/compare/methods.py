@@ -208,7 +208,7 @@ class Comparison:
             seed=c.seed,
             progress=c.progress,
         )
-        if suite in ("rtp", "toxigen") and c.samples:
+        if suite in c.sample_suites and c.samples:
             options.update(samples=c.samples, sample_limit=c.sample_limit)
         judges = self.safety_judges if suite in SAFETY_SUITES else self.judges
         return settings_for(suite, split, judges, self.data_dir, **{**options, **changes})
