@@ -5,7 +5,7 @@ prompts and seeds; on a CPU one sampled arm takes up to half an hour. :class:`Ar
 (its ``results.json`` and ``samples.jsonl``) into ``<out>.arms/<arm>/`` beside the run's ``--out`` and, when the
 same command runs again, reads back every arm whose *fingerprint* matches instead of measuring it again. The
 fingerprint is a digest of everything that decides an arm's rows: the model, the adapter's files, each suite's
-settings and judges, the package version and the arm's name (a control's seed). An arm whose fingerprint
+settings and judges, the package's version and the arm's name (a control's seed). An arm whose fingerprint
 differs is measured again and replaced. When the run's output is written whole, :meth:`ArmStore.discard`
 removes the store: its arms are in the output.
 
@@ -22,6 +22,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+from ..core.provenance import package_versions
 from ..errors import SurgeryError
 from ..io.files import (
     MANIFEST,
@@ -57,8 +58,6 @@ def fingerprint(record: dict) -> str:
 
 def paired_run_identity(model: str | None, dtype: str, adapter: str | os.PathLike | None, settings: dict) -> dict:
     """What every arm of one paired run shares: the model, the adapter's files, each suite's settings and judges."""
-    from .. import __version__
-
     return {
         "model": model,
         "dtype": dtype,
@@ -67,7 +66,7 @@ def paired_run_identity(model: str | None, dtype: str, adapter: str | os.PathLik
             suite: {**s.describe(), "judges": [j.name for j in s.judges], "data_dir": str(s.data_dir)}
             for suite, s in settings.items()
         },
-        "version": __version__,
+        "version": package_versions()["surgery_plugin"],
     }
 
 

@@ -177,8 +177,6 @@ class Comparison:
 
     def _identity(self) -> dict:
         """What every row of this comparison depends on besides its own name (the arms' fingerprint)."""
-        from ... import __version__
-
         shared = {
             k: v
             for k, v in self.config.describe().items()
@@ -191,7 +189,7 @@ class Comparison:
             "baseline_hparams": {m: dataclasses.asdict(hp) for m, hp in self.baseline_hparams.items()},
             "judges": [j.name for j in self.judges],
             "safety_judges": [j.name for j in self.safety_judges],
-            "version": __version__,
+            "version": package_versions()["surgery_plugin"],
         }
 
     # ------------------------------------------------------------------ settings per suite
