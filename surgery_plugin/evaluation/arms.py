@@ -31,6 +31,7 @@ from ..io.files import (
     json_text,
     manifest_files,
     read_manifest,
+    seal,
     verify_files,
     write_manifest,
 )
@@ -52,8 +53,8 @@ def folder_digest(folder: str | os.PathLike) -> str:
 
 
 def fingerprint(record: dict) -> str:
-    """The digest of a JSON-able description of an arm (canonical: sorted keys)."""
-    return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()
+    """The digest of a JSON-able description of an arm: the canonical-JSON digest manifests are sealed with."""
+    return seal(record)["record_sha256"]
 
 
 def paired_run_identity(model: str | None, dtype: str, adapter: str | os.PathLike | None, settings: dict) -> dict:
@@ -88,8 +89,7 @@ class ArmStore:
         if self.folder.exists() and not self._is_store():
             raise SurgeryError(
                 f"{self.folder} exists and is not a store of finished arms (of a paired run or a comparison); it is "
-                "left alone: "
-                "move it or choose another --out"
+                "left alone: move it or choose another --out"
             )
 
     def _is_store(self) -> bool:
