@@ -79,6 +79,26 @@ def test_an_arm_of_other_settings_is_measured_again(tiny_model_dir, tiny_adapter
     assert len(rows) == 3
 
 
+def test_an_arm_kept_under_another_torch_is_measured_again(
+    tiny_model_dir, tiny_adapter, data_dir, tmp_path, monkeypatch, caplog
+):
+    import surgery_plugin.evaluation.arms as arms
+
+    out = tmp_path / "paired"
+    args = (tiny_model_dir, tiny_adapter, data_dir, out, *OPTIONS)
+    _interrupted(monkeypatch, *args)
+    kept = json.loads((tmp_path / "paired.arms" / "edited" / "surgery.json").read_text())
+    assert kept["versions"]["torch"] == arms.package_versions()["torch"]
+    real = arms.package_versions
+    monkeypatch.setattr(arms, "package_versions", lambda: {**real(), "torch": "99.0"})
+    measured = _counting(monkeypatch)
+    with caplog.at_level("INFO", logger=arms.__name__):
+        ran = paired_eval(*args)
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    assert len(measured) == 3, "every arm was measured with another torch"
+    assert f"torch {kept['versions']['torch']} -> 99.0" in caplog.text
+
+
 def test_a_damaged_arm_is_measured_again(tiny_model_dir, tiny_adapter, data_dir, tmp_path, monkeypatch):
     out = tmp_path / "paired"
     args = (tiny_model_dir, tiny_adapter, data_dir, out, *OPTIONS)

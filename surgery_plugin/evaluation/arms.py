@@ -6,7 +6,8 @@ prompts and seeds; on a CPU one sampled arm takes up to half an hour. :class:`Ar
 same command runs again, reads back every arm whose *fingerprint* matches instead of measuring it again. The
 fingerprint is a digest of everything that decides an arm's rows: the model, the adapter's files, each suite's
 settings and judges, the package's version and the arm's name (a control's seed). An arm whose fingerprint
-differs is measured again and replaced. When the run's output is written whole, :meth:`ArmStore.discard`
+differs is measured again and replaced, and so is one kept under other library versions (torch, transformers,
+PEFT, safetensors, Python: recorded beside the fingerprint, since a new torch can change the rows). When the run's output is written whole, :meth:`ArmStore.discard`
 removes the store: its arms are in the output.
 
 The store deletes only what it wrote: a folder at ``<out>.arms`` without the store's marker is refused.
@@ -71,6 +72,15 @@ def paired_run_identity(model: str | None, dtype: str, adapter: str | os.PathLik
     }
 
 
+def _changed_versions(kept: dict | None) -> str:
+    """The libraries whose version differs from the one an arm was measured with, as ``name a -> b``; empty when
+    none does. Arms kept before versions were recorded carry none and are taken as they are."""
+    if not kept:
+        return ""
+    now = package_versions()
+    return ", ".join(f"{name} {kept[name]} -> {now.get(name)}" for name in sorted(kept) if kept[name] != now.get(name))
+
+
 def read_arm(folder: Path) -> tuple[dict, list[dict]]:
     """``results.json`` and ``samples.jsonl`` of a kept arm (:func:`.runner.write_run_files`)."""
     results = json.loads((folder / "results.json").read_text(encoding="utf-8"))
@@ -111,6 +121,10 @@ class ArmStore:
             if record.get("kind") != ARM_KIND or record.get("fingerprint") != self._key(arm):
                 logger.info("arm %s: the stored one was measured with other settings; measuring it again", arm)
                 return None
+            changed = _changed_versions(record.get("versions"))
+            if changed:
+                logger.info("arm %s: the stored one was measured with %s; measuring it again", arm, changed)
+                return None
             verify_files(folder, record)
         except SurgeryError as err:
             logger.info("arm %s: the stored one is damaged (%s); measuring it again", arm, err)
@@ -127,7 +141,9 @@ class ArmStore:
         with atomic_path(self.folder / arm) as tmp:
             tmp.mkdir()
             write(tmp)
-            write_manifest(tmp, {"kind": ARM_KIND, "arm": arm, "fingerprint": self._key(arm)})
+            write_manifest(
+                tmp, {"kind": ARM_KIND, "arm": arm, "fingerprint": self._key(arm), "versions": package_versions()}
+            )
         logger.info("arm %s: finished; kept in %s until the run is written (rerun to resume)", arm, self.folder / arm)
         return self.folder / arm
 
