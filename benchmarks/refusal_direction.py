@@ -120,9 +120,12 @@ def plot(report: dict, png: Path) -> None:
             ax.axvline(report["chosen_layer"], color="#2a7ab9", lw=0.8, ls=":")
     for ax in (left, right):
         ax.set_xlabel("layer (candidate at its input)")
-    fig.suptitle(
-        f"{report['model']}: refusal direction candidates (chosen: layer {report['chosen_layer']})", fontsize=10
+    chosen = (
+        f"chosen: layer {report['chosen_layer']}"
+        if report["chosen_layer"] is not None
+        else f"none chosen: no eligible candidate has KL <= {report['max_kl']}"
     )
+    fig.suptitle(f"{report['model']}: refusal direction candidates ({chosen})", fontsize=10)
     fig.tight_layout()
     save_figure(fig, png.parent, png.name)
     plt.close(fig)
