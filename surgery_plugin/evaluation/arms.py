@@ -7,8 +7,8 @@ same command runs again, reads back every arm whose *fingerprint* matches instea
 fingerprint is a digest of everything that decides an arm's rows: the model, the adapter's files, each suite's
 settings and judges, the package's version and the arm's name (a control's seed). An arm whose fingerprint
 differs is measured again and replaced, and so is one kept under other library versions (torch, transformers,
-PEFT, safetensors, Python: recorded beside the fingerprint, since a new torch can change the rows). When the run's output is written whole, :meth:`ArmStore.discard`
-removes the store: its arms are in the output.
+PEFT, safetensors, Python: recorded beside the fingerprint, since a new torch can change the rows). When the
+run's output is written whole, :meth:`ArmStore.discard` removes the store: its arms are in the output.
 
 The store deletes only what it wrote: a folder at ``<out>.arms`` without the store's marker is refused.
 """
