@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 from pathlib import Path
 
 from surgery_plugin.io.files import atomic_write, write_json
@@ -49,7 +48,7 @@ def main() -> None:
     )
     plot = ""
     if png.is_file():
-        shutil.copyfile(png, args.results / f"{args.name}.png")
+        atomic_write(args.results / f"{args.name}.png", png.read_bytes())
         plot = f"\n\n![paired](./{args.name}.png)"
     atomic_write(
         args.results / f"{args.name}.md",
