@@ -210,3 +210,85 @@ def test_an_interrupted_comparison_resumes_from_its_finished_rows(tiny_model_dir
     for name in ("surgery-shipped", "steering", "prompt"):  # the restored rows' saved edits are in the output
         assert (out / "edits" / name).is_dir() and (out / "runs" / name / "samples.jsonl").is_file(), name
     assert not (tmp_path / "resumed.arms").exists()
+
+
+# ---------------------------------------------------------------- inside an arm: the batch journal
+
+
+def _stopping_after(monkeypatch, n: int) -> list:
+    """Generation batches actually generated from here on; the ``n+1``-th is interrupted (``n=None``: never)."""
+    from surgery_plugin.evaluation import generation
+
+    generated, real = [], generation._generate_batch
+
+    def counted(*args, **kwargs):
+        if n is not None and len(generated) == n:
+            raise KeyboardInterrupt
+        generated.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(generation, "_generate_batch", counted)
+    return generated
+
+
+def test_a_journal_replays_the_finished_batches_and_generates_the_rest(tmp_path, monkeypatch):
+    from helpers import CharTokenizer, make_tiny
+
+    from surgery_plugin.evaluation.generation import generate_continuations
+    from surgery_plugin.evaluation.journal import journal
+
+    model, tok = make_tiny("llama"), CharTokenizer()
+    prompts = [f"prompt {i} " * (i + 1) for i in range(5)]
+    # one prompt (two samples) per batch: five batches, with token ids
+    settings = dict(max_new_tokens=3, batch_size=2, num_samples=2, seed=1, progress=False, return_ids=True)
+    whole = generate_continuations(model, tok, prompts, **settings)
+    path, header = tmp_path / "edited.journal.jsonl", {"arm": "edited", "fingerprint": "f"}
+    with monkeypatch.context() as patch:
+        _stopping_after(patch, 3)
+        with pytest.raises(KeyboardInterrupt), journal(path, header):
+            generate_continuations(model, tok, prompts, **settings)
+    assert len(path.read_text().splitlines()) == 1 + 3
+    with open(path, "a") as f:  # the crash cut a fourth batch short
+        f.write('{"key": "0a1b')
+    with monkeypatch.context() as patch:
+        generated = _stopping_after(patch, None)
+        with journal(path, header) as kept:
+            assert generate_continuations(model, tok, prompts, **settings) == whole
+    assert (kept.replayed, len(generated)) == (3, 2)
+    assert len(path.read_text().splitlines()) == 1 + 5, "the cut line is gone, the new batches appended"
+
+    with monkeypatch.context() as patch:  # another arm's journal (another fingerprint) replays nothing
+        generated = _stopping_after(patch, None)
+        with journal(path, {**header, "fingerprint": "g"}) as other:
+            assert generate_continuations(model, tok, prompts, **settings) == whole
+    assert (other.replayed, len(generated)) == (0, 5)
+
+    with monkeypatch.context() as patch:  # other prompts: replayed up to where the batches differ
+        generated = _stopping_after(patch, None)
+        changed = [*prompts[:4], "another prompt entirely, and the longest " * 3]
+        with journal(path, {**header, "fingerprint": "g"}) as other:
+            expected = generate_continuations(model, tok, changed, **{**settings, "progress": False})
+    assert (other.replayed, len(generated)) == (4, 1)
+    assert expected[0][:4] == whole[0][:4]
+
+
+def test_an_arm_interrupted_mid_way_resumes_from_its_last_batch(
+    tiny_model_dir, tiny_adapter, data_dir, tmp_path, monkeypatch
+):
+    options = (*OPTIONS, "--batch-size", "1")  # three batches per arm
+    whole = tmp_path / "whole"
+    assert paired_eval(tiny_model_dir, tiny_adapter, data_dir, whole, *options).returncode == 0
+    out = tmp_path / "paired"
+    args = (tiny_model_dir, tiny_adapter, data_dir, out, *options)
+    with monkeypatch.context() as patch:  # base's three batches, the edit's first, then the stop
+        _stopping_after(patch, 4)
+        assert paired_eval(*args).returncode == 130
+    store = tmp_path / "paired.arms"
+    assert sorted(p.name for p in store.iterdir()) == ["base", "edited.journal.jsonl", "surgery.json"]
+    generated = _stopping_after(monkeypatch, None)
+    ran = paired_eval(*args)
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    assert len(generated) == 2 + 3, "the edit's two unfinished batches and the control's three"
+    assert not store.exists()
+    for name in ("paired.json", "base/samples.jsonl", "edited/samples.jsonl", "control_0/samples.jsonl"):
+        assert (out / name).read_text() == (whole / name).read_text(), name

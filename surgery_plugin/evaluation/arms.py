@@ -8,7 +8,9 @@ fingerprint is a digest of everything that decides an arm's rows: the model, the
 settings and judges, the package's version and the arm's name (a control's seed). An arm whose fingerprint
 differs is measured again and replaced, and so is one kept under other library versions (torch, transformers,
 PEFT, safetensors, Python: recorded beside the fingerprint, since a new torch can change the rows). When the
-run's output is written whole, :meth:`ArmStore.discard` removes the store: its arms are in the output.
+run's output is written whole, :meth:`ArmStore.discard` removes the store: its arms are in the output. Inside an
+arm, :meth:`ArmStore.journal` keeps each generation batch as it finishes (:mod:`.journal`), so a run stopped
+mid-arm resumes that arm from its last finished batch.
 
 The store deletes only what it wrote: a folder at ``<out>.arms`` without the store's marker is refused.
 """
@@ -20,7 +22,8 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from ..core.provenance import package_versions
@@ -36,6 +39,8 @@ from ..io.files import (
     verify_files,
     write_manifest,
 )
+from .journal import JOURNAL_SUFFIX, BatchJournal, is_journal
+from .journal import journal as batch_journal
 from .runner import write_run_files
 
 logger = logging.getLogger(__name__)
@@ -132,18 +137,31 @@ class ArmStore:
         logger.info("arm %s: reusing the finished arm in %s", arm, folder)
         return folder
 
-    def keep(self, arm: str, write: Callable[[Path], None]) -> Path:
-        """Store ``arm``: ``write(folder)`` fills a new folder, the manifest with its fingerprint comes last, and the
-        folder replaces an older one of that name whole (a crash leaves the old one or nothing)."""
+    def _open(self) -> None:
         if not self._is_store():
             self.folder.mkdir(parents=True, exist_ok=True)
             atomic_write(self.folder / MANIFEST, json_text({"kind": STORE_KIND, "run": self.run}))
+
+    @contextmanager
+    def journal(self, arm: str) -> Iterator[BatchJournal]:
+        """While ``arm`` is measured, its finished generation batches are kept in ``<arm>.journal.jsonl`` and,
+        after an interruption, read back (:mod:`.journal`); :meth:`keep` removes the journal with the arm kept."""
+        self._open()
+        header = {"arm": arm, "fingerprint": self._key(arm), "versions": package_versions()}
+        with batch_journal(self.folder / f"{arm}{JOURNAL_SUFFIX}", header) as kept:
+            yield kept
+
+    def keep(self, arm: str, write: Callable[[Path], None]) -> Path:
+        """Store ``arm``: ``write(folder)`` fills a new folder, the manifest with its fingerprint comes last, and the
+        folder replaces an older one of that name whole (a crash leaves the old one or nothing)."""
+        self._open()
         with atomic_path(self.folder / arm) as tmp:
             tmp.mkdir()
             write(tmp)
             write_manifest(
                 tmp, {"kind": ARM_KIND, "arm": arm, "fingerprint": self._key(arm), "versions": package_versions()}
             )
+        (self.folder / f"{arm}{JOURNAL_SUFFIX}").unlink(missing_ok=True)  # the arm holds its batches now
         logger.info("arm %s: finished; kept in %s until the run is written (rerun to resume)", arm, self.folder / arm)
         return self.folder / arm
 
@@ -156,7 +174,8 @@ class ArmStore:
                 return read_arm(folder)
             except (OSError, ValueError) as err:
                 logger.info("arm %s: unreadable (%s); measuring it again", arm, err)
-        results, samples = measure()
+        with self.journal(arm):
+            results, samples = measure()
         self.keep(arm, lambda tmp: write_run_files(tmp, results, samples, report=False))
         return results, samples
 
@@ -171,6 +190,8 @@ class ArmStore:
                 ours = False
             if ours:
                 shutil.rmtree(child)
+            elif is_journal(child):  # an arm's batches, left by a measurement that failed
+                child.unlink()
         (self.folder / MANIFEST).unlink(missing_ok=True)
         try:
             self.folder.rmdir()

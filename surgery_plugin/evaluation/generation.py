@@ -12,6 +12,7 @@ from torch import nn
 from ..core.batching import length_sorted_batches, pad, pad_id
 from ..core.importance import kl_divergence
 from ..errors import SurgeryError
+from .journal import active_journal, batch_key
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -207,58 +208,88 @@ def generate_continuations(
     ``batch_size // k`` prompts (at least one) times their k samples.
     """
     encoded = _encode(tokenizer, prompts, max_prompt_tokens, add_special_tokens)
-    pad_token, device = pad_id(tokenizer), _device(model)
     sampling = num_samples > 1
     per_batch = max(1, batch_size // num_samples) if sampling else batch_size
     outputs: list = [None] * len(prompts)
     id_outputs: list = [None] * len(prompts)
     newline_ids = _newline_token_ids(tokenizer) if stop_at_newline else None
-    # where a sampled row's own tokens end (return_ids): its first end-of-sequence or newline token
-    row_ends = (
-        {getattr(tokenizer, "eos_token_id", None), *(newline_ids.tolist() if newline_ids is not None else [])}
-        if return_ids
-        else set()
+    decoding = dict(
+        max_new_tokens=max_new_tokens,
+        top_p=top_p if sampling else None,
+        temperature=temperature if sampling else None,
+        stop_at_newline=stop_at_newline,
+        return_ids=return_ids,
     )
+    journal = active_journal()  # an arm being measured keeps its finished batches for a resume
     was_training = model.training
     model.eval()
     try:
         for batch in length_sorted_batches([len(ids) for ids in encoded], per_batch, desc=desc, progress=progress):
-            rows = [i for i in batch for _ in range(num_samples)] if sampling else list(batch)
-            input_ids, mask = pad([encoded[i] for i in rows], pad_token, "left")
-            width = input_ids.shape[1]
-            kwargs: dict = dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+            rows = [encoded[i] for i in batch for _ in range(num_samples)]
+            seeds = None
             if sampling:
-                from transformers import LogitsProcessorList
-
-                row_seeds = [sample_seed(seed or 0, prompts[i], j) for i in batch for j in range(num_samples)]
-                kwargs["logits_processor"] = LogitsProcessorList(
-                    [CoupledNucleusSampler(row_seeds, top_p=top_p, temperature=temperature)]
-                )
-            if newline_ids is not None:
-                from transformers import StoppingCriteriaList
-
-                kwargs["stopping_criteria"] = StoppingCriteriaList([_StopAtNewline(newline_ids, width)])
-            generated = model.generate(
-                input_ids=input_ids.to(device),
-                attention_mask=mask.to(device),
-                max_new_tokens=max_new_tokens,
-                pad_token_id=pad_token,
-                **kwargs,
-            )
-            texts = [
-                tokenizer.decode(generated[r, width:], skip_special_tokens=True) for r in range(generated.shape[0])
-            ]
-            if stop_at_newline:
-                texts = [t.split("\n")[0] for t in texts]
+                seeds = [sample_seed(seed or 0, prompts[i], j) for i in batch for j in range(num_samples)]
+            key = batch_key(rows, seeds=seeds, **decoding) if journal is not None else ""
+            kept = journal.replay(key) if journal is not None else None
+            if kept is not None:
+                texts, new_ids = kept["texts"], kept["ids"]
+            else:
+                texts, new_ids = _generate_batch(model, tokenizer, rows, seeds, newline_ids, **decoding)
+                if journal is not None:
+                    journal.record(key, texts, new_ids)
             for row, i in enumerate(batch):
                 outputs[i] = texts[row * num_samples : (row + 1) * num_samples] if sampling else texts[row]
-            if return_ids:
-                new_ids = [_row_ids(generated[r, width:].tolist(), row_ends) for r in range(len(texts))]
-                for row, i in enumerate(batch):
+                if return_ids:
                     id_outputs[i] = new_ids[row * num_samples : (row + 1) * num_samples] if sampling else new_ids[row]
     finally:
         model.train(was_training)
     return (outputs, id_outputs) if return_ids else outputs
+
+
+def _generate_batch(
+    model: nn.Module,
+    tokenizer,
+    rows: list[list[int]],
+    seeds: list[int] | None,
+    newline_ids: torch.Tensor | None,
+    max_new_tokens: int,
+    top_p: float | None,
+    temperature: float | None,
+    stop_at_newline: bool,
+    return_ids: bool,
+) -> tuple[list[str], list[list[int]] | None]:
+    """One batch of :func:`generate_continuations`: the rows left-padded, decoded greedily (or, with ``seeds``,
+    nucleus-sampled one noise stream per row), as texts and, with ``return_ids``, each row's own new token ids."""
+    pad_token = pad_id(tokenizer)
+    input_ids, mask = pad(rows, pad_token, "left")
+    width = input_ids.shape[1]
+    kwargs: dict = dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+    if seeds is not None:
+        from transformers import LogitsProcessorList
+
+        kwargs["logits_processor"] = LogitsProcessorList(
+            [CoupledNucleusSampler(seeds, top_p=top_p, temperature=temperature)]
+        )
+    if newline_ids is not None:
+        from transformers import StoppingCriteriaList
+
+        kwargs["stopping_criteria"] = StoppingCriteriaList([_StopAtNewline(newline_ids, width)])
+    device = _device(model)
+    generated = model.generate(
+        input_ids=input_ids.to(device),
+        attention_mask=mask.to(device),
+        max_new_tokens=max_new_tokens,
+        pad_token_id=pad_token,
+        **kwargs,
+    )
+    texts = [tokenizer.decode(generated[r, width:], skip_special_tokens=True) for r in range(generated.shape[0])]
+    if stop_at_newline:
+        texts = [t.split("\n")[0] for t in texts]
+    if not return_ids:
+        return texts, None
+    # where a row's own tokens end: its first end-of-sequence or newline token
+    ends = {getattr(tokenizer, "eos_token_id", None), *(newline_ids.tolist() if newline_ids is not None else [])}
+    return texts, [_row_ids(generated[r, width:].tolist(), ends) for r in range(len(texts))]
 
 
 def _row_ids(ids: list[int], ends: set) -> list[int]:

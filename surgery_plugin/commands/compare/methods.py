@@ -378,6 +378,20 @@ class Comparison:
         self.resumed.append(row.name)
         return True
 
+    def _run_row(self, row: _Row, base_model, base_tok) -> None:
+        if row.name in ("unedited", "prompt"):
+            self._run_unedited(row, base_model, base_tok)
+        elif row.name == "surgery-records":
+            self._run_surgery(row, from_records=True)
+        elif row.name == "surgery-shipped":
+            self._run_surgery(row, from_records=False)
+        elif row.name == "steering":
+            self._run_steering(row)
+        elif row.name == "ablation":
+            self._run_ablation(row)
+        else:
+            self._run_baseline(row)
+
     def _run_rows(self) -> dict:
         started = time.perf_counter()
         torch.manual_seed(self.config.seed)
@@ -395,18 +409,8 @@ class Comparison:
             if self._restore(row):
                 continue
             try:
-                if row.name in ("unedited", "prompt"):
-                    self._run_unedited(row, base_model, base_tok)
-                elif row.name == "surgery-records":
-                    self._run_surgery(row, from_records=True)
-                elif row.name == "surgery-shipped":
-                    self._run_surgery(row, from_records=False)
-                elif row.name == "steering":
-                    self._run_steering(row)
-                elif row.name == "ablation":
-                    self._run_ablation(row)
-                else:
-                    self._run_baseline(row)
+                with self.store.journal(row.name):  # a row stopped mid-way resumes from its last generated batch
+                    self._run_row(row, base_model, base_tok)
                 row.result["status"] = "ok"
                 self._keep(row)
             except Exception as err:  # one failed method must not stop the others
