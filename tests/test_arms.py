@@ -267,7 +267,7 @@ def test_a_journal_replays_the_finished_batches_and_generates_the_rest(tmp_path,
         generated = _stopping_after(patch, None)
         changed = [*prompts[:4], "another prompt entirely, and the longest " * 3]
         with journal(path, {**header, "fingerprint": "g"}) as other:
-            expected = generate_continuations(model, tok, changed, **{**settings, "progress": False})
+            expected = generate_continuations(model, tok, changed, **settings)
     assert (other.replayed, len(generated)) == (4, 1)
     assert expected[0][:4] == whole[0][:4]
 
