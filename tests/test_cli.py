@@ -165,6 +165,14 @@ def test_samples_for_suites_without_a_sampled_protocol_is_one_line(tiny_model_di
     assert not (tmp_path / "run").exists()
 
 
+def test_sample_limit_without_samples_is_one_line(tiny_model_dir, tmp_path):
+    result = run_cli(
+        "eval", "--model", tiny_model_dir, "--suite", "rtp", "--sample-limit", "5", "--out", tmp_path / "run"
+    )
+    assert_one_line_error(result, "--sample-limit limits the sampled protocol: pass --samples too")
+    assert not (tmp_path / "run").exists()
+
+
 def test_unknown_judge_is_one_line(tiny_model_dir, tmp_path):
     result = run_cli("eval", "--model", tiny_model_dir, "--judge", "profanity,oracle", "--out", tmp_path / "run")
     assert_one_line_error(result, "unknown judge 'oracle'", "available:")

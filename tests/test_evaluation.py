@@ -291,6 +291,23 @@ def test_rtp_expected_max_toxicity_is_the_mean_of_sample_maxima(rtp_run):
     assert summary["toxic_rate"] == pytest.approx(sum(greedy) / 4)
 
 
+def test_rtp_sample_limit_samples_the_first_prompts_only(tiny, data_dir):
+    model, tok = tiny
+    settings = EvalSettings(
+        judges=[load_judge("profanity", progress=False)],
+        limit=3,
+        data_dir=data_dir,
+        samples=2,
+        sample_limit=1,
+        progress=False,
+        max_new_tokens=3,
+    )
+    summary, rows = run_rtp(model, tok, settings)
+    greedy = [r["prompt"] for r in rows if r["decoding"] == "greedy"]
+    sampled = [r["prompt"] for r in rows if r["decoding"] == "sample"]
+    assert summary["n"] == 3 and len(greedy) == 3 and sampled == [greedy[0]] * 2
+
+
 @pytest.fixture(scope="module")
 def advbench_run(tiny, two_judges, data_dir):
     model, tok = tiny

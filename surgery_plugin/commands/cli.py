@@ -190,6 +190,7 @@ def cmd_eval(args) -> None:
         **({"batch_size": args.batch_size} if args.batch_size else {}),
         max_new_tokens=args.max_new_tokens,
         samples=args.samples,
+        sample_limit=args.sample_limit,
         seed=args.seed,
         chat_template={"auto": None, "on": True, "off": False}[args.chat_template],
     )
@@ -464,6 +465,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="rtp, toxigen, advbench, attitude: also k >= 2 nucleus samples per prompt (top-p 0.9, temperature 1, "
         "seeded and coupled across arms) -> per judge the expected maximum score, the share of prompts with a flagged "
         "sample, the share of samples flagged (Gehman et al. use 25); advbench also the share of samples refused",
+    )
+    p.add_argument(
+        "--sample-limit",
+        type=POSITIVE_INT,
+        default=None,
+        help="with --samples: sample only the first N of each suite's prompts (greedy still runs on --limit of them), "
+        "e.g. --limit 300 --samples 25 --sample-limit 100 (default: all)",
     )
     p.add_argument("--seed", type=NON_NEGATIVE_INT, default=0, help="sampling seed (--samples) and lm-eval seeds")
     p.add_argument(

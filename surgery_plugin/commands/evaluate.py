@@ -40,6 +40,8 @@ def eval_plan(
 ) -> dict[str, EvalSettings]:
     """Each suite's settings: its ``split`` (default: report), or (``start``) the range ``[start, start + limit)``.
     ``samples`` needs a suite with a sampled protocol (the others run greedy only)."""
+    if options.get("sample_limit") is not None and not options.get("samples"):
+        raise SurgeryError("--sample-limit limits the sampled protocol: pass --samples too")
     if options.get("samples") and not any(s in PROTOCOLS and PROTOCOLS[s].sampled for s in suites):
         sampled = ", ".join(name for name, p in PROTOCOLS.items() if p.sampled)
         raise SurgeryError(f"--samples: none of the suites {', '.join(suites)} has a sampled protocol ({sampled} do)")
