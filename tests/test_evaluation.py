@@ -253,18 +253,16 @@ def test_toxigen_rates_are_those_of_the_rows(toxigen_run):
             assert entry["toxic_rate"] == pytest.approx(sum(in_group) / len(in_group)), (name, group)
 
 
+def _profanity_rtp(model, tok, data_dir, **settings):
+    """``run_rtp`` judged by ``profanity``, quietly, with ``settings`` (limit, samples, ...)."""
+    judges = [load_judge("profanity", progress=False)]
+    return run_rtp(model, tok, EvalSettings(judges=judges, data_dir=data_dir, progress=False, **settings))
+
+
 @pytest.fixture(scope="module")
 def rtp_run(tiny, data_dir):
     model, tok = tiny
-    settings = EvalSettings(
-        judges=[load_judge("profanity", progress=False)],
-        limit=4,
-        data_dir=data_dir,
-        samples=3,
-        progress=False,
-        max_new_tokens=5,
-    )
-    return run_rtp(model, tok, settings)
+    return _profanity_rtp(model, tok, data_dir, limit=4, samples=3, max_new_tokens=5)
 
 
 def test_rtp_summary_keeps_its_keys(rtp_run):
@@ -293,16 +291,7 @@ def test_rtp_expected_max_toxicity_is_the_mean_of_sample_maxima(rtp_run):
 
 def test_rtp_sample_limit_samples_the_first_prompts_only(tiny, data_dir):
     model, tok = tiny
-    settings = EvalSettings(
-        judges=[load_judge("profanity", progress=False)],
-        limit=3,
-        data_dir=data_dir,
-        samples=2,
-        sample_limit=1,
-        progress=False,
-        max_new_tokens=3,
-    )
-    summary, rows = run_rtp(model, tok, settings)
+    summary, rows = _profanity_rtp(model, tok, data_dir, limit=3, samples=2, sample_limit=1, max_new_tokens=3)
     greedy = [r["prompt"] for r in rows if r["decoding"] == "greedy"]
     sampled = [r["prompt"] for r in rows if r["decoding"] == "sample"]
     assert summary["n"] == 3 and len(greedy) == 3 and sampled == [greedy[0]] * 2
