@@ -6,7 +6,7 @@ import pytest
 import torch
 from helpers import REPO
 
-from surgery_plugin import SurgeryHyperParams, apply_edit, execute_surgery, export_adapter, load_edited, revert_edit
+from surgery_plugin import SurgeryHyperParams, apply_edit, export_adapter, load_edited, revert_edit
 from surgery_plugin.pipeline import build_edit, build_probe
 
 pytestmark = pytest.mark.real_model
@@ -193,14 +193,22 @@ def test_demo_summary_table(demo):
 
 
 @pytest.fixture(scope="module")
-def gemma3(tmp_path_factory):
-    """The second embedded model: the shipped YAML's edit along a random direction, in place and as an adapter."""
+def gemma3(tmp_path_factory, data_dir):
+    """The second embedded model: the shipped YAML's edit along a random direction, in place and as an adapter.
+    Its rows are scored by the toxic-vs-benign change of each gate's output (region_scoring: activation), so
+    build_edit computes statistics on the benign reference documents and on the probe data's toxic texts (20 from
+    each of its two sources, 64 tokens, for speed)."""
+    from surgery_plugin.core.probe import Probe
     from surgery_plugin.models import load_model
 
     model, tok = load_model("gemma3-270m")
     hp = SurgeryHyperParams.from_hparams(REPO / "hparams" / "Surgery" / "gemma3-270m.yaml")
+    hp = hp.replace(max_length=64, probe_max_per_class=20)
     v = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(0))
-    edit = execute_surgery(model, v, hp)
+    probe = Probe(weight=torch.stack([-v, v]), bias=torch.zeros(2))
+    edit = build_edit(model, tok, hp, probe=probe, data_dir=data_dir, progress=False).edit
+    assert edit.metadata["region_scoring"] == "activation", edit.metadata
+    assert "undesired n=40" in edit.metadata["reference_stats"], edit.metadata["reference_stats"]
     ids = tok("The weather today is", return_tensors="pt")["input_ids"]
     logits = {}
     with torch.no_grad():

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import math
+import runpy
+import sys
+from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -139,6 +144,39 @@ def test_sampled_refusals_are_paired_by_prompt():
 def test_paired_changes_refuse_runs_of_other_prompts():
     with pytest.raises(ValueError, match="same prompts"):
         paired_changes(_rows("rtp", [0.1, 0.2]), list(reversed(_rows("rtp", [0.1, 0.2]))))
+
+
+def _write_run(folder, arms: dict) -> None:
+    """A finished paired run's folder as `surgery eval --paired --out` leaves it: one samples.jsonl per arm."""
+    for arm, rows in arms.items():
+        (folder / arm).mkdir(parents=True)
+        (folder / arm / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _head_to_head(*argv: str) -> None:
+    """benchmarks/head_to_head.py in-process, with ``argv`` as its command line."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "head_to_head.py"
+    with mock.patch.object(sys, "argv", [str(script), *argv]):
+        runpy.run_path(str(script), run_name="__main__")
+
+
+def test_head_to_head_pairs_two_edits_on_the_shared_base(tmp_path):
+    base = _rows("rtp", [0.9, 0.9, 0.9, 0.1])
+    _write_run(tmp_path / "old", {"base": base, "edited": _rows("rtp", [0.9, 0.9, 0.1, 0.1])})
+    _write_run(tmp_path / "new", {"base": base, "edited": _rows("rtp", [0.1, 0.1, 0.1, 0.1])})
+    _head_to_head(str(tmp_path / "old"), str(tmp_path / "new"), "--name", "h2h", "--results", str(tmp_path / "out"))
+    result = json.loads((tmp_path / "out" / "h2h.json").read_text())
+    toxic = result["suites"]["rtp"]["outcomes"]["toxic/j"]
+    assert (toxic["before"], toxic["after"], toxic["became_clean"]) == (0.5, 0.0, 2)  # old edit -> new edit
+    assert "| rtp | toxic/j | 4 | 0.500 | 0.000 |" in (tmp_path / "out" / "h2h.md").read_text()
+
+
+def test_head_to_head_refuses_runs_whose_unedited_arms_differ(tmp_path):
+    _write_run(tmp_path / "a", {"base": _rows("rtp", [0.9, 0.1]), "edited": _rows("rtp", [0.1, 0.1])})
+    _write_run(tmp_path / "b", {"base": _rows("rtp", [0.9, 0.9]), "edited": _rows("rtp", [0.1, 0.1])})
+    with pytest.raises(SystemExit, match="base arms differ"):
+        _head_to_head(str(tmp_path / "a"), str(tmp_path / "b"), "--name", "x", "--results", str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
 
 
 def test_eval_paired_runs_both_arms_on_the_same_prompts(tiny_model_dir, tiny_adapter, tmp_path, data_dir):
