@@ -160,23 +160,33 @@ def _head_to_head(*argv: str) -> None:
         runpy.run_path(str(script), run_name="__main__")
 
 
-def test_head_to_head_pairs_two_edits_on_the_shared_base(tmp_path):
+def test_head_to_head_pairs_two_edits_on_the_suites_their_unedited_arms_share(tmp_path):
     base = _rows("rtp", [0.9, 0.9, 0.9, 0.1])
     _write_run(tmp_path / "old", {"base": base, "edited": _rows("rtp", [0.9, 0.9, 0.1, 0.1])})
-    _write_run(tmp_path / "new", {"base": base, "edited": _rows("rtp", [0.1, 0.1, 0.1, 0.1])})
-    _head_to_head(str(tmp_path / "old"), str(tmp_path / "new"), "--name", "h2h", "--results", str(tmp_path / "out"))
-    result = json.loads((tmp_path / "out" / "h2h.json").read_text())
-    toxic = result["suites"]["rtp"]["outcomes"]["toxic/j"]
+    # a comparison's store: its unedited arm ran one more suite, and a row named by --arm syntax RUN:ARM
+    more = base + _rows("toxigen", [0.5, 0.5])
+    _write_run(tmp_path / "new.arms", {"unedited": more, "row": _rows("rtp", [0.1] * 4) + _rows("toxigen", [0.1] * 2)})
+    out = tmp_path / "out"
+    _head_to_head(str(tmp_path / "old"), f"{tmp_path / 'new.arms'}:row", "--name", "h2h", "--results", str(out))
+    result = json.loads((out / "h2h.json").read_text())
+    assert result["suites"] == ["rtp"] and result["left_out"] == []  # toxigen: only one run has it
+    toxic = result["paired"]["suites"]["rtp"]["outcomes"]["toxic/j"]
     assert (toxic["before"], toxic["after"], toxic["became_clean"]) == (0.5, 0.0, 2)  # old edit -> new edit
-    assert "| rtp | toxic/j | 4 | 0.500 | 0.000 |" in (tmp_path / "out" / "h2h.md").read_text()
+    assert "| rtp | toxic/j | 4 | 0.500 | 0.000 |" in (out / "h2h.md").read_text()
 
 
-def test_head_to_head_refuses_runs_whose_unedited_arms_differ(tmp_path):
-    _write_run(tmp_path / "a", {"base": _rows("rtp", [0.9, 0.1]), "edited": _rows("rtp", [0.1, 0.1])})
-    _write_run(tmp_path / "b", {"base": _rows("rtp", [0.9, 0.9]), "edited": _rows("rtp", [0.1, 0.1])})
-    with pytest.raises(SystemExit, match="base arms differ"):
-        _head_to_head(str(tmp_path / "a"), str(tmp_path / "b"), "--name", "x", "--results", str(tmp_path / "out"))
-    assert not (tmp_path / "out").exists()
+def test_head_to_head_leaves_out_suites_whose_unedited_rows_differ(tmp_path):
+    rtp, edited = _rows("rtp", [0.9, 0.1]), _rows("rtp", [0.1, 0.1]) + _rows("toxigen", [0.1])
+    _write_run(tmp_path / "a", {"base": rtp + _rows("toxigen", [0.9]), "edited": edited})
+    _write_run(tmp_path / "b", {"base": rtp + _rows("toxigen", [0.2]), "edited": edited})
+    _head_to_head(str(tmp_path / "a"), str(tmp_path / "b"), "--name", "h", "--results", str(tmp_path / "out"))
+    result = json.loads((tmp_path / "out" / "h.json").read_text())
+    assert (result["suites"], result["left_out"]) == (["rtp"], ["toxigen"])
+    assert list(result["paired"]["suites"]) == ["rtp"]
+    _write_run(tmp_path / "c", {"base": _rows("rtp", [0.9, 0.9]), "edited": edited})
+    with pytest.raises(SystemExit, match=r"unedited arms differ \(rtp\)"):
+        _head_to_head(str(tmp_path / "a"), str(tmp_path / "c"), "--name", "x", "--results", str(tmp_path / "out"))
+    assert not (tmp_path / "out" / "x.json").exists()
 
 
 def test_eval_paired_runs_both_arms_on_the_same_prompts(tiny_model_dir, tiny_adapter, tmp_path, data_dir):
