@@ -17,30 +17,25 @@ count) are left out and named. Writes NAME.{md,json} under --results.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
+from surgery_plugin.evaluation.arms import read_arm
 from surgery_plugin.evaluation.paired import paired_changes, paired_table
 from surgery_plugin.io.files import atomic_write, write_json
 
 UNEDITED = ("base", "unedited")  # the unedited arm's name in `eval --paired` runs and in `compare` stores
 
 
-def _arm_rows(folder: Path) -> list[dict]:
-    with open(folder / "samples.jsonl", encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def _run_arms(spec: str) -> tuple[list[dict], list[dict]]:
     """``RUN[:ARM]`` -> (the unedited arm's rows, ARM's rows); ARM defaults to ``edited``."""
     run, _, arm = spec.partition(":")
-    run = Path(run)
+    run, arm = Path(run), arm or "edited"
     unedited = next((run / name for name in UNEDITED if (run / name / "samples.jsonl").is_file()), None)
     if unedited is None:
         raise SystemExit(f"{run} holds no unedited arm ({' or '.join(UNEDITED)}/samples.jsonl)")
-    if not (run / (arm or "edited") / "samples.jsonl").is_file():
-        raise SystemExit(f"{run} holds no arm {arm or 'edited'} (no {arm or 'edited'}/samples.jsonl)")
-    return _arm_rows(unedited), _arm_rows(run / (arm or "edited"))
+    if not (run / arm / "samples.jsonl").is_file():
+        raise SystemExit(f"{run} holds no arm {arm} (no {arm}/samples.jsonl)")
+    return read_arm(unedited)[1], read_arm(run / arm)[1]  # (results.json, samples.jsonl) of each
 
 
 def _by_suite(rows: list[dict]) -> dict[str, list[dict]]:

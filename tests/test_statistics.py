@@ -147,10 +147,12 @@ def test_paired_changes_refuse_runs_of_other_prompts():
 
 
 def _write_run(folder, arms: dict) -> None:
-    """A finished paired run's folder as `surgery eval --paired --out` leaves it: one samples.jsonl per arm."""
+    """A finished paired run's folder as `surgery eval --paired --out` leaves it: per arm, its samples.jsonl (and a
+    results.json, which the tool does not read)."""
     for arm, rows in arms.items():
         (folder / arm).mkdir(parents=True)
         (folder / arm / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (folder / arm / "results.json").write_text("{}")
 
 
 def _head_to_head(*argv: str) -> None:
@@ -190,7 +192,6 @@ def test_head_to_head_leaves_out_suites_whose_unedited_rows_differ(tmp_path):
 
 
 def test_eval_paired_runs_both_arms_on_the_same_prompts(tiny_model_dir, tiny_adapter, tmp_path, data_dir):
-    import json
 
     out = tmp_path / "paired"
     ran = paired_eval(
@@ -224,7 +225,6 @@ def test_eval_paired_runs_both_arms_on_the_same_prompts(tiny_model_dir, tiny_ada
 
 
 def test_eval_paired_reports_the_capability_cost_by_document(tiny_model_dir, tiny_adapter, tmp_path, data_dir):
-    import json
 
     out = tmp_path / "paired"
     ran = paired_eval(tiny_model_dir, tiny_adapter, data_dir, out, "--suite", "ppl,kl", "--ppl-limit", "4")
@@ -319,7 +319,6 @@ def test_controls_are_reproducible_from_their_seeds_and_differ_between_seeds():
 
 
 def test_eval_controls_add_the_band_of_null_edits(tiny_model_dir, tiny_adapter, tmp_path, data_dir):
-    import json
 
     out = tmp_path / "paired"
     ran = paired_eval(
@@ -355,7 +354,6 @@ def test_spearman_matches_scipy_and_its_interval_holds_it():
 
 
 def test_eval_split_validation_reads_the_validation_prompts(tiny_model_dir, tmp_path, data_dir):
-    import json
 
     from helpers import assert_one_line_error, run_cli
 
