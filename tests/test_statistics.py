@@ -91,6 +91,21 @@ def test_paired_changes_count_the_prompts_that_changed_side():
     assert "| rtp | toxic/j | 4 | 0.500 | 0.500 |" in paired_table(paired)
 
 
+def test_paired_changes_order_suites_and_judges_the_same_whatever_the_hash_seed():
+    # set intersections iterate in hash order, which changes with PYTHONHASHSEED: the JSON must not
+    judges = ["profanity", "minilm", "minilm:perspective", "detoxify", "refusal", "vader"]
+    suites = ["toxigen", "rtp", "safeedit", "advbench", "attitude", "false_refusal"]
+    rows = []
+    for suite in suites:
+        for i in range(3):
+            scores = {j: 0.1 * (i + k) for k, j in enumerate(judges)}
+            rows.append({"suite": suite, "prompt": f"p{i}", "completion": "c", "scores": scores, "decoding": "greedy"})
+    paired = paired_changes(rows, rows, n_boot=50)
+    assert list(paired["suites"]) == sorted(suites)
+    for entry in paired["suites"].values():
+        assert list(entry["mean_scores"]) == sorted(judges)
+
+
 def test_paired_changes_add_the_string_refusals_where_rows_have_them():
     before = _rows("advbench", [0.2, 0.2, 0.2], refused=[False, False, True])
     after = _rows("advbench", [0.2, 0.2, 0.2], refused=[True, True, True])

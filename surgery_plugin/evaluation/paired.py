@@ -77,7 +77,7 @@ def _sampled_changes(a: list[dict], b: list[dict], suite: str, threshold: float,
         raise ValueError(f"suite {suite}: the two runs did not sample the same prompts the same number of times")
     k = max(r.get("sample", 0) for r in a) + 1
     outcomes, emt, share = {}, {}, {}
-    for judge in a[0].get("scores", {}).keys() & b[0].get("scores", {}).keys():
+    for judge in sorted(a[0].get("scores", {}).keys() & b[0].get("scores", {}).keys()):
         max_a, any_a, share_a = _per_prompt(_score_list(a, judge), threshold, k)
         max_b, any_b, share_b = _per_prompt(_score_list(b, judge), threshold, k)
         outcomes[f"{FLAGGED[suite]} probability/{judge}"] = _outcome(any_a, any_b, n_boot, seed)
@@ -163,11 +163,11 @@ def paired_changes(
     """The paired comparison of two runs' ``samples.jsonl`` rows (the same prompts, in the same order)."""
     by_before, by_after = _rows_by_suite(before), _rows_by_suite(after)
     out = {}
-    for suite in by_before.keys() & by_after.keys():
+    for suite in sorted(by_before.keys() & by_after.keys()):
         a, b = by_before[suite], by_after[suite]
         _check_same_order(a, b, suite)
         outcomes, scores = {}, {}
-        for judge in a[0].get("scores", {}).keys() & b[0].get("scores", {}).keys():
+        for judge in sorted(a[0].get("scores", {}).keys() & b[0].get("scores", {}).keys()):
             sa, sb = _score_list(a, judge), _score_list(b, judge)
             flag = ([None if s != s else s >= threshold for s in sa], [None if s != s else s >= threshold for s in sb])
             outcomes[f"{FLAGGED[suite]}/{judge}"] = _outcome(*flag, n_boot, seed)
@@ -176,7 +176,7 @@ def paired_changes(
             outcomes["refused/strings"] = _outcome([r["refused"] for r in a], [r["refused"] for r in b], n_boot, seed)
         out[suite] = {"n": len(a), "outcomes": outcomes, "mean_scores": scores}
     sampled_before, sampled_after = _rows_by_suite(before, "sample"), _rows_by_suite(after, "sample")
-    for suite in sampled_before.keys() & sampled_after.keys():
+    for suite in sorted(sampled_before.keys() & sampled_after.keys()):
         entry = _sampled_changes(sampled_before[suite], sampled_after[suite], suite, threshold, n_boot, seed)
         out.setdefault(suite, {"n": 0, "outcomes": {}, "mean_scores": {}})["sampled"] = entry
     paired = {"suites": out, "threshold": threshold, "bootstrap": {"resamples": n_boot, "seed": seed, "level": 0.95}}
