@@ -186,7 +186,7 @@ def test_head_to_head_pairs_two_edits_on_the_suites_their_unedited_arms_share(tm
     out = tmp_path / "out"
     _head_to_head(str(tmp_path / "old"), f"{tmp_path / 'new.arms'}:row", "--name", "h2h", "--results", str(out))
     result = json.loads((out / "h2h.json").read_text())
-    assert result["suites"] == ["rtp"] and result["left_out"] == []  # toxigen: only one run has it
+    assert result["suites"] == {"rtp": 4} and result["left_out"] == []  # toxigen: only one run has it
     toxic = result["paired"]["suites"]["rtp"]["outcomes"]["toxic/j"]
     assert (toxic["before"], toxic["after"], toxic["became_clean"]) == (0.5, 0.0, 2)  # old edit -> new edit
     assert "| rtp | toxic/j | 4 | 0.500 | 0.000 |" in (out / "h2h.md").read_text()
@@ -194,16 +194,43 @@ def test_head_to_head_pairs_two_edits_on_the_suites_their_unedited_arms_share(tm
 
 def test_head_to_head_leaves_out_suites_whose_unedited_rows_differ(tmp_path):
     rtp, edited = _rows("rtp", [0.9, 0.1]), _rows("rtp", [0.1, 0.1]) + _rows("toxigen", [0.1])
+    toxigen_b = [dict(row, completion="another continuation") for row in _rows("toxigen", [0.9])]
     _write_run(tmp_path / "a", {"base": rtp + _rows("toxigen", [0.9]), "edited": edited})
-    _write_run(tmp_path / "b", {"base": rtp + _rows("toxigen", [0.2]), "edited": edited})
+    _write_run(tmp_path / "b", {"base": rtp + toxigen_b, "edited": edited})
     _head_to_head(str(tmp_path / "a"), str(tmp_path / "b"), "--name", "h", "--results", str(tmp_path / "out"))
     result = json.loads((tmp_path / "out" / "h.json").read_text())
-    assert (result["suites"], result["left_out"]) == (["rtp"], ["toxigen"])
+    assert (result["suites"], result["left_out"]) == ({"rtp": 2}, ["toxigen"])
     assert list(result["paired"]["suites"]) == ["rtp"]
-    _write_run(tmp_path / "c", {"base": _rows("rtp", [0.9, 0.9]), "edited": edited})
+    _write_run(tmp_path / "c", {"base": [dict(row, prompt="q") for row in rtp], "edited": edited})
     with pytest.raises(SystemExit, match=r"unedited arms differ \(rtp\)"):
         _head_to_head(str(tmp_path / "a"), str(tmp_path / "c"), "--name", "x", "--results", str(tmp_path / "out"))
     assert not (tmp_path / "out" / "x.json").exists()
+
+
+def test_head_to_head_pairs_the_first_rows_of_a_longer_run_and_sampled_rows_apart(tmp_path):
+    def sampled(scores):
+        return [dict(row, decoding="sample") for row in _rows("rtp", scores)]
+
+    greedy = _rows("rtp", [0.9, 0.9, 0.1, 0.9])
+    jittered = [dict(row, scores={"j": row["scores"]["j"] + 1e-7}) for row in greedy]  # judged in other batches
+    _write_run(
+        tmp_path / "short",
+        {"base": greedy[:2] + sampled([0.9, 0.1]), "edited": _rows("rtp", [0.1, 0.9]) + sampled([0.1, 0.1])},
+    )
+    _write_run(
+        tmp_path / "long",
+        {"base": jittered + sampled([0.9, 0.1]), "edited": _rows("rtp", [0.1, 0.1, 0.9, 0.9]) + sampled([0.9, 0.9])},
+    )
+    _head_to_head(str(tmp_path / "short"), str(tmp_path / "long"), "--name", "h", "--results", str(tmp_path / "out"))
+    result = json.loads((tmp_path / "out" / "h.json").read_text())
+    assert result["suites"] == {"rtp": 2, "rtp:sample": 2}  # the long run's first 2 greedy rows
+    rtp = result["paired"]["suites"]["rtp"]
+    assert (rtp["n"], rtp["outcomes"]["toxic/j"]["before"], rtp["outcomes"]["toxic/j"]["after"]) == (2, 0.5, 0.0)
+    assert rtp["sampled"]["sample_rate"]["j"]["change"] == pytest.approx(1.0)  # 0.1, 0.1 -> 0.9, 0.9
+    other = [dict(row, completion="other") for row in greedy]
+    _write_run(tmp_path / "other", {"base": other, "edited": other})
+    with pytest.raises(SystemExit, match=r"differ \(rtp\)"):
+        _head_to_head(str(tmp_path / "short"), str(tmp_path / "other"), "--name", "x", "--results", str(tmp_path))
 
 
 def test_eval_paired_runs_both_arms_on_the_same_prompts(tiny_model_dir, tiny_adapter, tmp_path, data_dir):
