@@ -234,7 +234,6 @@ def test_head_to_head_pairs_the_first_rows_of_a_longer_run_and_sampled_rows_apar
 
 
 def test_eval_paired_runs_both_arms_on_the_same_prompts(tiny_model_dir, tiny_adapter, tmp_path, data_dir):
-
     out = tmp_path / "paired"
     ran = paired_eval(
         tiny_model_dir,
@@ -267,7 +266,6 @@ def test_eval_paired_runs_both_arms_on_the_same_prompts(tiny_model_dir, tiny_ada
 
 
 def test_eval_paired_reports_the_capability_cost_by_document(tiny_model_dir, tiny_adapter, tmp_path, data_dir):
-
     out = tmp_path / "paired"
     ran = paired_eval(tiny_model_dir, tiny_adapter, data_dir, out, "--suite", "ppl,kl", "--ppl-limit", "4")
     assert ran.returncode == 0, ran.stderr[-2000:]
@@ -361,7 +359,6 @@ def test_controls_are_reproducible_from_their_seeds_and_differ_between_seeds():
 
 
 def test_eval_controls_add_the_band_of_null_edits(tiny_model_dir, tiny_adapter, tmp_path, data_dir):
-
     out = tmp_path / "paired"
     ran = paired_eval(
         tiny_model_dir,
@@ -396,7 +393,6 @@ def test_spearman_matches_scipy_and_its_interval_holds_it():
 
 
 def test_eval_split_validation_reads_the_validation_prompts(tiny_model_dir, tmp_path, data_dir):
-
     from helpers import assert_one_line_error, run_cli
 
     out = tmp_path / "validation"
