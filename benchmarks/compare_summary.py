@@ -1,12 +1,15 @@
 """The README's comparison table, generated from ``surgery compare`` runs (their ``compare.json``).
 
-One row per method of every run given (the unedited row once per model): the paired change of the RTP and ToxiGen
-toxic rates by the first judge with 95% intervals, the random-control band where the run had controls, the
-perplexity change and KL against the same run's unedited row, and the edit's time and saved size. Prints
-markdown; ``--out`` also writes it.
+One row per method of every run given (the unedited row once per model): the paired change against the
+unedited model with its 95% interval and the random-control band where the run had controls, for the RTP toxic
+rate (greedy), the sampled protocol's share of toxic samples (where the run sampled) and the ToxiGen toxic rate,
+all by the run's first judge; the perplexity change (its interval over documents) and KL; each method's effect
+against Surgery as shipped on the same prompts (the most powerful measure the run has: sampled, else greedy) and
+its edit time, peak memory and saved size over Surgery's (``report.equal_effect_rows``). Prints markdown;
+``--out`` also writes it.
 
-    python benchmarks/compare_summary.py benchmarks/results/compare_smollm2_free.json \\
-        benchmarks/results/compare_smollm2_edit.json benchmarks/results/compare_gemma3_free.json
+    python benchmarks/compare_summary.py benchmarks/results/compare_smollm2_full.json \\
+        benchmarks/results/compare_gemma3_free.json --out benchmarks/results/compare_summary.md
 """
 
 from __future__ import annotations
@@ -15,42 +18,112 @@ import argparse
 import json
 from pathlib import Path
 
-from surgery_plugin.commands.compare.report import cost_cells
+from surgery_plugin.commands.compare.report import cost_cells, equal_effect_rows
 from surgery_plugin.io.files import atomic_write
 
+COLUMNS = (
+    "model",
+    "method",
+    "RTP greedy: toxic rate change [95% CI] (null)",
+    "RTP sampled: share of toxic samples, change [95% CI] (null)",
+    "ToxiGen: toxic rate change [95% CI] (null)",
+    "perplexity change [95% CI]",
+    "KL",
+    "effect vs Surgery as shipped",
+    "cost over Surgery's (time / memory / size)",
+    "20x cheaper claim holds",
+    "edit time",
+    "peak memory",
+    "saved edit",
+)
 
-def _change(method: dict, suite: str, key: str) -> str:
-    o = method.get("paired", {}).get("suites", {}).get(suite, {}).get("outcomes", {}).get(key)
-    if not o:
+
+def _interval(o: dict | None, digits: int = 3, percent: bool = False) -> str:
+    if not o or o.get("change") is None:
         return "-"
+    if o.get("ci95") is None:
+        return f"{o['change']:+.1%}" if percent else f"{o['change']:+.{digits}f}"
     low, high = o["ci95"]
-    text = f"{o['change']:+.3f} [{low:+.3f}, {high:+.3f}]"
-    band = method.get("paired", {}).get("controls", {}).get(suite, {}).get(key)
-    return text + (f" (null {band['range'][0]:+.2f}..{band['range'][1]:+.2f})" if band else "")
+    if percent:
+        return f"{o['change']:+.1%} [{low:+.1%}, {high:+.1%}]"
+    return f"{o['change']:+.{digits}f} [{low:+.{digits}f}, {high:+.{digits}f}]"
+
+
+def _band(controls: dict, unit: str, outcome: str) -> str:
+    band = (controls.get(unit) or {}).get(outcome)
+    return f" (null {band['range'][0]:+.3f}..{band['range'][1]:+.3f})" if band else ""
+
+
+def _cells(method: dict, judge: str, base_ppl: float | None) -> list[str]:
+    """The paired-change cells of one method (``-`` where the run did not measure it)."""
+    paired = method.get("paired") or {}
+    suites, controls = paired.get("suites") or {}, paired.get("controls") or {}
+    rtp, toxigen = suites.get("rtp") or {}, suites.get("toxigen") or {}
+    greedy = (rtp.get("outcomes") or {}).get(f"toxic/{judge}")
+    sampled = rtp.get("sampled") or {}
+    share = (sampled.get("sample_rate") or {}).get(judge)
+    tox = (toxigen.get("outcomes") or {}).get(f"toxic/{judge}")
+    capability = paired.get("capability") or {}
+    ppl = (capability.get("ppl") or {}).get("token perplexity (relative change)")
+    kl = (method.get("suites", {}).get("kl") or {}).get("mean_kl")
+    if ppl is None and base_ppl:  # a run older than the paired perplexity: the change without its interval
+        after = (method.get("suites", {}).get("ppl") or {}).get("token_perplexity")
+        ppl = None if after is None else {"change": after / base_ppl - 1, "ci95": None}
+    return [
+        _interval(greedy) + (_band(controls, "rtp", f"toxic/{judge}") if greedy else ""),
+        _interval(share) + (_band(controls, f"rtp k={sampled.get('k')}", f"sample rate/{judge}") if share else ""),
+        _interval(tox) + (_band(controls, "toxigen", f"toxic/{judge}") if tox else ""),
+        _interval(ppl, percent=True),
+        "-" if kl is None else f"{kl:.3f}",
+    ]
+
+
+def _versus_surgery(result: dict) -> dict[str, list[str]]:
+    """Per method: its effect against Surgery as shipped (by the sampled share where the run sampled, else greedy),
+    its costs over Surgery's and whether "Surgery is >= 20x cheaper at equal or better effect" holds against it."""
+    rows = equal_effect_rows(result, "sampled") or equal_effect_rows(result, "greedy")
+    out = {}
+    for r in rows:
+        ratios = " / ".join("n/a" if x is None else f"{x:.3g}x" for x in r["cost_ratio"].values())
+        out[r["name"]] = [f"{r['verdict']} ({_interval(r['minus_surgery'])}, {r['measure']})", ratios, r["claim"]]
+    return out
 
 
 def rows(result: dict, seen_unedited: set) -> list[str]:
     settings, methods = result["settings"], result["methods"]
     model, judge = settings["model"], settings["judges"][0]
-    base = methods["unedited"]["suites"].get("ppl", {}).get("token_perplexity")
+    versus = _versus_surgery(result)
+    base_ppl = (methods["unedited"]["suites"].get("ppl") or {}).get("token_perplexity")
     out = []
     for name, m in methods.items():
         if name == "unedited" and model in seen_unedited:
             continue
         if m["status"] != "ok":
-            out.append(f"| {model} | {m['label']} | failed: {m['error']} | | | | | |")
+            out.append(f"| {model} | {m['label']} | failed: {m['error']} |" + " |" * (len(COLUMNS) - 3))
             continue
-        ppl = m["suites"].get("ppl", {}).get("token_perplexity")
-        ppl_text = "-" if ppl is None or base is None else f"{ppl:.1f} ({(ppl / base - 1) * 100:+.1f}%)"
-        kl = m["suites"].get("kl", {}).get("mean_kl")
-        cost = cost_cells(m) if name != "unedited" else {"edit time": "-", "saved edit": "-"}
+        if name == "unedited":
+            ppl = (m["suites"].get("ppl") or {}).get("token_perplexity")
+            cells = ["-"] * 3 + ["-" if ppl is None else f"(perplexity {ppl:.2f})", "0"]
+            cost = {"edit time": "-", "peak memory (+ during edit)": "-", "saved edit": "-"}
+        else:
+            cells, cost = _cells(m, judge, base_ppl), cost_cells(m)
+        vs = ["-", "1x" if name == "surgery-shipped" else "-", "-"]
+        vs = versus.get(name, vs)
         out.append(
-            f"| {model} | {m['label']} | {_change(m, 'rtp', f'toxic/{judge}')} | "
-            f"{_change(m, 'toxigen', f'toxic/{judge}')} | {ppl_text} | "
-            f"{'-' if kl is None else f'{kl:.3f}'} | {cost['edit time']} | {cost['saved edit']} |"
+            f"| {model} | {m['label']} | "
+            + " | ".join([*cells, *vs, cost["edit time"], cost["peak memory (+ during edit)"], cost["saved edit"]])
+            + " |"
         )
     seen_unedited.add(model)
     return out
+
+
+def summary(results: list[dict]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    seen: set = set()
+    for result in results:
+        lines += rows(result, seen)
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
@@ -58,17 +131,7 @@ def main() -> None:
     parser.add_argument("runs", nargs="+", help="compare.json files")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    results = [json.loads(Path(p).read_text()) for p in args.runs]
-    judges = sorted({r["settings"]["judges"][0] for r in results})
-    lines = [
-        f"| model | method | RTP toxic rate, change [95% CI] ({', '.join(judges)}) | ToxiGen, change [95% CI] | "
-        "perplexity | KL | edit time | saved edit |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    seen: set = set()
-    for result in results:
-        lines += rows(result, seen)
-    text = "\n".join(lines) + "\n"
+    text = summary([json.loads(Path(p).read_text()) for p in args.runs])
     print(text)
     if args.out:
         atomic_write(args.out, text)

@@ -212,6 +212,19 @@ def test_an_interrupted_comparison_resumes_from_its_finished_rows(tiny_model_dir
     assert not (tmp_path / "resumed.arms").exists()
 
 
+def test_an_arms_fingerprint_holds_its_own_identity_and_not_the_other_arms(tmp_path):
+    """A comparison with one more baseline reuses the rows it shares with an earlier one (a split run merges)."""
+    from surgery_plugin.evaluation.arms import ArmStore
+
+    run = {"model": "m", "limit": 3}
+    fewer = ArmStore(tmp_path / "a", run, {"rome": {"hparams": {"layers": [5]}}})
+    more = ArmStore(tmp_path / "b", run, {"rome": {"hparams": {"layers": [5]}}, "dinm": {"hparams": {"lr": 1}}})
+    other_rome = ArmStore(tmp_path / "c", run, {"rome": {"hparams": {"layers": [4]}}})
+    assert fewer._key("unedited") == more._key("unedited") == other_rome._key("unedited")
+    assert fewer._key("rome") == more._key("rome") != other_rome._key("rome")
+    assert ArmStore(tmp_path / "d", {**run, "limit": 4})._key("unedited") != fewer._key("unedited")
+
+
 # ---------------------------------------------------------------- inside an arm: the batch journal
 
 

@@ -8,8 +8,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import runpy
 import sys
 import types
+from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -319,11 +322,48 @@ def test_equal_effect_verdicts_and_the_cheaper_claim_by_hand():
     }
     rows = {r["name"]: r for r in equal_effect_rows(result)}
     assert set(rows) == {"slow", "strong", "weak", "broken"}
-    assert rows["broken"]["verdict"] == "better, but perplexity +900% (over +10%)" and rows["broken"]["claim"] == "no"
+    assert (rows["broken"]["verdict"], rows["broken"]["claim"]) == ("better, but perplexity +900.0% (over +10%)", "no")
     assert (rows["slow"]["verdict"], rows["slow"]["claim"]) == ("not distinguishable", "yes")
     assert rows["slow"]["cost_ratio"] == {"edit_seconds": 50.0, "peak_rss_bytes": 50.0, "edit_bytes": 50.0}
     assert (rows["strong"]["verdict"], rows["strong"]["claim"]) == ("better", "no (better effect)")
     assert (rows["weak"]["verdict"], rows["weak"]["claim"]) == ("worse", "no")
+
+
+def test_equal_effect_by_the_sampled_share_reads_the_sampled_protocol_and_is_empty_without_it():
+    from surgery_plugin.commands.compare.report import equal_effect_rows
+
+    def paired(greedy, sampled):
+        return {"suites": {"rtp": {"outcomes": {"toxic/j": greedy}, "sampled": {"sample_rate": {"j": sampled}}}}}
+
+    cost = {"edit_seconds": 2.0, "peak_rss_bytes": 100, "edit_bytes": 10}
+    method = {
+        "status": "ok",
+        "label": "m",
+        "cost": {k: 40 * v for k, v in cost.items()},
+        "suites": {"ppl": {"token_perplexity": 80.0}},
+        "paired": paired(_outcome(-0.02, -0.06, 0.02), _outcome(-0.01, -0.02, 0.0)),
+        # greedy: not distinguishable from Surgery; sampled (more power): Surgery's cut is larger
+        "vs_surgery": paired(_outcome(0.03, -0.01, 0.07), _outcome(0.08, 0.05, 0.11)),
+    }
+    result = {
+        "settings": {"suites": ["rtp", "ppl"], "judges": ["j"]},
+        "methods": {
+            "unedited": {"status": "ok", "suites": {"ppl": {"token_perplexity": 80.0}}},
+            "surgery-shipped": {
+                "status": "ok",
+                "label": "s",
+                "cost": cost,
+                "paired": paired(_outcome(-0.05, -0.1, 0.0), _outcome(-0.09, -0.12, -0.06)),
+            },
+            "m": method,
+        },
+    }
+    greedy, sampled = equal_effect_rows(result), equal_effect_rows(result, "sampled")
+    assert (greedy[0]["verdict"], greedy[0]["claim"]) == ("not distinguishable", "yes")
+    assert (sampled[0]["verdict"], sampled[0]["claim"], sampled[0]["change"]["change"]) == ("worse", "yes", -0.01)
+    for entry in (result["methods"]["surgery-shipped"]["paired"], method["paired"], method["vs_surgery"]):
+        del entry["suites"]["rtp"]["sampled"]  # a run without --samples
+    assert equal_effect_rows(result, "sampled") == [] and len(equal_effect_rows(result)) == 1
 
 
 def test_the_report_names_every_suites_prompt_range():
@@ -575,6 +615,26 @@ def test_compare_writes_its_table_and_plot(tiny_run):
         (s, b) for s in ("surgery-shipped", "surgery-records") for b in ("steering", "ablation", "dinm", "ft-l")
     }
     assert (out / "tradeoff.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_equal_effect_tables_and_the_readme_summary_by_greedy_and_sampled_toxicity(tiny_run, capsys):
+    """compare.md has a cost-at-equal-effect table per measure; benchmarks/compare_summary.py makes the README's
+    row per method from compare.json, the sampled share and its control band included."""
+    result, out = tiny_run.result, tiny_run.out
+    table = (out / "compare.md").read_text()
+    assert "## Cost at equal effect: rtp, toxic rate, greedy" in table
+    assert "## Cost at equal effect: rtp, share of toxic samples, sampled protocol" in table
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "compare_summary.py"
+    with mock.patch.object(sys, "argv", [str(script), str(out / "compare.json")]):
+        runpy.run_path(str(script), run_name="__main__")
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][1:]
+    ok = [m["label"] for m in result["methods"].values() if m["status"] == "ok"]
+    assert [line.split(" | ")[1] for line in lines] == [m["label"] for m in result["methods"].values()]
+    ablation = next(line for line in lines if "directional ablation" in line).split(" | ")
+    sampled = result["methods"]["ablation"]["paired"]["suites"]["rtp"]["sampled"]["sample_rate"]["profanity"]
+    assert ablation[3].startswith(f"{sampled['change']:+.3f} [") and "(null " in ablation[3]
+    assert ablation[7].endswith(", sampled)") and ablation[9] in ("yes", "no", "no (better effect)")
+    assert len(ok) < len(lines) and any("failed: " in line for line in lines)
 
 
 def test_compare_pairs_every_method_with_the_unedited_row(tiny_run):

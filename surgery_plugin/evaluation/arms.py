@@ -97,10 +97,13 @@ def read_arm(folder: Path) -> tuple[dict, list[dict]]:
 class ArmStore:
     """``<out>.arms/``: one folder per finished arm, each with a manifest holding its fingerprint."""
 
-    def __init__(self, out: str | os.PathLike, run: dict):
+    def __init__(self, out: str | os.PathLike, run: dict, arms: dict[str, dict] | None = None):
         out = Path(os.path.abspath(os.path.expanduser(os.fspath(out))))
         self.folder = out.with_name(f"{out.name}.arms")
         self.run = run  # what every arm of this run shares (model, adapter digest, settings, version)
+        # what one arm alone depends on (a baseline's hyperparameters): adding or dropping another arm's method
+        # from the run leaves this arm's fingerprint, so a finished arm is reused by a run with more methods
+        self.arms = arms or {}
         if self.folder.exists() and not self._is_store():
             raise SurgeryError(
                 f"{self.folder} exists and is not a store of finished arms (of a paired run or a comparison); it is "
@@ -114,7 +117,8 @@ class ArmStore:
             return False
 
     def _key(self, arm: str) -> str:
-        return fingerprint({**self.run, "arm": arm})
+        own = self.arms.get(arm)
+        return fingerprint({**self.run, "arm": arm, **({"arm_identity": own} if own is not None else {})})
 
     def finished(self, arm: str) -> Path | None:
         """The folder of ``arm`` when the store holds it, finished by this run (same fingerprint) and intact."""

@@ -172,11 +172,16 @@ class Comparison:
         ]
         self.kl_reference: torch.Tensor | None = None
         # each finished row kept beside --out: the same command resumes an interrupted comparison
-        self.store = ArmStore(self.target, self._identity())
+        self.store = ArmStore(
+            self.target,
+            self._identity(),
+            {m: {"hparams": dataclasses.asdict(hp)} for m, hp in self.baseline_hparams.items()},
+        )
         self.resumed: list[str] = []
 
     def _identity(self) -> dict:
-        """What every row of this comparison depends on besides its own name (the arms' fingerprint)."""
+        """What every row of this comparison depends on besides its own name and, for EasyEdit's baselines, their
+        own hyperparameters (given to the store per arm: a run with one more method reuses the others' rows)."""
         shared = {
             k: v
             for k, v in self.config.describe().items()
@@ -186,7 +191,6 @@ class Comparison:
             **shared,
             "data_dir": str(self.data_dir),
             "surgery_hparams": self.surgery_hparams.to_dict() if self.surgery_hparams else None,
-            "baseline_hparams": {m: dataclasses.asdict(hp) for m, hp in self.baseline_hparams.items()},
             "judges": [j.name for j in self.judges],
             "safety_judges": [j.name for j in self.safety_judges],
             "version": package_versions()["surgery_plugin"],

@@ -137,38 +137,8 @@ def render_markdown(result: dict, plot: str | None) -> str:
         for surgery, baseline, r in ratios:
             cells = ["n/a" if r[k] is None else f"{r[k]:.3g}x" for k in r]
             lines.append(f"| {methods[surgery]['label']} | {baseline} | " + " | ".join(cells) + " |")
-    equal = equal_effect_rows(result)
-    if equal:
-        judge, suite = equal[0]["judge"], equal[0]["suite"]
-        lines += [
-            "",
-            "## Cost at equal effect",
-            "",
-            f"Effect: the paired change of the {suite} toxic rate by {judge} against the unedited model, and each "
-            "method's difference from Surgery as shipped on the same prompts (its interval: a paired bootstrap). "
-            "Each method was measured at one setting (its shipped YAML; steering: the strength chosen on the "
-            "tuning split), so its cost is the cost of its measured effect, whether or not that reaches "
-            "Surgery's; an effect with perplexity over the search constraint is marked, and does not count as "
-            f"better than Surgery's. Costs are the method's over Surgery's; the claim tested is \"Surgery is >= "
-            f'{CHEAPER_BY:g}x cheaper at equal or better effect".',
-            "",
-            "| method | change vs unedited [95% CI] | minus Surgery's [95% CI] | effect vs Surgery | edit time | "
-            "peak memory | saved edit | claim holds |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
-        own = methods["surgery-shipped"].get("paired", {}).get("suites", {}).get(suite, {}).get("outcomes", {})
-        lines.append(
-            f"| **{methods['surgery-shipped']['label']}** | {_interval(own.get(f'toxic/{judge}'))} | 0 | - | "
-            "1x | 1x | 1x | - |"
-        )
-        for e in equal:
-            ratios = " | ".join(
-                "n/a" if e["cost_ratio"][k] is None else f"{e['cost_ratio'][k]:.3g}x" for k in COST_KEYS
-            )
-            lines.append(
-                f"| {methods[e['name']]['label']} | {_interval(e['change'])} | {_interval(e['minus_surgery'])} | "
-                f"{e['verdict']} | {ratios} | {e['claim']} |"
-            )
+    for measure in MEASURES:
+        lines += _equal_effect_section(result, measure)
     paired = {name: m["paired"] for name, m in methods.items() if m.get("paired") and "suites" in m["paired"]}
     if paired:
         lines += [
@@ -239,20 +209,37 @@ def _interval(o: dict | None) -> str:
     return f"{o['change']:+.3f} [{low:+.3f}, {high:+.3f}]"
 
 
-def equal_effect_rows(result: dict) -> list[dict]:
-    """Per method that ran (not Surgery as shipped): its headline change (the first toxicity suite's toxic rate by
-    the first judge, paired with the unedited model), its difference from Surgery's on the same prompts, whether
-    its effect is better / not distinguishable / worse than Surgery's (the difference's interval), its costs over
-    Surgery's, and whether "Surgery is >= CHEAPER_BY x cheaper at equal or better effect" holds against it: the
-    method is not better, and every cost it has is at least CHEAPER_BY times Surgery's (edit time; memory and size
-    where the method has them)."""
+MEASURES = {
+    "greedy": "toxic rate, greedy",
+    "sampled": "share of toxic samples, sampled protocol",
+}
+
+
+def _effect(paired: dict | None, suite: str, judge: str, measure: str) -> dict | None:
+    """One method's outcome of ``measure`` on ``suite`` by ``judge`` in a paired comparison: the greedy toxic rate
+    or the sampled protocol's share of toxic samples (the measure with the most power: k samples per prompt)."""
+    entry = ((paired or {}).get("suites") or {}).get(suite) or {}
+    if measure == "sampled":
+        return ((entry.get("sampled") or {}).get("sample_rate") or {}).get(judge)
+    return (entry.get("outcomes") or {}).get(f"toxic/{judge}")
+
+
+def equal_effect_rows(result: dict, measure: str = "greedy") -> list[dict]:
+    """Per method that ran (not Surgery as shipped): its headline change (``measure``, see :data:`MEASURES`, on the
+    first toxicity suite by the first judge, paired with the unedited model), its difference from Surgery's on the
+    same prompts, whether its effect is better / not distinguishable / worse than Surgery's (the difference's
+    interval), its costs over Surgery's, and whether "Surgery is >= CHEAPER_BY x cheaper at equal or better
+    effect" holds against it: the method is not better, and every cost it has is at least CHEAPER_BY times
+    Surgery's (edit time; memory and size where the method has them). Empty where Surgery or the measure did not
+    run."""
     methods, settings = result["methods"], result["settings"]
     surgery = methods.get("surgery-shipped", {})
-    suite = next((s for s in ("rtp", "toxigen") if s in settings["suites"]), None)
+    judge = settings["judges"][0]
+    ran = [s for s in ("rtp", "toxigen") if s in settings["suites"]]
+    # the first toxicity suite where Surgery has the measure (--sample-suites may leave rtp greedy only)
+    suite = next((s for s in ran if _effect(surgery.get("paired"), s, judge, measure)), ran[0] if ran else None)
     if surgery.get("status") != "ok" or suite is None:
         return []
-    judge = settings["judges"][0]
-    key = f"toxic/{judge}"
     s_cost = surgery.get("cost") or {}
     rows = []
     for name, m in methods.items():
@@ -262,8 +249,8 @@ def equal_effect_rows(result: dict) -> list[dict]:
             or "suites" not in (m.get("vs_surgery") or {})
         ):
             continue
-        change = m.get("paired", {}).get("suites", {}).get(suite, {}).get("outcomes", {}).get(key)
-        minus = m["vs_surgery"]["suites"].get(suite, {}).get("outcomes", {}).get(key)
+        change = _effect(m.get("paired"), suite, judge, measure)
+        minus = _effect(m["vs_surgery"], suite, judge, measure)
         if minus is None:
             continue
         low, high = minus["ci95"]
@@ -274,7 +261,7 @@ def equal_effect_rows(result: dict) -> list[dict]:
         limit = settings.get("max_ppl_increase", 0.10)
         outside = ppl_increase is not None and ppl_increase > limit
         if outside:  # an effect bought with a broken model is not an equal effect
-            verdict += f", but perplexity {ppl_increase:+.0%} (over +{limit:.0%})"
+            verdict += f", but perplexity {ppl_increase:+.1%} (over +{limit:.0%})"
         cost = m.get("cost") or {}
         ratio = {k: (cost[k] / s_cost[k] if cost.get(k) is not None and s_cost.get(k) else None) for k in COST_KEYS}
         measured = [r for r in ratio.values() if r is not None]
@@ -286,6 +273,7 @@ def equal_effect_rows(result: dict) -> list[dict]:
                 "name": name,
                 "suite": suite,
                 "judge": judge,
+                "measure": measure,
                 "change": change,
                 "minus_surgery": minus,
                 "verdict": verdict,
@@ -295,6 +283,39 @@ def equal_effect_rows(result: dict) -> list[dict]:
             }
         )
     return rows
+
+
+def _equal_effect_section(result: dict, measure: str) -> list[str]:
+    """The markdown of :func:`equal_effect_rows` for one measure ([] where it did not run)."""
+    methods, equal = result["methods"], equal_effect_rows(result, measure)
+    if not equal:
+        return []
+    judge, suite = equal[0]["judge"], equal[0]["suite"]
+    lines = [
+        "",
+        f"## Cost at equal effect: {suite}, {MEASURES[measure]}",
+        "",
+        f"Effect: the paired change of the {suite} {MEASURES[measure]}, by {judge}, against the unedited model, "
+        "and each method's difference from Surgery as shipped on the same prompts (its interval: a paired "
+        "bootstrap). Each method was measured at one setting (its shipped YAML; steering: the strength chosen on "
+        "the tuning split), so its cost is the cost of its measured effect, whether or not that reaches Surgery's; "
+        "an effect with perplexity over the search constraint is marked, and does not count as better than "
+        f"Surgery's. Costs are the method's over Surgery's; the claim tested is \"Surgery is >= {CHEAPER_BY:g}x "
+        'cheaper at equal or better effect".',
+        "",
+        "| method | change vs unedited [95% CI] | minus Surgery's [95% CI] | effect vs Surgery | edit time | "
+        "peak memory | saved edit | claim holds |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    own = _effect(methods["surgery-shipped"].get("paired"), suite, judge, measure)
+    lines.append(f"| **{methods['surgery-shipped']['label']}** | {_interval(own)} | 0 | - | 1x | 1x | 1x | - |")
+    for e in equal:
+        ratios = " | ".join("n/a" if e["cost_ratio"][k] is None else f"{e['cost_ratio'][k]:.3g}x" for k in COST_KEYS)
+        lines.append(
+            f"| {methods[e['name']]['label']} | {_interval(e['change'])} | {_interval(e['minus_surgery'])} | "
+            f"{e['verdict']} | {ratios} | {e['claim']} |"
+        )
+    return lines
 
 
 def surgery_curve(result: dict) -> list[tuple[float, dict]]:
