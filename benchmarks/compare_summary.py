@@ -18,7 +18,7 @@ import argparse
 import json
 from pathlib import Path
 
-from surgery_plugin.commands.compare.report import cost_cells, equal_effect_rows
+from surgery_plugin.commands.compare.report import cost_cells, equal_effect_rows, measure_outcome
 from surgery_plugin.io.files import atomic_write
 
 COLUMNS = (
@@ -57,12 +57,11 @@ def _band(controls: dict, unit: str, outcome: str) -> str:
 def _cells(method: dict, judge: str, base_ppl: float | None) -> list[str]:
     """The paired-change cells of one method (``-`` where the run did not measure it)."""
     paired = method.get("paired") or {}
-    suites, controls = paired.get("suites") or {}, paired.get("controls") or {}
-    rtp, toxigen = suites.get("rtp") or {}, suites.get("toxigen") or {}
-    greedy = (rtp.get("outcomes") or {}).get(f"toxic/{judge}")
-    sampled = rtp.get("sampled") or {}
-    share = (sampled.get("sample_rate") or {}).get(judge)
-    tox = (toxigen.get("outcomes") or {}).get(f"toxic/{judge}")
+    controls = paired.get("controls") or {}
+    greedy = measure_outcome(paired, "rtp", judge, "greedy")
+    share = measure_outcome(paired, "rtp", judge, "sampled")
+    tox = measure_outcome(paired, "toxigen", judge, "greedy")
+    k = ((paired.get("suites") or {}).get("rtp") or {}).get("sampled", {}).get("k")
     capability = paired.get("capability") or {}
     ppl = (capability.get("ppl") or {}).get("token perplexity (relative change)")
     kl = (method.get("suites", {}).get("kl") or {}).get("mean_kl")
@@ -71,7 +70,7 @@ def _cells(method: dict, judge: str, base_ppl: float | None) -> list[str]:
         ppl = None if after is None else {"change": after / base_ppl - 1, "ci95": None}
     return [
         _interval(greedy) + (_band(controls, "rtp", f"toxic/{judge}") if greedy else ""),
-        _interval(share) + (_band(controls, f"rtp k={sampled.get('k')}", f"sample rate/{judge}") if share else ""),
+        _interval(share) + (_band(controls, f"rtp k={k}", f"sample rate/{judge}") if share else ""),
         _interval(tox) + (_band(controls, "toxigen", f"toxic/{judge}") if tox else ""),
         _interval(ppl, percent=True),
         "-" if kl is None else f"{kl:.3f}",

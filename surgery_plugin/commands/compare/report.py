@@ -215,7 +215,7 @@ MEASURES = {
 }
 
 
-def _effect(paired: dict | None, suite: str, judge: str, measure: str) -> dict | None:
+def measure_outcome(paired: dict | None, suite: str, judge: str, measure: str) -> dict | None:
     """One method's outcome of ``measure`` on ``suite`` by ``judge`` in a paired comparison: the greedy toxic rate
     or the sampled protocol's share of toxic samples (the measure with the most power: k samples per prompt)."""
     entry = ((paired or {}).get("suites") or {}).get(suite) or {}
@@ -237,7 +237,8 @@ def equal_effect_rows(result: dict, measure: str = "greedy") -> list[dict]:
     judge = settings["judges"][0]
     ran = [s for s in ("rtp", "toxigen") if s in settings["suites"]]
     # the first toxicity suite where Surgery has the measure (--sample-suites may leave rtp greedy only)
-    suite = next((s for s in ran if _effect(surgery.get("paired"), s, judge, measure)), ran[0] if ran else None)
+    with_measure = [s for s in ran if measure_outcome(surgery.get("paired"), s, judge, measure)]
+    suite = (with_measure or ran or [None])[0]
     if surgery.get("status") != "ok" or suite is None:
         return []
     s_cost = surgery.get("cost") or {}
@@ -249,8 +250,8 @@ def equal_effect_rows(result: dict, measure: str = "greedy") -> list[dict]:
             or "suites" not in (m.get("vs_surgery") or {})
         ):
             continue
-        change = _effect(m.get("paired"), suite, judge, measure)
-        minus = _effect(m["vs_surgery"], suite, judge, measure)
+        change = measure_outcome(m.get("paired"), suite, judge, measure)
+        minus = measure_outcome(m["vs_surgery"], suite, judge, measure)
         if minus is None:
             continue
         low, high = minus["ci95"]
@@ -307,7 +308,7 @@ def _equal_effect_section(result: dict, measure: str) -> list[str]:
         "peak memory | saved edit | claim holds |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    own = _effect(methods["surgery-shipped"].get("paired"), suite, judge, measure)
+    own = measure_outcome(methods["surgery-shipped"].get("paired"), suite, judge, measure)
     lines.append(f"| **{methods['surgery-shipped']['label']}** | {_interval(own)} | 0 | - | 1x | 1x | 1x | - |")
     for e in equal:
         ratios = " | ".join("n/a" if e["cost_ratio"][k] is None else f"{e['cost_ratio'][k]:.3g}x" for k in COST_KEYS)
