@@ -125,7 +125,7 @@ def test_a_folder_of_someone_elses_at_the_stores_place_is_refused_and_left(
 # ---------------------------------------------------------------- surgery compare
 
 
-def _compare(root, model_dir, data_dir, out):
+def _compare(root, model_dir, data_dir, out, *more, methods="surgery,steering,ablation,prompt"):
     """A small comparison of the rows that need no EasyEdit."""
     if not (root / "hparams").exists():
         write_tiny_hparams(root / "hparams", model_dir)
@@ -134,7 +134,7 @@ def _compare(root, model_dir, data_dir, out):
         "--model",
         model_dir,
         "--methods",
-        "surgery,steering,ablation,prompt",
+        methods,
         "--suite",
         "rtp,ppl,kl",
         "--hparams-dir",
@@ -165,6 +165,7 @@ def _compare(root, model_dir, data_dir, out):
         "2",
         "--out",
         out,
+        *more,
     )
 
 
@@ -212,6 +213,57 @@ def test_an_interrupted_comparison_resumes_from_its_finished_rows(tiny_model_dir
     assert not (tmp_path / "resumed.arms").exists()
 
 
+def test_a_comparison_split_by_methods_merges_with_reuse(tiny_model_dir, data_dir, tmp_path, monkeypatch):
+    """Two parts (one finished, one stopped) and the merged command: it measures only the row neither part
+    finished, reads the parts without changing them, and records where each row came from."""
+    from surgery_plugin.commands.compare.methods import Comparison
+
+    def stop(*_, **__):
+        raise KeyboardInterrupt
+
+    a, b, merged = tmp_path / "a", tmp_path / "b", tmp_path / "merged"
+    ran = _compare(tmp_path, tiny_model_dir, data_dir, a, methods="surgery,prompt")
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    assert not (tmp_path / "a.arms").exists()  # a finished part: its rows are in its output only
+    with monkeypatch.context() as patch:  # part b takes the unedited row from a, then stops at ablation
+        patch.setattr(Comparison, "_run_unedited", stop)
+        patch.setattr(Comparison, "_run_ablation", stop)
+        part_b = _compare(tmp_path, tiny_model_dir, data_dir, b, "--reuse", a, methods="steering,ablation")
+        assert part_b.returncode == 130
+    assert sorted(p.name for p in (tmp_path / "b.arms").iterdir()) == ["steering", "surgery.json", "unedited"]
+    parts = {p: sorted(q.relative_to(tmp_path).as_posix() for q in p.rglob("*")) for p in (a, tmp_path / "b.arms")}
+    for method in ("_run_unedited", "_run_surgery", "_run_steering"):
+        monkeypatch.setattr(Comparison, method, stop)  # a row taken from a part and measured again would stop the run
+    ran = _compare(tmp_path, tiny_model_dir, data_dir, merged, "--reuse", f"{a},{b}")
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    result = json.loads((merged / "compare.json").read_text())
+    part_a = json.loads((a / "compare.json").read_text())
+    assert result["settings"]["reused_rows"] == {
+        "unedited": str(a),
+        "prompt": str(a),
+        "surgery-records": str(a),
+        "surgery-shipped": str(a),
+        "steering": str(b),
+    }
+    assert result["settings"]["resumed_rows"] == []
+    for name in ("unedited", "prompt", "surgery-shipped"):
+        assert _measured_parts(result)[name]["suites"] == _measured_parts(part_a)[name]["suites"], name
+    # the band the controls of a's Surgery row measured is beside the row the merged run measured
+    assert result["methods"]["ablation"]["paired"]["controls"] == part_a["methods"]["prompt"]["paired"]["controls"]
+    assert (merged / "edits" / "surgery-shipped").is_dir()
+    assert (merged / "runs" / "steering" / "samples.jsonl").is_file()
+    assert {p: sorted(q.relative_to(tmp_path).as_posix() for q in p.rglob("*")) for p in parts} == parts  # only read
+    assert not (tmp_path / "merged.arms").exists()
+    # a part measured with other settings gives nothing; a run that is no comparison is a one-line error
+    other = _compare(tmp_path, tiny_model_dir, data_dir, tmp_path / "other", "--reuse", a, "--limit", "3")
+    assert other.returncode == 130  # the unedited row was measured (and stopped), not taken from a
+    assert_one_line_error(
+        _compare(tmp_path, tiny_model_dir, data_dir, tmp_path / "c", "--reuse", tmp_path / "nothing"),
+        "--reuse",
+        "no comparison there",
+    )
+
+
 def test_an_arms_fingerprint_holds_its_own_identity_and_not_the_other_arms(tmp_path):
     """A comparison with one more baseline reuses the rows it shares with an earlier one (a split run merges)."""
     from surgery_plugin.evaluation.arms import ArmStore
@@ -220,9 +272,9 @@ def test_an_arms_fingerprint_holds_its_own_identity_and_not_the_other_arms(tmp_p
     fewer = ArmStore(tmp_path / "a", run, {"rome": {"hparams": {"layers": [5]}}})
     more = ArmStore(tmp_path / "b", run, {"rome": {"hparams": {"layers": [5]}}, "dinm": {"hparams": {"lr": 1}}})
     other_rome = ArmStore(tmp_path / "c", run, {"rome": {"hparams": {"layers": [4]}}})
-    assert fewer._key("unedited") == more._key("unedited") == other_rome._key("unedited")
-    assert fewer._key("rome") == more._key("rome") != other_rome._key("rome")
-    assert ArmStore(tmp_path / "d", {**run, "limit": 4})._key("unedited") != fewer._key("unedited")
+    assert fewer.key("unedited") == more.key("unedited") == other_rome.key("unedited")
+    assert fewer.key("rome") == more.key("rome") != other_rome.key("rome")
+    assert ArmStore(tmp_path / "d", {**run, "limit": 4}).key("unedited") != fewer.key("unedited")
 
 
 # ---------------------------------------------------------------- inside an arm: the batch journal

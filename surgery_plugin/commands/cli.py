@@ -271,6 +271,7 @@ def cmd_compare(args) -> int:
         seed=args.seed,
         overwrite=args.overwrite,
         command="surgery " + shlex.join(args.argv),
+        reuse=parse_list(args.reuse, "--reuse run") if args.reuse else (),
         **({"instruction": args.instruction} if args.instruction else {}),
     )
     return run_compare_and_report(config)
@@ -701,6 +702,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=NON_NEGATIVE_INT, default=0)
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier compare in --out")
+    p.add_argument(
+        "--reuse",
+        default=None,
+        metavar="RUN[,RUN]",
+        help="take the rows other runs of this comparison (other --methods, same settings) finished, running or not: "
+        "a comparison split over processes merges (docs/compare.md)",
+    )
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("demo", help="probe -> edit -> eval (base and edited) on an embedded model; writes runs/demo")

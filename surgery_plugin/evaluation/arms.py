@@ -10,7 +10,8 @@ differs is measured again and replaced, and so is one kept under other library v
 PEFT, safetensors, Python: recorded beside the fingerprint, since a new torch can change the rows). When the
 run's output is written whole, :meth:`ArmStore.discard` removes the store: its arms are in the output. Inside an
 arm, :meth:`ArmStore.journal` keeps each generation batch as it finishes (:mod:`.journal`), so a run stopped
-mid-arm resumes that arm from its last finished batch.
+mid-arm resumes that arm from its last finished batch. :meth:`ArmStore.adopt` copies an arm with this run's
+fingerprint from another run's store (a comparison split over processes: ``surgery compare --reuse``).
 
 The store deletes only what it wrote: a folder at ``<out>.arms`` without the store's marker is refused.
 """
@@ -77,7 +78,7 @@ def paired_run_identity(model: str | None, dtype: str, adapter: str | os.PathLik
     }
 
 
-def _changed_versions(kept: dict | None) -> str:
+def changed_versions(kept: dict | None) -> str:
     """The libraries whose version differs from the one an arm was measured with, as ``name a -> b``; empty when
     none does. Arms kept before versions were recorded carry none and are taken as they are."""
     if not kept:
@@ -89,9 +90,21 @@ def _changed_versions(kept: dict | None) -> str:
 def read_arm(folder: Path) -> tuple[dict, list[dict]]:
     """``results.json`` and ``samples.jsonl`` of a kept arm (:func:`.runner.write_run_files`)."""
     results = json.loads((folder / "results.json").read_text(encoding="utf-8"))
-    with open(folder / "samples.jsonl", encoding="utf-8") as f:
-        samples = [json.loads(line) for line in f if line.strip()]
-    return results, samples
+    return results, read_samples(folder / "samples.jsonl")
+
+
+def read_samples(path: Path) -> list[dict]:
+    """The rows of a ``samples.jsonl``."""
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def is_store(folder: Path) -> bool:
+    """Whether ``folder`` is a store of finished arms (it holds the store's marker)."""
+    try:
+        return read_manifest(folder, "store of finished arms").get("kind") == STORE_KIND
+    except SurgeryError:
+        return False
 
 
 class ArmStore:
@@ -104,45 +117,65 @@ class ArmStore:
         # what one arm alone depends on (a baseline's hyperparameters): adding or dropping another arm's method
         # from the run leaves this arm's fingerprint, so a finished arm is reused by a run with more methods
         self.arms = arms or {}
-        if self.folder.exists() and not self._is_store():
+        if self.folder.exists() and not is_store(self.folder):
             raise SurgeryError(
                 f"{self.folder} exists and is not a store of finished arms (of a paired run or a comparison); it is "
                 "left alone: move it or choose another --out"
             )
 
-    def _is_store(self) -> bool:
-        try:
-            return read_manifest(self.folder, "store of finished arms").get("kind") == STORE_KIND
-        except SurgeryError:
-            return False
-
-    def _key(self, arm: str) -> str:
+    def key(self, arm: str) -> str:
+        """``arm``'s fingerprint in this run: an arm kept under another one was measured differently."""
         own = self.arms.get(arm)
         return fingerprint({**self.run, "arm": arm, **({"arm_identity": own} if own is not None else {})})
+
+    def _unusable(self, folder: Path, arm: str) -> str | None:
+        """Why the kept ``arm`` in ``folder`` cannot stand for this run's (None: it can)."""
+        try:
+            record = read_manifest(folder, "finished arm")
+            if record.get("kind") != ARM_KIND or record.get("fingerprint") != self.key(arm):
+                return "it was measured with other settings"
+            changed = changed_versions(record.get("versions"))
+            if changed:
+                return f"it was measured with {changed}"
+            verify_files(folder, record)
+        except SurgeryError as err:
+            return f"it is damaged ({err})"
+        return None
 
     def finished(self, arm: str) -> Path | None:
         """The folder of ``arm`` when the store holds it, finished by this run (same fingerprint) and intact."""
         folder = self.folder / arm
         if not folder.exists():
             return None
-        try:
-            record = read_manifest(folder, "finished arm")
-            if record.get("kind") != ARM_KIND or record.get("fingerprint") != self._key(arm):
-                logger.info("arm %s: the stored one was measured with other settings; measuring it again", arm)
-                return None
-            changed = _changed_versions(record.get("versions"))
-            if changed:
-                logger.info("arm %s: the stored one was measured with %s; measuring it again", arm, changed)
-                return None
-            verify_files(folder, record)
-        except SurgeryError as err:
-            logger.info("arm %s: the stored one is damaged (%s); measuring it again", arm, err)
+        why = self._unusable(folder, arm)
+        if why:
+            logger.info("arm %s: the stored one is not this run's (%s); measuring it again", arm, why)
             return None
         logger.info("arm %s: reusing the finished arm in %s", arm, folder)
         return folder
 
+    def adopt(self, arm: str, other: str | os.PathLike) -> bool:
+        """Copy ``arm`` from ``other``, another run's store, when it is finished there with this run's fingerprint
+        (the same run split over processes); ``other`` is only read."""
+        folder = Path(other) / arm
+        if not folder.is_dir() or Path(other).resolve() == self.folder.resolve():
+            return False
+        why = self._unusable(folder, arm)
+        if why:
+            logger.info("arm %s in %s not taken: %s", arm, other, why)
+            return False
+
+        def copy(tmp: Path) -> None:
+            for path in sorted(folder.rglob("*")):
+                if path.is_file() and path.relative_to(folder).as_posix() != MANIFEST:
+                    (tmp / path.relative_to(folder)).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(path, tmp / path.relative_to(folder))
+
+        self.keep(arm, copy)
+        return True
+
     def _open(self) -> None:
-        if not self._is_store():
+        if not is_store(self.folder):
             self.folder.mkdir(parents=True, exist_ok=True)
             atomic_write(self.folder / MANIFEST, json_text({"kind": STORE_KIND, "run": self.run}))
 
@@ -151,7 +184,7 @@ class ArmStore:
         """While ``arm`` is measured, its finished generation batches are kept in ``<arm>.journal.jsonl`` and,
         after an interruption, read back (:mod:`.journal`); :meth:`keep` removes the journal with the arm kept."""
         self._open()
-        header = {"arm": arm, "fingerprint": self._key(arm), "versions": package_versions()}
+        header = {"arm": arm, "fingerprint": self.key(arm), "versions": package_versions()}
         with batch_journal(self.folder / f"{arm}{JOURNAL_SUFFIX}", header) as kept:
             yield kept
 
@@ -163,7 +196,7 @@ class ArmStore:
             tmp.mkdir()
             write(tmp)
             write_manifest(
-                tmp, {"kind": ARM_KIND, "arm": arm, "fingerprint": self._key(arm), "versions": package_versions()}
+                tmp, {"kind": ARM_KIND, "arm": arm, "fingerprint": self.key(arm), "versions": package_versions()}
             )
         (self.folder / f"{arm}{JOURNAL_SUFFIX}").unlink(missing_ok=True)  # the arm holds its batches now
         logger.info("arm %s: finished; kept in %s until the run is written (rerun to resume)", arm, self.folder / arm)
@@ -185,7 +218,7 @@ class ArmStore:
 
     def discard(self) -> None:
         """Remove the store once the run's output holds its arms: only the arm folders and marker it wrote."""
-        if not self._is_store():
+        if not is_store(self.folder):
             return
         for child in self.folder.iterdir():
             try:

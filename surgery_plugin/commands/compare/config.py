@@ -75,11 +75,13 @@ class CompareConfig:
     overwrite: bool = False
     progress: bool = True
     command: str | None = None  # how it was run (the CLI sets it), recorded
+    reuse: tuple[str | os.PathLike, ...] = ()  # other runs of this comparison whose finished rows are taken
 
     def describe(self) -> dict:
         out = dataclasses.asdict(self)
         out.update(out=str(self.out), data_dir=None if self.data_dir is None else str(self.data_dir))
         out["hparams_dir"] = None if self.hparams_dir is None else str(self.hparams_dir)
+        out["reuse"] = [str(run) for run in self.reuse]
         return out
 
 

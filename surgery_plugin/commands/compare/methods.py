@@ -40,6 +40,7 @@ import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -90,6 +91,7 @@ from .config import (
 )
 from .meter import measure, trim_memory
 from .report import write_outputs
+from .reuse import check_sources, finished_output_row, store_folder
 
 SAFETY_SUITES = ("safeedit", "advbench")  # judged by the safety judges: compliance, not toxic language
 
@@ -178,6 +180,8 @@ class Comparison:
             {m: {"hparams": dataclasses.asdict(hp)} for m, hp in self.baseline_hparams.items()},
         )
         self.resumed: list[str] = []
+        self.reuse_from = check_sources(tuple(config.reuse), self.target)
+        self.reused: dict[str, str] = {}  # row -> the --reuse run it was taken from
 
     def _identity(self) -> dict:
         """What every row of this comparison depends on besides its own name and, for EasyEdit's baselines, their
@@ -185,7 +189,7 @@ class Comparison:
         shared = {
             k: v
             for k, v in self.config.describe().items()
-            if k not in ("out", "overwrite", "progress", "command", "methods")
+            if k not in ("out", "overwrite", "progress", "command", "methods", "reuse")
         }
         return {
             **shared,
@@ -342,21 +346,44 @@ class Comparison:
     # the folders a row writes under the output, each restored with it
     ROW_FOLDERS = ("edits", "runs", "easyedit")
 
+    @classmethod
+    def _write_row(cls, folder: Path, name: str, result: dict, samples: list[dict], band: dict | None, root: Path):
+        """A row's folder in the store: its result, its generations, the control band it measured (if it measured
+        one) and its folders under ``root`` (the run's output)."""
+        write_run_files(folder, result, samples, report=False)
+        if result.get("controls") and band is not None:
+            (folder / "control_band.json").write_text(json_text(band), encoding="utf-8")
+        for sub in cls.ROW_FOLDERS:
+            if (root / sub / name).exists():
+                shutil.copytree(root / sub / name, folder / sub)
+
     def _keep(self, row: _Row) -> None:
         """Keep a finished row (its result, its generations, its folders, the control band it measured)."""
-
-        def write(folder: Path) -> None:
-            write_run_files(folder, row.result, self.row_samples.get(row.name, []), report=False)
-            if row.result.get("controls") and self.control_band is not None:
-                (folder / "control_band.json").write_text(json_text(self.control_band), encoding="utf-8")
-            for sub in self.ROW_FOLDERS:
-                if (self.out / sub / row.name).exists():
-                    shutil.copytree(self.out / sub / row.name, folder / sub)
-
+        samples = self.row_samples.get(row.name, [])
         try:
-            self.store.keep(row.name, write)
+            self.store.keep(
+                row.name, lambda tmp: self._write_row(tmp, row.name, row.result, samples, self.control_band, self.out)
+            )
         except (OSError, SurgeryError) as err:  # the row itself is measured: losing only the resume must not lose it
             logger.warning("compare: %s could not be kept for a resume (%s)", row.name, first_line(err))
+
+    def _reuse(self, row: _Row) -> bool:
+        """Whether a ``--reuse`` run finished ``row`` with this run's fingerprint: then it is copied into this run's
+        store (from that run's store, else from its output) and read back from there like a resumed row."""
+        key = self.store.key(row.name)
+        for run in self.reuse_from:
+            taken = self.store.adopt(row.name, store_folder(run))
+            found = None if taken else finished_output_row(run, row.name, key)
+            if found is not None:
+                result, samples, band = found
+                write = partial(self._write_row, name=row.name, result=result, samples=samples, band=band, root=run)
+                self.store.keep(row.name, write)
+                taken = True
+            if taken:
+                logger.info("compare: %s taken from %s", row.label, run)
+                self.reused[row.name] = str(run)
+                return True
+        return False
 
     def _restore(self, row: _Row) -> bool:
         """Whether the store held ``row`` finished by an interrupted run of this comparison (then it is back)."""
@@ -410,7 +437,7 @@ class Comparison:
             torch.manual_seed(self.config.seed)
             if row.name not in ("unedited", "prompt"):
                 base_model = base_tok = None  # every edit loads its own copy
-            if self._restore(row):
+            if self._restore(row) or (self.reuse_from and self._reuse(row) and self._restore(row)):
                 continue
             try:
                 with self.store.journal(row.name):  # a row stopped mid-way resumes from its last generated batch
@@ -449,6 +476,7 @@ class Comparison:
                     "suites": r.result.get("suites", {}),
                     "cost": r.result.get("cost"),
                     **{k: v for k, v in r.result.items() if k not in ("status", "error", "suites", "cost")},
+                    "fingerprint": self.store.key(r.name),  # what --reuse matches a row of this run by
                 }
                 for r in rows
             },
@@ -479,7 +507,9 @@ class Comparison:
             "torch_threads": torch.get_num_threads(),
             "seconds": round(seconds, 1),
             # rows an interrupted run of this comparison had finished (their costs are that run's)
-            "resumed_rows": list(self.resumed),
+            "resumed_rows": [name for name in self.resumed if name not in self.reused],
+            # rows taken from the --reuse runs, by the run each came from (their costs are that run's)
+            "reused_rows": dict(self.reused),
             "created": utc_now(),
             "versions": package_versions(("lm_eval", "easyeditor")),
         }
