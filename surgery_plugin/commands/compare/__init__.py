@@ -6,6 +6,7 @@
 | ``methods`` | the run: one row per method, each edited from the unedited model, saved, reloaded, judged |
 | ``meter`` | an edit's wall time and peak memory |
 | ``report`` | the table, ``compare.md``, ``tradeoff.png``; ``compare.json`` |
+| ``reuse`` | ``--reuse``: the rows other runs of the same comparison finished (a split comparison merges) |
 """
 
 from __future__ import annotations
