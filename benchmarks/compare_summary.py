@@ -19,6 +19,7 @@ import json
 from pathlib import Path
 
 from surgery_plugin.commands.compare.report import cost_cells, equal_effect_rows, measure_outcome
+from surgery_plugin.evaluation.paired import format_change
 from surgery_plugin.io.files import atomic_write
 
 COLUMNS = (
@@ -36,17 +37,6 @@ COLUMNS = (
     "peak memory",
     "saved edit",
 )
-
-
-def _interval(o: dict | None, digits: int = 3, percent: bool = False) -> str:
-    if not o or o.get("change") is None:
-        return "-"
-    if o.get("ci95") is None:
-        return f"{o['change']:+.1%}" if percent else f"{o['change']:+.{digits}f}"
-    low, high = o["ci95"]
-    if percent:
-        return f"{o['change']:+.1%} [{low:+.1%}, {high:+.1%}]"
-    return f"{o['change']:+.{digits}f} [{low:+.{digits}f}, {high:+.{digits}f}]"
 
 
 def _band(controls: dict, unit: str, outcome: str) -> str:
@@ -69,10 +59,10 @@ def _cells(method: dict, judge: str, base_ppl: float | None) -> list[str]:
         after = (method.get("suites", {}).get("ppl") or {}).get("token_perplexity")
         ppl = None if after is None else {"change": after / base_ppl - 1, "ci95": None}
     return [
-        _interval(greedy) + (_band(controls, "rtp", f"toxic/{judge}") if greedy else ""),
-        _interval(share) + (_band(controls, f"rtp k={k}", f"sample rate/{judge}") if share else ""),
-        _interval(tox) + (_band(controls, "toxigen", f"toxic/{judge}") if tox else ""),
-        _interval(ppl, percent=True),
+        format_change(greedy, missing="-") + (_band(controls, "rtp", f"toxic/{judge}") if greedy else ""),
+        format_change(share, missing="-") + (_band(controls, f"rtp k={k}", f"sample rate/{judge}") if share else ""),
+        format_change(tox, missing="-") + (_band(controls, "toxigen", f"toxic/{judge}") if tox else ""),
+        format_change(ppl, percent=True, missing="-"),
         "-" if kl is None else f"{kl:.3f}",
     ]
 
@@ -84,7 +74,11 @@ def _versus_surgery(result: dict) -> dict[str, list[str]]:
     out = {}
     for r in rows:
         ratios = " / ".join("n/a" if x is None else f"{x:.3g}x" for x in r["cost_ratio"].values())
-        out[r["name"]] = [f"{r['verdict']} ({_interval(r['minus_surgery'])}, {r['measure']})", ratios, r["claim"]]
+        out[r["name"]] = [
+            f"{r['verdict']} ({format_change(r['minus_surgery'], missing='-')}, {r['measure']})",
+            ratios,
+            r["claim"],
+        ]
     return out
 
 

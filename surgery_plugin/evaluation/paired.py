@@ -190,6 +190,21 @@ def _fmt(value: float | None, digits: int = 3) -> str:
     return "n/a" if value is None else f"{value:+.{digits}f}"
 
 
+def format_change(o: dict | None, digits: int = 3, percent: bool = False, missing: str = "n/a") -> str:
+    """A paired outcome as ``change [low, high]`` (signed; ``percent``: in percent to one decimal), the change alone
+    where it has no interval, ``missing`` where it has no change."""
+    if not o or o.get("change") is None:
+        return missing
+
+    def one(value: float | None) -> str:
+        return f"{value:+.1%}" if percent and value is not None else _fmt(value, digits)
+
+    if o.get("ci95") is None:
+        return one(o["change"])
+    low, high = o["ci95"]
+    return f"{one(o['change'])} [{one(low)}, {one(high)}]"
+
+
 def _plain(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
@@ -227,14 +242,10 @@ def paired_table(paired: dict) -> str:
         "|---|---|---|---|---|---|---|---|" + ("---|" if controls else ""),
     ]
     for shown, name, o in comparison_rows(paired):
-        low, high = o["ci95"]
         discordant = f"{o['became_flagged']} / {o['became_clean']}" if "became_flagged" in o else ""
         p = f"{o['mcnemar_p']:.2g}" if "mcnemar_p" in o else ""
         before, after = (_plain(v) if shown != "ppl" or v is None else f"{v:.2f}" for v in (o["before"], o["after"]))
-        row = (
-            f"| {shown} | {name} | {o['n']} | {before} | {after} | "
-            f"{_fmt(o['change'])} [{_fmt(low)}, {_fmt(high)}] | {discordant} | {p} |"
-        )
+        row = f"| {shown} | {name} | {o['n']} | {before} | {after} | {format_change(o)} | {discordant} | {p} |"
         if controls:
             band = controls.get(shown, {}).get(name)
             row += f" [{_fmt(band['range'][0])}, {_fmt(band['range'][1])}] |" if band else " |"

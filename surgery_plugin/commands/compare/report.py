@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ...evaluation.paired import paired_table
+from ...evaluation.paired import format_change, paired_table
 from ...evaluation.protocols import PROTOCOLS
 from ...evaluation.report import comparison_table, metric_values, pyplot, save_figure
 from ...io.files import json_text, write_manifest
@@ -202,13 +202,6 @@ CHEAPER_BY = 20.0  # the claim "Surgery is at least this many times cheaper at e
 COST_KEYS = ("edit_seconds", "peak_rss_bytes", "edit_bytes")
 
 
-def _interval(o: dict | None) -> str:
-    if not o or o.get("change") is None:
-        return "n/a"
-    low, high = o["ci95"]
-    return f"{o['change']:+.3f} [{low:+.3f}, {high:+.3f}]"
-
-
 MEASURES = {
     "greedy": "toxic rate, greedy",
     "sampled": "share of toxic samples, sampled protocol",
@@ -309,11 +302,11 @@ def _equal_effect_section(result: dict, measure: str) -> list[str]:
         "|---|---|---|---|---|---|---|---|",
     ]
     own = measure_outcome(methods["surgery-shipped"].get("paired"), suite, judge, measure)
-    lines.append(f"| **{methods['surgery-shipped']['label']}** | {_interval(own)} | 0 | - | 1x | 1x | 1x | - |")
+    lines.append(f"| **{methods['surgery-shipped']['label']}** | {format_change(own)} | 0 | - | 1x | 1x | 1x | - |")
     for e in equal:
         ratios = " | ".join("n/a" if e["cost_ratio"][k] is None else f"{e['cost_ratio'][k]:.3g}x" for k in COST_KEYS)
         lines.append(
-            f"| {methods[e['name']]['label']} | {_interval(e['change'])} | {_interval(e['minus_surgery'])} | "
+            f"| {methods[e['name']]['label']} | {format_change(e['change'])} | {format_change(e['minus_surgery'])} | "
             f"{e['verdict']} | {ratios} | {e['claim']} |"
         )
     return lines
