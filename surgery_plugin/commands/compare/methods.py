@@ -281,6 +281,16 @@ class Comparison:
                     )
                 )
             elif method == "surgery":
+                # as shipped first: the row a stopped run most needs (its controls give every row its band)
+                rows.append(
+                    _Row(
+                        "surgery-shipped",
+                        "surgery (shipped probe)",
+                        "surgery",
+                        f"Model Surgery as shipped (probe_data: {self.surgery_hparams.probe_data}, the YAML's "
+                        "probe); edit records unused; the alpha curve of the plot rescales this edit",
+                    )
+                )
                 rows.append(
                     _Row(
                         "surgery-records",
@@ -289,15 +299,6 @@ class Comparison:
                         f"Model Surgery with the shipped YAML, but its probe built from the same {n} SafeEdit "
                         "records the baselines edit with (EasyEdit's request path: prompt + safe generation "
                         "acceptable, prompt + unsafe generation undesired; probe_data: null)",
-                    )
-                )
-                rows.append(
-                    _Row(
-                        "surgery-shipped",
-                        "surgery (shipped probe)",
-                        "surgery",
-                        f"Model Surgery as shipped (probe_data: {self.surgery_hparams.probe_data}, the YAML's "
-                        "probe); edit records unused; the alpha curve of the plot rescales this edit",
                     )
                 )
             elif method == "steering":
