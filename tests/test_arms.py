@@ -357,3 +357,38 @@ def test_an_arm_interrupted_mid_way_resumes_from_its_last_batch(
     assert not store.exists()
     for name in ("paired.json", "base/samples.jsonl", "edited/samples.jsonl", "control_0/samples.jsonl"):
         assert (out / name).read_text() == (whole / name).read_text(), name
+
+
+def test_reuse_takes_a_finished_row_only_with_this_runs_fingerprint_and_names_a_bad_source(tmp_path, caplog):
+    from surgery_plugin.commands.compare.reuse import check_sources, finished_output_row
+    from surgery_plugin.core.provenance import package_versions
+    from surgery_plugin.errors import SurgeryError
+    from surgery_plugin.io.files import json_text, write_manifest
+
+    run = tmp_path / "part"
+    (run / "runs" / "dinm").mkdir(parents=True)
+    (run / "runs" / "dinm" / "samples.jsonl").write_text('{"prompt": "p", "text": "t"}\n')
+    row = {"status": "ok", "label": "dinm", "method": "dinm", "suites": {"rtp": {}}, "cost": {"edit_seconds": 1.0}}
+    row["paired"] = {"suites": {}, "controls": {"rtp": {}}}
+    methods = {"dinm": {**row, "fingerprint": "abc"}, "rome": row, "ft-l": {**row, "status": "failed"}}
+    compare = {"methods": methods, "settings": {"versions": package_versions(("lm_eval",))}}
+    (run / "compare.json").write_text(json_text(compare))
+    write_manifest(run, {"kind": "compare", "model": "m"}, names=["compare.json"])
+    assert check_sources((str(run),), tmp_path / "merged") == [run]
+    result, samples, band = finished_output_row(run, "dinm", "abc")
+    assert samples == [{"prompt": "p", "text": "t"}] and band is None  # no controls measured in this row
+    assert result == {k: v for k, v in row.items() if k not in ("label", "method")} | {"paired": {"suites": {}}}
+    with caplog.at_level("INFO"):
+        assert finished_output_row(run, "dinm", "other settings") is None
+        assert finished_output_row(run, "rome", "abc") is None  # an older output: rows without fingerprints
+        assert finished_output_row(run, "ft-l", "abc") is None and finished_output_row(run, "ft-m", "abc") is None
+    assert "other settings" in caplog.text and "no fingerprint" in caplog.text
+    compare["settings"]["versions"]["torch"] = "0.0"
+    (run / "compare.json").write_text(json_text(compare))
+    write_manifest(run, {"kind": "compare", "model": "m"}, names=["compare.json"])
+    with caplog.at_level("INFO"):
+        assert finished_output_row(run, "dinm", "abc") is None
+    assert "torch 0.0 ->" in caplog.text
+    for source, message in ((tmp_path / "none", "no comparison there"), (tmp_path / "merged", "own --out")):
+        with pytest.raises(SurgeryError, match=message):
+            check_sources((str(source),), tmp_path / "merged")
