@@ -373,13 +373,19 @@ class Comparison:
         store (from that run's store, else from its output) and read back from there like a resumed row."""
         key = self.store.key(row.name)
         for run in self.reuse_from:
-            taken = self.store.adopt(row.name, store_folder(run))
-            found = None if taken else finished_output_row(run, row.name, key)
-            if found is not None:
-                result, samples, band = found
-                write = partial(self._write_row, name=row.name, result=result, samples=samples, band=band, root=run)
-                self.store.keep(row.name, write)
-                taken = True
+            try:
+                taken = self.store.adopt(row.name, store_folder(run))
+                found = None if taken else finished_output_row(run, row.name, key)
+                if found is not None:
+                    result, samples, band = found
+                    write = partial(
+                        self._write_row, name=row.name, result=result, samples=samples, band=band, root=run
+                    )
+                    self.store.keep(row.name, write)
+                    taken = True
+            except (OSError, SurgeryError) as err:  # a part that cannot be copied is a row to measure, not a failure
+                logger.warning("compare: %s could not be taken from %s (%s)", row.name, run, first_line(err))
+                taken = False
             if taken:
                 logger.info("compare: %s taken from %s", row.label, run)
                 self.reused[row.name] = str(run)
