@@ -232,9 +232,22 @@ def test_a_comparison_split_by_methods_merges_with_reuse(tiny_model_dir, data_di
         assert part_b.returncode == 130
     assert sorted(p.name for p in (tmp_path / "b.arms").iterdir()) == ["steering", "surgery.json", "unedited"]
     parts = {p: sorted(q.relative_to(tmp_path).as_posix() for q in p.rglob("*")) for p in (a, tmp_path / "b.arms")}
+    for method in ("_run_unedited", "_run_surgery", "_run_steering", "_run_ablation"):
+        monkeypatch.setattr(Comparison, method, stop)  # --reuse-only measures nothing
+    partial = _compare(tmp_path, tiny_model_dir, data_dir, tmp_path / "partial", "--reuse", f"{a},{b}", "--reuse-only")
+    assert partial.returncode == 0, partial.stderr[-3000:]
+    assert "ablation not measured yet" in partial.stderr
+    look = json.loads((tmp_path / "partial" / "compare.json").read_text())
+    assert set(look["methods"]) == {"unedited", "prompt", "surgery-records", "surgery-shipped", "steering"}
+    assert (
+        look["settings"]["not_measured"] == ["ablation"]
+        and "**Partial**" in (tmp_path / "partial" / "compare.md").read_text()
+    )
+    assert (tmp_path / "partial.arms" / "steering").is_dir()  # kept for the run that finishes the comparison
+    monkeypatch.undo()
     for method in ("_run_unedited", "_run_surgery", "_run_steering"):
         monkeypatch.setattr(Comparison, method, stop)  # a row taken from a part and measured again would stop the run
-    ran = _compare(tmp_path, tiny_model_dir, data_dir, merged, "--reuse", f"{a},{b}")
+    ran = _compare(tmp_path, tiny_model_dir, data_dir, merged, "--reuse", f"{a},{b},{tmp_path / 'partial'}")
     assert ran.returncode == 0, ran.stderr[-3000:]
     result = json.loads((merged / "compare.json").read_text())
     part_a = json.loads((a / "compare.json").read_text())

@@ -272,6 +272,7 @@ def cmd_compare(args) -> int:
         overwrite=args.overwrite,
         command="surgery " + shlex.join(args.argv),
         reuse=parse_list(args.reuse, "--reuse run") if args.reuse else (),
+        reuse_only=args.reuse_only,
         **({"instruction": args.instruction} if args.instruction else {}),
     )
     return run_compare_and_report(config)
@@ -708,6 +709,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="RUN[,RUN]",
         help="take the rows other runs of this comparison (other --methods, same settings) finished, running or not: "
         "a comparison split over processes merges (docs/compare.md)",
+    )
+    p.add_argument(
+        "--reuse-only",
+        action="store_true",
+        help="measure nothing: write the comparison of the rows already finished (here and in the --reuse runs), "
+        "the others left out and named; a look at a split comparison before its parts end",
     )
     p.set_defaults(func=cmd_compare)
 

@@ -27,6 +27,9 @@ def run_compare_and_report(config: CompareConfig) -> int:
     """Run, print the table; exit code 1 when a method failed."""
     result = run_compare(config)
     print(f"\n{result_table(result)}\n\nwritten to {config.out}/ (compare.json, compare.md, tradeoff.png, edits/)")
+    missing = result["settings"].get("not_measured")
+    if missing:
+        print(f"surgery: partial (--reuse-only): {', '.join(missing)} not measured yet", file=sys.stderr)
     failed = failed_methods(result)
     if failed:
         print(f"surgery: {len(failed)} method(s) failed: {', '.join(failed)} (see compare.md)", file=sys.stderr)

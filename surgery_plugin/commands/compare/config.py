@@ -76,6 +76,7 @@ class CompareConfig:
     progress: bool = True
     command: str | None = None  # how it was run (the CLI sets it), recorded
     reuse: tuple[str | os.PathLike, ...] = ()  # other runs of this comparison whose finished rows are taken
+    reuse_only: bool = False  # measure nothing: the rows finished here and in the --reuse runs, the rest left out
 
     def describe(self) -> dict:
         out = dataclasses.asdict(self)

@@ -182,6 +182,7 @@ class Comparison:
         self.resumed: list[str] = []
         self.reuse_from = check_sources(tuple(config.reuse), self.target)
         self.reused: dict[str, str] = {}  # row -> the --reuse run it was taken from
+        self.not_measured: list[str] = []  # --reuse-only: the rows no run had finished, left out
 
     def _identity(self) -> dict:
         """What every row of this comparison depends on besides its own name and, for EasyEdit's baselines, their
@@ -189,7 +190,7 @@ class Comparison:
         shared = {
             k: v
             for k, v in self.config.describe().items()
-            if k not in ("out", "overwrite", "progress", "command", "methods", "reuse")
+            if k not in ("out", "overwrite", "progress", "command", "methods", "reuse", "reuse_only")
         }
         return {
             **shared,
@@ -341,7 +342,8 @@ class Comparison:
                 result = self._run_rows()
             finally:
                 self.out = self.target
-        self.store.discard()
+        if not self.config.reuse_only:  # a partial look keeps the rows for the run that finishes the comparison
+            self.store.discard()
         return result
 
     # the folders a row writes under the output, each restored with it
@@ -392,6 +394,15 @@ class Comparison:
                 return True
         return False
 
+    def _finished_rows(self, rows: list[_Row]) -> list[_Row]:
+        """``--reuse-only``: the rows this run's store or a ``--reuse`` run finished (read back when the loop reaches
+        them); the others are left out of the output and named in ``settings["not_measured"]``."""
+        finished = [
+            row for row in rows if self.store.finished(row.name) is not None or (self.reuse_from and self._reuse(row))
+        ]
+        self.not_measured = [row.name for row in rows if row not in finished]
+        return finished
+
     def _restore(self, row: _Row) -> bool:
         """Whether the store held ``row`` finished by an interrupted run of this comparison (then it is back)."""
         folder = self.store.finished(row.name)
@@ -434,10 +445,14 @@ class Comparison:
         started = time.perf_counter()
         torch.manual_seed(self.config.seed)
         rows = self.rows()
-        base_model, base_tok = load_model(self.config.model, device=self.config.device)
-        self.kl_reference = next_token_logprobs(
-            base_model, base_tok, self.benign_prompts, self.config.batch_size, desc="kl: unedited reference"
-        )
+        if self.config.reuse_only:  # nothing is measured: no model
+            rows = self._finished_rows(rows)
+            base_model = base_tok = None
+        else:
+            base_model, base_tok = load_model(self.config.model, device=self.config.device)
+            self.kl_reference = next_token_logprobs(
+                base_model, base_tok, self.benign_prompts, self.config.batch_size, desc="kl: unedited reference"
+            )
         self.reload_prompts = self.benign_prompts[:RELOAD_CHECK_PROMPTS]
         for row in tqdm(rows, desc="compare", unit="method", disable=not self.config.progress):
             logger.info("compare: %s", row.label)
@@ -445,6 +460,9 @@ class Comparison:
             if row.name not in ("unedited", "prompt"):
                 base_model = base_tok = None  # every edit loads its own copy
             if self._restore(row) or (self.reuse_from and self._reuse(row) and self._restore(row)):
+                continue
+            if self.config.reuse_only:  # finished but unreadable: left out like a row nobody finished
+                self.not_measured.append(row.name)
                 continue
             try:
                 with self.store.journal(row.name):  # a row stopped mid-way resumes from its last generated batch
@@ -461,6 +479,11 @@ class Comparison:
                 row.result = {"status": "failed", "error": first_line(err), "suites": {}, "cost": None}
             finally:
                 trim_memory()
+        if "unedited" in self.not_measured:
+            raise SurgeryError(
+                "--reuse-only: no --reuse run has finished the unedited row yet, and every change is paired with it"
+            )
+        rows = [r for r in rows if r.name not in self.not_measured]
         if self.control_band:  # the null band beside every row's paired changes
             for r in rows:
                 if "suites" in r.result.get("paired", {}):
@@ -517,6 +540,7 @@ class Comparison:
             "resumed_rows": [name for name in self.resumed if name not in self.reused],
             # rows taken from the --reuse runs, by the run each came from (their costs are that run's)
             "reused_rows": dict(self.reused),
+            "not_measured": list(self.not_measured),
             "created": utc_now(),
             "versions": package_versions(("lm_eval", "easyeditor")),
         }

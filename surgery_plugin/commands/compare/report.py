@@ -98,6 +98,11 @@ def render_markdown(result: dict, plot: str | None) -> str:
         f"{s['limit']} prompts per generation suite; seed {s['seed']}; {s['torch_threads']} torch thread(s); "
         f"{s['seconds'] / 60:.1f} min.",
         "",
+        *(
+            [f"**Partial** (`--reuse-only`): not measured yet: {', '.join(s['not_measured'])}.", ""]
+            if s.get("not_measured")
+            else []
+        ),
         result_table(result),
         "",
         "Rates are shares of generations a judge scores >= 0.5, with 95% Wilson intervals; SafeEdit DS / DG_avg "
