@@ -107,6 +107,8 @@ def rows(result: dict, seen_unedited: set) -> list[str]:
             + " | ".join([*cells, *vs, cost["edit time"], cost["peak memory (+ during edit)"], cost["saved edit"]])
             + " |"
         )
+    for name in settings.get("not_measured", []):  # a partial look (--reuse-only) names what it lacks
+        out.append(f"| {model} | {name} | not measured yet |" + " |" * (len(COLUMNS) - 3))
     seen_unedited.add(model)
     return out
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import runpy
+from pathlib import Path
 
 import pytest
 from helpers import assert_one_line_error, paired_eval, run_cli, write_tiny_hparams
@@ -244,6 +246,8 @@ def test_a_comparison_split_by_methods_merges_with_reuse(tiny_model_dir, data_di
         and "**Partial**" in (tmp_path / "partial" / "compare.md").read_text()
     )
     assert (tmp_path / "partial.arms" / "steering").is_dir()  # kept for the run that finishes the comparison
+    summary = runpy.run_path(str(Path(__file__).resolve().parents[1] / "benchmarks" / "compare_summary.py"))
+    assert summary["summary"]([look]).splitlines()[-1].split(" | ")[1:3] == ["ablation", "not measured yet"]
     monkeypatch.undo()
     for method in ("_run_unedited", "_run_surgery", "_run_steering"):
         monkeypatch.setattr(Comparison, method, stop)  # a row taken from a part and measured again would stop the run
