@@ -47,6 +47,7 @@ from .runner import write_run_files
 logger = logging.getLogger(__name__)
 
 STORE_KIND = "paired_arms"
+STORE_SUFFIX = ".arms"
 ARM_KIND = "arm"
 
 Measure = Callable[[], tuple[dict, list[dict]]]
@@ -99,6 +100,12 @@ def read_samples(path: Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def store_folder(out: str | os.PathLike) -> Path:
+    """Where the run whose output is ``out`` keeps its finished arms: ``<out>.arms`` beside it (absolute)."""
+    out = Path(os.path.abspath(os.path.expanduser(os.fspath(out))))
+    return out.with_name(f"{out.name}{STORE_SUFFIX}")
+
+
 def is_store(folder: Path) -> bool:
     """Whether ``folder`` is a store of finished arms (it holds the store's marker)."""
     try:
@@ -111,8 +118,7 @@ class ArmStore:
     """``<out>.arms/``: one folder per finished arm, each with a manifest holding its fingerprint."""
 
     def __init__(self, out: str | os.PathLike, run: dict, arms: dict[str, dict] | None = None):
-        out = Path(os.path.abspath(os.path.expanduser(os.fspath(out))))
-        self.folder = out.with_name(f"{out.name}.arms")
+        self.folder = store_folder(out)
         self.run = run  # what every arm of this run shares (model, adapter digest, settings, version)
         # what one arm alone depends on (a baseline's hyperparameters): adding or dropping another arm's method
         # from the run leaves this arm's fingerprint, so a finished arm is reused by a run with more methods

@@ -58,7 +58,7 @@ from ...data.loaders import load_benign_documents, load_safeedit, safeedit_reque
 from ...data.paths import resolve_data_dir
 from ...data.splits import SAFEEDIT
 from ...errors import SurgeryError, first_line
-from ...evaluation.arms import ArmStore, read_arm
+from ...evaluation.arms import ArmStore, read_arm, store_folder
 from ...evaluation.generation import next_token_logprobs
 from ...evaluation.judges import judge_info, load_judges
 from ...evaluation.paired import paired_changes
@@ -91,7 +91,7 @@ from .config import (
 )
 from .meter import measure, trim_memory
 from .report import write_outputs
-from .reuse import check_sources, finished_output_row, store_folder
+from .reuse import check_sources, finished_output_row
 
 SAFETY_SUITES = ("safeedit", "advbench")  # judged by the safety judges: compliance, not toxic language
 
@@ -394,15 +394,6 @@ class Comparison:
                 return True
         return False
 
-    def _finished_rows(self, rows: list[_Row]) -> list[_Row]:
-        """``--reuse-only``: the rows this run's store or a ``--reuse`` run finished (read back when the loop reaches
-        them); the others are left out of the output and named in ``settings["not_measured"]``."""
-        finished = [
-            row for row in rows if self.store.finished(row.name) is not None or (self.reuse_from and self._reuse(row))
-        ]
-        self.not_measured = [row.name for row in rows if row not in finished]
-        return finished
-
     def _restore(self, row: _Row) -> bool:
         """Whether the store held ``row`` finished by an interrupted run of this comparison (then it is back)."""
         folder = self.store.finished(row.name)
@@ -446,7 +437,6 @@ class Comparison:
         torch.manual_seed(self.config.seed)
         rows = self.rows()
         if self.config.reuse_only:  # nothing is measured: no model
-            rows = self._finished_rows(rows)
             base_model = base_tok = None
         else:
             base_model, base_tok = load_model(self.config.model, device=self.config.device)
@@ -461,7 +451,7 @@ class Comparison:
                 base_model = base_tok = None  # every edit loads its own copy
             if self._restore(row) or (self.reuse_from and self._reuse(row) and self._restore(row)):
                 continue
-            if self.config.reuse_only:  # finished but unreadable: left out like a row nobody finished
+            if self.config.reuse_only:  # no run finished it: left out, named in settings["not_measured"]
                 self.not_measured.append(row.name)
                 continue
             try:

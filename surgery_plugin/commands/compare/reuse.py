@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ...core.provenance import package_versions
 from ...errors import SurgeryError
-from ...evaluation.arms import changed_versions, is_store, read_samples
+from ...evaluation.arms import STORE_SUFFIX, changed_versions, is_store, read_samples, store_folder
 from ...io.files import read_manifest, verify_files
 
 logger = logging.getLogger(__name__)
@@ -27,19 +27,14 @@ logger = logging.getLogger(__name__)
 _REPORT_KEYS = ("label", "method", "description", "error", "vs_surgery", "fingerprint")
 
 
-def store_folder(run: Path) -> Path:
-    """Where the run whose ``--out`` is ``run`` keeps its finished rows."""
-    return run.with_name(f"{run.name}.arms")
-
-
 def check_sources(sources: tuple[str | os.PathLike, ...], target: Path) -> list[Path]:
     """``--reuse``'s runs as absolute ``--out`` paths; a one-line error for one that holds no comparison or is this
     run's own output. A run's store (``RUN.arms``) may be named instead of the run."""
     runs = []
     for source in sources:
         run = Path(os.path.abspath(os.path.expanduser(os.fspath(source))))
-        if run.name.endswith(".arms") and is_store(run):
-            run = run.with_name(run.name[: -len(".arms")])
+        if run.name.endswith(STORE_SUFFIX) and is_store(run):
+            run = run.with_name(run.name.removesuffix(STORE_SUFFIX))
         if run == target:
             raise SurgeryError(f"--reuse {source} is this run's own --out (its finished rows are reused anyway)")
         if not (run / "compare.json").is_file() and not is_store(store_folder(run)):
