@@ -78,6 +78,9 @@ STUB_FILES = {
                 self.hparams = hparams
         """),
     "editors/safety_editor.py": "from .editor import BaseEditor\n\nclass SafetyEditor(BaseEditor):\n    pass\n",
+    "models/__init__.py": "",
+    "models/rome/__init__.py": "",
+    "models/rome/repr_tools.py": "def get_words_idxs_in_templates(tok, templates, words, subtoken):\n    return []\n",
 }
 
 
@@ -168,16 +171,27 @@ def test_register_with_broken_easyedit_reports_the_import_error(tmp_path, monkey
 def test_register_is_idempotent_and_mutates_alg_dict_in_place(stub_easyedit):
     from easyeditor import BaseEditor, SafetyEditor
     from easyeditor.editors.batch_editor import BatchEditor
+    from easyeditor.models.rome import repr_tools
     from easyeditor.util import alg_dict
 
     registry = alg_dict.ALG_DICT
     easyedit.register()
-    patched = (BaseEditor.__init__, SafetyEditor.__init__, BatchEditor.is_batchable_method)
+    patched = (
+        BaseEditor.__init__,
+        SafetyEditor.__init__,
+        BatchEditor.is_batchable_method,
+        repr_tools.get_words_idxs_in_templates,
+    )
     easyedit.register()
     assert alg_dict.ALG_DICT is registry
     assert registry["Surgery"] is apply_surgery_to_model
     assert "ROME" in registry
-    assert (BaseEditor.__init__, SafetyEditor.__init__, BatchEditor.is_batchable_method) == patched
+    assert (
+        BaseEditor.__init__,
+        SafetyEditor.__init__,
+        BatchEditor.is_batchable_method,
+        repr_tools.get_words_idxs_in_templates,
+    ) == patched
     assert BatchEditor.is_batchable_method("Surgery") and BatchEditor.is_batchable_method("MEMIT")
     assert not BatchEditor.is_batchable_method("ROME")
 
@@ -612,6 +626,52 @@ def test_the_probe_datas_features_are_computed_once_for_every_edit(demo):
     info = demo.result["probe_cache"]
     assert info["misses"] == len(demo.calls)  # one probe layer per lookup: a miss is one forward pass
     assert info["hits"] >= 4
+
+
+# ---------------------------------------------------------------- ROME's subject token (patch 5)
+
+
+def test_rome_template_literals_are_the_formatted_text():
+    assert patches.template_literals("say {{x}} then {}, ok}}") == ("say {x} then ", ", ok}")
+    assert patches.template_literals("{}") == ("", "")
+    for bad in ("no field", "{} and {}", "{name}"):
+        with pytest.raises(ValueError):
+            patches.template_literals(bad)
+
+
+def test_rome_subject_index_counts_the_text_the_model_reads():
+    """With a tokenizer where ``{{`` is more tokens than ``{`` (as Gemma's), the subject's last token is where
+    ``template.format(subject)`` puts it: SafeEdit records 4 and 6 made EasyEdit's count run past the prompt."""
+    from helpers import tiny_hf_tokenizer
+
+    tok = tiny_hf_tokenizer()
+    assert len(tok.encode("{{")) > len(tok.encode("{"))  # else this test shows nothing
+    subject = "the cat sat"
+    for template in ("Write {{code}} about {}", "A {{x}} {}: {{y}} here", "{} then {{z}}", "plain {} words"):
+        text = template.format(subject)
+        last = len(tok.encode(text[: text.index(subject) + len(subject)])) - 1
+        index = patches.subject_token_index(tok, template, subject, "last")
+        assert index == last < len(tok.encode(text))
+        assert tok.decode(tok.encode(text)[index]) == tok.decode(tok.encode(subject)[-1])
+        after = patches.subject_token_index(tok, template, subject, "first_after_last")
+        assert after == (last if text.endswith(subject) else last + 1)
+        first = patches.subject_token_index(tok, template, subject, "first")
+        assert len(tok.encode(text)) + first == len(tok.encode(text[: text.index(subject)]))
+    with pytest.raises(ValueError, match="subtoken"):
+        patches.subject_token_index(tok, "{}", subject, "middle")
+
+
+def test_rome_subject_index_is_patched_into_the_real_easyedit(real_easyedit):
+    """Every EasyEdit method reads the patched function (ROME's compute_u/compute_v, MEMIT's compute_z)."""
+    from helpers import tiny_hf_tokenizer
+
+    repr_tools = importlib.import_module("easyeditor.models.rome.repr_tools")
+    compute_v = importlib.import_module("easyeditor.models.rome.compute_v")
+    tok = tiny_hf_tokenizer()
+    template, subject = "Write {{code}} about {}", "the cat sat"
+    expected = len(tok.encode("Write {code} about the cat sat")) - 1
+    assert repr_tools.get_words_idxs_in_templates(tok, [template], [subject], "last") == [[expected]]
+    assert compute_v.find_fact_lookup_idx(template, subject, tok, "subject_last", verbose=False) == expected
 
 
 # ---------------------------------------------------------------- ROME's covariance statistics from local text

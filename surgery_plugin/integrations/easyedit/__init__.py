@@ -54,6 +54,7 @@ def easyeditor_modules() -> SimpleNamespace:
         "editor": ("easyeditor.editors.editor", "BaseEditor"),
         "safety_editor": ("easyeditor.editors.safety_editor", "SafetyEditor"),
         "device": ("easyeditor.util.device", "normalize_device"),  # device: cpu support
+        "rome_repr_tools": ("easyeditor.models.rome.repr_tools", "get_words_idxs_in_templates"),
     }
     found = {}
     for key, (module, attribute) in needed.items():
@@ -79,6 +80,7 @@ def easyeditor_modules() -> SimpleNamespace:
         BatchEditor=found["batch_editor"].BatchEditor,
         BaseEditor=found["editor"].BaseEditor,
         SafetyEditor=found["safety_editor"].SafetyEditor,
+        rome_repr_tools=found["rome_repr_tools"],
     )
 
 
@@ -94,4 +96,5 @@ def register() -> None:
     patches.allow_batch_editing(ee.BatchEditor)
     patches.wrap_editor_init(ee.BaseEditor, safety=False)
     patches.wrap_editor_init(ee.SafetyEditor, safety=True)
+    patches.count_subject_tokens_as_formatted(ee.rome_repr_tools)
     logger.info("registered %s with EasyEdit at %s", ALG_NAME, ee.location)

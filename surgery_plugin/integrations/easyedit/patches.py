@@ -31,6 +31,17 @@ the second time). EasyEdit's own files are never edited.
    ``.pth`` hook that runs just before the first ``import torchvision``, and only where the plain
    import fails.
 
+5. **ROME's subject token in a prompt with braces** (:func:`count_subject_tokens_as_formatted`).
+   ROME fills a template (``"... {} ..."``, literal braces escaped as ``{{``/``}}``, see
+   :func:`~surgery_plugin.integrations.easyedit.baselines.rome_prompt`) with ``str.format``, which
+   unescapes them, but ``rome.repr_tools.get_words_idxs_in_templates`` counts the tokens of the
+   template's text split at ``"{}"``, still escaped. Where ``{{`` is more tokens than ``{`` (Gemma's
+   tokenizer; SmolLM2's counts both as one) the subject's last token is placed one or more tokens too
+   far: past the end of the prompt for SafeEdit records 4 and 6 (``IndexError: index 383 is out of
+   bounds for dimension 0 with size 383``). The patched function counts the text ``str.format``
+   produces; on templates without escaped braces it returns what EasyEdit's does. Every EasyEdit
+   method that imports ``rome.repr_tools`` (ROME, MEMIT, AlphaEdit, ...) sees the patched one.
+
 Not patched: restoring weights. Both editors restore a non-sequential edit by writing the
 ``weights_copy`` dict back; :func:`~surgery_plugin.easyedit.surgery_main.apply_surgery_to_model`
 always returns that dict when ``return_orig_weights`` is set (EasyEdit always sets it).
@@ -41,6 +52,7 @@ from __future__ import annotations
 import copy as copy_module
 import functools
 import logging
+import string
 from typing import Any
 
 from torch import nn
@@ -103,6 +115,51 @@ def wrap_editor_init(editor_class: type, safety: bool) -> None:
 
     setattr(__init__, _PATCH_MARK, True)
     editor_class.__init__ = __init__
+
+
+def template_literals(template: str) -> tuple[str, str]:
+    """The text before and after the one ``{}`` of a ROME template, as ``template.format(word)`` writes it
+    (``{{`` and ``}}`` unescaped)."""
+    parts: list[list[str]] = [[]]
+    for literal, field, *_ in string.Formatter().parse(template):
+        parts[-1].append(literal)
+        if field is not None:
+            if field != "":
+                raise ValueError(f"a ROME template holds one '{{}}' and no named field, got {{{field}}}")
+            parts.append([])
+    if len(parts) != 2:
+        raise ValueError(f"a ROME template holds exactly one '{{}}', this one {len(parts) - 1}")
+    return "".join(parts[0]), "".join(parts[1])
+
+
+def subject_token_index(tok: Any, template: str, word: str, subtoken: str) -> int:
+    """Where ROME reads ``word`` in ``template.format(word)``: the index of its last token (``last``), of the
+    token after it (``first_after_last``; its last where nothing follows) or of its first, counted from the end
+    (``first``), as EasyEdit's ``get_words_idxs_in_templates`` defines them, on the formatted text."""
+    prefix, suffix = template_literals(template)
+    n_prefix = len(tok.encode(prefix))
+    n_prompt = len(tok.encode(prefix + word))
+    n_input = len(tok.encode(prefix + word + suffix))
+    if subtoken == "last" or subtoken == "first_after_last":
+        return n_prompt - (1 if subtoken == "last" or n_input == n_prompt else 0)
+    if subtoken == "first":
+        return n_prefix - n_input
+    raise ValueError(f"Unknown subtoken type: {subtoken}")
+
+
+def count_subject_tokens_as_formatted(repr_tools: Any) -> None:
+    """Patch 5: ``repr_tools.get_words_idxs_in_templates`` counts tokens of the formatted text."""
+    if getattr(repr_tools.get_words_idxs_in_templates, _PATCH_MARK, False):
+        return
+
+    def get_words_idxs_in_templates(tok, context_templates, words, subtoken):
+        return [
+            [subject_token_index(tok, template, word, subtoken)]
+            for template, word in zip(context_templates, words, strict=True)
+        ]
+
+    setattr(get_words_idxs_in_templates, _PATCH_MARK, True)
+    repr_tools.get_words_idxs_in_templates = get_words_idxs_in_templates
 
 
 def check_output_length(hparams: Any) -> None:
