@@ -681,8 +681,10 @@ def test_random_direction_controls_give_every_row_its_null_band(tiny_run):
 def test_steering_chooses_its_strength_on_the_tuning_split_and_saves_an_adapter(tiny_run):
     steering = tiny_run.result["methods"]["steering"]
     tuning, edit = steering["tuning"], steering["edit"]
-    assert [p["scale"] for p in tuning["points"]] == [0.1, 1.0] and tuning["split"] == "tune"
-    assert tuning["chosen_scale"] in (0.1, 1.0) and edit["scale"] == tuning["chosen_scale"]
+    scales = [p["scale"] for p in tuning["points"]]
+    assert scales[:2] == [0.1, 1.0] and tuning["split"] == "tune"
+    assert scales[2:] == [0.1 / 2**i for i in range(1, len(scales) - 1)]  # halvings only where the grid failed
+    assert tuning["chosen_scale"] in scales and edit["scale"] == tuning["chosen_scale"]
     assert edit["kind"] == "lora" and edit["layer"] == 1  # the tiny YAML's probe layer
     # saved as a PEFT lora_bias adapter on the down projection before the probe layer (Llama: exact)
     config = json.loads((tiny_run.out / "edits" / "steering" / "adapter_config.json").read_text())
@@ -691,6 +693,28 @@ def test_steering_chooses_its_strength_on_the_tuning_split_and_saves_an_adapter(
     assert steering["cost"]["changed_params"] == 0 and steering["cost"]["edit_bytes"] > 0
     assert edit["probe_sha256"] == tiny_run.result["methods"]["ablation"]["edit"]["probe_sha256"]
     assert "Steering's strength, chosen on the tuning split" in (tiny_run.out / "compare.md").read_text()
+
+
+def test_steering_halves_below_its_grid_until_perplexity_is_within_the_budget():
+    from surgery_plugin.commands.compare.methods import STEERING_HALVINGS, search_steering_scale
+
+    measured = []
+
+    def measure(scale):  # perplexity grows with the strength, toxicity falls
+        measured.append(scale)
+        return {"toxic_rate": {"j": 0.5 - scale}, "token_perplexity": 50 * (1 + 40 * scale)}
+
+    points, chosen = search_steering_scale(measure, (0.03, 0.06), max_perplexity=55.0, judge="j")
+    assert measured == [0.03, 0.06, 0.015, 0.0075, 0.00375, 0.001875]  # 50 * (1 + 40 * 0.001875) = 53.75
+    assert chosen["scale"] == 0.001875 and chosen["feasible"] and [p["feasible"] for p in points].count(True) == 1
+    # within the grid: the lowest toxic rate that meets the budget, nothing below it measured
+    measured.clear()
+    points, chosen = search_steering_scale(measure, (0.001, 0.002, 0.06), max_perplexity=55.0, judge="j")
+    assert measured == [0.001, 0.002, 0.06] and chosen["scale"] == 0.002
+    # never within the budget: the weakest measured, after STEERING_HALVINGS halvings
+    measured.clear()
+    points, chosen = search_steering_scale(measure, (0.03,), max_perplexity=49.0, judge="j")
+    assert len(measured) == 1 + STEERING_HALVINGS and chosen["scale"] == min(measured) and not chosen["feasible"]
 
 
 @pytest.mark.real_model

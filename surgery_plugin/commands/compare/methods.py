@@ -97,6 +97,36 @@ SAFETY_SUITES = ("safeedit", "advbench")  # judged by the safety judges: complia
 
 logger = logging.getLogger(__name__)
 
+# where no scale of the grid keeps perplexity within the budget (Gemma 3: its mean residual norm, the grid's unit,
+# is dominated by a few huge activations, and 0.03 of it is +690% perplexity), the weakest is halved until one does
+STEERING_HALVINGS = 8
+STEERING_BELOW_GRID = f"the weakest scale halved until within the perplexity budget, at most {STEERING_HALVINGS} times"
+
+
+def search_steering_scale(
+    measure_scale: Callable[[float], dict], grid: tuple[float, ...], max_perplexity: float, judge: str
+) -> tuple[list[dict], dict]:
+    """Every scale of ``grid``, measured by ``measure_scale`` (``{"toxic_rate": {judge: r}, "token_perplexity":
+    p}``), then, if none keeps perplexity at most ``max_perplexity``, the weakest halved until one does
+    (:data:`STEERING_HALVINGS` at most). Chosen: the lowest toxic rate among those that do (ties: the weaker),
+    else the weakest measured. Returns ``(points, chosen)``, each point with its ``scale`` and ``feasible``."""
+
+    def point(scale: float) -> dict:
+        measured = measure_scale(scale)
+        return {"scale": scale, **measured, "feasible": measured["token_perplexity"] <= max_perplexity}
+
+    points = [point(scale) for scale in grid]
+    scale = min(grid)
+    for _ in range(STEERING_HALVINGS):
+        if any(p["feasible"] for p in points):
+            break
+        scale /= 2
+        points.append(point(scale))
+    feasible = [p for p in points if p["feasible"]]
+    if feasible:
+        return points, min(feasible, key=lambda p: (p["toxic_rate"][judge], p["scale"]))
+    return points, min(points, key=lambda p: p["scale"])
+
 
 def _logits(model: nn.Module, tok, prompts: list[str]) -> torch.Tensor:
     return next_token_logprobs(model, tok, prompts, progress=False)
@@ -177,7 +207,10 @@ class Comparison:
         self.store = ArmStore(
             self.target,
             self._identity(),
-            {m: {"hparams": dataclasses.asdict(hp)} for m, hp in self.baseline_hparams.items()},
+            {
+                **{m: {"hparams": dataclasses.asdict(hp)} for m, hp in self.baseline_hparams.items()},
+                "steering": {"below_grid": STEERING_BELOW_GRID},  # a steering row chosen without it is measured again
+            },
         )
         self.resumed: list[str] = []
         self.reuse_from = check_sources(tuple(config.reuse), self.target)
@@ -802,23 +835,24 @@ class Comparison:
         }
 
     def _choose_steering(self, model: nn.Module, tok, layer: int, unit: torch.Tensor, norm: float) -> dict:
-        """Each scale of ``steering_scales`` on the tuning split; the one with the lowest toxic rate (first judge)
-        within the perplexity constraint (ties: the weaker), else the weakest."""
+        """Steering's strength on the tuning split (:func:`search_steering_scale`), with what each point measured."""
         c = self.config
         judge = self.judges[0].name
         base = self._tuning_point(model, tok)
-        limit = base["token_perplexity"] * (1 + c.max_ppl_increase)
-        points = []
-        for scale in tqdm(c.steering_scales, desc="steering: strength on the tuning split", disable=not c.progress):
+        bar = tqdm(total=len(c.steering_scales), desc="steering: strength on the tuning split", disable=not c.progress)
+
+        def measure_scale(scale: float) -> dict:
             with added_direction(model, layer, -scale * norm * unit):
                 point = self._tuning_point(model, tok)
-            points.append({"scale": scale, **point, "feasible": point["token_perplexity"] <= limit})
-        feasible = [p for p in points if p["feasible"]]
-        chosen = (
-            min(feasible, key=lambda p: (p["toxic_rate"][judge], p["scale"]))
-            if feasible
-            else min(points, key=lambda p: p["scale"])
-        )
+            if bar.n >= bar.total:  # a halving below the grid
+                bar.total += 1
+            bar.update()
+            return point
+
+        with bar:
+            points, chosen = search_steering_scale(
+                measure_scale, c.steering_scales, base["token_perplexity"] * (1 + c.max_ppl_increase), judge
+            )
         return {
             "judge": judge,
             "split": "tune",
@@ -827,7 +861,8 @@ class Comparison:
             "unedited": base,
             "points": points,
             "chosen_scale": chosen["scale"],
-            "met_constraint": bool(feasible),
+            "met_constraint": chosen["feasible"],
+            "below_grid": STEERING_BELOW_GRID,
         }
 
     def _run_steering(self, row: _Row) -> None:
