@@ -122,6 +122,21 @@ def test_sample_suites_choose_where_the_sampled_protocol_runs(tmp_path, data_dir
     assert rtp_only.settings("rtp").samples == 3 and rtp_only.settings("toxigen").samples is None
 
 
+def test_a_run_without_probe_rows_shares_the_fingerprint_of_one_with_them(tmp_path, data_dir):
+    """A part with no Surgery, steering or ablation row (EasyEdit's baselines alone) merges with --reuse: every
+    row's fingerprint holds the model's Surgery YAML, whichever rows the run has."""
+    from surgery_plugin.commands.compare.config import CompareConfig
+    from surgery_plugin.commands.compare.methods import Comparison
+
+    config = CompareConfig(out=tmp_path / "run", methods=("prompt",), suites=("rtp",), judges="profanity")
+    config = dataclasses.replace(config, data_dir=data_dir)
+    alone, beside = Comparison(config), Comparison(dataclasses.replace(config, methods=("prompt", "steering")))
+    assert alone.surgery_hparams is None and beside.surgery_hparams is not None
+    assert alone.store.key("unedited") == beside.store.key("unedited")
+    assert alone.store.key("prompt") == beside.store.key("prompt")
+    assert alone._identity()["surgery_hparams"] == beside.surgery_hparams.to_dict()
+
+
 def test_set_values_are_yaml_with_scientific_numbers_as_floats():
     # YAML 1.1 reads 1e-5 as the string "1e-5"; EasyEdit's own loader makes it a float, so does --set
     assert parse_sets(["ft-l.lr=1e-5", "rome.layers=[3]", "dinm.suffix_system_prompt=be safe", "ft-m.lr=2.5"]) == {

@@ -128,6 +128,14 @@ def search_steering_scale(
     return points, min(points, key=lambda p: p["scale"])
 
 
+def _shipped_surgery_hparams(config: CompareConfig) -> dict | None:
+    """The model's Surgery YAML (``--hparams-dir`` or the shipped ones) as a dict; None where it has none."""
+    try:
+        return SurgeryHyperParams.from_hparams(find_hparams(config.model, "Surgery", config.hparams_dir)).to_dict()
+    except SurgeryError:
+        return None
+
+
 def _logits(model: nn.Module, tok, prompts: list[str]) -> torch.Tensor:
     return next_token_logprobs(model, tok, prompts, progress=False)
 
@@ -182,6 +190,11 @@ class Comparison:
             if config.overrides.get("surgery"):
                 hp = SurgeryHyperParams.from_dict({**hp.to_dict(), **config.overrides["surgery"]}, f"{path} + --set")
             self.surgery_hparams = hp
+        # in every row's fingerprint, whether or not this run has a probe row: a part with EasyEdit's baselines
+        # alone then merges (--reuse) with a part with Surgery's rows, as both read the same YAML
+        self.identity_surgery_hparams = (
+            self.surgery_hparams.to_dict() if self.surgery_hparams else _shipped_surgery_hparams(config)
+        )
         # every baseline's YAML read (by EasyEdit's own class) before anything runs: a bad one is bad input
         from ...integrations.easyedit.baselines import BASELINES, load_hparams
 
@@ -228,7 +241,7 @@ class Comparison:
         return {
             **shared,
             "data_dir": str(self.data_dir),
-            "surgery_hparams": self.surgery_hparams.to_dict() if self.surgery_hparams else None,
+            "surgery_hparams": self.identity_surgery_hparams,
             "judges": [j.name for j in self.judges],
             "safety_judges": [j.name for j in self.safety_judges],
             "version": package_versions()["surgery_plugin"],
