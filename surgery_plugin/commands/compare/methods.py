@@ -128,14 +128,6 @@ def search_steering_scale(
     return points, min(points, key=lambda p: p["scale"])
 
 
-def _shipped_surgery_hparams(config: CompareConfig) -> dict | None:
-    """The model's Surgery YAML (``--hparams-dir`` or the shipped ones) as a dict; None where it has none."""
-    try:
-        return SurgeryHyperParams.from_hparams(find_hparams(config.model, "Surgery", config.hparams_dir)).to_dict()
-    except SurgeryError:
-        return None
-
-
 def _logits(model: nn.Module, tok, prompts: list[str]) -> torch.Tensor:
     return next_token_logprobs(model, tok, prompts, progress=False)
 
@@ -183,18 +175,21 @@ class Comparison:
                 raise SurgeryError(f"{method} uses Surgery's probe: set its hyperparameters with --set surgery.KEY")
         if not config.steering_scales or not all(x > 0 for x in config.steering_scales):
             raise SurgeryError(f"steering scales must be positive, got {list(config.steering_scales)}")
-        self.surgery_hparams = None
-        if set(self.methods) & set(PROBE_METHODS):
+        # the model's Surgery YAML is read whether or not this run has a probe row: it is in every row's
+        # fingerprint, so a part with EasyEdit's baselines alone merges (--reuse) with a part with Surgery's rows;
+        # only a run with a probe row needs it (no YAML, or a bad one, is an error there)
+        probe_rows = bool(set(self.methods) & set(PROBE_METHODS))
+        try:
             path = find_hparams(config.model, "Surgery", config.hparams_dir)
             hp = SurgeryHyperParams.from_hparams(path)
-            if config.overrides.get("surgery"):
-                hp = SurgeryHyperParams.from_dict({**hp.to_dict(), **config.overrides["surgery"]}, f"{path} + --set")
-            self.surgery_hparams = hp
-        # in every row's fingerprint, whether or not this run has a probe row: a part with EasyEdit's baselines
-        # alone then merges (--reuse) with a part with Surgery's rows, as both read the same YAML
-        self.identity_surgery_hparams = (
-            self.surgery_hparams.to_dict() if self.surgery_hparams else _shipped_surgery_hparams(config)
-        )
+        except SurgeryError:
+            if probe_rows:
+                raise
+            hp = None
+        if hp is not None and config.overrides.get("surgery"):  # only with the surgery method (checked above)
+            hp = SurgeryHyperParams.from_dict({**hp.to_dict(), **config.overrides["surgery"]}, f"{path} + --set")
+        self.surgery_hparams = hp if probe_rows else None
+        self.identity_surgery_hparams = hp.to_dict() if hp is not None else None
         # every baseline's YAML read (by EasyEdit's own class) before anything runs: a bad one is bad input
         from ...integrations.easyedit.baselines import BASELINES, load_hparams
 
